@@ -1,0 +1,1 @@
+"""llmeraser: influence-function unlearning for PEFT-fine-tuned LLMs."""

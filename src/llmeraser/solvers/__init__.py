@@ -1,0 +1,1 @@
+"""Inverse-HVP solvers, registered by name."""
