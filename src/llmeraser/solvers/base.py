@@ -60,7 +60,7 @@ class MatrixOperator:
         return self.mean @ v
 
     def sample_matvec(self, v: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        return self.terms[indices].mean(0) @ v
+        return (self.terms[indices] @ v).mean(0)
 
 
 class CountingOperator:
@@ -187,3 +187,44 @@ def power_iteration(op: LinearOperator, damping: float, iters: int = 20, seed: i
             return max(lam, damping)
         v = w / nrm
     return lam
+
+
+def check_problem(name: str, op: LinearOperator, b: torch.Tensor, damping: float) -> torch.Tensor:
+    """Validate the right-hand side and the damping of a solve; return b on the operator's dtype and device.
+
+    Raises:
+        ConfigError: b is not a vector of length op.dim, or damping is not a finite number ≥ 0.
+        SolverError: b holds NaN or Inf (it was computed upstream, e.g. from gradients).
+    """
+    if not isinstance(b, torch.Tensor) or b.dim() != 1 or b.shape[0] != op.dim:
+        shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+        raise ConfigError(f"solver {name!r}: b must be a vector of length {op.dim} (the operator's dim), got {shape}")
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ConfigError(f"solver {name!r}: damping must be a finite number ≥ 0, got {damping}")
+    if not bool(torch.isfinite(b).all()):
+        raise SolverError(f"solver {name!r}: the right-hand side b holds {int((~torch.isfinite(b)).sum())} "
+                          f"non-finite entries; the gradients it came from are NaN or Inf")
+    return b.to(dtype=op.dtype, device=op.device)
+
+
+def zero_result(name: str, b: torch.Tensor) -> SolveResult:
+    """The exact answer x = 0 for b = 0, found without any product."""
+    return SolveResult(x=torch.zeros_like(b), solver=name, residual=0.0, converged=True, iterations=0, hvps=0.0,
+                       seconds=0.0, history=[0.0])
+
+
+def batch_sampler(op: LinearOperator, batch_size: int, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v ↦ H_B v on a fresh random batch B of `batch_size` terms per call (H v when 0 or ≥ num_terms).
+
+    Terms are drawn uniformly with replacement (O(batch) per draw, and E[H_B] = H) from a CPU torch.Generator
+    seeded with `seed`, so a run is reproducible.
+    """
+    if batch_size == 0 or batch_size >= op.num_terms:
+        return op.matvec
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def sample(v: torch.Tensor) -> torch.Tensor:
+        indices = torch.randint(op.num_terms, (batch_size,), generator=gen).to(op.device)
+        return op.sample_matvec(v, indices)
+
+    return sample

@@ -1,0 +1,132 @@
+"""The trainable-parameter view θ of a model, and PEFT adapters on disk.
+
+θ is every parameter with requires_grad (LoRA A/B, `modules_to_save`, a projector, ...); the base is frozen.
+Adapters are read and written only through peft (`PeftModel.from_pretrained` / `save_pretrained`, which use
+`get_peft_model_state_dict` / `set_peft_model_state_dict`), in safetensors; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from llmeraser.errors import AdapterError
+from llmeraser.io import atomic_dir, atomic_write_json, sha256_file
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class ParamView:
+    """The flat vector view of a model's trainable parameters (fixed order: `model.named_parameters()`)."""
+
+    def __init__(self, model: torch.nn.Module):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise AdapterError("the model has no trainable parameters (nothing has requires_grad=True)")
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.dim = sum(self.numels)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+
+    def flatten(self, tensors: list[torch.Tensor | None]) -> torch.Tensor:
+        """Concatenate per-parameter tensors (None = zeros) into one (dim,) vector."""
+        return torch.cat([
+            (torch.zeros(n, dtype=self.dtype, device=self.device) if t is None else t.reshape(-1))
+            for t, n in zip(tensors, self.numels, strict=True)
+        ])
+
+    def unflatten(self, vec: torch.Tensor) -> list[torch.Tensor]:
+        """Split a (dim,) vector into tensors shaped like the parameters."""
+        if vec.shape != (self.dim,):
+            raise ValueError(f"expected a vector of {self.dim} entries, got shape {tuple(vec.shape)}")
+        return [c.view(s) for c, s in zip(vec.split(self.numels), self.shapes, strict=True)]
+
+    def vector(self) -> torch.Tensor:
+        """A detached copy of θ, shape (dim,)."""
+        return self.flatten([p.detach() for p in self.params]).clone()
+
+    @torch.no_grad()
+    def set_vector(self, vec: torch.Tensor) -> None:
+        for p, t in zip(self.params, self.unflatten(vec.to(self.dtype)), strict=True):
+            p.copy_(t)
+
+    @torch.no_grad()
+    def add_(self, delta: torch.Tensor) -> None:
+        """θ ← θ + Δθ in place."""
+        for p, t in zip(self.params, self.unflatten(delta.to(self.dtype)), strict=True):
+            p.add_(t)
+
+    def named(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.params, strict=True))
+
+
+def check_adapter_dir(path: str | os.PathLike) -> Path:
+    """Check that `path` holds a PEFT adapter in safetensors; return it as a Path."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"adapter folder {str(path)!r} does not exist")
+    if not (path / "adapter_config.json").is_file():
+        raise AdapterError(f"{str(path)!r} is not a PEFT adapter: adapter_config.json is missing")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        extra = " (found adapter_model.bin: pickled weights are refused; re-save with safetensors)" if (
+            path / "adapter_model.bin").exists() else ""
+        raise AdapterError(f"{str(path)!r} has no {ADAPTER_WEIGHTS}{extra}")
+    try:
+        json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{str(path / 'adapter_config.json')!r} is not valid JSON: {e}") from e
+    return path
+
+
+def load_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLike, *, trainable: bool = True):
+    """Wrap `base_model` with the PEFT adapter in `adapter_dir` (safetensors only), trainable by default.
+
+    Raises AdapterError for a missing or malformed adapter, one made for another base model, or non-finite weights.
+    """
+    from peft import PeftModel
+
+    path = check_adapter_dir(adapter_dir)
+    try:
+        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdapterError(f"adapter {str(path)!r} does not fit the base model: {first}") from e
+    for name, p in model.named_parameters():
+        if p.requires_grad and not torch.isfinite(p).all():
+            raise AdapterError(f"adapter {str(path)!r} holds non-finite values in {name}")
+    return model
+
+
+def save_adapter(model, out: str | os.PathLike, *, protect: tuple[str | os.PathLike, ...] = (),
+                 files: Mapping[str, object] | None = None) -> Path:
+    """Save a PEFT model's adapter (safetensors) plus JSON `files` into `out`, atomically.
+
+    The folder is built under a temporary name and renamed into place, so `out` either does not exist or is
+    complete. `protect` lists inputs (e.g. the input adapter) that `out` may not overwrite.
+    """
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "peft_config"):
+        raise AdapterError("save_adapter needs a peft.PeftModel")
+    for name, p in model.named_parameters():
+        if p.requires_grad and not torch.isfinite(p).all():
+            raise AdapterError(f"refusing to save: parameter {name} holds non-finite values")
+    with atomic_dir(out, protect=protect) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        for fname, obj in (files or {}).items():
+            atomic_write_json(tmp / fname, obj)
+    logger.info("saved adapter to %s", out)
+    return Path(out)
+
+
+def adapter_hash(adapter_dir: str | os.PathLike) -> str:
+    """sha256 of the adapter's weights file (identifies an adapter version)."""
+    return sha256_file(Path(adapter_dir) / ADAPTER_WEIGHTS)

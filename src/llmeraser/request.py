@@ -1,0 +1,274 @@
+"""Unlearning requests: which training examples to remove or change, and how they map onto a training set.
+
+A request file is a JSON object::
+
+    {"edits": [{"op": "remove", "id": "u1-1"},
+               {"op": "modify_query", "id": "u1-2", "prompt": "new prompt"},
+               {"op": "correct_response", "id": "u1-3", "response": "new response"}]}
+
+Error messages name edits as ``edits[i]`` with a 0-based index ``i``, the position in the ``edits`` list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmeraser.data import Example
+from llmeraser.errors import RequestError
+from llmeraser.io import canonical_json, sha256_bytes
+
+OPS = ("remove", "modify_query", "correct_response")
+_EDIT_KEYS = ("op", "id", "prompt", "response")
+# The text field each op replaces (None: the example is dropped).
+_FIELD = {"remove": None, "modify_query": "prompt", "correct_response": "response"}
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One change to one training example.
+
+    Attributes:
+        op: One of `OPS`.
+        id: The id of the example to change.
+        prompt: The new prompt (``modify_query`` only).
+        response: The new response (``correct_response`` only).
+
+    Raises:
+        RequestError: If the op is unknown, the id is not a non-empty string, or prompt/response do not fit the op.
+    """
+
+    op: str
+    id: str
+    prompt: str | None = None
+    response: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise RequestError(f"unknown op {self.op!r}; valid ops are {', '.join(map(repr, OPS))}")
+        if not isinstance(self.id, str):
+            raise RequestError(f"'id' must be a string, found {_type_name(self.id)}")
+        if not self.id:
+            raise RequestError("'id' is empty")
+        needed = _FIELD[self.op]
+        for name in ("prompt", "response"):
+            value = getattr(self, name)
+            if name == needed and not isinstance(value, str):
+                raise RequestError(f"op {self.op!r} needs a string {name!r}, found {_type_name(value)}")
+            if name != needed and value is not None:
+                raise RequestError(f"op {self.op!r} takes no {name!r}")
+
+    def to_dict(self) -> dict:
+        """Return the JSON object of this edit (only the keys its op uses)."""
+        d = {"op": self.op, "id": self.id}
+        if self.prompt is not None:
+            d["prompt"] = self.prompt
+        if self.response is not None:
+            d["response"] = self.response
+        return d
+
+
+@dataclass(frozen=True)
+class Request:
+    """An ordered, non-empty list of edits.
+
+    Attributes:
+        edits: The edits, in request order (a list is accepted and stored as a tuple).
+
+    Raises:
+        RequestError: If there are no edits or an item is not an `Edit`.
+    """
+
+    edits: tuple[Edit, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "edits", tuple(self.edits))
+        if not self.edits:
+            raise RequestError("the request has no edits")
+        for i, edit in enumerate(self.edits):
+            if not isinstance(edit, Edit):
+                raise RequestError(f"edits[{i}] (0-based): expected an Edit, found {_type_name(edit)}")
+
+    @classmethod
+    def from_dict(cls, obj: object) -> Request:
+        """Build a request from its JSON object.
+
+        Args:
+            obj: The parsed JSON, ``{"edits": [{"op": ..., "id": ..., ...}, ...]}``.
+
+        Returns:
+            The request.
+
+        Raises:
+            RequestError: If the structure or a value is wrong; the message names the edit as ``edits[i]`` (0-based).
+        """
+        if not isinstance(obj, dict):
+            raise RequestError(f"a request must be a JSON object, found {_type_name(obj)}")
+        if "edits" not in obj:
+            raise RequestError("the request has no 'edits' key")
+        unknown = sorted(set(obj) - {"edits"})
+        if unknown:
+            raise RequestError(f"unknown request key(s) {', '.join(map(repr, unknown))}; expected only 'edits'")
+        items = obj["edits"]
+        if not isinstance(items, list):
+            raise RequestError(f"'edits' must be a list, found {_type_name(items)}")
+        edits = []
+        for i, item in enumerate(items):
+            where = f"edits[{i}] (0-based)"
+            if not isinstance(item, dict):
+                raise RequestError(f"{where}: expected a JSON object, found {_type_name(item)}")
+            unknown = sorted(set(item) - set(_EDIT_KEYS))
+            if unknown:
+                allowed = ", ".join(map(repr, _EDIT_KEYS))
+                raise RequestError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {allowed}")
+            for key in ("op", "id"):
+                if key not in item:
+                    raise RequestError(f"{where}: missing key {key!r}")
+            for key in ("prompt", "response"):
+                if key in item and not isinstance(item[key], str):
+                    raise RequestError(f"{where}: {key!r} must be a string, found {_type_name(item[key])}")
+            try:
+                edits.append(Edit(item["op"], item["id"], item.get("prompt"), item.get("response")))
+            except RequestError as e:
+                raise RequestError(f"{where}: {e}") from None
+        return cls(tuple(edits))
+
+    @classmethod
+    def remove(cls, *ids: str) -> Request:
+        """Return a request that removes the examples `ids`, in that order."""
+        return cls(tuple(Edit("remove", i) for i in ids))
+
+    @classmethod
+    def modify_query(cls, prompts: Mapping[str, str]) -> Request:
+        """Return a request that gives each example id in `prompts` its new prompt."""
+        return cls(tuple(Edit("modify_query", i, prompt=p) for i, p in prompts.items()))
+
+    @classmethod
+    def correct_response(cls, responses: Mapping[str, str]) -> Request:
+        """Return a request that gives each example id in `responses` its new response."""
+        return cls(tuple(Edit("correct_response", i, response=r) for i, r in responses.items()))
+
+    def to_dict(self) -> dict:
+        """Return the JSON object of this request (`from_dict` reads it back)."""
+        return {"edits": [e.to_dict() for e in self.edits]}
+
+    @property
+    def hash(self) -> str:
+        """The sha256 hex digest of the request's canonical JSON; independent of key order in the source file."""
+        return sha256_bytes(canonical_json(self.to_dict()).encode("utf-8"))
+
+    def counts(self) -> dict[str, int]:
+        """Return the number of edits of each op, e.g. ``{"remove": 2, "modify_query": 0, "correct_response": 1}``."""
+        counts = dict.fromkeys(OPS, 0)
+        for e in self.edits:
+            counts[e.op] += 1
+        return counts
+
+
+def load_request(path: str | os.PathLike) -> Request:
+    """Read a request from a JSON file.
+
+    Args:
+        path: The request file (UTF-8 JSON).
+
+    Returns:
+        The request.
+
+    Raises:
+        RequestError: If the file is missing, not UTF-8, not valid JSON (the message gives line and column),
+            or not a valid request (see `Request.from_dict`). The message names the file.
+    """
+    name = repr(str(path))
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise RequestError(f"{name}: request file does not exist") from None
+    except IsADirectoryError:
+        raise RequestError(f"{name}: is a folder, expected a JSON request file") from None
+    except UnicodeDecodeError as e:
+        raise RequestError(f"{name}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"{name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    try:
+        return Request.from_dict(obj)
+    except RequestError as e:
+        raise RequestError(f"{name}: {e}") from None
+
+
+def resolve(request: Request, examples: Sequence[Example]) -> list[tuple[Example, Example | None]]:
+    """Match each edit with the example it changes.
+
+    Args:
+        request: The request.
+        examples: The training set (ids unique).
+
+    Returns:
+        For each edit in request order, ``(old, new)``: the example as it is, and as it becomes (same id and
+        extra keys), or None when it is removed.
+
+    Raises:
+        RequestError: If an id is not in the training set, an id is edited more than once, or an edit
+            changes nothing (same prompt or same response).
+    """
+    by_id = {ex.id: ex for ex in examples}
+    first_edit: dict[str, int] = {}
+    pairs: list[tuple[Example, Example | None]] = []
+    for i, edit in enumerate(request.edits):
+        where = f"edits[{i}] (0-based)"
+        old = by_id.get(edit.id)
+        if old is None:
+            sample = f", e.g. {examples[0].id!r}" if examples else ""
+            raise RequestError(
+                f"{where}: unknown example id {edit.id!r} in request (train set has {len(by_id):,} ids{sample})"
+            )
+        if edit.id in first_edit:
+            raise RequestError(
+                f"example id {edit.id!r} is edited twice in one request: edits[{first_edit[edit.id]}] and "
+                f"edits[{i}] (0-based); give at most one edit per example"
+            )
+        first_edit[edit.id] = i
+        field = _FIELD[edit.op]
+        if field is None:
+            pairs.append((old, None))
+            continue
+        value = getattr(edit, field)
+        if value == getattr(old, field):
+            raise RequestError(f"{where}: {edit.op} for id {edit.id!r} changes nothing (the {field} is the same)")
+        pairs.append((old, dataclasses.replace(old, **{field: value}, extra=dict(old.extra))))
+    return pairs
+
+
+def apply_request(examples: Sequence[Example], request: Request) -> list[Example]:
+    """Return the training set as it is after the request.
+
+    Removed examples are dropped, changed ones replaced in place (same id, extra keys kept); the order is
+    preserved. The result may be empty if every example is removed.
+
+    Args:
+        examples: The training set.
+        request: The request; validated through `resolve`.
+
+    Returns:
+        A new list; `examples` is not modified.
+
+    Raises:
+        RequestError: As `resolve`.
+    """
+    changes = {old.id: new for old, new in resolve(request, examples)}
+    result = []
+    for ex in examples:
+        if ex.id not in changes:
+            result.append(ex)
+        elif changes[ex.id] is not None:
+            result.append(changes[ex.id])
+    return result

@@ -1,0 +1,100 @@
+"""Tasks: how a model scores a batch of examples, one loss per example.
+
+A task splits the per-example loss into `forward` (model → outputs) and `loss` (outputs → per-example losses)
+so that curvature code can form Gauss-Newton products J'ᵀ H_out J', with H_out the Hessian of the loss in the
+outputs. Any torch model with its own loss plugs in by implementing the three methods of `Task`; the
+trainable parameters (LoRA, `modules_to_save`, a projector, a classifier head) are whatever has requires_grad.
+
+The default, `CausalLMTask`, is the response negative log-likelihood of DESIGN §2:
+ℓ(z; θ) = −(1/|r|) Σ_{t ∈ response} log p_θ(z_t | z_<t), prompt tokens masked with -100.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from llmeraser.data import Example
+from llmeraser.errors import ConfigError
+
+Batch = dict[str, torch.Tensor]
+IGNORE_INDEX = -100
+
+
+@runtime_checkable
+class Task(Protocol):
+    """Per-example losses of a model. Implement these three methods for a custom model or loss."""
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        """Turn examples into a batch of tensors (deterministic: the same examples give the same batch)."""
+
+    def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Model outputs for the batch, e.g. logits (batch, seq, vocab)."""
+
+    def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Per-example losses (batch,) from the outputs; must be twice differentiable in `outputs`."""
+
+
+def per_example_loss(task: Task, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """ℓ(zᵢ; θ) for each example of the batch, shape (batch,)."""
+    return task.loss(task.forward(model, batch), batch)
+
+
+class CausalLMTask:
+    """Response NLL of a causal LM: the loss is the mean token NLL over the response tokens only.
+
+    Text is `prompt + response`, each encoded without special tokens (a BOS token is prepended when the
+    tokenizer has one and `add_bos` is set). When too long, the prompt is cut from the left so the response and
+    the end of the prompt survive; a response longer than `max_length - 1` tokens is cut at the right.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        max_length: maximum tokens per example.
+        add_bos: prepend tokenizer.bos_token_id when there is one.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int = 64, add_bos: bool = True):
+        if max_length < 2:
+            raise ConfigError(f"max_length must be ≥ 2 (one prompt and one response token), got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.bos = tokenizer.bos_token_id if add_bos else None
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad = 0 if pad is None else pad
+
+    def encode(self, example: Example) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of one example; labels are -100 on the prompt."""
+        prompt = list(self.tokenizer.encode(example.prompt, add_special_tokens=False))
+        if self.bos is not None:
+            prompt = [self.bos, *prompt]
+        response = list(self.tokenizer.encode(example.response, add_special_tokens=False))
+        if not response:
+            raise ConfigError(f"example {example.id!r}: the response encodes to no tokens; nothing to learn")
+        response = response[: self.max_length - 1]
+        prompt = prompt[-(self.max_length - len(response)) :] if prompt else prompt
+        return prompt + response, [IGNORE_INDEX] * len(prompt) + response
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        encoded = [self.encode(e) for e in examples]
+        width = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(encoded), width), self.pad, dtype=torch.long)  # (batch, seq), right-padded
+        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, (ids, lab) in enumerate(encoded):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            mask[i, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, seq, vocab)
+
+    def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        logits = outputs[:, :-1]  # (batch, seq-1, vocab): position t predicts token t+1
+        labels = batch["labels"][:, 1:]  # (batch, seq-1)
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        count = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
+        return nll.sum(1) / count  # (batch,)
