@@ -157,7 +157,8 @@ class CurvatureOperator:
 
     def sample_matvec(self, v: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         idx = [int(i) for i in indices]
-        batches = [self.task.collate([self.examples[idx[j]] for j in chunk]) for chunk in _batches(idx, self.batch_size)]
+        batches = [self.task.collate([self.examples[idx[j]] for j in chunk])
+                   for chunk in _batches(idx, self.batch_size)]
         return self._apply(v, batches, len(idx))
 
     def dense(self) -> torch.Tensor:

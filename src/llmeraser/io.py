@@ -61,7 +61,8 @@ def atomic_dir(out: str | os.PathLike, *, protect: tuple[str | os.PathLike, ...]
     for p in protect:
         p = Path(p).absolute()
         if out == p or p in out.parents:
-            raise UserInputError(f"output folder {str(out)!r} would overwrite the input {str(p)!r}; choose another --out")
+            raise UserInputError(
+                f"output folder {str(out)!r} would overwrite the input {str(p)!r}; choose another --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserInputError(f"output {str(out)!r} already exists and is not an empty folder; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -108,11 +108,12 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLike, *,
 
 
 def save_adapter(model, out: str | os.PathLike, *, protect: tuple[str | os.PathLike, ...] = (),
-                 files: Mapping[str, object] | None = None) -> Path:
-    """Save a PEFT model's adapter (safetensors) plus JSON `files` into `out`, atomically.
+                 report: Mapping[str, object] | None = None, files: Mapping[str, object] | None = None) -> Path:
+    """Save a PEFT model's adapter (safetensors), `report.json` and other JSON `files` into `out`, atomically.
 
     The folder is built under a temporary name and renamed into place, so `out` either does not exist or is
-    complete. `protect` lists inputs (e.g. the input adapter) that `out` may not overwrite.
+    complete. `protect` lists inputs (e.g. the input adapter) that `out` may not overwrite. The report gets the
+    key `adapter_sha256`, the hash of the weights file written beside it.
     """
     if not hasattr(model, "save_pretrained") or not hasattr(model, "peft_config"):
         raise AdapterError("save_adapter needs a peft.PeftModel")
@@ -121,6 +122,8 @@ def save_adapter(model, out: str | os.PathLike, *, protect: tuple[str | os.PathL
             raise AdapterError(f"refusing to save: parameter {name} holds non-finite values")
     with atomic_dir(out, protect=protect) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        if report is not None:
+            atomic_write_json(tmp / "report.json", {**report, "adapter_sha256": adapter_hash(tmp)})
         for fname, obj in (files or {}).items():
             atomic_write_json(tmp / fname, obj)
     logger.info("saved adapter to %s", out)

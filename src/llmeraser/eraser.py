@@ -1,0 +1,155 @@
+"""The eraser: request → edits → right-hand side → solver → Δθ → new adapter.
+
+Two variants (DESIGN §2), with N training examples and a request of edits zᵢ → zᵢ′ (zᵢ′ = ∅ for a removal):
+
+- `first-order` (the paper): Δθ = (H + λI)⁻¹ b, b = (1/N) Σ_edits [∇ℓ(zᵢ; θ̂) − ∇ℓ(zᵢ′; θ̂)], H = ∇²R(θ̂) over the
+  original training set. One Newton step on R′ = R + (1/N) Σ [ℓ(z′) − ℓ(z)], assuming ∇R(θ̂) = 0 and ∇²R′ ≈ H.
+- `newton`: one Newton step on the edited objective itself, R′(θ) = (1/N′) Σ_{z ∈ D′} ℓ(z; θ) + (l2/2)‖θ‖² over the
+  effective set D′ (N′ = N − removals): Δθ = −(H′ + λI)⁻¹ ∇R′(θ̂), H′ = ∇²R′(θ̂). Exact for quadratic losses (it
+  reproduces leave-k-out retraining of ridge regression), and it does not assume θ̂ was exactly stationary.
+
+H is the Gauss-Newton matrix (`ggn`, PSD, default) or the exact Hessian (`hessian`); λ is explicit damping.
+
+References: Ding et al., Unified Parameter-Efficient Unlearning for LLMs (LLMEraser), ICLR 2025, arXiv 2412.00383.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from llmeraser.curvature import CURVATURES, CurvatureOperator, gradient, objective_gradient
+from llmeraser.data import Example, examples_hash
+from llmeraser.errors import ConfigError, RequestError, SolverError
+from llmeraser.params import ParamView, adapter_hash, save_adapter
+from llmeraser.request import Request, apply_request, resolve
+from llmeraser.solvers.api import get_solver, solver_arguments
+from llmeraser.solvers.base import SolveResult, SolverArguments
+from llmeraser.task import Task
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("first-order", "newton")
+
+
+@dataclass
+class EraserArguments:
+    """How an unlearning request is turned into Δθ."""
+
+    method: str = field(default="newton", metadata={"help": "newton (edited objective) or first-order (the paper)"})
+    solver: str = field(default="cg", metadata={"help": "inverse-HVP solver: dense, cg, lissa, sqp, paper"})
+    curvature: str = field(default="ggn", metadata={"help": "ggn (Gauss-Newton, PSD) or hessian (exact)"})
+    damping: float = field(default=1e-3, metadata={"help": "λ in (H + λI)⁻¹; larger is safer but shrinks Δθ"})
+    l2: float = field(default=0.0, metadata={"help": "the L2 coefficient the adapter was fine-tuned with"})
+    batch_size: int = field(default=8, metadata={"help": "examples per gradient / curvature pass"})
+    solver_args: SolverArguments | None = field(default=None, metadata={"help": "None = the solver's preset"})
+    progress: bool = field(default=False, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.curvature not in CURVATURES:
+            raise ConfigError(f"unknown curvature {self.curvature!r}; expected one of {', '.join(CURVATURES)}")
+        get_solver(self.solver)
+        for name in ("damping", "l2"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name} must be a finite number ≥ 0, got {v}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        if self.solver_args is None:
+            self.solver_args = solver_arguments(self.solver)
+
+
+@dataclass
+class Update:
+    """Δθ for a request, and the record of how it was computed."""
+
+    delta: torch.Tensor  # (p,)
+    request: Request
+    solve: SolveResult
+    report: dict
+
+
+def compute_update(model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
+                   args: EraserArguments | None = None) -> Update:
+    """Δθ that makes the model at θ̂ behave as if trained on `apply_request(train, request)`. θ is not changed.
+
+    Raises:
+        RequestError: the request does not fit `train` (unknown id, ...).
+        SolverError: the solve diverged or produced non-finite values.
+    """
+    args = args or EraserArguments()
+    start = time.perf_counter()
+    pairs = resolve(request, train)
+    view = ParamView(model)
+    model.eval()  # no dropout: every gradient sees the same function the curvature does
+    if args.method == "first-order":
+        old = [o for o, _ in pairs]
+        new = [e for _, e in pairs if e is not None]
+        g = gradient(model, task, old + new, weights=[1.0] * len(old) + [-1.0] * len(new),
+                     batch_size=args.batch_size, progress=args.progress, desc="edit gradients")
+        rhs, sign, curvature_set = g / len(train), 1.0, list(train)
+    else:
+        curvature_set = apply_request(train, request)
+        if not curvature_set:
+            raise RequestError("the request removes every training example; there is nothing left to fit")
+        rhs = objective_gradient(model, task, curvature_set, l2=args.l2, batch_size=args.batch_size,
+                                 progress=args.progress)
+        sign = -1.0
+    t_grad = time.perf_counter() - start
+    op = CurvatureOperator(model, task, curvature_set, kind=args.curvature, l2=args.l2, batch_size=args.batch_size,
+                           progress=args.progress)
+    result = get_solver(args.solver)(op, rhs, args.damping, args.solver_args)
+    delta = sign * result.x
+    if not torch.isfinite(delta).all():
+        raise SolverError(f"solver {args.solver!r} returned non-finite Δθ; increase --damping")
+    if not result.converged:
+        logger.warning("solver %s stopped at relative residual %.3g (tol %.1g) after %d iterations",
+                       args.solver, result.residual, args.solver_args.tol, result.iterations)
+    theta = view.vector()
+    report = {
+        "request_sha256": request.hash,
+        "ops": request.counts(),
+        "method": args.method,
+        "solver": args.solver,
+        "solver_args": vars(args.solver_args).copy(),
+        "curvature": args.curvature,
+        "damping": args.damping,
+        "l2": args.l2,
+        "n_train": len(train),
+        "n_effective": len(train) - request.counts()["remove"],
+        "n_params": view.dim,
+        "train_sha256": examples_hash(train),
+        "solve": result.diagnostics(),
+        "converged": result.converged,
+        "delta_norm": float(delta.norm()),
+        "theta_norm": float(theta.norm()),
+        "rhs_norm": float(rhs.norm()),
+        "seconds": {"gradients": t_grad, "solve": result.seconds, "total": time.perf_counter() - start},
+    }
+    logger.info("Δθ: ‖Δθ‖ = %.4g, residual %.3g, %.1f s", report["delta_norm"], result.residual,
+                report["seconds"]["total"])
+    return Update(delta=delta, request=request, solve=result, report=report)
+
+
+def unlearn(model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
+            args: EraserArguments | None = None) -> Update:
+    """Compute Δθ for `request` and add it to the model's trainable parameters in place: θ ← θ̂ + Δθ."""
+    update = compute_update(model, task, train, request, args)
+    ParamView(model).add_(update.delta)
+    return update
+
+
+def save_unlearned(model, out: str, update: Update, *, input_adapter: str | None = None) -> None:
+    """Write the unlearned adapter, `report.json` and `request.json` to `out` atomically (never over the input)."""
+    report = dict(update.report)
+    if input_adapter is not None:
+        report["input_adapter_sha256"] = adapter_hash(input_adapter)
+    save_adapter(model, out, protect=(input_adapter,) if input_adapter else (), report=report,
+                 files={"request.json": update.request.to_dict()})
