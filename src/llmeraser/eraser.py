@@ -29,7 +29,7 @@ from llmeraser.errors import ConfigError, RequestError, SolverError
 from llmeraser.params import ParamView, adapter_hash, save_adapter
 from llmeraser.request import Request, apply_request, resolve
 from llmeraser.solvers.api import get_solver, solver_arguments
-from llmeraser.solvers.base import SolveResult, SolverArguments
+from llmeraser.solvers.base import SolverArguments, SolveResult
 from llmeraser.task import Task
 
 logger = logging.getLogger(__name__)

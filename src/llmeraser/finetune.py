@@ -109,9 +109,9 @@ def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
                 loss.backward()
                 opt.step()
                 steps += 1
-                epoch_loss += float(data_loss) * len(batch[next(iter(batch))])
+                epoch_loss += float(data_loss.detach()) * len(batch[next(iter(batch))])
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(data_loss):.4f}")
+                bar.set_postfix(loss=f"{float(data_loss.detach()):.4f}")
             losses.append(epoch_loss / len(examples))
         bar.close()
     else:
