@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures.tabular import TabularTask, linear_model, make_examples, regression_data
+from fixtures.tiny import fact_examples, tiny_llama, tiny_lora, tiny_tokenizer
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
@@ -27,8 +29,6 @@ from llmeraser.data import Example
 from llmeraser.errors import ConfigError
 from llmeraser.params import ParamView
 from llmeraser.task import CausalLMTask, Task
-from tests.fixtures.tabular import TabularTask, linear_model, make_examples, regression_data
-from tests.fixtures.tiny import fact_examples, tiny_llama, tiny_lora, tiny_tokenizer
 
 L2 = 0.05
 DT = torch.float64
@@ -76,7 +76,7 @@ def objective_fn(model: torch.nn.Module, task: Task, examples: Sequence[Example]
 
 def dense_hessian(model: torch.nn.Module, task: Task, examples: Sequence[Example], l2: float) -> torch.Tensor:
     view, objective = objective_fn(model, task, examples, l2)
-    return hessian(objective, view.vector())
+    return hessian(objective, view.vector(), vectorize=True)
 
 
 def dense_ggn(model: torch.nn.Module, task: Task, examples: Sequence[Example], l2: float) -> torch.Tensor:
@@ -88,8 +88,7 @@ def dense_ggn(model: torch.nn.Module, task: Task, examples: Sequence[Example], l
     for e in examples:
         batch = task.collate([e])
         out = outputs(theta, batch).detach()
-        jac = jacobian(lambda t, b=batch: outputs(t, b).reshape(-1), theta, vectorize=True,
-                       strategy="forward-mode")  # (outputs, p)
+        jac = jacobian(lambda t, b=batch: outputs(t, b).reshape(-1), theta, vectorize=True)  # (outputs, p)
         h_out = hessian(lambda o, b=batch, s=out.shape: task.loss(o.reshape(s), b)[0], out.reshape(-1),
                         vectorize=True)  # (outputs, outputs)
         total += jac.T @ h_out @ jac
@@ -104,6 +103,15 @@ def operator_matrix(op: CurvatureOperator) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------
 # fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second thread only adds overhead (measured 3-20x slower products with 2 threads here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +170,8 @@ def head() -> tuple[HeadModel, HeadTask, list[Example]]:
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(7, 4, generator=gen, dtype=DT)
     y = torch.randint(0, 3, (7,), generator=gen)
-    examples = [Example(f"h{i}", json.dumps(xi.tolist()), str(int(yi))) for i, (xi, yi) in enumerate(zip(x, y))]
+    examples = [Example(f"h{i}", json.dumps(xi.tolist()), str(int(yi)))
+                for i, (xi, yi) in enumerate(zip(x, y, strict=True))]
     return HeadModel(), HeadTask(), examples
 
 
@@ -206,7 +215,6 @@ def test_per_example_gradients_rejects_unknown_method(lm) -> None:
         per_example_gradients(model, task, examples, method="jvp")
 
 
-@pytest.mark.xfail(strict=True, reason="per_example_gradients([]) returns a float32 (0, p) tensor whatever θ's dtype")
 def test_per_example_gradients_of_no_examples_keep_the_dtype(lm) -> None:
     model, task, _ = lm
     got = per_example_gradients(model, task, [])
@@ -238,7 +246,6 @@ def test_objective_gradient_has_the_mean_and_the_l2_term(lm) -> None:
     assert float((got - objective_gradient(model, task, examples, batch_size=4)).norm()) > 1e-3
 
 
-@pytest.mark.xfail(strict=True, reason="objective_gradient([]) divides by len(examples) = 0 and returns NaN")
 def test_objective_gradient_of_no_examples_raises(lm) -> None:
     model, task, _ = lm
     with pytest.raises(ConfigError):
@@ -258,17 +265,18 @@ def test_hessian_operator_matches_the_dense_hessian(lm, lm_hessian) -> None:
     got = operator_matrix(op)
     # float64 double backward vs functional hessian: ~1e-14 relative expected
     assert rel(got, reference) <= 1e-10
-    assert rel(op.dense(), reference) <= 1e-10
+    assert rel(got, got.T) <= 1e-12  # symmetric column by column (double backward is exact up to rounding)
     # the reference is not dominated by l2·I: the data part is of order 1 and indefinite (DESIGN §2 (b))
     data_eig = torch.linalg.eigvalsh(reference - L2 * torch.eye(64, dtype=DT))
     assert float(data_eig[-1]) > 10 * L2 and float(data_eig[0]) < 0
 
 
 def test_ggn_operator_matches_jt_hout_j(lm, lm_hessian) -> None:
-    model, task, examples = lm
-    # the explicit H_out is (T·V)² per example: use the 5 shortest examples (7 to 12 tokens, still padded by op)
-    short = sorted(examples, key=lambda e: len(task.encode(e)[0]))[:5]
-    assert len({len(task.encode(e)[0]) for e in short}) >= 3
+    model, task, _ = lm
+    # the explicit H_out is (T·V)² per example (V = 300): use short examples, of different lengths so op pads them
+    short = [Example("a", "cat", " Yes"), Example("b", "The fox", " No"), Example("c", "owl", " Yes No"),
+             Example("d", "Does", " No")]
+    assert len({len(task.encode(e)[0]) for e in short}) >= 2
     reference = dense_ggn(model, task, short, L2)
     op = CurvatureOperator(model, task, short, kind="ggn", l2=L2, batch_size=3)
     got = operator_matrix(op)
@@ -326,8 +334,9 @@ def test_linear_squared_loss_ggn_equals_hessian_equals_closed_form() -> None:
         model.weight.copy_(torch.randn(1, 5, generator=torch.Generator().manual_seed(3), dtype=DT))
     expected = x.T @ x / 20 + L2 * torch.eye(5, dtype=DT)
     for kind in ("ggn", "hessian"):
-        got = operator_matrix(CurvatureOperator(model, TabularTask(), examples, kind=kind, l2=L2, batch_size=6))
-        assert rel(got, expected) <= 1e-12, kind  # both are exactly XᵀX/n + l2·I for a linear model
+        op = CurvatureOperator(model, TabularTask(), examples, kind=kind, l2=L2, batch_size=6)
+        assert rel(operator_matrix(op), expected) <= 1e-12, kind  # both are exactly XᵀX/n + l2·I for a linear model
+        assert rel(op.dense(), expected) <= 1e-12, kind
 
 
 def test_custom_task_with_trainable_modules(head) -> None:

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-
 from fixtures.tabular import TabularTask, linear_model, make_examples, regression_data, ridge_solution
 from fixtures.tiny import fact_examples, tiny_llama, tiny_lora, tiny_tokenizer
+
 from llmeraser.eraser import EraserArguments, compute_update, save_unlearned, unlearn
 from llmeraser.errors import ConfigError, RequestError, SolverError, UserInputError
 from llmeraser.finetune import FinetuneArguments, finetune

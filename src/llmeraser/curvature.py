@@ -40,6 +40,8 @@ def gradient(model: torch.nn.Module, task: Task, examples: Sequence[Example], *,
     """g = ∇_θ Σᵢ wᵢ ℓ(zᵢ; θ) (wᵢ = 1 by default), a flat (p,) vector. Not normalised by N."""
     view = ParamView(model)
     w = torch.ones(len(examples), dtype=view.dtype) if weights is None else torch.as_tensor(weights, dtype=view.dtype)
+    if w.shape != (len(examples),):
+        raise ConfigError(f"gradient: {len(examples)} examples but weights of shape {tuple(w.shape)}")
     total = torch.zeros(view.dim, dtype=view.dtype, device=view.device)
     for idx in tqdm(_batches(examples, batch_size), desc=desc, disable=not progress, leave=False):
         losses = per_example_loss(task, model, task.collate([examples[i] for i in idx]))  # (b,)
@@ -50,6 +52,8 @@ def gradient(model: torch.nn.Module, task: Task, examples: Sequence[Example], *,
 def objective_gradient(model: torch.nn.Module, task: Task, examples: Sequence[Example], *, l2: float = 0.0,
                        batch_size: int = 8, progress: bool = False) -> torch.Tensor:
     """∇R(θ) = (1/N) Σᵢ ∇ℓ(zᵢ; θ) + l2·θ."""
+    if not examples:
+        raise ConfigError("the objective gradient needs at least one example")
     view = ParamView(model)
     g = gradient(model, task, examples, batch_size=batch_size, progress=progress, desc="objective gradient")
     return g / len(examples) + l2 * view.vector()
@@ -73,7 +77,9 @@ def per_example_gradients(model: torch.nn.Module, task: Task, examples: Sequence
                      for e in chunk]
         else:
             rows.append(_vmap_grads(model, task, task.collate(chunk), view))
-    return torch.cat([r.reshape(-1, view.dim) for r in rows]) if rows else torch.zeros(0, view.dim)
+    if not rows:
+        return torch.zeros(0, view.dim, dtype=view.dtype, device=view.device)
+    return torch.cat([r.reshape(-1, view.dim) for r in rows])
 
 
 class _LossOfRow(torch.nn.Module):

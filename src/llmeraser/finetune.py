@@ -35,7 +35,7 @@ class FinetuneArguments:
 
     optimizer: str = field(default="adam", metadata={"help": "adam (mini-batch) or lbfgs (full batch, small models)"})
     epochs: int = field(default=3, metadata={"help": "adam: passes over the training set"})
-    lr: float = field(default=1e-3, metadata={"help": "adam: learning rate; lbfgs: initial step (1.0 is usual)"})
+    lr: float | None = field(default=None, metadata={"help": "step size; default 1e-3 (adam) or 1.0 (lbfgs)"})
     batch_size: int = field(default=8, metadata={"help": "examples per step (adam) or per pass chunk (lbfgs)"})
     l2: float = field(default=0.0, metadata={"help": "coefficient of (l2/2)‖θ‖² in the objective"})
     max_iters: int = field(default=200, metadata={"help": "lbfgs: outer iterations"})
@@ -46,6 +46,8 @@ class FinetuneArguments:
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "lbfgs"):
             raise ConfigError(f"optimizer must be 'adam' or 'lbfgs', got {self.optimizer!r}")
+        if self.lr is None:
+            self.lr = 1e-3 if self.optimizer == "adam" else 1.0
         for name in ("epochs", "batch_size", "max_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -60,6 +62,7 @@ class FinetuneResult:
     losses: list[float]  # adam: mean loss per epoch; lbfgs: objective per iteration
     objective: float  # R(θ) at the end
     grad_norm: float  # ‖∇R(θ)‖₂ at the end
+    converged: bool  # lbfgs: grad_norm ≤ grad_tol; adam: always True (it runs its epochs)
     steps: int
     seconds: float
 
@@ -139,9 +142,12 @@ def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
             gnorm = float(objective_gradient(model, task, examples, l2=args.l2, batch_size=args.batch_size).norm())
             if gnorm <= args.grad_tol:
                 break
-    g = objective_gradient(model, task, examples, l2=args.l2, batch_size=args.batch_size)
+    gnorm = float(objective_gradient(model, task, examples, l2=args.l2, batch_size=args.batch_size).norm())
+    converged = args.optimizer == "adam" or gnorm <= args.grad_tol
+    if not converged:
+        logger.warning("lbfgs stopped after %d iterations at ‖∇R‖ = %.3g > grad_tol %.1g", steps, gnorm, args.grad_tol)
     result = FinetuneResult(losses=losses, objective=objective(model, task, examples, l2=args.l2,
                                                                batch_size=args.batch_size),
-                            grad_norm=float(g.norm()), steps=steps, seconds=time.perf_counter() - start)
+                            grad_norm=gnorm, converged=converged, steps=steps, seconds=time.perf_counter() - start)
     logger.info("fine-tuned %d steps: R = %.6g, ‖∇R‖ = %.3g", steps, result.objective, result.grad_norm)
     return result

@@ -57,9 +57,9 @@ def atomic_dir(out: str | os.PathLike, *, protect: tuple[str | os.PathLike, ...]
     Refuses an `out` that exists and is not empty, and an `out` that is (or lies inside) one of `protect`
     (e.g. the input adapter): inputs are never overwritten.
     """
-    out = Path(out).absolute()
+    out = Path(out).resolve()  # resolve, not absolute: '..' and symlinks must not sneak into a protected input
     for p in protect:
-        p = Path(p).absolute()
+        p = Path(p).resolve()
         if out == p or p in out.parents:
             raise UserInputError(
                 f"output folder {str(out)!r} would overwrite the input {str(p)!r}; choose another --out")

@@ -88,6 +88,15 @@ def check_adapter_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def _error_detail(e: Exception, limit: int = 3) -> str:
+    """One line from a (possibly multi-line) library error: its lines that name parameters and shapes."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = [ln for ln in lines if any(k in ln for k in ("size mismatch", "Missing key", "Unexpected key"))]
+    chosen = detail[:limit] or lines[:1] or [type(e).__name__]
+    more = f" (+{len(detail) - limit} more)" if len(detail) > limit else ""
+    return " ".join(chosen) + more
+
+
 def load_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLike, *, trainable: bool = True):
     """Wrap `base_model` with the PEFT adapter in `adapter_dir` (safetensors only), trainable by default.
 
@@ -99,8 +108,7 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLike, *,
     try:
         model = PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdapterError(f"adapter {str(path)!r} does not fit the base model: {first}") from e
+        raise AdapterError(f"adapter {str(path)!r} does not fit the base model: {_error_detail(e)}") from e
     for name, p in model.named_parameters():
         if p.requires_grad and not torch.isfinite(p).all():
             raise AdapterError(f"adapter {str(path)!r} holds non-finite values in {name}")

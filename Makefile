@@ -1,0 +1,28 @@
+# Two commands on a fresh machine:  make demo  (the main job)  and  make test  (the test suite).
+# Each creates .venv on first use, installing torch==2.13.0 first (the CPU wheel; otherwise pip pulls a CUDA build).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: demo test test-slow lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/llmeraser demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+test-slow: $(BIN)/.installed
+	$(BIN)/python -m pytest -m slow
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache
