@@ -1,1 +1,33 @@
-"""llmeraser: influence-function unlearning for PEFT-fine-tuned LLMs."""
+"""llmeraser: influence-function unlearning for PEFT-fine-tuned LLMs (LLMEraser, ICLR 2025, done carefully)."""
+
+from llmeraser.curvature import CurvatureOperator, gradient, objective_gradient, per_example_gradients
+from llmeraser.data import Example, examples_hash, load_examples, save_examples
+from llmeraser.eraser import EraserArguments, Update, compute_update, save_unlearned, unlearn
+from llmeraser.errors import (
+    AdapterError,
+    ConfigError,
+    DataError,
+    LLMEraserError,
+    RequestError,
+    ResourceError,
+    SolverError,
+    UserInputError,
+)
+from llmeraser.finetune import FinetuneArguments, FinetuneResult, finetune
+from llmeraser.params import ParamView, adapter_hash, load_adapter, save_adapter
+from llmeraser.request import Edit, Request, apply_request, load_request, resolve
+from llmeraser.solvers.api import get_solver, solve, solver_arguments
+from llmeraser.solvers.base import LinearOperator, MatrixOperator, SolverArguments, SolveResult
+from llmeraser.task import CausalLMTask, Task, per_example_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError", "CausalLMTask", "ConfigError", "CurvatureOperator", "DataError", "Edit", "EraserArguments",
+    "Example", "FinetuneArguments", "FinetuneResult", "LLMEraserError", "LinearOperator", "MatrixOperator",
+    "ParamView", "Request", "RequestError", "ResourceError", "SolveResult", "SolverArguments", "SolverError", "Task",
+    "Update", "UserInputError", "adapter_hash", "apply_request", "compute_update", "examples_hash", "finetune",
+    "get_solver", "gradient", "load_adapter", "load_examples", "load_request", "objective_gradient",
+    "per_example_gradients", "per_example_loss", "resolve", "save_adapter", "save_examples", "save_unlearned",
+    "solve", "solver_arguments", "unlearn",
+]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from llmeraser.eraser import EraserArguments, compute_update, save_unlearned
+from llmeraser.errors import UserInputError
 from llmeraser.finetune import FinetuneArguments, finetune
 from llmeraser.params import ParamView
 from llmeraser.request import Request, apply_request
@@ -39,6 +40,9 @@ def run_tiny_demo(out: str | Path, *, n: int = 60, remove: int = 2, l2: float = 
         {"rows": [...], "adapter": path, "report": path}
     """
     out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserInputError(f"output {str(out)!r} already exists and is not an empty folder; choose another --out")
+    torch.set_num_threads(1)  # a model this small is all per-op overhead: extra threads only contend
     tok = tiny_tokenizer()
     task = CausalLMTask(tok, max_length=24)
     train = fact_examples(n, seed=seed)
@@ -46,8 +50,9 @@ def run_tiny_demo(out: str | Path, *, n: int = 60, remove: int = 2, l2: float = 
     request = Request.remove(*[e.id for e in forget])
     retain = apply_request(train, request)
 
-    model = tiny_lora(tiny_llama(len(tok), hidden=16, seed=seed), r=2, seed=seed)
-    ft_args = FinetuneArguments(optimizer="lbfgs", l2=l2, grad_tol=1e-6, max_iters=100, batch_size=n,
+    # init_std 0.3: with the usual 0.02 a random tiny model's logits are nearly flat and LoRA cannot move them.
+    model = tiny_lora(tiny_llama(len(tok), hidden=16, seed=seed, init_std=0.3), r=2, seed=seed)
+    ft_args = FinetuneArguments(optimizer="lbfgs", l2=l2, grad_tol=1e-5, max_iters=100, batch_size=n,
                                 progress=progress)
     t = time.perf_counter()
     fit = finetune(model, task, train, ft_args)

@@ -54,13 +54,13 @@ def _rms_norm_exact(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def tiny_llama(vocab_size: int, *, hidden: int = 16, layers: int = 1, seed: int = 0,
-               dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:
+               dtype: torch.dtype = torch.float64, init_std: float = 0.02) -> LlamaForCausalLM:
     """A random Llama small enough for dense Hessians of its LoRA parameters (eager attention)."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
                          max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0)
+                         pad_token_id=0, initializer_range=init_std)
     model = LlamaForCausalLM(config).to(dtype)
     if dtype == torch.float64:  # transformers computes softmax and RMSNorm in float32; keep float64 exact
         model.config._attn_implementation = "eager_exact"
