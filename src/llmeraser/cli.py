@@ -1,27 +1,163 @@
-"""`llmeraser` command line. Exit codes: 0 success, 2 bad input or usage, 1 internal failure."""
+"""`llmeraser` command line. Exit codes: 0 success, 2 bad input or usage, 1 internal failure.
+
+Flags are built from the same argument dataclasses the library uses (FinetuneArguments, EraserArguments,
+SolverArguments), so the help text and validation live in one place.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import math
 import sys
 import tempfile
+from pathlib import Path
 
 from llmeraser.errors import LLMEraserError, UserInputError
 
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
+_TYPES = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int}
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def add_fields(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", skip: tuple[str, ...] = (),
+               keep_default: bool = True) -> None:
+    """One flag per dataclass field: --PREFIXNAME, typed, with the field's help and default.
+
+    With keep_default=False the flag defaults to None (unset), so a preset or a stored value can fill it in later.
+    """
+    group = parser.add_argument_group(f"{cls.__name__} options")
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.type not in _TYPES:
+            continue
+        default = f.default if keep_default else None
+        shown = "the solver's preset" if prefix == "solver-" else f.default
+        group.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{prefix.replace('-', '_')}{f.name}",
+                           type=_TYPES[f.type], default=default,
+                           help=f"{f.metadata.get('help', '')} (default: {shown})")
+
+
+def pick(args: argparse.Namespace, cls: type, *, prefix: str = "", skip: tuple[str, ...] = ()) -> dict:
+    """The values of `cls`'s flags that were given (None = unset)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f"{prefix.replace('-', '_')}{f.name}", None)
+        if f.name not in skip and value is not None:
+            out[f.name] = value
+    return out
+
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """A plain-text table; columns are (key, header, format spec)."""
+    """A plain-text table; columns are (key, header, format spec); NaN prints as —."""
     cells = [[h for _, h, _ in columns]]
     for r in rows:
-        cells.append(["—" if isinstance(r[k], float) and math.isnan(r[k]) else format(r[k], f)
+        cells.append(["—" if isinstance(r.get(k), float) and math.isnan(r[k]) else format(r.get(k, ""), f)
                       for k, _, f in columns])
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _read_record(adapter: str) -> dict:
+    """The training settings an adapter was made with (its report.json `task` block), or {}."""
+    path = Path(adapter) / "report.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("task", {}) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return {}
+
+
+def _task(tokenizer, max_length: int):
+    from llmeraser.task import CausalLMTask
+
+    return CausalLMTask(tokenizer, max_length=max_length)
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from peft import LoraConfig, get_peft_model
+
+    from llmeraser.data import examples_hash, load_examples
+    from llmeraser.finetune import FinetuneArguments, finetune
+    from llmeraser.models import load_base_model
+    from llmeraser.params import save_adapter
+
+    train = load_examples(args.train)
+    ft = FinetuneArguments(**pick(args, FinetuneArguments), progress=not args.quiet)
+    base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    import torch
+
+    torch.manual_seed(ft.seed)  # LoRA A's random init
+    try:
+        model = get_peft_model(base, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                target_modules=targets))
+    except ValueError as e:
+        raise UserInputError(f"--lora-targets {args.lora_targets!r}: {str(e).splitlines()[0]}") from e
+    result = finetune(model, _task(tokenizer, args.max_length), train, ft)
+    task_record = {"max_length": args.max_length, "l2": ft.l2, "base_model": args.base_model, "dtype": args.dtype}
+    report = {"kind": "finetune", "task": task_record, "arguments": dataclasses.asdict(ft),
+              "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": targets},
+              "train_sha256": examples_hash(train), "n_train": len(train), "result": result.to_dict()}
+    save_adapter(model, args.out, report=report)
+    print(f"fine-tuned {len(train)} examples in {result.seconds:.1f} s: loss {result.losses[-1]:.4f}, "
+          f"‖∇R‖ = {result.grad_norm:.2e}\nadapter: {args.out}")
+    return 0
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    from llmeraser.data import load_examples
+    from llmeraser.eraser import EraserArguments, save_unlearned, unlearn
+    from llmeraser.models import load_base_model
+    from llmeraser.params import check_adapter_dir, load_adapter
+    from llmeraser.request import load_request
+    from llmeraser.solvers.api import solver_arguments
+
+    check_adapter_dir(args.adapter)
+    train, request = load_examples(args.train), load_request(args.request)
+    record = _read_record(args.adapter)
+    given = pick(args, EraserArguments, skip=("solver_args", "progress"))
+    given.setdefault("l2", record.get("l2", 0.0))
+    max_length = args.max_length or record.get("max_length", 64)
+    solver = given.get("solver", "cg")
+    eraser_args = EraserArguments(**given, solver_args=solver_arguments(solver, **pick(args, _solver_cls(),
+                                                                                       prefix="solver-")),
+                                  progress=not args.quiet)
+    base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
+    model = load_adapter(base, args.adapter)
+    update = unlearn(model, _task(tokenizer, max_length), train, request, eraser_args)
+    update.report["task"] = {**record, "max_length": max_length, "l2": eraser_args.l2}
+    save_unlearned(model, args.out, update, input_adapter=args.adapter)
+    r = update.report
+    status = "converged" if r["converged"] else "NOT converged (see report)"
+    print(f"unlearned {sum(r['ops'].values())} edits {r['ops']} with {r['method']}/{r['solver']}, damping "
+          f"{r['damping']:g}: residual {r['solve']['residual']:.2e} ({status}), ‖Δθ‖ = {r['delta_norm']:.4g}, "
+          f"{r['seconds']['total']:.1f} s\nadapter: {args.out}\nreport:  {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from llmeraser.data import load_examples
+    from llmeraser.io import atomic_write_json
+    from llmeraser.metrics import evaluate
+    from llmeraser.models import load_base_model
+    from llmeraser.params import load_adapter
+
+    data = load_examples(args.data)
+    record = _read_record(args.adapter) if args.adapter else {}
+    base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
+    model = load_adapter(base, args.adapter, trainable=False) if args.adapter else base
+    result = evaluate(model, _task(tokenizer, args.max_length or record.get("max_length", 64)), data,
+                      batch_size=args.batch_size)
+    if args.out:
+        atomic_write_json(args.out, result)
+    summary = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -39,29 +175,97 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _solver_cls() -> type:
+    from llmeraser.solvers.base import SolverArguments
+
+    return SolverArguments
+
+
+# ------------------------------------------------------------------------------------------------------ parser
+def _common(p: argparse.ArgumentParser, *, adapter: bool = True) -> None:
+    p.add_argument("--base-model", default="default",
+                   help="'default' (embedded SmolLM2-135M-Instruct) or a local Hugging Face model folder")
+    p.add_argument("--dtype", default="float32", help="float32 (default), float64 or bfloat16")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from llmeraser.eraser import EraserArguments
+    from llmeraser.finetune import FinetuneArguments
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="llmeraser",
         description="Make a PEFT-fine-tuned LLM forget or correct training examples without retraining "
                     "(influence-function unlearning, LLMEraser).",
-        epilog="Run 'llmeraser COMMAND --help' for a command's options and an example.")
+        epilog="Run 'llmeraser COMMAND --help' for a command's options and an example. Exit codes: 0 success, "
+               "2 bad input or usage, 1 internal failure.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="end-to-end demo on a tiny model built offline (seconds)",
-                          description="Fine-tune a tiny LoRA Llama on synthetic facts, remove a few, and compare "
-                                      "unlearning with retraining.",
-                          epilog="example: llmeraser demo --out runs/demo")
-    demo.add_argument("--out", help="folder for the adapters and report (default: a new temporary folder)")
-    demo.add_argument("--n-train", type=int, default=60, help="training examples (default 60)")
-    demo.add_argument("--remove", type=int, default=2, help="examples to remove (default 2)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("finetune", help="fine-tune a LoRA adapter (the objective the eraser assumes)",
+                       description="Fine-tune LoRA on R(θ) = mean response NLL + (l2/2)‖θ‖², dropout off, "
+                                   "deterministic. Writes the adapter (safetensors) and report.json.",
+                       epilog="example: llmeraser finetune --train data/train.jsonl --out adapters/original "
+                              "--epochs 1 --lr 1e-3")
+    _common(p)
+    p.add_argument("--train", required=True, help="training JSONL: {id, prompt, response} per line")
+    p.add_argument("--out", required=True, help="new adapter folder (must not exist or be empty)")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per example (prompt cut from the left)")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scale alpha/r)")
+    p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS, help="comma-separated module names")
+    add_fields(p, FinetuneArguments, skip=("progress",))
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("unlearn", help="apply a request (remove / modify_query / correct_response) to an adapter",
+                       description="Compute Δθ with influence functions and write a new adapter plus report.json "
+                                   "(request hash, solver, damping, residual, timings, ‖Δθ‖). The input adapter is "
+                                   "never modified.",
+                       epilog="example: llmeraser unlearn --adapter adapters/original --train data/train.jsonl "
+                              "--request request.json --out adapters/unlearned --solver cg --damping 1e-3")
+    _common(p)
+    p.add_argument("--adapter", required=True, help="the fine-tuned PEFT adapter folder")
+    p.add_argument("--train", required=True, help="the training JSONL the adapter was fine-tuned on")
+    p.add_argument("--request", required=True, help='request JSON: {"edits": [{"op": "remove", "id": ...}, ...]}')
+    p.add_argument("--out", required=True, help="new adapter folder (must not exist or be empty)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
+    add_fields(p, EraserArguments, skip=("solver_args", "progress", "l2"), keep_default=False)
+    p.add_argument("--l2", type=float, default=None, help="the L2 coefficient of the fine-tuning objective "
+                                                              "(default: the adapter's report.json, else 0)")
+    add_fields(p, _solver_cls(), prefix="solver-", keep_default=False)
+    p.set_defaults(func=cmd_unlearn)
+
+    p = sub.add_parser("evaluate", help="response loss per example, and AUC/accuracy for Yes/No data",
+                       description="Evaluate a base model (+ adapter) on a JSONL file.",
+                       epilog="example: llmeraser evaluate --adapter adapters/unlearned --data data/test.jsonl "
+                              "--out eval.json")
+    _common(p)
+    p.add_argument("--adapter", default=None, help="PEFT adapter folder (default: the base model alone)")
+    p.add_argument("--data", required=True, help="JSONL to evaluate on")
+    p.add_argument("--out", default=None, help="write the full JSON (with per-example losses) here")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="end-to-end demo on a tiny model built offline",
+                       description="Fine-tune a tiny LoRA Llama on synthetic facts, remove a few, and compare "
+                                   "unlearning with retraining.", formatter_class=fmt,
+                       epilog="example: llmeraser demo --out runs/demo")
+    p.add_argument("--out", help="folder for the adapters and report (default: a new temporary folder)")
+    p.add_argument("--n-train", type=int, default=60, help="training examples")
+    p.add_argument("--remove", type=int, default=2, help="examples to remove")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: usage errors exit 2, --help exits 0
+        return int(e.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
@@ -73,14 +277,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"llmeraser: error: {e}", file=sys.stderr)
         return 2
-    except (LLMEraserError, RuntimeError, MemoryError) as e:
-        if args.debug:
-            raise
-        print(f"llmeraser: failed: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("llmeraser: interrupted", file=sys.stderr)
         return 130
+    except (LLMEraserError, Exception) as e:  # noqa: BLE001 — one line, never a traceback, unless --debug
+        if args.debug:
+            raise
+        print(f"llmeraser: failed: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
