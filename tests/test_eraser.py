@@ -212,3 +212,21 @@ def test_unlearned_lora_adapter_saves_and_reloads(tmp_path):
     reloaded = load_adapter(tiny_llama(len(tok)), tmp_path / "out")
     batch = task.collate(examples)
     assert torch.allclose(task.forward(reloaded, batch), task.forward(model, batch), rtol=0, atol=1e-12)
+
+
+def test_curvature_sample_estimates_the_hessian():
+    # Ridge: H on a sample of m examples is XₘᵀXₘ/m + l2 I; the update must equal the dense solve with exactly that H.
+    model, examples = fitted_ridge(200)
+    request = Request.remove("r1")
+    args = EraserArguments(method="first-order", solver="dense", damping=0.0, l2=L2, curvature_samples=50, seed=3)
+    update = compute_update(model, TASK, examples, request, args)
+    assert update.report["curvature_examples"] == 50
+    keep = sorted(torch.randperm(200, generator=torch.Generator().manual_seed(3))[:50].tolist())
+    batch = TASK.collate([examples[i] for i in keep])
+    h = batch["x"].T @ batch["x"] / 50 + L2 * torch.eye(5, dtype=torch.float64)
+    b = TASK.collate([examples[1]])
+    g = (b["x"][0] @ ParamView(model).vector() - b["y"][0]) * b["x"][0] / 200  # ∇ℓ(z₁)/n for ½(xᵀw − y)²
+    assert rel(update.delta, torch.linalg.solve(h, g)) < 1e-12
+    full = compute_update(model, TASK, examples, request, EraserArguments(method="first-order", solver="dense",
+                                                                            damping=0.0, l2=L2)).delta
+    assert 1e-6 < rel(update.delta, full) < 0.5  # a different, but close, estimate

@@ -22,8 +22,8 @@ import random
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from llmeraser.data import Example, save_examples
 from llmeraser.errors import ConfigError, DataError, UserInputError
@@ -33,12 +33,13 @@ logger = logging.getLogger(__name__)
 
 YES, NO = " Yes", " No"
 LIKE_THRESHOLD = 4.0  # a rating ≥ 4 (of 5) counts as liked, as in TALLRec
-MAX_TITLE_CHARS = 32
+MAX_TITLE_CHARS = 24  # keeps ~98% of examples (history 8) within 64 SmolLM2 tokens
 SPLITS = ("train", "valid", "test")
 INSTALL_HINT = "pip install --no-deps recbole==1.2.1"
 INTER_FILE, ITEM_FILE = "ml-100k.inter", "ml-100k.item"
 _UNKNOWN_TITLES = {"", "unknown", "unkonwn"}  # ml-100k item 267 is titled "unkonwn"
 _TRAILING_PAREN = re.compile(r"\s*\([^()]*\)\s*$")  # "(1995)" or an alternative title "(Se7en)"
+_DANGLING = {"a", "an", "and", "at", "for", "in", "of", "on", "or", "the", "to", "with", "&"}
 _TRAILING_ARTICLE = re.compile(r"^(.*), (The|A|An)$")  # "Usual Suspects, The" → "The Usual Suspects"
 
 
@@ -71,7 +72,10 @@ def _clean_once(title: str, max_chars: int) -> str:
         title = f"{m.group(2)} {m.group(1)}"
     if len(title) > max_chars:
         cut = title[: max_chars + 1].rsplit(" ", 1)[0] if " " in title[:max_chars] else title[:max_chars]
-        title = cut.rstrip(" ,:;-")
+        words = cut.rstrip(" ,:;-").split(" ")
+        while len(words) > 1 and words[-1].lower() in _DANGLING:  # "Willy Wonka and the" → "Willy Wonka"
+            words.pop()
+        title = " ".join(words).rstrip(" ,:;-")
     return title
 
 
@@ -95,8 +99,7 @@ def format_prompt(liked: Sequence[str], disliked: Sequence[str], target: str) ->
     return f"Liked: {join(liked)}. Disliked: {join(disliked)}. Will the user like {clean_title(target)}?"
 
 
-@dataclass(frozen=True)
-class _Rating:
+class _Rating(NamedTuple):
     user: int
     item: int
     rating: float
@@ -154,19 +157,16 @@ def _load(folder: Path) -> tuple[list[_Rating], dict[int, str]]:
     return ratings, titles
 
 
-@dataclass(frozen=True)
-class _Target:
-    """A candidate target: user's ratings `past` (oldest first) precede `rating`."""
+class _Target(NamedTuple):
+    """A candidate target: ``user_ratings[k]``, with the user's ratings sorted by time (history before k)."""
 
     rating: _Rating
-    past: tuple[_Rating, ...]
-
-    @property
-    def liked(self) -> bool:
-        return self.rating.rating >= LIKE_THRESHOLD
+    user_ratings: list[_Rating]
+    k: int
+    liked: bool
 
 
-def _candidates(ratings: list[_Rating], history: int, min_history: int) -> list[_Target]:
+def _candidates(ratings: list[_Rating], min_history: int) -> list[_Target]:
     """Every rating with ≥ `min_history` earlier ratings by its user, in global time order."""
     by_user: dict[int, list[_Rating]] = defaultdict(list)
     for r in ratings:
@@ -174,15 +174,16 @@ def _candidates(ratings: list[_Rating], history: int, min_history: int) -> list[
     out: list[_Target] = []
     for rs in by_user.values():
         rs.sort(key=lambda r: (r.timestamp, r.order))
-        out.extend(_Target(rs[k], tuple(rs[max(0, k - history) : k])) for k in range(min_history, len(rs)))
+        out.extend(_Target(rs[k], rs, k, rs[k].rating >= LIKE_THRESHOLD) for k in range(min_history, len(rs)))
     out.sort(key=lambda t: (t.rating.timestamp, t.rating.order))
     return out
 
 
-def _example(target: _Target, titles: dict[int, str]) -> Example:
+def _example(target: _Target, titles: dict[int, str], history: int) -> Example:
     r = target.rating
-    liked = [titles[p.item] for p in target.past if p.rating >= LIKE_THRESHOLD]
-    disliked = [titles[p.item] for p in target.past if p.rating < LIKE_THRESHOLD]
+    past = target.user_ratings[max(0, target.k - history) : target.k]  # oldest first
+    liked = [titles[p.item] for p in past if p.rating >= LIKE_THRESHOLD]
+    disliked = [titles[p.item] for p in past if p.rating < LIKE_THRESHOLD]
     extra = {"user": r.user, "item": r.item, "liked": liked, "disliked": disliked, "target": titles[r.item],
              "timestamp": r.timestamp, "rating": r.rating}
     return Example(f"u{r.user}-{r.item}", format_prompt(liked, disliked, titles[r.item]),
@@ -235,7 +236,7 @@ def build_splits(folder: str | os.PathLike | None = None, *, n_train: int = 400,
     if not folder.is_dir():
         raise UserInputError(f"MovieLens folder {str(folder)!r} does not exist")
     ratings, titles = _load(folder)
-    pool = _candidates(ratings, history, min_history)
+    pool = _candidates(ratings, min_history)
     total = sum(sizes.values())
     if total == 0 or len(pool) < total:
         raise ConfigError(f"asked for {total} examples in all; {str(folder)!r} has {len(pool)} targets with "
@@ -248,7 +249,7 @@ def build_splits(folder: str | os.PathLike | None = None, *, n_train: int = 400,
         block = pool[start:end]
         if len(block) < sizes[name]:
             raise ConfigError(f"the {name} time block has {len(block)} candidates, fewer than n_{name}={sizes[name]}")
-        splits[name] = [_example(t, titles) for t in _sample(block, sizes[name], rng)]
+        splits[name] = [_example(t, titles, history) for t in _sample(block, sizes[name], rng)]
         start = end
     logger.info("MovieLens splits from %s: %s (pool %d)", folder, {k: len(v) for k, v in splits.items()}, len(pool))
     return splits

@@ -1,0 +1,208 @@
+"""Evaluation metrics: response loss per example, and for yes/no tasks P(Yes), ROC-AUC and accuracy.
+
+For a binary task the score of an example is p = P(Yes) / (P(Yes) + P(No)) = σ(z_Yes − z_No), with z the
+logits at the position right after the prompt (the one that predicts the first response token), and " Yes" /
+" No" represented by their first tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from llmeraser.data import Example
+from llmeraser.errors import ConfigError, UserInputError
+from llmeraser.task import IGNORE_INDEX, Batch, CausalLMTask
+
+logger = logging.getLogger(__name__)
+
+YES, NO = " Yes", " No"
+
+
+def _flat(values: Sequence[float] | torch.Tensor) -> list[float]:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().reshape(-1).tolist()
+    return [float(v) for v in values]
+
+
+def roc_auc(scores: Sequence[float] | torch.Tensor, labels: Sequence[int | bool] | torch.Tensor) -> float:
+    """Area under the ROC curve, by the Mann-Whitney statistic with average ranks for ties.
+
+    AUC = P(s⁺ > s⁻) + ½ P(s⁺ = s⁻) over all (positive, negative) pairs, computed as
+    (R⁺ − n⁺(n⁺+1)/2) / (n⁺ n⁻) with R⁺ the sum of the positives' (average) ranks: O(n log n).
+
+    Args:
+        scores: One score per example; higher means more likely positive.
+        labels: 1/True for positive, 0/False for negative.
+
+    Returns:
+        The AUC in [0, 1].
+
+    Raises:
+        UserInputError: If the lengths differ, a label is not 0/1, a score is not finite, or only one class occurs.
+    """
+    s, y = _flat(scores), _flat(labels)
+    if len(s) != len(y):
+        raise UserInputError(f"roc_auc: {len(s)} scores but {len(y)} labels")
+    if any(v not in (0.0, 1.0) for v in y):
+        raise UserInputError(f"roc_auc: labels must be 0/1, found {sorted(set(y) - {0.0, 1.0})[:3]}")
+    if any(v != v or v in (float("inf"), float("-inf")) for v in s):
+        raise UserInputError("roc_auc: scores must be finite")
+    n_pos = int(sum(y))
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise UserInputError(f"roc_auc needs both classes; found {n_pos} positive and {n_neg} negative labels")
+    order = sorted(range(len(s)), key=s.__getitem__)
+    rank_sum, i = 0.0, 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and s[order[j + 1]] == s[order[i]]:
+            j += 1
+        avg_rank = (i + j) / 2 + 1  # 1-based ranks i+1 .. j+1 share their mean
+        rank_sum += avg_rank * sum(y[order[k]] for k in range(i, j + 1))
+        i = j + 1
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def accuracy(pred: Sequence[int | bool] | torch.Tensor, labels: Sequence[int | bool] | torch.Tensor) -> float:
+    """The fraction of positions where `pred` equals `labels`.
+
+    Raises:
+        UserInputError: If the lengths differ or there are none.
+    """
+    p, y = _flat(pred), _flat(labels)
+    if len(p) != len(y):
+        raise UserInputError(f"accuracy: {len(p)} predictions but {len(y)} labels")
+    if not p:
+        raise UserInputError("accuracy of no examples")
+    return sum(a == b for a, b in zip(p, y, strict=True)) / len(p)
+
+
+def _first_token(tokenizer, text: str) -> int:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise ConfigError(f"{text!r} encodes to no tokens")
+    return ids[0]
+
+
+def _answer_tokens(task: CausalLMTask, yes: str, no: str) -> tuple[int, int]:
+    yes_id, no_id = _first_token(task.tokenizer, yes), _first_token(task.tokenizer, no)
+    if yes_id == no_id:
+        raise ConfigError(f"{yes!r} and {no!r} share their first token {yes_id}; P(yes) vs P(no) is undefined")
+    return yes_id, no_id
+
+
+def _prompt_end_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Logits (batch, vocab) at the last prompt position, which predicts the first response token."""
+    first = (batch["labels"] != IGNORE_INDEX).int().argmax(1)  # (batch,) index of the first response token
+    if bool((first == 0).any()):
+        raise ConfigError("an example has no prompt tokens (empty prompt and no BOS): nothing predicts its answer")
+    return logits[torch.arange(logits.shape[0], device=logits.device), first - 1]
+
+
+def _to_device(batch: Batch, model: torch.nn.Module) -> Batch:
+    param = next(model.parameters(), None)
+    return batch if param is None else {k: v.to(param.device) for k, v in batch.items()}
+
+
+class _EvalMode:
+    """Eval mode and no grad inside; the model's previous mode is restored on exit."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.was_training = model, model.training
+        self.no_grad = torch.no_grad()
+
+    def __enter__(self) -> None:
+        self.model.eval()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self.no_grad.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+def yes_no_probabilities(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Example], *,
+                         yes: str = YES, no: str = NO, batch_size: int = 8) -> torch.Tensor:
+    """P(yes) / (P(yes) + P(no)) after each example's prompt, comparing the first tokens of `yes` and `no`.
+
+    The examples' responses are ignored (each is encoded with response `yes`, so the prompt is truncated exactly
+    as in training on a yes/no answer).
+
+    Args:
+        model: A causal LM (run in eval mode, without grad; its mode is restored).
+        task: The task whose tokenizer and encoding are used.
+        examples: The examples.
+        yes: The positive answer; its first token is compared.
+        no: The negative answer.
+        batch_size: Examples per forward pass.
+
+    Returns:
+        Float64 tensor (len(examples),) of probabilities σ(z_yes − z_no).
+
+    Raises:
+        ConfigError: If `yes` and `no` share their first token, or batch_size < 1.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}")
+    yes_id, no_id = _answer_tokens(task, yes, no)
+    probs = []
+    with _EvalMode(model):
+        for start in range(0, len(examples), batch_size):
+            chunk = [Example(e.id, e.prompt, yes) for e in examples[start : start + batch_size]]
+            batch = _to_device(task.collate(chunk), model)
+            z = _prompt_end_logits(task.forward(model, batch), batch).double()  # (batch, vocab)
+            probs.append(torch.sigmoid(z[:, yes_id] - z[:, no_id]).cpu())
+    return torch.cat(probs) if probs else torch.zeros(0, dtype=torch.float64)
+
+
+def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Example], *, batch_size: int = 8,
+             yes: str = YES, no: str = NO) -> dict:
+    """Response loss of each example and, for a yes/no task, AUC and accuracy.
+
+    Args:
+        model: A causal LM (run in eval mode, without grad; its mode is restored).
+        task: The task (loss and encoding).
+        examples: The examples (at least one).
+        batch_size: Examples per forward pass.
+        yes: The positive answer.
+        no: The negative answer.
+
+    Returns:
+        ``{"n", "loss" (mean response NLL), "losses" ({id: loss})}``; when every response is `yes` or `no`, also
+        ``"yes_ratio"``, ``"accuracy"`` (P(yes) normalised against P(no), threshold 0.5) and ``"auc"``
+        (None when only one class occurs). One forward pass per batch serves both.
+
+    Raises:
+        ConfigError: If there are no examples, batch_size < 1, or (for a yes/no task) yes and no share a first token.
+    """
+    if not examples:
+        raise ConfigError("evaluate needs at least one example")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}")
+    binary = all(e.response in (yes, no) for e in examples)
+    yes_id, no_id = _answer_tokens(task, yes, no) if binary else (0, 0)
+    losses, probs = [], []
+    with _EvalMode(model):
+        for start in range(0, len(examples), batch_size):
+            batch = _to_device(task.collate(examples[start : start + batch_size]), model)
+            logits = task.forward(model, batch)  # (batch, seq, vocab)
+            losses.append(task.loss(logits, batch).double().cpu())
+            if binary:  # the prompt ends at the same position whatever the answer
+                z = _prompt_end_logits(logits, batch).double()
+                probs.append(torch.sigmoid(z[:, yes_id] - z[:, no_id]).cpu())
+    loss = torch.cat(losses)
+    out: dict = {"n": len(examples), "loss": loss.mean().item(),
+                 "losses": {e.id: v for e, v in zip(examples, loss.tolist(), strict=True)}}
+    if binary:
+        p = torch.cat(probs)
+        labels = [int(e.response == yes) for e in examples]
+        out["yes_ratio"] = sum(labels) / len(labels)
+        out["accuracy"] = accuracy((p >= 0.5).int(), labels)
+        if 0 < sum(labels) < len(labels):
+            out["auc"] = roc_auc(p, labels)
+        else:
+            logger.warning("all %d responses are %r: AUC is undefined", len(labels), examples[0].response)
+            out["auc"] = None
+    return out
