@@ -109,7 +109,7 @@ def compute_update(model: torch.nn.Module, task: Task, train: Sequence[Example],
         sign = -1.0
     t_grad = time.perf_counter() - start
     if 0 < args.curvature_samples < len(curvature_set):
-        # H = mean of per-example curvatures: a uniform sample of them is an unbiased estimate at a fraction of the cost.
+        # H is a mean of per-example curvatures: a uniform sample gives an unbiased estimate at a fraction of the cost.
         gen = torch.Generator().manual_seed(args.seed)
         keep = sorted(torch.randperm(len(curvature_set), generator=gen)[: args.curvature_samples].tolist())
         curvature_set = [curvature_set[i] for i in keep]
