@@ -160,6 +160,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_movielens(args: argparse.Namespace) -> int:
+    from llmeraser.movielens import build_splits, default_folder, write_splits, yes_ratio
+
+    folder = args.folder or default_folder()
+    splits = build_splits(folder, n_train=args.n_train, n_valid=args.n_valid, n_test=args.n_test, seed=args.seed)
+    write_splits(splits, args.out, seed=args.seed, source=folder)
+    for name, examples in splits.items():
+        print(f"{name:5s} {len(examples):5d} examples, {yes_ratio(examples):.0%} Yes -> {Path(args.out) / name}.jsonl")
+    return 0
+
+
+def cmd_corrupt(args: argparse.Namespace) -> int:
+    from llmeraser.corrupt import corrupt, write_corruption
+    from llmeraser.data import load_examples
+
+    corrupted, request = corrupt(load_examples(args.train), kind=args.kind, ratio=args.ratio, seed=args.seed)
+    write_corruption(corrupted, request, args.out)
+    print(f"corrupted {len(request.edits)} of {len(corrupted)} examples ({args.kind}); the request that undoes it: "
+          f"{Path(args.out) / 'request.json'}; corrupted training set: {Path(args.out) / 'train.jsonl'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llmeraser.demo import run_tiny_demo
 
@@ -247,6 +269,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("data", help="build a dataset (movielens)",
+                       description="Build training data. 'movielens': a TALLRec-style Yes/No task from the "
+                                   "MovieLens-100k files inside the recbole wheel (read in place, never copied).")
+    data_sub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    q = data_sub.add_parser("movielens", formatter_class=fmt, help="MovieLens-100k → train/valid/test JSONL",
+                            description="The user's recent liked and disliked titles, then 'Will the user like X?'; "
+                                        "response ' Yes' (rating ≥ 4) or ' No'. Split by time; ids 'u<user>-<item>'.",
+                            epilog="example: llmeraser data movielens --out data --n-train 400")
+    q.add_argument("--out", required=True, help="folder for train/valid/test.jsonl and meta.json")
+    q.add_argument("--n-train", type=int, default=400, help="training examples")
+    q.add_argument("--n-valid", type=int, default=100, help="validation examples")
+    q.add_argument("--n-test", type=int, default=200, help="test examples")
+    q.add_argument("--seed", type=int, default=0, help="sampling seed")
+    q.add_argument("--folder", default=None, help="an ml-100k folder in recbole's format (default: recbole's)")
+    q.set_defaults(func=cmd_data_movielens)
+
+    p = sub.add_parser("corrupt", formatter_class=fmt,
+                       help="corrupt queries or responses, and write the undoing request",
+                       description="For testing query modification and response correction end to end: corrupt a "
+                                   "fraction of the training set and write the request that undoes it. query: random "
+                                   "unseen titles inserted into the liked history; response: Yes/No flipped.",
+                       epilog="example: llmeraser corrupt --train data/train.jsonl --kind response --ratio 0.1 "
+                              "--seed 0 --out data/rc10")
+    p.add_argument("--train", required=True, help="training JSONL (from 'llmeraser data movielens')")
+    p.add_argument("--kind", required=True, choices=["query", "response"], help="what to corrupt")
+    p.add_argument("--ratio", type=float, required=True, help="fraction of examples to corrupt, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the choice")
+    p.add_argument("--out", required=True, help="folder for train.jsonl (corrupted) and request.json")
+    p.set_defaults(func=cmd_corrupt)
 
     p = sub.add_parser("demo", help="end-to-end demo on a tiny model built offline",
                        description="Fine-tune a tiny LoRA Llama on synthetic facts, remove a few, and compare "
