@@ -9,7 +9,7 @@ from llmeraser.params import adapter_hash
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--n-train", "16", "--remove", "1", "--quiet"]) == 0
+    assert main(["demo", "--tiny", "--out", str(tmp_path / "demo"), "--n-train", "16", "--remove", "1", "--quiet"]) == 0
     out = capsys.readouterr().out
     for row in ("original", "retrain (warm start)", "llmeraser newton + cg", "paper preset"):
         assert row in out
@@ -24,6 +24,6 @@ def test_exit_codes(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "f").write_text("taken")
     # An output folder that exists and is not empty is bad input: one line, exit 2, no traceback.
-    assert main(["demo", "--out", str(tmp_path / "x"), "--n-train", "8", "--quiet"]) == 2
+    assert main(["demo", "--tiny", "--out", str(tmp_path / "x"), "--n-train", "8", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("llmeraser: error:") and "already exists" in err and "Traceback" not in err

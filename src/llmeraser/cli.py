@@ -183,16 +183,27 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from llmeraser.demo import run_tiny_demo
+    from llmeraser.demo import run_movielens_demo, run_tiny_demo
 
     out = args.out or tempfile.mkdtemp(prefix="llmeraser-demo-")
-    result = run_tiny_demo(out, n=args.n_train, remove=args.remove, progress=not args.quiet)
-    print(f"tiny LoRA Llama, {result['n_train']} training facts, removing {', '.join(result['removed'])} "
-          f"(fine-tuned to ‖∇R‖ = {result['grad_norm']:.1e})\n")
-    print(format_table(result["rows"], [("method", "method", ""), ("forget_loss", "forget loss", ".4f"),
-                                        ("retain_loss", "retain loss", ".4f"), ("delta_norm", "‖Δθ‖", ".4f"),
-                                        ("cosine", "cos(Δθ, retrain)", ".3f"), ("residual", "residual", ".1e"),
-                                        ("seconds", "seconds", ".2f")]))
+    if args.tiny:
+        result = run_tiny_demo(out, n=args.n_train or 60, remove=args.remove, progress=not args.quiet)
+        print(f"tiny LoRA Llama, {result['n_train']} training facts, removing {', '.join(result['removed'])} "
+              f"(fine-tuned to ‖∇R‖ = {result['grad_norm']:.1e})\n")
+        columns = [("method", "method", ""), ("forget_loss", "forget loss", ".4f"),
+                   ("retain_loss", "retain loss", ".4f"), ("delta_norm", "‖Δθ‖", ".4f"),
+                   ("cosine", "cos(Δθ, retrain)", ".3f"), ("residual", "residual", ".1e"),
+                   ("seconds", "seconds", ".2f")]
+    else:
+        result = run_movielens_demo(out, base_model=args.base_model, n_train=args.n_train or 400,
+                                    users=args.users, with_retrain=args.with_retrain, progress=not args.quiet)
+        print(f"\nSmolLM2-135M-Instruct + LoRA, MovieLens-100k: {result['n_train']} training examples, "
+              f"{result['n_test']} test; request: remove all {len(result['removed'])} examples of users "
+              f"{', '.join(map(str, result['users']))}\n")
+        columns = [("method", "method", ""), ("test_auc", "test AUC", ".4f"), ("test_acc", "test acc", ".3f"),
+                   ("forget_loss", "forget loss", ".4f"), ("delta_norm", "‖Δθ‖", ".4f"),
+                   ("residual", "residual", ".1e"), ("seconds", "seconds", ".1f")]
+    print(format_table(result["rows"], columns))
     print(f"\nunlearned adapter: {result['adapter']}\nreport:            {result['report']}")
     return 0
 
@@ -300,13 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for train.jsonl (corrupted) and request.json")
     p.set_defaults(func=cmd_corrupt)
 
-    p = sub.add_parser("demo", help="end-to-end demo on a tiny model built offline",
-                       description="Fine-tune a tiny LoRA Llama on synthetic facts, remove a few, and compare "
-                                   "unlearning with retraining.", formatter_class=fmt,
-                       epilog="example: llmeraser demo --out runs/demo")
-    p.add_argument("--out", help="folder for the adapters and report (default: a new temporary folder)")
-    p.add_argument("--n-train", type=int, default=60, help="training examples")
-    p.add_argument("--remove", type=int, default=2, help="examples to remove")
+    p = sub.add_parser("demo", formatter_class=fmt, help="the main job, end to end on the embedded model and data",
+                       description="MovieLens-100k data, a LoRA fine-tune of SmolLM2-135M-Instruct (cached after the "
+                                   "first run), a removal request for the users with the most examples, unlearning, "
+                                   "and a table of original vs unlearned (vs retrained with --with-retrain). "
+                                   "--tiny runs the same path on a tiny model built offline, in seconds.",
+                       epilog="example: llmeraser demo --out runs/demo --with-retrain")
+    p.add_argument("--out", help="folder for the unlearned adapter and report (default: a new temporary folder)")
+    p.add_argument("--base-model", default="default", help="'default' or a local Hugging Face model folder")
+    p.add_argument("--n-train", type=int, default=None, help="training examples (default 400; tiny: 60)")
+    p.add_argument("--users", type=int, default=3, help="users whose examples are removed")
+    p.add_argument("--with-retrain", action="store_true", help="also retrain without them (minutes)")
+    p.add_argument("--tiny", action="store_true", help="the tiny offline model instead of the embedded one")
+    p.add_argument("--remove", type=int, default=2, help="--tiny: examples to remove")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser

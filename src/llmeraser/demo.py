@@ -93,3 +93,90 @@ def run_tiny_demo(out: str | Path, *, n: int = 60, remove: int = 2, l2: float = 
     logger.info("fine-tune: %d steps, ‖∇R‖ = %.2g", fit.steps, fit.grad_norm)
     return {"rows": rows, "adapter": str(saved), "report": str(saved / "report.json"),
             "n_train": n, "removed": [e.id for e in forget], "grad_norm": fit.grad_norm}
+
+
+def _finetuned_adapter(base_model: str, train, ft_args: FinetuneArguments, lora: dict, max_length: int) -> Path:
+    """The demo's fine-tuned adapter, cached by everything that determines it (so a rerun skips fine-tuning)."""
+    from peft import LoraConfig, get_peft_model
+
+    from llmeraser.data import examples_hash
+    from llmeraser.io import canonical_json, sha256_bytes
+    from llmeraser.models import cache_dir, load_base_model
+    from llmeraser.params import save_adapter
+
+    key = {"base": base_model, "train": examples_hash(train), "finetune": {**vars(ft_args), "progress": None},
+           "lora": lora, "max_length": max_length}
+    folder = cache_dir() / "demo" / sha256_bytes(canonical_json(key).encode())[:16]
+    if (folder / "adapter_model.safetensors").is_file():
+        logger.warning("using the cached fine-tuned adapter %s", folder)
+        return folder
+    base, tokenizer = load_base_model(base_model)
+    torch.manual_seed(ft_args.seed)
+    model = get_peft_model(base, LoraConfig(lora_dropout=0.0, **lora))
+    result = finetune(model, CausalLMTask(tokenizer, max_length=max_length), train, ft_args)
+    save_adapter(model, folder, report={"kind": "finetune", "task": {"max_length": max_length, "l2": ft_args.l2},
+                                        "key": key, "result": result.to_dict()})
+    return folder
+
+
+def run_movielens_demo(out: str | Path, *, base_model: str = "default", n_train: int = 400, n_test: int = 200,
+                       users: int = 3, epochs: int = 1, curvature_samples: int = 8, max_iters: int = 8,
+                       damping: float = 1e-3, with_retrain: bool = False, progress: bool = True) -> dict:
+    """The main job on the embedded model: MovieLens data, a cached LoRA fine-tune, the removal of every example of
+    a few users, unlearning (first-order, Gauss-Newton, CG), and evaluation of original vs unlearned (vs retrained).
+
+    Returns:
+        {"rows": [...], "adapter": path, "report": path, "removed": ids, "users": [...]}
+    """
+    from llmeraser.eraser import unlearn
+    from llmeraser.metrics import evaluate
+    from llmeraser.models import load_base_model
+    from llmeraser.movielens import build_splits, user_ids
+    from llmeraser.params import load_adapter
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserInputError(f"output {str(out)!r} already exists and is not an empty folder; choose another --out")
+    splits = build_splits(n_train=n_train, n_valid=max(n_test // 2, 10), n_test=n_test, seed=0)
+    train, test = splits["train"], splits["test"]
+    by_user = user_ids(train)
+    # The users with the most training examples: removing them is a visible, realistic erasure request.
+    chosen = sorted(by_user, key=lambda u: (-len(by_user[u]), u))[:users]
+    request = Request.remove(*[i for u in chosen for i in by_user[u]])
+    removed = {edit.id for edit in request.edits}
+    forget = [e for e in train if e.id in removed]
+    max_length, lora = 64, {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    ft_args = FinetuneArguments(epochs=epochs, lr=1e-3, batch_size=8, seed=0, progress=progress)
+    adapter = _finetuned_adapter(base_model, train, ft_args, lora, max_length)
+
+    base, tokenizer = load_base_model(base_model)
+    task = CausalLMTask(tokenizer, max_length=max_length)
+    model = load_adapter(base, adapter)
+
+    def row(name: str, m, seconds: float, delta_norm: float = 0.0, residual: float = float("nan")) -> dict:
+        ev_test, ev_forget = evaluate(m, task, test), evaluate(m, task, forget)
+        return {"method": name, "test_auc": ev_test["auc"], "test_acc": ev_test["accuracy"],
+                "forget_loss": ev_forget["loss"], "delta_norm": delta_norm, "residual": residual,
+                "seconds": seconds}
+
+    rows = [row("original", model, float("nan"))]
+    args = EraserArguments(method="first-order", solver="cg", curvature="ggn", damping=damping,
+                           curvature_samples=curvature_samples, progress=progress,
+                           solver_args=solver_arguments("cg", max_iters=max_iters, tol=1e-3))
+    update = unlearn(model, task, train, request, args)
+    rows.append(row("llmeraser first-order + cg", model, update.report["seconds"]["total"],
+                    update.report["delta_norm"], update.solve.residual))
+    save_unlearned(model, str(out / "unlearned"), update, input_adapter=str(adapter))
+    if with_retrain:
+        from peft import LoraConfig, get_peft_model
+
+        retained = apply_request(train, request)
+        base2, _ = load_base_model(base_model)
+        torch.manual_seed(ft_args.seed)
+        retrained = get_peft_model(base2, LoraConfig(lora_dropout=0.0, **lora))
+        t = time.perf_counter()
+        finetune(retrained, task, retained, ft_args)
+        rows.append(row("retrain (same init, same recipe)", retrained, time.perf_counter() - t))
+    return {"rows": rows, "adapter": str(out / "unlearned"), "report": str(out / "unlearned" / "report.json"),
+            "removed": [e.id for e in forget], "users": chosen, "n_train": len(train), "n_test": len(test),
+            "original_adapter": str(adapter)}
