@@ -105,15 +105,6 @@ def operator_matrix(op: CurvatureOperator) -> torch.Tensor:
 # fixtures
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second thread only adds overhead (measured 3-20x slower products with 2 threads here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def lm() -> tuple[torch.nn.Module, CausalLMTask, list[Example]]:
     """The tiny LoRA Llama (p = 64) and 6 examples of 7 to 27 tokens (so batches are padded), one with a 3-token

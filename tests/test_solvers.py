@@ -20,15 +20,6 @@ from llmeraser.solvers.base import SOLVERS, MatrixOperator, relative_residual
 ALL = ["dense", "cg", "lissa", "sqp", "paper"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These problems are tiny: extra threads only add overhead (and contention on shared CI machines)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def spd(dim: int, cond: float, seed: int, distinct: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A random SPD matrix with eigenvalues log-spaced in [1, cond] (or `distinct` distinct values), and a b."""
     gen = torch.Generator().manual_seed(seed)
