@@ -152,7 +152,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
     model = load_adapter(base, args.adapter, trainable=False) if args.adapter else base
     result = evaluate(model, _task(tokenizer, args.max_length or record.get("max_length", 64)), data,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, progress=not args.quiet)
     if args.out:
         atomic_write_json(args.out, result)
     summary = {k: v for k, v in result.items() if not isinstance(v, dict | list)}

@@ -154,7 +154,7 @@ def run_movielens_demo(out: str | Path, *, base_model: str = "default", n_train:
     model = load_adapter(base, adapter)
 
     def row(name: str, m, seconds: float, delta_norm: float = 0.0, residual: float = float("nan")) -> dict:
-        ev_test, ev_forget = evaluate(m, task, test), evaluate(m, task, forget)
+        ev_test, ev_forget = evaluate(m, task, test, progress=progress), evaluate(m, task, forget)
         return {"method": name, "test_auc": ev_test["auc"], "test_acc": ev_test["accuracy"],
                 "forget_loss": ev_forget["loss"], "delta_norm": delta_norm, "residual": residual,
                 "seconds": seconds}

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from llmeraser.data import Example
 from llmeraser.errors import ConfigError, UserInputError
@@ -158,7 +159,7 @@ def yes_no_probabilities(model: torch.nn.Module, task: CausalLMTask, examples: S
 
 
 def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Example], *, batch_size: int = 8,
-             yes: str = YES, no: str = NO) -> dict:
+             yes: str = YES, no: str = NO, progress: bool = False) -> dict:
     """Response loss of each example and, for a yes/no task, AUC and accuracy.
 
     Args:
@@ -185,7 +186,7 @@ def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Exam
     yes_id, no_id = _answer_tokens(task, yes, no) if binary else (0, 0)
     losses, probs = [], []
     with _EvalMode(model):
-        for start in range(0, len(examples), batch_size):
+        for start in tqdm(range(0, len(examples), batch_size), desc="evaluate", disable=not progress, leave=False):
             batch = _to_device(task.collate(examples[start : start + batch_size]), model)
             logits = task.forward(model, batch)  # (batch, seq, vocab)
             losses.append(task.loss(logits, batch).double().cpu())
