@@ -277,3 +277,17 @@ def test_stochastic_solvers_are_seeded() -> None:
     op, b, damping = problem("finite_sum")
     runs = [solve("lissa", op, b, damping, batch_size=8, max_iters=50, seed=seed).x for seed in (0, 0, 1)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_cg_returns_its_best_iterate_when_the_budget_ends_early():
+    # On an ill-conditioned matrix CG's residual is not monotone; cut at a step where it went up, the solver must
+    # return the earlier, better iterate and report that iterate's true residual.
+    h, b = spd(40, 1e6, seed=5)
+    went_up = 0
+    for k in range(1, 15):
+        res = SOLVERS["cg"](MatrixOperator(h), b, 0.0, solver_arguments("cg", tol=0.0, max_iters=k))
+        went_up += res.history[-1] > min(res.history)
+        # 15 float64 CG steps: the recursive residual still equals the true one to ~1e-9 at this conditioning.
+        assert res.residual == pytest.approx(min(res.history), rel=1e-6)
+        assert res.residual == pytest.approx(relative_residual(MatrixOperator(h), res.x, b, 0.0), rel=1e-12)
+    assert went_up >= 1  # the case exists here, so the assertions above test the best-iterate rule

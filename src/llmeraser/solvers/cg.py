@@ -39,8 +39,10 @@ def solve(op: LinearOperator, b: torch.Tensor, damping: float, args: SolverArgum
     With A = H + λI, r₀ = p₀ = b and for k = 0, 1, …:
         αₖ = rₖᵀrₖ / pₖᵀApₖ,  xₖ₊₁ = xₖ + αₖpₖ,  rₖ₊₁ = rₖ − αₖApₖ,
         pₖ₊₁ = rₖ₊₁ + (rₖ₊₁ᵀrₖ₊₁ / rₖᵀrₖ) pₖ.
-    Stops when the recursive ‖rₖ‖/‖b‖ ≤ tol or after max_iters products; the reported residual is recomputed
-    with one true product, so `converged` may be False if rounding made the recursion optimistic.
+    Stops when the recursive ‖rₖ‖/‖b‖ ≤ tol or after max_iters products. CG minimises the A-norm of the error, not
+    the residual, which can grow on ill-conditioned (or float32-noisy) operators when the budget ends early; so the
+    iterate with the smallest recursive residual is returned (x₀ = 0 when none beats it). The reported residual is
+    recomputed with one true product, so `converged` may be False if rounding made the recursion optimistic.
 
     Args:
         op: the operator H.
@@ -63,6 +65,7 @@ def solve(op: LinearOperator, b: torch.Tensor, damping: float, args: SolverArgum
     p = r.clone()
     rr = float(torch.dot(r, r))
     history = [1.0]
+    best_x, best = x.clone(), 1.0
     iterations = 0
     while iterations < args.max_iters and math.sqrt(rr) / b_norm > args.tol:
         ap = apply(p)
@@ -81,6 +84,9 @@ def solve(op: LinearOperator, b: torch.Tensor, damping: float, args: SolverArgum
         rr = rr_next
         iterations += 1
         history.append(math.sqrt(rr) / b_norm)
+        if history[-1] < best:
+            best_x, best = x.clone(), history[-1]
+    x = best_x
     residual = relative_residual(counter, x, b, damping)
     check_finite(NAME, residual, "the residual")
     result = SolveResult(x=x, solver=NAME, residual=residual, converged=residual <= args.tol, iterations=iterations,
