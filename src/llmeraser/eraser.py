@@ -69,6 +69,11 @@ class EraserArguments:
             raise ConfigError(f"curvature_samples must be ≥ 0 (0 = all), got {self.curvature_samples}")
         if self.solver_args is None:
             self.solver_args = solver_arguments(self.solver)
+        if self.curvature == "hessian" and self.damping == 0:
+            # LoRA's exact Hessian is singular at θ̂ (rotating a pair (A, B) → (QA, BQᵀ) changes neither the loss nor
+            # ‖θ‖²), so an undamped solve is ill-posed; the Gauss-Newton matrix plus l2 is PSD.
+            logger.warning("curvature 'hessian' with damping 0: the exact Hessian of a LoRA model is singular; "
+                           "use --damping > 0 or --curvature ggn")
 
 
 @dataclass
