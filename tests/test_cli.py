@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from llmeraser.cli import main
+from llmeraser.data import save_examples
 from llmeraser.params import adapter_hash
+from llmeraser.testing import fact_examples, tiny_llama, tiny_tokenizer
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
@@ -27,3 +32,90 @@ def test_exit_codes(tmp_path, capsys):
     assert main(["demo", "--tiny", "--out", str(tmp_path / "x"), "--n-train", "8", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("llmeraser: error:") and "already exists" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """A tiny Llama + tokenizer saved as a local Hugging Face model folder, and a small train/test set."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok), dtype=torch.float32, init_std=0.3)
+    model.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    save_examples(fact_examples(12, seed=1), root / "train.jsonl")
+    save_examples(fact_examples(6, seed=2), root / "test.jsonl")
+    return root
+
+
+def test_finetune_unlearn_evaluate_through_the_cli(tiny_dirs, tmp_path, capsys):
+    base, train = str(tiny_dirs / "base"), str(tiny_dirs / "train.jsonl")
+    assert main(["finetune", "--base-model", base, "--train", train, "--out", str(tmp_path / "ft"), "--epochs", "2",
+                 "--lr", "1e-2", "--batch-size", "4", "--lora-r", "2", "--lora-targets", "q_proj,v_proj",
+                 "--l2", "1e-3", "--max-length", "24", "--quiet"]) == 0
+    ft_report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert ft_report["task"]["l2"] == 1e-3 and ft_report["task"]["max_length"] == 24
+    (tmp_path / "request.json").write_text(json.dumps({"edits": [{"op": "remove", "id": "ex0"},
+                                                                 {"op": "correct_response", "id": "ex1",
+                                                                  "response": " Maybe"}]}))
+    before = {f.name: f.read_bytes() for f in (tmp_path / "ft").iterdir()}
+    assert main(["unlearn", "--base-model", base, "--adapter", str(tmp_path / "ft"), "--train", train,
+                 "--request", str(tmp_path / "request.json"), "--out", str(tmp_path / "un"), "--damping", "1e-2",
+                 "--solver-max-iters", "20", "--quiet"]) == 0
+    assert before == {f.name: f.read_bytes() for f in (tmp_path / "ft").iterdir()}  # the input is untouched
+    report = json.loads((tmp_path / "un" / "report.json").read_text())
+    assert report["ops"] == {"remove": 1, "modify_query": 0, "correct_response": 1}
+    assert report["l2"] == 1e-3  # taken from the adapter's record
+    assert report["delta_norm"] > 0 and report["solve"]["iterations"] <= 20
+    assert main(["evaluate", "--base-model", base, "--adapter", str(tmp_path / "un"), "--data",
+                 str(tiny_dirs / "test.jsonl"), "--out", str(tmp_path / "eval.json"), "--quiet"]) == 0
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["n"] == 6 and 0 <= ev["auc"] <= 1 and len(ev["losses"]) == 6
+    # Running the same unlearning into the same output again is refused: exit 2, one line.
+    capsys.readouterr()
+    assert main(["unlearn", "--base-model", base, "--adapter", str(tmp_path / "ft"), "--train", train,
+                 "--request", str(tmp_path / "request.json"), "--out", str(tmp_path / "un"), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem, expect", [
+    ("unknown-id", "unknown example id 'nope'"),
+    ("bad-json", "request.json"),
+    ("no-adapter", "does not exist"),
+    ("bad-solver", "unknown solver"),
+    ("bad-base", "neither 'default' nor a local Hugging Face model folder"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_dirs, tmp_path, capsys, problem, expect):
+    base, train = str(tiny_dirs / "base"), str(tiny_dirs / "train.jsonl")
+    adapter = tmp_path / "ft"
+    if problem != "no-adapter":
+        assert main(["finetune", "--base-model", base, "--train", train, "--out", str(adapter), "--epochs", "1",
+                     "--lora-r", "1", "--lora-targets", "q_proj", "--quiet"]) == 0
+    request = tmp_path / "request.json"
+    request.write_text("{not json" if problem == "bad-json" else json.dumps(
+        {"edits": [{"op": "remove", "id": "nope" if problem == "unknown-id" else "ex0"}]}))
+    argv = ["unlearn", "--base-model", str(tmp_path / "nothing") if problem == "bad-base" else base, "--adapter",
+            str(adapter), "--train", train, "--request", str(request), "--out", str(tmp_path / "un"), "--quiet"]
+    if problem == "bad-solver":
+        argv += ["--solver", "magic"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert expect in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "un").exists()
+
+
+def test_internal_failure_is_exit_1(tiny_dirs, tmp_path, capsys, monkeypatch):
+    import llmeraser.eraser as eraser
+
+    def boom(*args, **kwargs):
+        raise eraser.SolverError("solver 'cg': the residual became non-finite")
+
+    monkeypatch.setattr(eraser, "compute_update", boom)
+    base, train = str(tiny_dirs / "base"), str(tiny_dirs / "train.jsonl")
+    assert main(["finetune", "--base-model", base, "--train", train, "--out", str(tmp_path / "ft"), "--epochs", "1",
+                 "--lora-r", "1", "--lora-targets", "q_proj", "--quiet"]) == 0
+    (tmp_path / "r.json").write_text(json.dumps({"edits": [{"op": "remove", "id": "ex0"}]}))
+    capsys.readouterr()
+    assert main(["unlearn", "--base-model", base, "--adapter", str(tmp_path / "ft"), "--train", train, "--request",
+                 str(tmp_path / "r.json"), "--out", str(tmp_path / "un"), "--quiet"]) == 1
+    assert "non-finite" in capsys.readouterr().err and not (tmp_path / "un").exists()

@@ -114,11 +114,12 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from llmeraser.eraser import EraserArguments, save_unlearned, unlearn
     from llmeraser.models import load_base_model
     from llmeraser.params import check_adapter_dir, load_adapter
-    from llmeraser.request import load_request
+    from llmeraser.request import load_request, resolve
     from llmeraser.solvers.api import solver_arguments
 
     check_adapter_dir(args.adapter)
     train, request = load_examples(args.train), load_request(args.request)
+    resolve(request, train)  # a request that does not fit the data fails before any model is loaded
     record = _read_record(args.adapter)
     given = pick(args, EraserArguments, skip=("solver_args", "progress"))
     given.setdefault("l2", record.get("l2", 0.0))
@@ -329,6 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries(*, quiet: bool, debug: bool) -> None:
+    """transformers' own warnings and weight-loading bars are noise here; keep them only with --debug."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    if not debug:
+        hf_logging.set_verbosity_error()
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    if quiet:
+        hf_logging.disable_progress_bar()
+    else:
+        hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -336,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: usage errors exit 2, --help exits 0
         return int(e.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
+    _quiet_libraries(quiet=getattr(args, "quiet", False), debug=args.debug)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
