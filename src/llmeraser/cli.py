@@ -216,7 +216,7 @@ def _solver_cls() -> type:
 
 
 # ------------------------------------------------------------------------------------------------------ parser
-def _common(p: argparse.ArgumentParser, *, adapter: bool = True) -> None:
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", default="default",
                    help="'default' (embedded SmolLM2-135M-Instruct) or a local Hugging Face model folder")
     p.add_argument("--dtype", default="float32", help="float32 (default), float64 or bfloat16")
