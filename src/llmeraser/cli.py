@@ -104,8 +104,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
               "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": targets},
               "train_sha256": examples_hash(train), "n_train": len(train), "result": result.to_dict()}
     save_adapter(model, args.out, report=report)
-    print(f"fine-tuned {len(train)} examples in {result.seconds:.1f} s: loss {result.losses[-1]:.4f}, "
-          f"‖∇R‖ = {result.grad_norm:.2e}\nadapter: {args.out}")
+    print(f"fine-tuned {len(train)} examples in {result.seconds:.1f} s: last epoch's loss {result.losses[-1]:.4f}, "
+          f"R(θ) = {result.objective:.4f}, ‖∇R‖ = {result.grad_norm:.2e}\nadapter: {args.out}")
     return 0
 
 

@@ -104,7 +104,8 @@ def _finetuned_adapter(base_model: str, train, ft_args: FinetuneArguments, lora:
     from llmeraser.models import cache_dir, load_base_model
     from llmeraser.params import save_adapter
 
-    key = {"base": base_model, "train": examples_hash(train), "finetune": {**vars(ft_args), "progress": None},
+    key = {"base": base_model, "train": examples_hash(train),
+           "finetune": {**{k: v for k, v in vars(ft_args).items() if k != "final_check"}, "progress": None},
            "lora": lora, "max_length": max_length}
     folder = cache_dir() / "demo" / sha256_bytes(canonical_json(key).encode())[:16]
     if (folder / "adapter_model.safetensors").is_file():
@@ -146,7 +147,7 @@ def run_movielens_demo(out: str | Path, *, base_model: str = "default", n_train:
     removed = {edit.id for edit in request.edits}
     forget = [e for e in train if e.id in removed]
     max_length, lora = 64, {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
-    ft_args = FinetuneArguments(epochs=epochs, lr=1e-3, batch_size=8, seed=0, progress=progress)
+    ft_args = FinetuneArguments(epochs=epochs, lr=1e-3, batch_size=8, seed=0, progress=progress, final_check=False)
     adapter = _finetuned_adapter(base_model, train, ft_args, lora, max_length)
 
     base, tokenizer = load_base_model(base_model)

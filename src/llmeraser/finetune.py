@@ -41,6 +41,8 @@ class FinetuneArguments:
     max_iters: int = field(default=200, metadata={"help": "lbfgs: outer iterations"})
     grad_tol: float = field(default=1e-6, metadata={"help": "lbfgs: stop when ‖∇R‖₂ ≤ grad_tol"})
     seed: int = field(default=0, metadata={"help": "seed of the example order"})
+    final_check: bool = field(default=True, metadata={
+        "help": "measure R(θ) and ‖∇R(θ)‖ at the end (one more pass over the data; adam only, lbfgs always does)"})
     progress: bool = field(default=False, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
@@ -142,6 +144,11 @@ def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
             gnorm = float(objective_gradient(model, task, examples, l2=args.l2, batch_size=args.batch_size).norm())
             if gnorm <= args.grad_tol:
                 break
+    if args.optimizer == "adam" and not args.final_check:
+        result = FinetuneResult(losses=losses, objective=float("nan"), grad_norm=float("nan"), converged=True,
+                                steps=steps, seconds=time.perf_counter() - start)
+        logger.info("fine-tuned %d steps: last epoch's mean loss %.6g", steps, losses[-1])
+        return result
     gnorm = float(objective_gradient(model, task, examples, l2=args.l2, batch_size=args.batch_size).norm())
     converged = args.optimizer == "adam" or gnorm <= args.grad_tol
     if not converged:
