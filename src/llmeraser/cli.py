@@ -197,7 +197,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                    ("seconds", "seconds", ".2f")]
     else:
         result = run_movielens_demo(out, base_model=args.base_model, n_train=args.n_train or 400,
-                                    users=args.users, with_retrain=args.with_retrain, progress=not args.quiet)
+                                    users=args.users, with_retrain=args.with_retrain, damping=args.damping,
+                                    curvature_samples=args.curvature_samples, progress=not args.quiet)
         print(f"\nSmolLM2-135M-Instruct + LoRA, MovieLens-100k: {result['n_train']} training examples, "
               f"{result['n_test']} test; request: remove all {len(result['removed'])} examples of users "
               f"{', '.join(map(str, result['users']))}\n")
@@ -323,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None, help="training examples (default 400; tiny: 60)")
     p.add_argument("--users", type=int, default=3, help="users whose examples are removed")
     p.add_argument("--with-retrain", action="store_true", help="also retrain without them (minutes)")
+    p.add_argument("--damping", type=float, default=1e-2, help="λ of the unlearning solve")
+    p.add_argument("--curvature-samples", type=int, default=8, help="training examples the curvature is estimated on")
     p.add_argument("--tiny", action="store_true", help="the tiny offline model instead of the embedded one")
     p.add_argument("--remove", type=int, default=2, help="--tiny: examples to remove")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
