@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from llmeraser.eraser import EraserArguments, compute_update, save_unlearned
-from llmeraser.errors import UserInputError
 from llmeraser.finetune import FinetuneArguments, finetune
+from llmeraser.io import check_new_output
 from llmeraser.params import ParamView
 from llmeraser.request import Request, apply_request
 from llmeraser.solvers.api import solver_arguments
@@ -40,8 +40,7 @@ def run_tiny_demo(out: str | Path, *, n: int = 60, remove: int = 2, l2: float = 
         {"rows": [...], "adapter": path, "report": path}
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserInputError(f"output {str(out)!r} already exists and is not an empty folder; choose another --out")
+    check_new_output(out)
     torch.set_num_threads(1)  # a model this small is all per-op overhead: extra threads only contend
     tok = tiny_tokenizer()
     task = CausalLMTask(tok, max_length=24)
@@ -136,8 +135,7 @@ def run_movielens_demo(out: str | Path, *, base_model: str = "default", n_train:
     from llmeraser.params import load_adapter
 
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserInputError(f"output {str(out)!r} already exists and is not an empty folder; choose another --out")
+    check_new_output(out)
     splits = build_splits(n_train=n_train, n_valid=max(n_test // 2, 10), n_test=n_test, seed=0)
     train, test = splits["train"], splits["test"]
     by_user = user_ids(train)

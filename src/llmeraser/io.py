@@ -50,6 +50,13 @@ def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def check_new_output(out: str | os.PathLike) -> None:
+    """Refuse an output folder that exists and is not empty (outputs never overwrite anything)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserInputError(f"output {str(out)!r} already exists and is not an empty folder; choose another --out")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, *, protect: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
     """Yield a fresh temporary folder; on success rename it to `out`, on any error delete it.
@@ -63,8 +70,7 @@ def atomic_dir(out: str | os.PathLike, *, protect: tuple[str | os.PathLike, ...]
         if out == p or p in out.parents:
             raise UserInputError(
                 f"output folder {str(out)!r} would overwrite the input {str(p)!r}; choose another --out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserInputError(f"output {str(out)!r} already exists and is not an empty folder; choose another --out")
+    check_new_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
