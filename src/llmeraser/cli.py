@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None, help="training examples (default 400; tiny: 60)")
     p.add_argument("--users", type=int, default=3, help="users whose examples are removed")
     p.add_argument("--with-retrain", action="store_true", help="also retrain without them (minutes)")
-    p.add_argument("--damping", type=float, default=1e-2, help="λ of the unlearning solve")
+    p.add_argument("--damping", type=float, default=0.1, help="λ of the unlearning solve")
     p.add_argument("--curvature-samples", type=int, default=8, help="training examples the curvature is estimated on")
     p.add_argument("--tiny", action="store_true", help="the tiny offline model instead of the embedded one")
     p.add_argument("--remove", type=int, default=2, help="--tiny: examples to remove")

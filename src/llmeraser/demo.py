@@ -121,7 +121,7 @@ def _finetuned_adapter(base_model: str, train, ft_args: FinetuneArguments, lora:
 
 def run_movielens_demo(out: str | Path, *, base_model: str = "default", n_train: int = 400, n_test: int = 200,
                        users: int = 3, epochs: int = 1, curvature_samples: int = 8, max_iters: int = 8,
-                       damping: float = 1e-2, with_retrain: bool = False, progress: bool = True) -> dict:
+                       damping: float = 0.1, with_retrain: bool = False, progress: bool = True) -> dict:
     """The main job on the embedded model: MovieLens data, a cached LoRA fine-tune, the removal of every example of
     a few users, unlearning (first-order, Gauss-Newton, CG), and evaluation of original vs unlearned (vs retrained).
 
