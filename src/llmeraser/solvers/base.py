@@ -7,6 +7,7 @@ of models or requests: they see matrix-vector products only, so each is unit-tes
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -15,6 +16,8 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from llmeraser.errors import ConfigError, SolverError
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -228,3 +231,30 @@ def batch_sampler(op: LinearOperator, batch_size: int, seed: int) -> Callable[[t
         return op.sample_matvec(v, indices)
 
     return sample
+
+
+DIVERGED = 1e6  # a residual this many times the initial one (‖b‖/‖b‖ = 1) counts as divergence
+
+
+class BestIterate:
+    """The full-residual checks of an iterative solver: their history, divergence, and the best checked iterate
+    (x₀ = 0 with residual 1 until one beats it), which is what the solver returns."""
+
+    def __init__(self, name: str, op: LinearOperator, b: torch.Tensor, damping: float, args: SolverArguments):
+        self.name, self.op, self.b, self.damping, self.args = name, op, b, damping, args
+        self.history = [1.0]
+        self.x, self.residual = torch.zeros_like(b), 1.0
+
+    def due(self, steps: int) -> bool:
+        return steps % self.args.check_every == 0 or steps == self.args.max_iters
+
+    def check(self, x: torch.Tensor, steps: int, advice: str) -> bool:
+        """Record x's true residual; True once it is ≤ tol. Raises SolverError (with `advice`) on divergence."""
+        residual = relative_residual(self.op, x, self.b, self.damping)
+        self.history.append(residual)
+        logger.debug("%s: step %d, residual %.3g", self.name, steps, residual)
+        if not (math.isfinite(residual) and residual <= DIVERGED):
+            raise SolverError(f"solver {self.name!r} diverged: residual {residual:.3g} after {steps} steps; {advice}")
+        if residual < self.residual:
+            self.x, self.residual = x, residual
+        return residual <= self.args.tol

@@ -7,13 +7,13 @@ arXiv 2412.00383.
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import torch
 
 from llmeraser.errors import SolverError
 from llmeraser.solvers.base import (
+    BestIterate,
     CountingOperator,
     LinearOperator,
     SolverArguments,
@@ -22,13 +22,11 @@ from llmeraser.solvers.base import (
     check_problem,
     power_iteration,
     register,
-    relative_residual,
     zero_result,
 )
 
 logger = logging.getLogger(__name__)
 NAME = "lissa"
-DIVERGED = 1e6  # a residual this many times the initial one (‖b‖/‖b‖ = 1) counts as divergence
 
 
 @register(NAME, max_iters=1000)
@@ -66,26 +64,16 @@ def solve(op: LinearOperator, b: torch.Tensor, damping: float, args: SolverArgum
                               f"not positive definite; use a larger --damping or `--curvature ggn`")
         scale = 1.1 * top
     product = batch_sampler(counter, args.batch_size, args.seed)
+    track = BestIterate(NAME, counter, b, damping, args)
     x = torch.zeros_like(b)
-    history = [1.0]
-    best_x, best = x, 1.0  # the checked iterate with the smallest residual
     steps = 0
     while steps < args.max_iters:
         x = x + (b - product(x) - damping * x) / scale
         steps += 1
-        if steps % args.check_every == 0 or steps == args.max_iters:
-            residual = relative_residual(counter, x, b, damping)
-            history.append(residual)
-            logger.debug("lissa: step %d, residual %.3g", steps, residual)
-            if not (math.isfinite(residual) and residual <= DIVERGED):
-                raise SolverError(f"solver 'lissa' diverged: residual {residual:.3g} after {steps} steps with scale "
-                                  f"{scale:.3g}, λ={damping}; use a larger scale (or scale 0 to estimate it) or "
-                                  f"a larger --damping")
-            if residual < best:
-                best_x, best = x, residual
-            if residual <= args.tol:
-                break
-    x, residual = best_x, best
+        if track.due(steps) and track.check(x, steps, f"scale {scale:.3g}, λ={damping}: use a larger scale (or "
+                                                      f"scale 0 to estimate it) or a larger --damping"):
+            break
+    x, residual, history = track.x, track.residual, track.history
     result = SolveResult(x=x, solver=NAME, residual=residual, converged=residual <= args.tol, iterations=steps,
                          hvps=counter.hvps_equivalent, seconds=time.perf_counter() - start, history=history)
     logger.info("lissa: %d steps, scale %.3g, residual %.3g (tol %g), %.3f s", steps, scale, residual, args.tol,

@@ -18,6 +18,7 @@ import torch
 
 from llmeraser.errors import SolverError
 from llmeraser.solvers.base import (
+    BestIterate,
     CountingOperator,
     LinearOperator,
     SolverArguments,
@@ -26,12 +27,10 @@ from llmeraser.solvers.base import (
     check_problem,
     power_iteration,
     register,
-    relative_residual,
     zero_result,
 )
 
 logger = logging.getLogger(__name__)
-DIVERGED = 1e6  # a residual this many times the initial one (‖b‖/‖b‖ = 1) counts as divergence
 BETA1, BETA2 = 0.9, 0.999  # Adam's usual moment decays
 ADAM_EPS_FACTOR = 1e-8  # Adam's ε relative to rms(b), so the update does not depend on the units of b
 
@@ -70,8 +69,7 @@ def _solve(name: str, op: LinearOperator, b: torch.Tensor, damping: float, args:
     x = torch.zeros_like(b)
     m = torch.zeros_like(b)  # Adam's first moment
     v = torch.zeros_like(b)  # Adam's second moment
-    history = [1.0]
-    best_x, best = x, 1.0  # the checked iterate with the smallest residual
+    track = BestIterate(name, counter, b, damping, args)
     steps = 0
     while steps < args.max_iters:
         grad = product(x) + damping * x - b  # ∇f(x) = H_B x + λx − b, not ½H_B x + λx − b
@@ -84,19 +82,10 @@ def _solve(name: str, op: LinearOperator, b: torch.Tensor, damping: float, args:
             m_hat = m / (1 - BETA1**steps)
             v_hat = v / (1 - BETA2**steps)
             x = x - lr * m_hat / (v_hat.sqrt() + eps)
-        if steps % args.check_every == 0 or steps == args.max_iters:
-            residual = relative_residual(counter, x, b, damping)
-            history.append(residual)
-            logger.debug("%s: step %d, residual %.3g", name, steps, residual)
-            if not (math.isfinite(residual) and residual <= DIVERGED):
-                raise SolverError(f"solver {name!r} diverged: residual {residual:.3g} after {steps} {args.optimizer} "
-                                  f"steps with lr {lr:.3g}, λ={damping}; use a smaller lr (or lr 0 to estimate it) "
-                                  f"or a larger --damping")
-            if residual < best:
-                best_x, best = x, residual
-            if residual <= args.tol:
-                break
-    x, residual = best_x, best
+        if track.due(steps) and track.check(x, steps, f"{args.optimizer}, lr {lr:.3g}, λ={damping}: use a smaller lr "
+                                                      f"(or lr 0 to estimate it) or a larger --damping"):
+            break
+    x, residual, history = track.x, track.residual, track.history
     result = SolveResult(x=x, solver=name, residual=residual, converged=residual <= args.tol, iterations=steps,
                          hvps=counter.hvps_equivalent, seconds=time.perf_counter() - start, history=history)
     logger.info("%s: %d %s steps, lr %.3g, residual %.3g (tol %g), %.3f s", name, steps, args.optimizer, lr,
