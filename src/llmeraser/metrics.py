@@ -96,11 +96,13 @@ def _answer_tokens(task: CausalLMTask, yes: str, no: str) -> tuple[int, int]:
 
 
 def _prompt_end_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Logits (batch, vocab) at the last prompt position, which predicts the first response token."""
-    first = (batch["labels"] != IGNORE_INDEX).int().argmax(1)  # (batch,) index of the first response token
-    if bool((first == 0).any()):
+    """Logits (batch, vocab) at the last prompt position, which predicts the first response token.
+
+    `logits` are the task's outputs at `batch["positions"]`, whose first column is each row's prompt end.
+    """
+    if bool((batch["labels"][:, 0] != IGNORE_INDEX).any()):
         raise ConfigError("an example has no prompt tokens (empty prompt and no BOS): nothing predicts its answer")
-    return logits[torch.arange(logits.shape[0], device=logits.device), first - 1]
+    return logits[:, 0]
 
 
 def _to_device(batch: Batch, model: torch.nn.Module) -> Batch:
@@ -188,7 +190,7 @@ def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Exam
     with _EvalMode(model):
         for start in tqdm(range(0, len(examples), batch_size), desc="evaluate", disable=not progress, leave=False):
             batch = _to_device(task.collate(examples[start : start + batch_size]), model)
-            logits = task.forward(model, batch)  # (batch, seq, vocab)
+            logits = task.forward(model, batch)  # (batch, k, vocab)
             losses.append(task.loss(logits, batch).double().cpu())
             if binary:  # the prompt ends at the same position whatever the answer
                 z = _prompt_end_logits(logits, batch).double()

@@ -87,14 +87,29 @@ class CausalLMTask:
             input_ids[i, : len(ids)] = torch.tensor(ids)
             labels[i, : len(lab)] = torch.tensor(lab)
             mask[i, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        # Only positions that predict a response token need logits: the vocabulary projection is ~20% of a small
+        # LM's work, so `forward` asks the model for these alone. Row i keeps its k_i positions t (t predicts token
+        # t+1) in order, padded to k = max k_i with position 0 and target -100.
+        wanted = [torch.nonzero(row[1:] != IGNORE_INDEX).flatten() for row in labels]
+        k = max(len(w) for w in wanted)
+        positions = torch.zeros((len(encoded), k), dtype=torch.long)
+        targets = torch.full((len(encoded), k), IGNORE_INDEX, dtype=torch.long)
+        for i, w in enumerate(wanted):
+            positions[i, : len(w)] = w
+            targets[i, : len(w)] = labels[i, w + 1]
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "positions": positions,
+                "targets": targets}
 
     def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, seq, vocab)
+        """Logits (batch, k, vocab) at `batch["positions"]`, the positions that predict response tokens."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        try:
+            return model(**inputs, logits_to_keep=batch["positions"]).logits
+        except TypeError:  # a model without `logits_to_keep`: project every position, keep the ones needed
+            return torch.take_along_dim(model(**inputs).logits, batch["positions"][..., None], dim=1)
 
     def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
-        logits = outputs[:, :-1]  # (batch, seq-1, vocab): position t predicts token t+1
-        labels = batch["labels"][:, 1:]  # (batch, seq-1)
-        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-        count = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
+        targets = batch["targets"]  # (batch, k): the token each kept position predicts, or -100
+        nll = F.cross_entropy(outputs.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        count = (targets != IGNORE_INDEX).sum(1).clamp(min=1)
         return nll.sum(1) / count  # (batch,)
