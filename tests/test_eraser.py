@@ -10,7 +10,7 @@ import torch
 from fixtures.tabular import TabularTask, linear_model, make_examples, regression_data, ridge_solution
 from fixtures.tiny import fact_examples, tiny_llama, tiny_lora, tiny_tokenizer
 
-from llmeraser.eraser import EraserArguments, compute_update, save_unlearned, unlearn
+from llmeraser.eraser import EraserArguments, compute_update, damping_path, save_unlearned, unlearn
 from llmeraser.errors import ConfigError, RequestError, SolverError, UserInputError
 from llmeraser.finetune import FinetuneArguments, finetune
 from llmeraser.params import ParamView, adapter_hash, load_adapter
@@ -230,3 +230,20 @@ def test_curvature_sample_estimates_the_hessian():
     full = compute_update(model, TASK, examples, request, EraserArguments(method="first-order", solver="dense",
                                                                             damping=0.0, l2=L2)).delta
     assert 1e-6 < rel(update.delta, full) < 0.5  # a different, but close, estimate
+
+
+@pytest.mark.parametrize("method", ["newton", "first-order"])
+def test_damping_path_equals_one_dense_solve_per_damping(method):
+    model, examples = fitted_ridge(60)
+    request = requests(examples)["mixed"]
+    dampings = [0.0, 1e-2, 1.0]
+    args = EraserArguments(method=method, solver="cg", l2=L2, solver_args=solver_arguments("cg", tol=1e-12))
+    path = damping_path(model, TASK, examples, request, args, dampings)
+    for lam, update in zip(dampings, path, strict=True):
+        exact = compute_update(model, TASK, examples, request,
+                               EraserArguments(method=method, solver="dense", damping=lam, l2=L2)).delta
+        assert rel(update.delta, exact) <= 1e-9
+        assert update.report["damping"] == lam and update.report["converged"]
+    assert rel(path[0].delta, path[2].delta) > 0.1  # the dampings do differ
+    with pytest.raises(ConfigError, match="needs solver 'cg'"):
+        damping_path(model, TASK, examples, request, EraserArguments(solver="dense", l2=L2), dampings)

@@ -291,3 +291,55 @@ def test_cg_returns_its_best_iterate_when_the_budget_ends_early():
         assert res.residual == pytest.approx(min(res.history), rel=1e-6)
         assert res.residual == pytest.approx(relative_residual(MatrixOperator(h), res.x, b, 0.0), rel=1e-12)
     assert went_up >= 1  # the case exists here, so the assertions above test the best-iterate rule
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shifted cg: one Lanczos run, every damping
+
+
+def test_shifted_solve_matches_dense_for_every_damping() -> None:
+    from llmeraser.solvers.krylov import shifted_solve
+
+    h, b = spd(40, 1e4, seed=3)
+    dampings = [0.0, 1e-3, 0.1, 10.0]
+    results = shifted_solve(MatrixOperator(h), b, dampings, solver_arguments("cg", tol=1e-10, max_iters=200))
+    for lam, r in zip(dampings, results, strict=True):
+        exact_x = torch.linalg.solve(h + lam * torch.eye(40, dtype=h.dtype), b)
+        assert r.converged and r.residual <= 1e-10
+        assert float((r.x - exact_x).norm() / exact_x.norm()) <= 1e-8
+    # larger damping converges faster, so the shared run stops when the smallest one is done (≤ dim products)
+    assert results[0].iterations <= 40
+
+
+def test_shifted_solve_early_stop_is_the_galerkin_solution() -> None:
+    """After k steps x(λ) is the Galerkin solution on span{b, Hb, …, H^{k-1}b}: Q (Qᵀ(H+λI)Q)⁻¹ Qᵀ b (QR basis)."""
+    from llmeraser.solvers.krylov import shifted_solve
+
+    h, b = spd(30, 1e3, seed=5)
+    k = 6
+    krylov = torch.stack([torch.linalg.matrix_power(h, j) @ b for j in range(k)], dim=1)
+    q, _ = torch.linalg.qr(krylov)
+    for lam, r in zip([0.0, 0.5], shifted_solve(MatrixOperator(h), b, [0.0, 0.5],
+                                                solver_arguments("cg", tol=0.0, max_iters=k)), strict=True):
+        a = q.T @ (h + lam * torch.eye(30, dtype=h.dtype)) @ q
+        galerkin = q @ torch.linalg.solve(a, q.T @ b)
+        assert r.iterations == k and not r.converged
+        assert float((r.x - galerkin).norm() / galerkin.norm()) <= 1e-8
+        assert math.isclose(r.residual, relative_residual(MatrixOperator(h), galerkin, b, lam), rel_tol=1e-6)
+        assert math.isclose(r.history[-1], max(r.residual, r.history[-1]), rel_tol=1e-6)  # the worst λ's
+
+
+def test_shifted_solve_refuses_indefinite_and_bad_dampings() -> None:
+    from llmeraser.solvers.krylov import shifted_solve
+
+    h = torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+    b = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(SolverError, match="not positive definite"):
+        shifted_solve(MatrixOperator(h), b, [0.0], solver_arguments("cg"))
+    assert shifted_solve(MatrixOperator(h), b, [2.5], solver_arguments("cg", tol=1e-12))[0].converged
+    with pytest.raises(ConfigError):
+        shifted_solve(MatrixOperator(h), b, [], solver_arguments("cg"))
+    with pytest.raises(ConfigError, match="damping"):
+        shifted_solve(MatrixOperator(h), b, [1.0, -1.0], solver_arguments("cg"))
+    zero = shifted_solve(MatrixOperator(h), torch.zeros(3, dtype=torch.float64), [1.0, 2.0], solver_arguments("cg"))
+    assert all(r.residual == 0 and not r.x.any() for r in zero)

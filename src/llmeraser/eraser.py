@@ -95,63 +95,95 @@ def compute_update(model: torch.nn.Module, task: Task, train: Sequence[Example],
         SolverError: the solve diverged or produced non-finite values.
     """
     args = args or EraserArguments()
-    start = time.perf_counter()
-    pairs = resolve(request, train)
-    view = ParamView(model)
-    model.eval()  # no dropout: every gradient sees the same function the curvature does
-    if args.method == "first-order":
-        old = [o for o, _ in pairs]
-        new = [e for _, e in pairs if e is not None]
-        g = gradient(model, task, old + new, weights=[1.0] * len(old) + [-1.0] * len(new),
-                     batch_size=args.batch_size, progress=args.progress, desc="edit gradients")
-        rhs, sign, curvature_set = g / len(train), 1.0, list(train)
-    else:
-        curvature_set = apply_request(train, request)
-        if not curvature_set:
-            raise RequestError("the request removes every training example; there is nothing left to fit")
-        rhs = objective_gradient(model, task, curvature_set, l2=args.l2, batch_size=args.batch_size,
-                                 progress=args.progress)
-        sign = -1.0
-    t_grad = time.perf_counter() - start
-    if 0 < args.curvature_samples < len(curvature_set):
-        # H is a mean of per-example curvatures: a uniform sample gives an unbiased estimate at a fraction of the cost.
-        gen = torch.Generator().manual_seed(args.seed)
-        keep = sorted(torch.randperm(len(curvature_set), generator=gen)[: args.curvature_samples].tolist())
-        curvature_set = [curvature_set[i] for i in keep]
-    op = CurvatureOperator(model, task, curvature_set, kind=args.curvature, l2=args.l2, batch_size=args.batch_size,
-                           progress=args.progress)
-    result = get_solver(args.solver)(op, rhs, args.damping, args.solver_args)
-    delta = sign * result.x
-    if not torch.isfinite(delta).all():
-        raise SolverError(f"solver {args.solver!r} returned non-finite Δθ; increase --damping")
-    if not result.converged:
-        logger.warning("solver %s stopped at relative residual %.3g (tol %.1g) after %d iterations",
-                       args.solver, result.residual, args.solver_args.tol, result.iterations)
-    theta = view.vector()
-    report = {
-        "request_sha256": request.hash,
-        "ops": request.counts(),
-        "method": args.method,
-        "solver": args.solver,
-        "solver_args": vars(args.solver_args).copy(),
-        "curvature": args.curvature,
-        "damping": args.damping,
-        "l2": args.l2,
-        "curvature_examples": len(curvature_set),
-        "n_train": len(train),
-        "n_effective": len(train) - request.counts()["remove"],
-        "n_params": view.dim,
-        "train_sha256": examples_hash(train),
-        "solve": result.diagnostics(),
-        "converged": result.converged,
-        "delta_norm": float(delta.norm()),
-        "theta_norm": float(theta.norm()),
-        "rhs_norm": float(rhs.norm()),
-        "seconds": {"gradients": t_grad, "solve": result.seconds, "total": time.perf_counter() - start},
-    }
-    logger.info("Δθ: ‖Δθ‖ = %.4g, residual %.3g, %.1f s", report["delta_norm"], result.residual,
-                report["seconds"]["total"])
-    return Update(delta=delta, request=request, solve=result, report=report)
+    problem = _Problem(model, task, train, request, args)
+    result = get_solver(args.solver)(problem.op, problem.rhs, args.damping, args.solver_args)
+    return problem.update(result, args.damping)
+
+
+def damping_path(model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
+                 args: EraserArguments, dampings: Sequence[float]) -> list[Update]:
+    """`compute_update` for each damping λ in `dampings` (args.damping is ignored), at the cost of one solve.
+
+    The curvature products are shared: one Lanczos run gives CG's solution for every λ (`solvers.krylov`). This is
+    what makes choosing λ on validation data affordable. Needs solver "cg".
+    """
+    from llmeraser.solvers.krylov import shifted_solve
+
+    if args.solver != "cg":
+        raise ConfigError(f"a damping path needs solver 'cg' (one Krylov space serves every damping), "
+                          f"got {args.solver!r}")
+    problem = _Problem(model, task, train, request, args)
+    results = shifted_solve(problem.op, problem.rhs, list(dampings), args.solver_args)
+    return [problem.update(result, lam) for result, lam in zip(results, dampings, strict=True)]
+
+
+class _Problem:
+    """The linear system of a request: right-hand side, curvature operator and the sign of Δθ."""
+
+    def __init__(self, model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
+                 args: EraserArguments):
+        self.start = time.perf_counter()
+        self.model, self.train, self.request, self.args = model, train, request, args
+        pairs = resolve(request, train)
+        model.eval()  # no dropout: every gradient sees the same function the curvature does
+        if args.method == "first-order":
+            old = [o for o, _ in pairs]
+            new = [e for _, e in pairs if e is not None]
+            g = gradient(model, task, old + new, weights=[1.0] * len(old) + [-1.0] * len(new),
+                         batch_size=args.batch_size, progress=args.progress, desc="edit gradients")
+            self.rhs, self.sign, curvature_set = g / len(train), 1.0, list(train)
+        else:
+            curvature_set = apply_request(train, request)
+            if not curvature_set:
+                raise RequestError("the request removes every training example; there is nothing left to fit")
+            self.rhs = objective_gradient(model, task, curvature_set, l2=args.l2, batch_size=args.batch_size,
+                                          progress=args.progress)
+            self.sign = -1.0
+        self.t_grad = time.perf_counter() - self.start
+        if 0 < args.curvature_samples < len(curvature_set):
+            # H is a mean of per-example curvatures: a uniform sample gives an unbiased estimate at a fraction of the
+            # cost.
+            gen = torch.Generator().manual_seed(args.seed)
+            keep = sorted(torch.randperm(len(curvature_set), generator=gen)[: args.curvature_samples].tolist())
+            curvature_set = [curvature_set[i] for i in keep]
+        self.curvature_examples = len(curvature_set)
+        self.op = CurvatureOperator(model, task, curvature_set, kind=args.curvature, l2=args.l2,
+                                    batch_size=args.batch_size, progress=args.progress)
+
+    def update(self, result: SolveResult, damping: float) -> Update:
+        args, request = self.args, self.request
+        delta = self.sign * result.x
+        if not torch.isfinite(delta).all():
+            raise SolverError(f"solver {args.solver!r} returned non-finite Δθ; increase --damping")
+        if not result.converged:
+            logger.warning("solver %s stopped at relative residual %.3g (tol %.1g) after %d iterations (λ=%g)",
+                           args.solver, result.residual, args.solver_args.tol, result.iterations, damping)
+        view = ParamView(self.model)
+        report = {
+            "request_sha256": request.hash,
+            "ops": request.counts(),
+            "method": args.method,
+            "solver": args.solver,
+            "solver_args": vars(args.solver_args).copy(),
+            "curvature": args.curvature,
+            "damping": damping,
+            "l2": args.l2,
+            "curvature_examples": self.curvature_examples,
+            "n_train": len(self.train),
+            "n_effective": len(self.train) - request.counts()["remove"],
+            "n_params": view.dim,
+            "train_sha256": examples_hash(self.train),
+            "solve": result.diagnostics(),
+            "converged": result.converged,
+            "delta_norm": float(delta.norm()),
+            "theta_norm": float(view.vector().norm()),
+            "rhs_norm": float(self.rhs.norm()),
+            "seconds": {"gradients": self.t_grad, "solve": result.seconds,
+                        "total": time.perf_counter() - self.start},
+        }
+        logger.info("Δθ: ‖Δθ‖ = %.4g, residual %.3g, %.1f s", report["delta_norm"], result.residual,
+                    report["seconds"]["total"])
+        return Update(delta=delta, request=request, solve=result, report=report)
 
 
 def unlearn(model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
