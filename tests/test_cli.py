@@ -51,9 +51,10 @@ def test_finetune_unlearn_evaluate_through_the_cli(tiny_dirs, tmp_path, capsys):
     base, train = str(tiny_dirs / "base"), str(tiny_dirs / "train.jsonl")
     assert main(["finetune", "--base-model", base, "--train", train, "--out", str(tmp_path / "ft"), "--epochs", "2",
                  "--lr", "1e-2", "--batch-size", "4", "--lora-r", "2", "--lora-targets", "q_proj,v_proj",
-                 "--l2", "1e-3", "--max-length", "24", "--quiet"]) == 0
+                 "--l2", "1e-3", "--max-length", "24", "--no-final-check", "--quiet"]) == 0
     ft_report = json.loads((tmp_path / "ft" / "report.json").read_text())
     assert ft_report["task"]["l2"] == 1e-3 and ft_report["task"]["max_length"] == 24
+    assert ft_report["arguments"]["final_check"] is False  # a bool field is a --flag / --no-flag pair
     (tmp_path / "request.json").write_text(json.dumps({"edits": [{"op": "remove", "id": "ex0"},
                                                                  {"op": "correct_response", "id": "ex1",
                                                                   "response": " Maybe"}]}))
@@ -119,3 +120,28 @@ def test_internal_failure_is_exit_1(tiny_dirs, tmp_path, capsys, monkeypatch):
     assert main(["unlearn", "--base-model", base, "--adapter", str(tmp_path / "ft"), "--train", train, "--request",
                  str(tmp_path / "r.json"), "--out", str(tmp_path / "un"), "--quiet"]) == 1
     assert "non-finite" in capsys.readouterr().err and not (tmp_path / "un").exists()
+
+
+def test_movielens_demo_on_a_local_model_folder(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """The main job's own path (MovieLens data, cached fine-tune, unlearning, cached retrain, table), with a tiny
+    local model standing in for the embedded one."""
+    pytest.importorskip("recbole")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    argv = ["demo", "--base-model", str(tiny_dirs / "base"), "--n-train", "40", "--users", "2", "--with-retrain",
+            "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    first = capsys.readouterr().out
+    for row in ("original", "llmeraser first-order + cg", "retrain (same init and recipe)", "remove all"):
+        assert row in first
+    report = json.loads((tmp_path / "a" / "unlearned" / "report.json").read_text())
+    assert report["damping"] == 0.1 and report["method"] == "first-order" and report["curvature_examples"] == 8
+    assert report["n_train"] == 40 and report["ops"]["remove"] >= 2
+    cached = sorted((tmp_path / "cache" / "llmeraser" / "demo").iterdir())
+    assert len(cached) == 2  # the fine-tune and the retrain
+    # A rerun uses both caches and prints the same table; --damping changes the solve.
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().out.split("unlearned adapter")[0].replace(str(tmp_path / "b"), "") == \
+        first.split("unlearned adapter")[0].replace(str(tmp_path / "a"), "")
+    assert sorted((tmp_path / "cache" / "llmeraser" / "demo").iterdir()) == cached
+    assert main([*argv, "--out", str(tmp_path / "c"), "--damping", "1.0"]) == 0
+    assert json.loads((tmp_path / "c" / "unlearned" / "report.json").read_text())["damping"] == 1.0

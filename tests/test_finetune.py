@@ -188,3 +188,16 @@ def test_bad_arguments_raise(kwargs: dict, match: str) -> None:
 def test_no_examples_raise(tok, task) -> None:
     with pytest.raises(ConfigError, match="at least one example"):
         finetune(fresh_lora(tok), task, [])
+
+
+def test_epoch_order_is_seeded_and_stable_under_removal() -> None:
+    from llmeraser.finetune import epoch_order
+
+    examples = fact_examples(30, seed=0)
+    order = [examples[j].id for j in epoch_order(examples, seed=3, epoch=0)]
+    assert sorted(order) == sorted(e.id for e in examples) and order != [e.id for e in examples]
+    assert order == [examples[j].id for j in epoch_order(examples, seed=3, epoch=0)]  # deterministic
+    assert order != [examples[j].id for j in epoch_order(examples, seed=3, epoch=1)]  # reshuffled per epoch
+    assert order != [examples[j].id for j in epoch_order(examples, seed=4, epoch=0)]
+    kept = [e for e in examples if e.id not in {"ex3", "ex17"}]
+    assert [kept[j].id for j in epoch_order(kept, seed=3, epoch=0)] == [i for i in order if i not in {"ex3", "ex17"}]

@@ -112,6 +112,7 @@ def test_evaluate(setup):
     assert out["auc"] == pytest.approx(roc_auc(p, labels), abs=1e-12)
     assert out["accuracy"] == accuracy((p >= 0.5).int(), labels)
     assert out["yes_ratio"] == sum(labels) / len(labels)
+    assert list(out["p_yes"].values()) == pytest.approx(p.tolist(), abs=1e-12)
     # " Yes" and " No" are single tokens here, so a response loss is −log softmax(z)[answer] and
     # P(Yes)/(P(Yes)+P(No)) = σ(loss(No) − loss(Yes)): ties the probabilities to the losses of the same prompt
     assert len(task.tokenizer.encode(" Yes", add_special_tokens=False)) == 1
@@ -130,3 +131,17 @@ def test_evaluate_non_binary_and_one_class(setup):
     assert out["auc"] is None and out["yes_ratio"] == 1.0
     with pytest.raises(ConfigError, match="at least one example"):
         evaluate(model, task, [])
+
+
+def test_binary_kl():
+    import math
+
+    from llmeraser.metrics import binary_kl
+
+    assert binary_kl([0.3, 0.9], [0.3, 0.9]) == 0.0
+    by_hand = 0.5 * (0.2 * math.log(0.2 / 0.5) + 0.8 * math.log(0.8 / 0.5))  # second pair identical
+    assert binary_kl([0.2, 0.7], [0.5, 0.7]) == pytest.approx(by_hand, abs=1e-15)
+    assert binary_kl([0.2], [0.5]) != binary_kl([0.5], [0.2])  # not symmetric
+    assert math.isfinite(binary_kl([0.0, 1.0], [1.0, 0.0]))  # clipped, not infinite
+    with pytest.raises(ConfigError):
+        binary_kl([0.1], [0.1, 0.2])

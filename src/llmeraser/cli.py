@@ -18,7 +18,7 @@ from pathlib import Path
 from llmeraser.errors import LLMEraserError, UserInputError
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
-_TYPES = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int}
+_TYPES = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int, "bool": bool}
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -34,9 +34,9 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", 
             continue
         default = f.default if keep_default else None
         shown = "the solver's preset" if prefix == "solver-" else f.default
+        kind = {"action": argparse.BooleanOptionalAction} if f.type == "bool" else {"type": _TYPES[f.type]}
         group.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{prefix.replace('-', '_')}{f.name}",
-                           type=_TYPES[f.type], default=default,
-                           help=f"{f.metadata.get('help', '')} (default: {shown})")
+                           default=default, help=f"{f.metadata.get('help', '')} (default: {shown})", **kind)
 
 
 def pick(args: argparse.Namespace, cls: type, *, prefix: str = "", skip: tuple[str, ...] = ()) -> dict:
@@ -197,8 +197,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                    ("seconds", "seconds", ".2f")]
     else:
         result = run_movielens_demo(out, base_model=args.base_model, n_train=args.n_train or 400,
-                                    users=args.users, with_retrain=args.with_retrain, damping=args.damping,
-                                    curvature_samples=args.curvature_samples, progress=not args.quiet)
+                                    users=args.users, with_retrain=args.with_retrain,
+                                    curvature_samples=args.curvature_samples, progress=not args.quiet,
+                                    **({} if args.damping is None else {"damping": args.damping}))
         print(f"\nSmolLM2-135M-Instruct + LoRA, MovieLens-100k: {result['n_train']} training examples, "
               f"{result['n_test']} test; request: remove all {len(result['removed'])} examples of users "
               f"{', '.join(map(str, result['users']))}\n")
@@ -324,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=None, help="training examples (default 400; tiny: 60)")
     p.add_argument("--users", type=int, default=3, help="users whose examples are removed")
     p.add_argument("--with-retrain", action="store_true", help="also retrain without them (minutes)")
-    p.add_argument("--damping", type=float, default=0.1, help="λ of the unlearning solve")
+    p.add_argument("--damping", type=float, default=None,
+                   help="λ of the unlearning solve (default: 0.1, chosen on validation data by bench/tune_damping.py)")
     p.add_argument("--curvature-samples", type=int, default=8, help="training examples the curvature is estimated on")
     p.add_argument("--tiny", action="store_true", help="the tiny offline model instead of the embedded one")
     p.add_argument("--remove", type=int, default=2, help="--tiny: examples to remove")

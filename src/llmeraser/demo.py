@@ -9,8 +9,10 @@ it once the real model and data are wired in.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +27,9 @@ from llmeraser.task import CausalLMTask, per_example_loss
 from llmeraser.testing import fact_examples, tiny_llama, tiny_lora, tiny_tokenizer
 
 logger = logging.getLogger(__name__)
+
+# λ of the embedded demo, chosen on validation data: `python bench/tune_damping.py` (see README).
+DEMO_DAMPING = 0.1
 
 
 def _mean_loss(model, task, examples) -> float:
@@ -94,8 +99,12 @@ def run_tiny_demo(out: str | Path, *, n: int = 60, remove: int = 2, l2: float = 
             "n_train": n, "removed": [e.id for e in forget], "grad_norm": fit.grad_norm}
 
 
-def _finetuned_adapter(base_model: str, train, ft_args: FinetuneArguments, lora: dict, max_length: int) -> Path:
-    """The demo's fine-tuned adapter, cached by everything that determines it (so a rerun skips fine-tuning)."""
+def finetuned_adapter(base_model: str, train, ft_args: FinetuneArguments, lora: dict, max_length: int) -> Path:
+    """A LoRA fine-tune of `base_model` on `train`, cached by everything that determines it (a rerun skips it).
+
+    Its report.json holds the fine-tune's `result` (loss, ‖∇R‖, seconds), so a cached run can still say what
+    fine-tuning cost.
+    """
     from peft import LoraConfig, get_peft_model
 
     from llmeraser.data import examples_hash
@@ -103,7 +112,7 @@ def _finetuned_adapter(base_model: str, train, ft_args: FinetuneArguments, lora:
     from llmeraser.models import cache_dir, load_base_model
     from llmeraser.params import save_adapter
 
-    key = {"base": base_model, "train": examples_hash(train),
+    key = {"recipe": 2, "base": base_model, "train": examples_hash(train),  # 2: data order by id hash
            "finetune": {**{k: v for k, v in vars(ft_args).items() if k != "final_check"}, "progress": None},
            "lora": lora, "max_length": max_length}
     folder = cache_dir() / "demo" / sha256_bytes(canonical_json(key).encode())[:16]
@@ -119,11 +128,46 @@ def _finetuned_adapter(base_model: str, train, ft_args: FinetuneArguments, lora:
     return folder
 
 
+@dataclass
+class MovieLensJob:
+    """The demo's fixed setting, shared with the benchmarks: data, request and fine-tuning recipe."""
+
+    splits: dict  # train / valid / test examples
+    users: list[int]  # whose examples are removed
+    request: Request
+    forget: list  # the removed examples
+    ft_args: FinetuneArguments
+    lora: dict = field(default_factory=lambda: {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]})
+    max_length: int = 64
+
+    @classmethod
+    def build(cls, *, n_train: int = 400, n_test: int = 200, users: int = 3, epochs: int = 1,
+              progress: bool = True) -> MovieLensJob:
+        from llmeraser.movielens import build_splits, user_ids
+
+        splits = build_splits(n_train=n_train, n_valid=max(n_test // 2, 10), n_test=n_test, seed=0)
+        by_user = user_ids(splits["train"])
+        # The users with the most training examples: removing them is a visible, realistic erasure request.
+        chosen = sorted(by_user, key=lambda u: (-len(by_user[u]), u))[:users]
+        request = Request.remove(*[i for u in chosen for i in by_user[u]])
+        removed = {edit.id for edit in request.edits}
+        ft_args = FinetuneArguments(epochs=epochs, lr=1e-3, batch_size=8, seed=0, progress=progress,
+                                    final_check=False)
+        return cls(splits=splits, users=chosen, request=request,
+                   forget=[e for e in splits["train"] if e.id in removed], ft_args=ft_args)
+
+    def adapter(self, base_model: str, *, retrain: bool = False) -> Path:
+        """The fine-tuned adapter on the training set, or (retrain) on the set without the request's examples."""
+        train = apply_request(self.splits["train"], self.request) if retrain else self.splits["train"]
+        return finetuned_adapter(base_model, train, self.ft_args, self.lora, self.max_length)
+
+
 def run_movielens_demo(out: str | Path, *, base_model: str = "default", n_train: int = 400, n_test: int = 200,
                        users: int = 3, epochs: int = 1, curvature_samples: int = 8, max_iters: int = 8,
-                       damping: float = 0.1, with_retrain: bool = False, progress: bool = True) -> dict:
+                       damping: float = DEMO_DAMPING, with_retrain: bool = False, progress: bool = True) -> dict:
     """The main job on the embedded model: MovieLens data, a cached LoRA fine-tune, the removal of every example of
-    a few users, unlearning (first-order, Gauss-Newton, CG), and evaluation of original vs unlearned (vs retrained).
+    a few users, unlearning (first-order, Gauss-Newton, CG), and evaluation of original vs unlearned (vs retrained,
+    also cached, with the time the retraining took).
 
     Returns:
         {"rows": [...], "adapter": path, "report": path, "removed": ids, "users": [...]}
@@ -131,51 +175,38 @@ def run_movielens_demo(out: str | Path, *, base_model: str = "default", n_train:
     from llmeraser.eraser import unlearn
     from llmeraser.metrics import evaluate
     from llmeraser.models import load_base_model
-    from llmeraser.movielens import build_splits, user_ids
     from llmeraser.params import load_adapter
 
     out = Path(out)
     check_new_output(out)
-    splits = build_splits(n_train=n_train, n_valid=max(n_test // 2, 10), n_test=n_test, seed=0)
-    train, test = splits["train"], splits["test"]
-    by_user = user_ids(train)
-    # The users with the most training examples: removing them is a visible, realistic erasure request.
-    chosen = sorted(by_user, key=lambda u: (-len(by_user[u]), u))[:users]
-    request = Request.remove(*[i for u in chosen for i in by_user[u]])
-    removed = {edit.id for edit in request.edits}
-    forget = [e for e in train if e.id in removed]
-    max_length, lora = 64, {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
-    ft_args = FinetuneArguments(epochs=epochs, lr=1e-3, batch_size=8, seed=0, progress=progress, final_check=False)
-    adapter = _finetuned_adapter(base_model, train, ft_args, lora, max_length)
-
+    job = MovieLensJob.build(n_train=n_train, n_test=n_test, users=users, epochs=epochs, progress=progress)
+    train, test = job.splits["train"], job.splits["test"]
+    adapter = job.adapter(base_model)
     base, tokenizer = load_base_model(base_model)
-    task = CausalLMTask(tokenizer, max_length=max_length)
+    task = CausalLMTask(tokenizer, max_length=job.max_length)
     model = load_adapter(base, adapter)
 
     def row(name: str, m, seconds: float, delta_norm: float = 0.0, residual: float = float("nan")) -> dict:
-        ev_test, ev_forget = evaluate(m, task, test, progress=progress), evaluate(m, task, forget)
+        ev_test, ev_forget = evaluate(m, task, test, progress=progress), evaluate(m, task, job.forget)
         return {"method": name, "test_auc": ev_test["auc"], "test_acc": ev_test["accuracy"],
                 "forget_loss": ev_forget["loss"], "delta_norm": delta_norm, "residual": residual,
                 "seconds": seconds}
 
     rows = [row("original", model, float("nan"))]
+    theta = ParamView(model).vector()
     args = EraserArguments(method="first-order", solver="cg", curvature="ggn", damping=damping,
                            curvature_samples=curvature_samples, progress=progress,
                            solver_args=solver_arguments("cg", max_iters=max_iters, tol=1e-3))
-    update = unlearn(model, task, train, request, args)
+    update = unlearn(model, task, train, request := job.request, args)
     rows.append(row("llmeraser first-order + cg", model, update.report["seconds"]["total"],
                     update.report["delta_norm"], update.solve.residual))
     save_unlearned(model, str(out / "unlearned"), update, input_adapter=str(adapter))
     if with_retrain:
-        from peft import LoraConfig, get_peft_model
-
-        retained = apply_request(train, request)
-        base2, _ = load_base_model(base_model)
-        torch.manual_seed(ft_args.seed)
-        retrained = get_peft_model(base2, LoraConfig(lora_dropout=0.0, **lora))
-        t = time.perf_counter()
-        finetune(retrained, task, retained, ft_args)
-        rows.append(row("retrain (same init, same recipe)", retrained, time.perf_counter() - t))
+        retrained_dir = job.adapter(base_model, retrain=True)
+        retrained = load_adapter(load_base_model(base_model)[0], retrained_dir)
+        seconds = json.loads((retrained_dir / "report.json").read_text())["result"]["seconds"]
+        delta_norm = float((ParamView(retrained).vector() - theta).norm())
+        rows.append(row("retrain (same init and recipe)", retrained, seconds, delta_norm))
     return {"rows": rows, "adapter": str(out / "unlearned"), "report": str(out / "unlearned" / "report.json"),
-            "removed": [e.id for e in forget], "users": chosen, "n_train": len(train), "n_test": len(test),
-            "original_adapter": str(adapter)}
+            "removed": [e.id for e in job.forget], "users": job.users, "n_train": len(train), "n_test": len(test),
+            "original_adapter": str(adapter), "request": request.to_dict()}

@@ -4,13 +4,14 @@ R(θ) = (1/N) Σᵢ ℓ(zᵢ; θ) + (l2/2) ‖θ‖²   (DESIGN §2)
 
 The model runs in eval mode (dropout off) so the optimised function is R itself, not a noisy version of it; the
 L2 term is part of the loss (not AdamW's decoupled decay), so the eraser's Hessian contains the same l2·I.
-`adam` takes mini-batch steps in a seeded order (the demo and real models); `lbfgs` minimises R with full-batch
-L-BFGS until ‖∇R‖ ≤ grad_tol (tests use it to reach a stationary point in float64). Retraining baselines call
-this same routine on the cleaned set.
+`adam` takes mini-batch steps in a seeded order that is stable under edits (`epoch_order`; the demo and real
+models); `lbfgs` minimises R with full-batch L-BFGS until ‖∇R‖ ≤ grad_tol (tests use it to reach a stationary point
+in float64). Retraining baselines call this same routine on the cleaned set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -81,6 +82,19 @@ def objective(model: torch.nn.Module, task: Task, examples: Sequence[Example], *
         return total / len(examples) + 0.5 * l2 * float(ParamView(model).vector().pow(2).sum())
 
 
+def epoch_order(examples: Sequence[Example], seed: int, epoch: int) -> list[int]:
+    """The order of one Adam epoch: examples sorted by a seeded hash of their id.
+
+    Unlike a random permutation of positions, this order is stable under edits: retraining on the set without some
+    examples (or with some corrected) visits the others in the same relative order, so the retrain differs from the
+    original by the request, not by a reshuffled data order.
+    """
+    def key(j: int) -> str:
+        return hashlib.sha256(f"{seed}\x00{epoch}\x00{examples[j].id}".encode()).hexdigest()
+
+    return sorted(range(len(examples)), key=key)
+
+
 def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
              args: FinetuneArguments | None = None) -> FinetuneResult:
     """Minimise R(θ) over the model's trainable parameters, in place.
@@ -98,11 +112,10 @@ def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
     steps = 0
     if args.optimizer == "adam":
         opt = torch.optim.Adam(view.params, lr=args.lr)
-        gen = torch.Generator().manual_seed(args.seed)
         bar = tqdm(total=args.epochs * math.ceil(len(examples) / args.batch_size), desc="fine-tune",
                    disable=not args.progress)
-        for _ in range(args.epochs):
-            order = torch.randperm(len(examples), generator=gen).tolist()
+        for epoch in range(args.epochs):
+            order = epoch_order(examples, args.seed, epoch)
             epoch_loss = 0.0
             for i in range(0, len(order), args.batch_size):
                 batch = task.collate([examples[j] for j in order[i:i + args.batch_size]])

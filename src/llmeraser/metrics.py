@@ -81,6 +81,16 @@ def accuracy(pred: Sequence[int | bool] | torch.Tensor, labels: Sequence[int | b
     return sum(a == b for a, b in zip(p, y, strict=True)) / len(p)
 
 
+def binary_kl(p_ref: Sequence[float] | torch.Tensor, p: Sequence[float] | torch.Tensor) -> float:
+    """Mean KL(Bernoulli(p_ref) ‖ Bernoulli(p)) over examples, in nats: how far a model's yes/no answers are from a
+    reference model's (e.g. unlearned vs retrained). Probabilities are clipped to [1e-12, 1 − 1e-12]."""
+    a = torch.as_tensor(_flat(p_ref), dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    b = torch.as_tensor(_flat(p), dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    if a.shape != b.shape or a.numel() == 0:
+        raise ConfigError(f"binary_kl needs two equally long, non-empty lists, got {a.numel()} and {b.numel()}")
+    return float((a * (a / b).log() + (1 - a) * ((1 - a) / (1 - b)).log()).mean())
+
+
 def _first_token(tokenizer, text: str) -> int:
     ids = tokenizer.encode(text, add_special_tokens=False)
     if not ids:
@@ -174,7 +184,8 @@ def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Exam
 
     Returns:
         ``{"n", "loss" (mean response NLL), "losses" ({id: loss})}``; when every response is `yes` or `no`, also
-        ``"yes_ratio"``, ``"accuracy"`` (P(yes) normalised against P(no), threshold 0.5) and ``"auc"``
+        ``"p_yes"`` ({id: P(yes)}), ``"yes_ratio"``, ``"accuracy"`` (P(yes) normalised against P(no), threshold
+        0.5) and ``"auc"``
         (None when only one class occurs). One forward pass per batch serves both.
 
     Raises:
@@ -201,6 +212,7 @@ def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Exam
     if binary:
         p = torch.cat(probs)
         labels = [int(e.response == yes) for e in examples]
+        out["p_yes"] = {e.id: v for e, v in zip(examples, p.tolist(), strict=True)}
         out["yes_ratio"] = sum(labels) / len(labels)
         out["accuracy"] = accuracy((p >= 0.5).int(), labels)
         if 0 < sum(labels) < len(labels):
