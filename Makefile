@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo demo-tiny test test-slow lint clean
+.PHONY: demo demo-tiny test test-slow bench bench-quick lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,16 @@ test: $(BIN)/.installed
 
 test-slow: $(BIN)/.installed
 	$(BIN)/python -m pytest -m slow
+
+$(BIN)/.bench: $(BIN)/.installed
+	$(BIN)/pip install --quiet 'matplotlib>=3.8'
+	touch $@
+
+bench: $(BIN)/.bench
+	$(BIN)/python bench/run.py
+
+bench-quick: $(BIN)/.bench
+	$(BIN)/python bench/run.py --quick
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench

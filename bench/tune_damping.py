@@ -14,7 +14,6 @@ Writes bench/results/tune_damping.json (every number, the git commit, the argume
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import time
 from pathlib import Path

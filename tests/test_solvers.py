@@ -309,6 +309,8 @@ def test_shifted_solve_matches_dense_for_every_damping() -> None:
         assert float((r.x - exact_x).norm() / exact_x.norm()) <= 1e-8
     # larger damping converges faster, so the shared run stops when the smallest one is done (≤ dim products)
     assert results[0].iterations <= 40
+    eig = torch.linalg.eigvalsh(h)  # converged Lanczos: its Ritz values are H's extreme eigenvalues
+    assert results[0].ritz == pytest.approx((float(eig[0]), float(eig[-1])), rel=1e-6)
 
 
 def test_shifted_solve_early_stop_is_the_galerkin_solution() -> None:

@@ -2,7 +2,15 @@
 
 from llmeraser.curvature import CurvatureOperator, gradient, objective_gradient, per_example_gradients
 from llmeraser.data import Example, examples_hash, load_examples, save_examples
-from llmeraser.eraser import EraserArguments, Update, compute_update, save_unlearned, unlearn
+from llmeraser.eraser import (
+    EraserArguments,
+    UnlearningProblem,
+    Update,
+    compute_update,
+    damping_path,
+    save_unlearned,
+    unlearn,
+)
 from llmeraser.errors import (
     AdapterError,
     ConfigError,
@@ -26,7 +34,8 @@ __all__ = [
     "AdapterError", "CausalLMTask", "ConfigError", "CurvatureOperator", "DataError", "Edit", "EraserArguments",
     "Example", "FinetuneArguments", "FinetuneResult", "LLMEraserError", "LinearOperator", "MatrixOperator",
     "ParamView", "Request", "RequestError", "ResourceError", "SolveResult", "SolverArguments", "SolverError", "Task",
-    "Update", "UserInputError", "adapter_hash", "apply_request", "compute_update", "examples_hash", "finetune",
+    "UnlearningProblem", "Update", "UserInputError", "adapter_hash", "apply_request", "compute_update",
+    "damping_path", "examples_hash", "finetune",
     "get_solver", "gradient", "load_adapter", "load_examples", "load_request", "objective_gradient",
     "per_example_gradients", "per_example_loss", "resolve", "save_adapter", "save_examples", "save_unlearned",
     "solve", "solver_arguments", "unlearn",

@@ -95,9 +95,7 @@ def compute_update(model: torch.nn.Module, task: Task, train: Sequence[Example],
         SolverError: the solve diverged or produced non-finite values.
     """
     args = args or EraserArguments()
-    problem = _Problem(model, task, train, request, args)
-    result = get_solver(args.solver)(problem.op, problem.rhs, args.damping, args.solver_args)
-    return problem.update(result, args.damping)
+    return UnlearningProblem(model, task, train, request, args).solve()
 
 
 def damping_path(model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
@@ -107,18 +105,16 @@ def damping_path(model: torch.nn.Module, task: Task, train: Sequence[Example], r
     The curvature products are shared: one Lanczos run gives CG's solution for every λ (`solvers.krylov`). This is
     what makes choosing λ on validation data affordable. Needs solver "cg".
     """
-    from llmeraser.solvers.krylov import shifted_solve
-
     if args.solver != "cg":
         raise ConfigError(f"a damping path needs solver 'cg' (one Krylov space serves every damping), "
                           f"got {args.solver!r}")
-    problem = _Problem(model, task, train, request, args)
-    results = shifted_solve(problem.op, problem.rhs, list(dampings), args.solver_args)
-    return [problem.update(result, lam) for result, lam in zip(results, dampings, strict=True)]
+    return UnlearningProblem(model, task, train, request, args).path(dampings)
 
 
-class _Problem:
-    """The linear system of a request: right-hand side, curvature operator and the sign of Δθ."""
+class UnlearningProblem:
+    """The linear system of a request — right-hand side, curvature operator, sign of Δθ — built once (the gradients
+    are paid here) and solved by any solver and damping (`solve`) or for many dampings at once (`path`).
+    θ is not changed."""
 
     def __init__(self, model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
                  args: EraserArguments):
@@ -150,21 +146,38 @@ class _Problem:
         self.op = CurvatureOperator(model, task, curvature_set, kind=args.curvature, l2=args.l2,
                                     batch_size=args.batch_size, progress=args.progress)
 
-    def update(self, result: SolveResult, damping: float) -> Update:
+    def solve(self, solver: str | None = None, damping: float | None = None,
+              solver_args: SolverArguments | None = None) -> Update:
+        """Δθ with `solver` and `damping` (default: the arguments'); the seconds count the gradients too."""
+        solver = solver or self.args.solver
+        damping = self.args.damping if damping is None else damping
+        if solver_args is None:
+            solver_args = self.args.solver_args if solver == self.args.solver else solver_arguments(solver)
+        result = get_solver(solver)(self.op, self.rhs, damping, solver_args)
+        return self.update(result, damping, solver, solver_args)
+
+    def path(self, dampings: Sequence[float]) -> list[Update]:
+        """Δθ for every damping from one Lanczos run (CG's solution for each; `solvers.krylov`)."""
+        from llmeraser.solvers.krylov import shifted_solve
+
+        results = shifted_solve(self.op, self.rhs, list(dampings), self.args.solver_args)
+        return [self.update(r, lam, "cg", self.args.solver_args) for r, lam in zip(results, dampings, strict=True)]
+
+    def update(self, result: SolveResult, damping: float, solver: str, solver_args: SolverArguments) -> Update:
         args, request = self.args, self.request
         delta = self.sign * result.x
         if not torch.isfinite(delta).all():
-            raise SolverError(f"solver {args.solver!r} returned non-finite Δθ; increase --damping")
+            raise SolverError(f"solver {solver!r} returned non-finite Δθ; increase --damping")
         if not result.converged:
             logger.warning("solver %s stopped at relative residual %.3g (tol %.1g) after %d iterations (λ=%g)",
-                           args.solver, result.residual, args.solver_args.tol, result.iterations, damping)
+                           solver, result.residual, solver_args.tol, result.iterations, damping)
         view = ParamView(self.model)
         report = {
             "request_sha256": request.hash,
             "ops": request.counts(),
             "method": args.method,
-            "solver": args.solver,
-            "solver_args": vars(args.solver_args).copy(),
+            "solver": solver,
+            "solver_args": vars(solver_args).copy(),
             "curvature": args.curvature,
             "damping": damping,
             "l2": args.l2,
@@ -178,8 +191,7 @@ class _Problem:
             "delta_norm": float(delta.norm()),
             "theta_norm": float(view.vector().norm()),
             "rhs_norm": float(self.rhs.norm()),
-            "seconds": {"gradients": self.t_grad, "solve": result.seconds,
-                        "total": time.perf_counter() - self.start},
+            "seconds": {"gradients": self.t_grad, "solve": result.seconds, "total": self.t_grad + result.seconds},
         }
         logger.info("Δθ: ‖Δθ‖ = %.4g, residual %.3g, %.1f s", report["delta_norm"], result.residual,
                     report["seconds"]["total"])

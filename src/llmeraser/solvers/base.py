@@ -134,6 +134,7 @@ class SolveResult:
     hvps: float  # operator products in full-pass equivalents
     seconds: float
     history: list[float] = field(default_factory=list)  # relative residuals seen along the way
+    ritz: tuple[float, float] | None = None  # (min, max) eigenvalue estimates of H on the Krylov space, if known
 
     def diagnostics(self) -> dict:
         d = asdict(self)

@@ -83,6 +83,7 @@ def shifted_solve(op: LinearOperator, b: torch.Tensor, dampings: Sequence[float]
             break
         betas.append(beta)
         basis.append(w / beta)
+    ritz = torch.linalg.eigvalsh(_tridiagonal(alphas, betas))  # eigenvalue estimates of H (extremes converge first)
     q_mat = torch.stack(basis[: len(alphas)], dim=1)  # (p, k)
     w_mat = torch.stack(products, dim=1)  # (p, k) = H Q_k
     results = []
@@ -93,7 +94,8 @@ def shifted_solve(op: LinearOperator, b: torch.Tensor, dampings: Sequence[float]
         check_finite(NAME, residual, "the residual")
         results.append(SolveResult(x=x, solver=NAME, residual=residual, converged=residual <= args.tol,
                                    iterations=len(alphas), hvps=float(counter.hvps_equivalent),
-                                   seconds=time.perf_counter() - start, history=history))
+                                   seconds=time.perf_counter() - start, history=history,
+                                   ritz=(float(ritz[0]), float(ritz[-1]))))
     logger.info("shifted cg: %d Lanczos steps for %d dampings, worst residual %.3g, %.3f s", len(alphas),
                 len(dampings), max(r.residual for r in results), time.perf_counter() - start)
     return results
@@ -103,10 +105,7 @@ def _galerkin(alphas: list[float], betas: list[float], beta: float,
               lams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(T_k + λI)⁻¹ e₁ for each λ, as columns (k, m), and the relative residuals β |e_kᵀ (T_k + λI)⁻¹ e₁| (m,)."""
     k = len(alphas)
-    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if k > 1:
-        off = torch.tensor(betas[: k - 1], dtype=torch.float64)
-        t += torch.diag(off, 1) + torch.diag(off, -1)
+    t = _tridiagonal(alphas, betas)
     e1 = torch.zeros(k, dtype=torch.float64)
     e1[0] = 1.0
     cols = []
@@ -120,3 +119,13 @@ def _galerkin(alphas: list[float], betas: list[float], beta: float,
         cols.append(torch.cholesky_solve(e1[:, None], chol)[:, 0])
     coeffs = torch.stack(cols, dim=1)
     return coeffs, beta * coeffs[-1].abs()
+
+
+def _tridiagonal(alphas: list[float], betas: list[float]) -> torch.Tensor:
+    """T_k = tridiag(β, α, β) of the Lanczos relation (float64)."""
+    k = len(alphas)
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if k > 1:
+        off = torch.tensor(betas[: k - 1], dtype=torch.float64)
+        t += torch.diag(off, 1) + torch.diag(off, -1)
+    return t

@@ -1,0 +1,490 @@
+"""Benchmarks: the paper's three experiments, against retraining and other unlearning methods (bench/, README).
+
+A *setting* is an experiment and a size on the MovieLens task: IR-p removes every example of p% of the training
+users; QM-p corrupts p% of the queries (unseen titles in the history) and requests their correction; RC-p flips
+p% of the labels and requests their correction. For each setting and seed:
+
+1. fine-tune the original adapter on the training set as it was (corrupted for QM/RC), from a seeded LoRA init;
+2. retrain from the same init with the same recipe (and the same data order, `finetune.epoch_order`) on the
+   cleaned set — the gold standard;
+3. run each method from the original θ̂, choosing its hyper-parameters on the VALIDATION split by the mean KL of
+   its yes/no answers to the retrained model's (never on test data);
+4. measure on the test split: AUC and accuracy (utility), KL to the retrained model; on the edited examples:
+   loss (old versions, and corrected versions for QM/RC) and a loss-based membership-inference AUC against test
+   examples (never seen; retraining sets the target); ‖Δθ‖, cosine to θ_retrain − θ̂; seconds split into
+   gradients, solve and tuning; peak memory; time / time(retrain), all in the same run.
+
+Methods: original, retrain, `paper` (first-order + the authors' solver settings), first-order and newton × cg,
+lissa, sqp (equal product budgets), gradient ascent on the edited examples, fine-tuning on the corrected examples
+(QM, RC).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from llmeraser.data import Example, examples_hash
+from llmeraser.eraser import EraserArguments, UnlearningProblem
+from llmeraser.errors import ConfigError, SolverError
+from llmeraser.finetune import FinetuneArguments, finetune
+from llmeraser.io import atomic_write_json, atomic_write_text
+from llmeraser.metrics import binary_kl, evaluate, roc_auc
+from llmeraser.params import ParamView
+from llmeraser.request import Request, apply_request, resolve
+from llmeraser.solvers.api import solver_arguments
+from llmeraser.task import CausalLMTask, per_example_loss
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENTS = {"IR": "instance removal", "QM": "query modification", "RC": "response correction"}
+SETTINGS = ("IR-1", "IR-5", "IR-10", "QM-5", "QM-10", "RC-10", "RC-40")
+INFLUENCE = ("first-order/cg", "newton/cg", "first-order/lissa", "newton/lissa", "first-order/sqp", "newton/sqp")
+METHODS = ("original", "retrain", "paper", *INFLUENCE, "gradient-ascent", "fine-tune-corrected")
+
+
+@dataclass
+class BenchArguments:
+    """What a benchmark run covers and how each method is configured."""
+
+    base_model: str = "default"
+    settings: tuple[str, ...] = SETTINGS
+    seeds: tuple[int, ...] = (0,)
+    methods: tuple[str, ...] = METHODS
+    n_train: int = 400
+    n_valid: int = 100
+    n_test: int = 200
+    # fine-tuning recipe (the original and the retrain)
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 8
+    max_length: int = 64
+    lora: dict = field(default_factory=lambda: {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]})
+    # influence methods: one curvature sample and product budget for every solver
+    curvature_samples: int = 32
+    max_iters: int = 8
+    dampings: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003)
+    # gradient ascent / fine-tuning on corrected examples: Adam steps on the edited examples, lr chosen on valid
+    baseline_steps: int = 5
+    baseline_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in self.settings:
+            parse_setting(name)
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+        if "retrain" not in self.methods:
+            raise ConfigError("every benchmark needs the 'retrain' method: it is the reference of every metric")
+        if not self.seeds or not self.dampings or not self.baseline_lrs:
+            raise ConfigError("seeds, dampings and baseline_lrs must not be empty")
+
+
+def parse_setting(name: str) -> tuple[str, float]:
+    """'IR-5' → ('IR', 0.05)."""
+    kind, _, pct = name.partition("-")
+    try:
+        ratio = float(pct) / 100
+    except ValueError:
+        ratio = -1.0
+    if kind not in EXPERIMENTS or not 0 < ratio <= 1:
+        raise ConfigError(f"unknown setting {name!r}; expected IR-p, QM-p or RC-p with p a percentage in (0, 100]")
+    return kind, ratio
+
+
+@dataclass
+class Setting:
+    """One experiment instance: the training set as fine-tuned, the request, and what it edits."""
+
+    name: str
+    seed: int
+    train: list[Example]  # as the original was fine-tuned (corrupted for QM/RC)
+    request: Request
+
+    @property
+    def clean(self) -> list[Example]:
+        return apply_request(self.train, self.request)
+
+    @property
+    def edited(self) -> list[Example]:
+        """The old versions of the edited examples (removed, or corrupted)."""
+        return [old for old, _ in resolve(self.request, self.train)]
+
+    @property
+    def corrected(self) -> list[Example]:
+        """The new versions (QM/RC); empty for removals."""
+        return [new for _, new in resolve(self.request, self.train) if new is not None]
+
+
+def make_setting(name: str, seed: int, train: Sequence[Example]) -> Setting:
+    """IR: every example of round(p · users) users drawn with `seed`; QM/RC: `corrupt` with `seed`."""
+    from llmeraser.corrupt import corrupt
+    from llmeraser.movielens import user_ids
+
+    kind, ratio = parse_setting(name)
+    if kind == "IR":
+        by_user = user_ids(train)
+        users = sorted(by_user)
+        chosen = random.Random(seed).sample(users, max(1, round(ratio * len(users))))
+        return Setting(name, seed, list(train), Request.remove(*[i for u in sorted(chosen) for i in by_user[u]]))
+    corrupted, request = corrupt(train, kind="query" if kind == "QM" else "response", ratio=ratio, seed=seed)
+    return Setting(name, seed, corrupted, request)
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, in MiB, sampled every 5 ms from /proc (Linux; else NaN)."""
+
+    def __enter__(self) -> PeakMemory:
+        self.start = self.peak = _rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_mib())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
+
+    @property
+    def mib(self) -> float:
+        return self.peak - self.start
+
+
+def _rss_mib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+class Bench:
+    """One model, its task and data; fine-tunes, runs methods and measures them (see the module docstring)."""
+
+    def __init__(self, args: BenchArguments, splits: dict, base_model=None, tokenizer=None):
+        from peft import LoraConfig, get_peft_model
+
+        from llmeraser.models import load_base_model
+
+        self.args, self.splits = args, splits
+        if base_model is None:
+            base_model, tokenizer = load_base_model(args.base_model)
+        self.task = CausalLMTask(tokenizer, max_length=args.max_length)
+        torch.manual_seed(0)
+        self.model = get_peft_model(base_model, LoraConfig(lora_dropout=0.0, **args.lora))
+        self.model.eval()
+        self.view = ParamView(self.model)
+        self._finetuned: dict[tuple, tuple[torch.Tensor, float, float]] = {}
+
+    # ------------------------------------------------------------------------------------------- fine-tuning
+    def init(self, seed: int) -> torch.Tensor:
+        """The LoRA initialisation for `seed` (A random, B = 0, as peft draws it)."""
+        torch.manual_seed(seed)
+        for module in self.model.modules():
+            if hasattr(module, "reset_lora_parameters"):
+                module.reset_lora_parameters("default", True)
+        return self.view.vector()
+
+    def fit(self, train: list[Example], seed: int) -> tuple[torch.Tensor, float, float]:
+        """θ fine-tuned on `train` from `seed`'s init, the seconds and the peak MiB it took (memoised in the run)."""
+        key = (examples_hash(train), seed)
+        if key not in self._finetuned:
+            self.view.set_vector(self.init(seed))
+            a = self.args
+            with PeakMemory() as mem:
+                result = finetune(self.model, self.task, train, FinetuneArguments(
+                    epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=seed, final_check=False,
+                    progress=a.progress))
+            self._finetuned[key] = (self.view.vector(), result.seconds, mem.mib)
+        return self._finetuned[key]
+
+    # ----------------------------------------------------------------------------------------------- scoring
+    def evaluate(self, theta: torch.Tensor, examples: list[Example]) -> dict:
+        self.view.set_vector(theta)
+        return evaluate(self.model, self.task, examples)
+
+    def valid_kl(self, theta: torch.Tensor, reference: list[float]) -> float:
+        return binary_kl(reference, list(self.evaluate(theta, self.splits["valid"])["p_yes"].values()))
+
+    def measure(self, theta: torch.Tensor, run: Run) -> dict:
+        test = self.evaluate(theta, self.splits["test"])
+        edited = self.evaluate(theta, run.setting.edited)
+        out = {"test_auc": test["auc"], "test_acc": test["accuracy"],
+               "test_kl": binary_kl(run.retrain_test_p, list(test["p_yes"].values())),
+               "edited_loss": edited["loss"],
+               # members (the edited examples as trained) vs never-seen test examples; low loss = member
+               "mia_auc": roc_auc([-v for v in [*edited["losses"].values(), *test["losses"].values()]],
+                                  [1] * edited["n"] + [0] * test["n"])}
+        if run.setting.corrected:
+            out["corrected_loss"] = self.evaluate(theta, run.setting.corrected)["loss"]
+        delta, target = theta - run.theta, run.theta_retrain - run.theta
+        out["delta_norm"] = float(delta.norm())
+        out["cosine"] = float(torch.nn.functional.cosine_similarity(delta, target, dim=0)) if delta.any() \
+            else float("nan")
+        return out
+
+
+@dataclass
+class Run:
+    """The state shared by the methods of one (setting, seed)."""
+
+    setting: Setting
+    theta: torch.Tensor  # the original θ̂
+    theta_retrain: torch.Tensor
+    retrain_seconds: float
+    retrain_mib: float
+    retrain_valid_p: list[float]
+    retrain_test_p: list[float]
+    tuned: dict = field(default_factory=dict)  # method kind → chosen hyper-parameter (shared by its solvers)
+    problems: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------- methods
+def _influence(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
+    variant, solver = name.split("/") if "/" in name else ("first-order", name)
+    a = bench.args
+    if variant not in run.problems:
+        bench.view.set_vector(run.theta)
+        eraser = EraserArguments(method=variant, solver="cg", curvature="ggn", curvature_samples=a.curvature_samples,
+                                 seed=run.setting.seed, progress=a.progress,
+                                 solver_args=solver_arguments("cg", max_iters=a.max_iters, tol=1e-3))
+        problem = UnlearningProblem(bench.model, bench.task, run.setting.train, run.setting.request, eraser)
+        start = time.perf_counter()
+        path = problem.path(a.dampings)
+        kls = [bench.valid_kl(run.theta + u.delta, run.retrain_valid_p) for u in path]
+        best = min(range(len(path)), key=kls.__getitem__)
+        run.problems[variant] = (problem, path[best], {"damping": a.dampings[best], "valid_kl": kls,
+                                                       "tuning_seconds": time.perf_counter() - start})
+    problem, cg_update, tuned = run.problems[variant]
+    lam = tuned["damping"]
+    if solver == "cg":
+        update = cg_update
+    else:
+        # Equal budgets: as many operator products as cg's max_iters, in mini-batches of a quarter of the sample,
+        # with one residual check at the end (each check is a full product). The step size comes from the largest
+        # Ritz value of cg's Lanczos run (shared, free) instead of 20 power-iteration products.
+        from llmeraser.solvers.sqp import default_lr
+
+        steps, top = 4 * a.max_iters, cg_update.solve.ritz[1] + lam
+        overrides = {"max_iters": steps, "check_every": steps, "batch_size": max(1, a.curvature_samples // 4),
+                     "scale": 1.1 * top if solver == "lissa" else 0.0,
+                     "lr": default_lr("sgd", top, problem.rhs) if solver == "sqp" else 0.0}
+        if solver == "paper":
+            overrides = {}
+        bench.view.set_vector(run.theta)
+        update = problem.solve(solver, lam, solver_arguments(solver, **overrides))
+    seconds = update.report["seconds"]
+    return run.theta + update.delta, {"gradients": seconds["gradients"], "solve": seconds["solve"],
+                                      "total": seconds["total"], "tuning": tuned["tuning_seconds"],
+                                      "damping": lam, "tuning_kl": tuned["valid_kl"],
+                                      "residual": update.solve.residual}
+
+
+def _descend(bench: Bench, theta: torch.Tensor, examples: list[Example], sign: float, lr: float,
+             steps: int) -> torch.Tensor:
+    """`steps` full-batch Adam steps on sign · mean ℓ(examples) from θ (sign −1: gradient ascent)."""
+    bench.view.set_vector(theta)
+    opt = torch.optim.Adam(bench.view.params, lr=lr)
+    batch = bench.task.collate(examples)
+    for _ in range(steps):
+        loss = sign * per_example_loss(bench.task, bench.model, batch).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return bench.view.vector()
+
+
+def _baseline(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
+    a = bench.args
+    examples, sign = ((run.setting.edited, -1.0) if name == "gradient-ascent" else (run.setting.corrected, 1.0))
+    start = time.perf_counter()
+    candidates = [(lr, _descend(bench, run.theta, examples, sign, lr, a.baseline_steps)) for lr in a.baseline_lrs]
+    kls = [bench.valid_kl(theta, run.retrain_valid_p) for _, theta in candidates]
+    tuning = time.perf_counter() - start
+    best = min(range(len(kls)), key=kls.__getitem__)
+    start = time.perf_counter()  # the chosen one again, timed alone
+    theta = _descend(bench, run.theta, examples, sign, candidates[best][0], a.baseline_steps)
+    seconds = time.perf_counter() - start
+    return theta, {"gradients": seconds, "solve": 0.0, "total": seconds, "tuning": tuning,
+                   "lr": candidates[best][0], "tuning_kl": kls}
+
+
+def run_method(bench: Bench, run: Run, name: str) -> dict | None:
+    """Run `name` on `run` and measure it; None when it does not apply (fine-tune-corrected on removals)."""
+    if name == "fine-tune-corrected" and not run.setting.corrected:
+        return None
+    try:
+        with PeakMemory() as mem:
+            theta, info = _run(bench, run, name)
+    except SolverError as e:  # a diverged solver is a result, not a crash
+        logger.warning("%s seed %d %s failed: %s", run.setting.name, run.setting.seed, name, e)
+        return {"setting": run.setting.name, "seed": run.setting.seed, "method": name, "failed": str(e)}
+    row = {"setting": run.setting.name, "seed": run.setting.seed, "method": name, **info,
+           "peak_mib": mem.mib if name != "retrain" else run.retrain_mib,
+           "time_ratio": info["total"] / run.retrain_seconds, **bench.measure(theta, run)}
+    logger.info("%s seed %d %s: %s", run.setting.name, run.setting.seed, name,
+                {k: v for k, v in row.items() if isinstance(v, float)})
+    return row
+
+
+def _run(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
+    if name == "original":
+        return run.theta, {"total": 0.0}
+    if name == "retrain":
+        return run.theta_retrain, {"gradients": run.retrain_seconds, "solve": 0.0, "total": run.retrain_seconds}
+    if name in ("gradient-ascent", "fine-tune-corrected"):
+        return _baseline(bench, run, name)
+    return _influence(bench, run, name)
+
+
+def run_benchmark(args: BenchArguments, out: str | Path, *, base_model=None, tokenizer=None,
+                  splits: dict | None = None) -> dict:
+    """Run every setting × seed × method; write results.json, tables.md and plots (PNG) under `out`."""
+    from llmeraser.io import check_new_output
+    from llmeraser.movielens import build_splits
+
+    out = Path(out)
+    check_new_output(out)
+    splits = splits or build_splits(n_train=args.n_train, n_valid=args.n_valid, n_test=args.n_test, seed=0)
+    bench = Bench(args, splits, base_model, tokenizer)
+    rows: list[dict] = []
+    started = time.perf_counter()
+    jobs = [(name, seed) for seed in args.seeds for name in args.settings]
+    for name, seed in tqdm(jobs, desc="settings", disable=not args.progress):
+        setting = make_setting(name, seed, splits["train"])
+        theta, _, _ = bench.fit(setting.train, seed)
+        theta_retrain, retrain_seconds, retrain_mib = bench.fit(setting.clean, seed)
+        run = Run(setting, theta, theta_retrain, retrain_seconds, retrain_mib,
+                  list(bench.evaluate(theta_retrain, splits["valid"])["p_yes"].values()),
+                  list(bench.evaluate(theta_retrain, splits["test"])["p_yes"].values()))
+        for method in args.methods:
+            row = run_method(bench, run, method)
+            if row is not None:
+                rows.append(row)
+    result = {"commit": git_commit(), "arguments": dataclasses.asdict(args), "rows": rows,
+              "seconds": time.perf_counter() - started,
+              "sizes": {k: len(v) for k, v in splits.items()}, "n_params": bench.view.dim}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "tables.md", tables(rows))
+    plot(rows, out)
+    return result
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------------ report
+COLUMNS = [("test_auc", "test AUC", ".4f"), ("test_acc", "test acc", ".3f"), ("test_kl", "KL→retrain", ".4f"),
+           ("edited_loss", "edited loss", ".3f"), ("corrected_loss", "corrected loss", ".3f"),
+           ("mia_auc", "MIA AUC", ".3f"), ("delta_norm", "‖Δθ‖", ".3f"), ("cosine", "cos→retrain", ".3f"),
+           ("damping", "λ", "g"), ("residual", "residual", ".1e"),
+           ("total", "seconds", ".1f"), ("time_ratio", "time/retrain", ".3f"), ("tuning", "tuning s", ".0f"),
+           ("peak_mib", "peak MiB", ".0f")]
+
+
+def _cell(values: list[float], spec: str) -> str:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
+
+
+def tables(rows: list[dict]) -> str:
+    """Markdown: one table per setting, methods as rows, mean ± std over seeds (failed runs counted apart)."""
+    parts = []
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        sub = [r for r in rows if r["setting"] == setting]
+        seeds = sorted({r["seed"] for r in sub})
+        columns = [c for c in COLUMNS if any(c[0] in r for r in sub)]
+        kind, ratio = parse_setting(setting)
+        lines = [f"### {setting}: {EXPERIMENTS[kind]}, {ratio:.0%} ({len(seeds)} seed{'s' * (len(seeds) > 1)})", "",
+                 "| method | " + " | ".join(h for _, h, _ in columns) + " |",
+                 "|---|" + "---:|" * len(columns)]
+        for method in dict.fromkeys(r["method"] for r in sub):
+            mine = [r for r in sub if r["method"] == method]
+            failed = sum("failed" in r for r in mine)
+            label = f"{method} (failed {failed}/{len(mine)})" if failed else method
+            lines.append(f"| {label} | " + " | ".join(_cell([r.get(k) for r in mine if "failed" not in r], f)
+                                                      for k, _, f in columns) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    """utility_vs_time.png (test AUC against seconds, per method) and mia.png (MIA AUC per method), per setting.
+    Skipped, with a log line, when matplotlib is not installed (`pip install -e '.[bench]'`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots (pip install -e '.[bench]')")
+        return []
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    paths = []
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 4), squeeze=False)
+    ok = [r for r in rows if "failed" not in r]
+    for ax, setting in zip(axes[0], settings, strict=True):
+        for m in methods:
+            pts = [(max(r["total"], 1e-2), r["test_auc"]) for r in ok if r["setting"] == setting
+                   and r["method"] == m and r.get("test_auc") is not None]
+            if pts:
+                ax.scatter(*zip(*pts, strict=True), label=m, s=25)
+        ax.set_xscale("log")
+        ax.set(title=setting, xlabel="seconds (log)", ylabel="test AUC")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    paths.append(out / "utility_vs_time.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 4), squeeze=False)
+    for ax, setting in zip(axes[0], settings, strict=True):
+        names = [m for m in methods if any(r["setting"] == setting and r["method"] == m for r in ok)]
+        values = [statistics.mean(r["mia_auc"] for r in ok if r["setting"] == setting and r["method"] == m)
+                  for m in names]
+        ax.barh(names, values)
+        retrain = [r["mia_auc"] for r in ok if r["setting"] == setting and r["method"] == "retrain"]
+        if retrain:
+            ax.axvline(statistics.mean(retrain), color="k", ls="--", lw=1, label="retrain (target)")
+            ax.legend(fontsize=7)
+        ax.set(title=setting, xlabel="membership-inference AUC (edited vs unseen)")
+    fig.tight_layout()
+    paths.append(out / "mia.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def load_results(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+

@@ -1,0 +1,104 @@
+"""The benchmark harness: a smoke run of `bench/run.py --quick` on a tiny model, and its parts."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmeraser.benchmark import BenchArguments, PeakMemory, make_setting, parse_setting, tables
+from llmeraser.errors import ConfigError
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    pytest.importorskip("recbole")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import run as bench_run
+    finally:
+        sys.path.remove(str(BENCH))
+    out = tmp_path_factory.mktemp("bench") / "quick"
+    assert bench_run.main(["--quick", "--settings", "IR-5", "RC-10", "--seeds", "0", "--n-train", "40",
+                           "--out", str(out), "--quiet"]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_bench_runs_every_method_and_writes_its_outputs(quick):
+    out, result = quick
+    rows = result["rows"]
+    by = {(r["setting"], r["method"]): r for r in rows}
+    assert {m for s, m in by if s == "IR-5"} == {"original", "retrain", "paper", "first-order/cg", "newton/cg",
+                                                 "first-order/lissa", "newton/lissa", "first-order/sqp",
+                                                 "newton/sqp", "gradient-ascent"}
+    assert ("RC-10", "fine-tune-corrected") in by and ("IR-5", "fine-tune-corrected") not in by
+    for setting in ("IR-5", "RC-10"):
+        retrain, original = by[setting, "retrain"], by[setting, "original"]
+        assert retrain["test_kl"] == pytest.approx(0, abs=1e-12) and retrain["cosine"] == pytest.approx(1)
+        assert retrain["time_ratio"] == 1 and original["delta_norm"] == 0
+        for m in ("first-order/cg", "newton/cg"):
+            row = by[setting, m]
+            assert row["damping"] in BenchArguments().dampings and row["delta_norm"] > 0
+            assert math.isfinite(row["test_auc"]) and 0 <= row["mia_auc"] <= 1
+            assert row["total"] >= row["gradients"] > 0
+    assert "corrected_loss" in by["RC-10", "first-order/cg"] and "corrected_loss" not in by["IR-5", "original"]
+    assert result["commit"] and result["arguments"]["settings"] == ["IR-5", "RC-10"]
+    text = (out / "tables.md").read_text()
+    assert "### IR-5: instance removal, 5%" in text and "| newton/cg |" in text
+    if (out / "mia.png").exists():  # only with matplotlib
+        assert (out / "utility_vs_time.png").stat().st_size > 1000
+
+
+def test_damping_is_the_validation_argmin(quick):
+    """Tuning reads validation KL only: the chosen λ is the argmin of the recorded validation KLs."""
+    _, result = quick
+    for r in result["rows"]:
+        if r["method"] in ("first-order/cg", "newton/cg"):
+            grid = result["arguments"]["dampings"]
+            assert r["damping"] == grid[min(range(len(grid)), key=r["tuning_kl"].__getitem__)]
+
+
+def test_settings():
+    assert parse_setting("IR-5") == ("IR", 0.05) and parse_setting("RC-40") == ("RC", 0.4)
+    for bad in ("XX-5", "IR-0", "IR-abc", "IR", "RC-150"):
+        with pytest.raises(ConfigError, match="unknown setting"):
+            parse_setting(bad)
+    with pytest.raises(ConfigError, match="retrain"):
+        BenchArguments(methods=("original",))
+    with pytest.raises(ConfigError, match="unknown method"):
+        BenchArguments(methods=("retrain", "magic"))
+    from llmeraser.movielens import build_splits
+
+    pytest.importorskip("recbole")
+    train = build_splits(n_train=60, n_valid=10, n_test=10, seed=0)["train"]
+    ir = make_setting("IR-10", 1, train)
+    users = {e.id.split("-")[0] for e in ir.edited}
+    assert all(e.id.split("-")[0] not in users for e in ir.clean)  # every example of the chosen users goes
+    assert len(ir.clean) + len(ir.edited) == 60 and not ir.corrected
+    rc = make_setting("RC-10", 1, train)
+    assert len(rc.edited) == 6 and [e.response for e in rc.corrected] != [e.response for e in rc.edited]
+    assert rc.clean == train  # correcting the flipped labels restores the clean set
+
+
+def test_tables_mean_and_std_over_seeds():
+    rows = [{"setting": "IR-1", "seed": s, "method": "retrain", "test_auc": v, "total": 10.0}
+            for s, v in ((0, 0.6), (1, 0.8))]
+    rows.append({"setting": "IR-1", "seed": 0, "method": "newton/lissa", "failed": "diverged"})
+    rows.append({"setting": "IR-1", "seed": 1, "method": "newton/lissa", "test_auc": 0.5, "total": 1.0})
+    text = tables(rows)
+    assert "| retrain | 0.7000 ± 0.1414 |" in text and "### IR-1: instance removal, 1% (2 seeds)" in text
+    assert "| newton/lissa (failed 1/2) | 0.5000 |" in text
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory() as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB
+        x += 1
+        del x
+    assert mem.mib == pytest.approx(64, abs=16) or math.isnan(mem.mib)
