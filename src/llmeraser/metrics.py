@@ -197,20 +197,22 @@ def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Exam
         raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}")
     binary = all(e.response in (yes, no) for e in examples)
     yes_id, no_id = _answer_tokens(task, yes, no) if binary else (0, 0)
-    losses, probs = [], []
+    # Batches of similar length waste less compute on padding; results go back to the examples' order.
+    order = sorted(range(len(examples)), key=lambda i: len(task.encode(examples[i])[0]))
+    loss = torch.zeros(len(examples), dtype=torch.float64)
+    p = torch.zeros(len(examples), dtype=torch.float64)
     with _EvalMode(model):
         for start in tqdm(range(0, len(examples), batch_size), desc="evaluate", disable=not progress, leave=False):
-            batch = _to_device(task.collate(examples[start : start + batch_size]), model)
+            idx = order[start : start + batch_size]
+            batch = _to_device(task.collate([examples[i] for i in idx]), model)
             logits = task.forward(model, batch)  # (batch, k, vocab)
-            losses.append(task.loss(logits, batch).double().cpu())
+            loss[idx] = task.loss(logits, batch).double().cpu()
             if binary:  # the prompt ends at the same position whatever the answer
                 z = _prompt_end_logits(logits, batch).double()
-                probs.append(torch.sigmoid(z[:, yes_id] - z[:, no_id]).cpu())
-    loss = torch.cat(losses)
+                p[idx] = torch.sigmoid(z[:, yes_id] - z[:, no_id]).cpu()
     out: dict = {"n": len(examples), "loss": loss.mean().item(),
                  "losses": {e.id: v for e, v in zip(examples, loss.tolist(), strict=True)}}
     if binary:
-        p = torch.cat(probs)
         labels = [int(e.response == yes) for e in examples]
         out["p_yes"] = {e.id: v for e, v in zip(examples, p.tolist(), strict=True)}
         out["yes_ratio"] = sum(labels) / len(labels)
