@@ -134,14 +134,16 @@ def test_movielens_demo_on_a_local_model_folder(tiny_dirs, tmp_path, monkeypatch
     for row in ("original", "llmeraser first-order + cg", "retrain (same init and recipe)", "remove all"):
         assert row in first
     report = json.loads((tmp_path / "a" / "unlearned" / "report.json").read_text())
-    assert report["damping"] == 0.1 and report["method"] == "first-order" and report["curvature_examples"] == 8
+    assert report["damping"] == 0.3 and report["method"] == "first-order" and report["curvature_examples"] == 8
     assert report["n_train"] == 40 and report["ops"]["remove"] >= 2
     cached = sorted((tmp_path / "cache" / "llmeraser" / "demo").iterdir())
     assert len(cached) == 2  # the fine-tune and the retrain
     # A rerun uses both caches and prints the same table; --damping changes the solve.
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0
-    assert capsys.readouterr().out.split("unlearned adapter")[0].replace(str(tmp_path / "b"), "") == \
-        first.split("unlearned adapter")[0].replace(str(tmp_path / "a"), "")
+    def numbers(out: str) -> list[list[str]]:  # the table without its seconds column (timings vary)
+        return [line.split()[:-1] for line in out.split("unlearned adapter")[0].splitlines()]
+
+    assert numbers(capsys.readouterr().out) == numbers(first)
     assert sorted((tmp_path / "cache" / "llmeraser" / "demo").iterdir()) == cached
     assert main([*argv, "--out", str(tmp_path / "c"), "--damping", "1.0"]) == 0
     assert json.loads((tmp_path / "c" / "unlearned" / "report.json").read_text())["damping"] == 1.0

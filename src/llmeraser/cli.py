@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=3, help="users whose examples are removed")
     p.add_argument("--with-retrain", action="store_true", help="also retrain without them (minutes)")
     p.add_argument("--damping", type=float, default=None,
-                   help="λ of the unlearning solve (default: 0.1, chosen on validation data by bench/tune_damping.py)")
+                   help="λ of the unlearning solve (default: 0.3, chosen on validation data by bench/tune_damping.py)")
     p.add_argument("--curvature-samples", type=int, default=8, help="training examples the curvature is estimated on")
     p.add_argument("--tiny", action="store_true", help="the tiny offline model instead of the embedded one")
     p.add_argument("--remove", type=int, default=2, help="--tiny: examples to remove")
