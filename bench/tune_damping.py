@@ -14,12 +14,12 @@ Writes bench/results/tune_damping.json (every number, the git commit, the argume
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from llmeraser.benchmark import git_commit
 from llmeraser.cli import format_table
 from llmeraser.demo import MovieLensJob
 from llmeraser.eraser import EraserArguments, damping_path
@@ -31,14 +31,6 @@ from llmeraser.solvers.api import solver_arguments
 from llmeraser.task import CausalLMTask
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -158,7 +158,8 @@ def test_removal_sign_raises_the_removed_examples_loss():
 def test_report_records_the_request_and_the_solve():
     model, examples = fitted_ridge(30)
     request = requests(examples)["mixed"]
-    update = compute_update(model, TASK, examples, request, EraserArguments(solver="cg", damping=1e-4, l2=L2))
+    update = compute_update(model, TASK, examples, request, EraserArguments(method="newton", solver="cg", damping=1e-4,
+                                                                            l2=L2))
     r = update.report
     assert r["request_sha256"] == request.hash
     assert r["ops"] == {"remove": 1, "modify_query": 1, "correct_response": 1}

@@ -41,7 +41,9 @@ METHODS = ("first-order", "newton")
 class EraserArguments:
     """How an unlearning request is turned into Δθ."""
 
-    method: str = field(default="newton", metadata={"help": "newton (edited objective) or first-order (the paper)"})
+    method: str = field(default="first-order", metadata={
+        "help": "first-order (the paper: removes the request's own effect) or newton (a Newton step on the edited "
+                "objective: exact for a converged fine-tune, but on an unconverged one it also finishes training)"})
     solver: str = field(default="cg", metadata={"help": "inverse-HVP solver: dense, cg, lissa, sqp, paper"})
     curvature: str = field(default="ggn", metadata={"help": "ggn (Gauss-Newton, PSD) or hessian (exact)"})
     damping: float = field(default=1e-3, metadata={"help": "λ in (H + λI)⁻¹; larger is safer but shrinks Δθ"})
@@ -121,6 +123,9 @@ class UnlearningProblem:
         self.start = time.perf_counter()
         self.model, self.train, self.request, self.args = model, train, request, args
         pairs = resolve(request, train)
+        effective = apply_request(train, request)
+        if not effective:
+            raise RequestError("the request removes every training example; there is nothing left to fit")
         model.eval()  # no dropout: every gradient sees the same function the curvature does
         if args.method == "first-order":
             old = [o for o, _ in pairs]
@@ -129,9 +134,7 @@ class UnlearningProblem:
                          batch_size=args.batch_size, progress=args.progress, desc="edit gradients")
             self.rhs, self.sign, curvature_set = g / len(train), 1.0, list(train)
         else:
-            curvature_set = apply_request(train, request)
-            if not curvature_set:
-                raise RequestError("the request removes every training example; there is nothing left to fit")
+            curvature_set = effective
             self.rhs = objective_gradient(model, task, curvature_set, l2=args.l2, batch_size=args.batch_size,
                                           progress=args.progress)
             self.sign = -1.0
