@@ -22,7 +22,6 @@ lissa, sqp (equal product budgets), gradient ascent on the edited examples, fine
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -483,8 +482,3 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
-
-
-def load_results(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
