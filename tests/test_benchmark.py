@@ -102,3 +102,27 @@ def test_peak_memory_sees_an_allocation():
         x += 1
         del x
     assert mem.mib == pytest.approx(64, abs=16) or math.isnan(mem.mib)
+
+
+def test_baseline_steps_accumulate_chunks_exactly():
+    """Gradient ascent in chunks of batch_size equals full-batch Adam on −mean ℓ (float64)."""
+    from llmeraser.benchmark import Bench, _descend
+    from llmeraser.task import per_example_loss
+    from llmeraser.testing import fact_examples, tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    args = BenchArguments(batch_size=2, max_length=24, progress=False,
+                          lora={"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]})
+    bench = Bench(args, {}, tiny_llama(len(tok), init_std=0.3), tok)
+    examples = fact_examples(5, seed=1)
+    theta0 = bench.init(0) + 0.1 * torch.randn(bench.view.dim, dtype=torch.float64)
+    got, seconds = _descend(bench, theta0, examples, -1.0, 1e-2, 3)
+    bench.view.set_vector(theta0)
+    opt = torch.optim.Adam(bench.view.params, lr=1e-2)
+    batch = bench.task.collate(examples)
+    for _ in range(3):
+        opt.zero_grad()
+        (-per_example_loss(bench.task, bench.model, batch).mean()).backward()
+        opt.step()
+    assert torch.allclose(got, bench.view.vector(), rtol=0, atol=1e-10) and seconds > 0
+    assert not torch.allclose(got, theta0)
