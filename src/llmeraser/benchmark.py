@@ -278,17 +278,7 @@ def _influence(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
     if solver == "cg":
         update = cg_update
     else:
-        # Equal budgets: as many operator products as cg's max_iters, in mini-batches of a quarter of the sample,
-        # with one residual check at the end (each check is a full product). The step size comes from the largest
-        # Ritz value of cg's Lanczos run (shared, free) instead of 20 power-iteration products.
-        from llmeraser.solvers.sqp import default_lr
-
-        steps, top = 4 * a.max_iters, cg_update.solve.ritz[1] + lam
-        overrides = {"max_iters": steps, "check_every": steps, "batch_size": max(1, a.curvature_samples // 4),
-                     "scale": 1.1 * top if solver == "lissa" else 0.0,
-                     "lr": default_lr("sgd", top, problem.rhs) if solver == "sqp" else 0.0}
-        if solver == "paper":
-            overrides = {}
+        overrides = {} if solver == "paper" else _equal_budget(solver, a, cg_update.solve.ritz[1] + lam, problem.rhs)
         bench.view.set_vector(run.theta)
         update = problem.solve(solver, lam, solver_arguments(solver, **overrides))
     seconds = update.report["seconds"]
@@ -296,6 +286,17 @@ def _influence(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
                                       "total": seconds["total"], "tuning": tuned["tuning_seconds"],
                                       "damping": lam, "tuning_kl": tuned["valid_kl"],
                                       "residual": update.solve.residual}
+
+
+def _equal_budget(solver: str, a: BenchArguments, top: float, rhs: torch.Tensor) -> dict:
+    """lissa/sqp options for the budget of cg: as many operator products as cg's max_iters, in mini-batches of a
+    quarter of the sample, one residual check at the end (a full product). The step size comes from `top`, the
+    largest Ritz value of cg's Lanczos run plus λ (shared, free), instead of 20 power-iteration products."""
+    from llmeraser.solvers.sqp import default_lr
+
+    steps = 4 * a.max_iters
+    step = {"scale": 1.1 * top} if solver == "lissa" else {"lr": default_lr("sgd", top, rhs)}
+    return {"max_iters": steps, "check_every": steps, "batch_size": max(1, a.curvature_samples // 4), **step}
 
 
 def _descend(bench: Bench, theta: torch.Tensor, examples: list[Example], sign: float, lr: float,
