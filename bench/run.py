@@ -1,8 +1,12 @@
 """Run the benchmarks: the paper's three experiments against retraining and other unlearning methods.
 
-    make bench         # python bench/run.py                  the embedded model, every setting (hours on 2 cores)
-    make bench-quick   # python bench/run.py --quick          a tiny offline model, every setting, 3 seeds (minutes)
-    python bench/run.py --settings IR-1 RC-10 --seeds 0 1 2 --out bench/results/ir1-rc10
+    make bench         # python bench/run.py          the embedded model: the full suite (about 2 h on 2 cores)
+    make bench-quick   # python bench/run.py --quick  a tiny offline model, every setting and method, 3 seeds (minutes)
+    python bench/run.py --settings IR-1 RC-10 --seeds 0 1 2 --methods original retrain first-order/cg --out DIR
+
+The full suite: every setting with the core methods on seed 0, IR-1 (the cheap setting) on seeds 1 and 2 too, and
+the solver/baseline study (newton, lissa, sqp, NPO) on IR-1 seed 0. Results are rewritten after every
+(setting, seed), so a run that stops keeps what it finished.
 
 Writes OUT/results.json (every number, the git commit, all arguments), OUT/tables.md (one table per setting,
 mean ± std over seeds) and OUT/utility_vs_time.png, OUT/mia.png. Hyper-parameters (damping, baseline learning
@@ -20,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from llmeraser.benchmark import METHODS, SETTINGS, BenchArguments, run_benchmark
+from llmeraser.benchmark import CORE, METHODS, SETTINGS, STUDY, BenchArguments, run_benchmark
+from llmeraser.errors import ConfigError
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -39,11 +44,27 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny offline model, small splits, 3 seeds")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), help="IR-p / QM-p / RC-p (p in percent)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 (full), 0 1 2 (quick)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), metavar="METHOD",
+                   help=f"for every setting and seed; default: {' '.join(CORE)} (quick: all). "
+                        f"Known: {' '.join(METHODS)}")
+    p.add_argument("--study-settings", nargs="*", default=None, metavar="SETTING",
+                   help="settings whose first seed also runs --study-methods; default: IR-1 (quick: none)")
+    p.add_argument("--study-methods", nargs="*", default=list(STUDY), choices=list(METHODS), metavar="METHOD",
+                   help=f"default: {' '.join(STUDY)}")
+    p.add_argument("--more-seeds", nargs="*", default=None, metavar="SETTING=S,S",
+                   help="extra seeds (core methods) for cheap settings; default: IR-1=1,2 (quick: none)")
     p.add_argument("--n-train", type=int, default=None, help="default 400 (full), 80 (quick)")
     p.add_argument("--out", default=None, help="output folder (new); default bench/results/<full|quick>-<time>")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
+
+
+def _more_seeds(text: str) -> tuple[str, tuple[int, ...]]:
+    name, _, seeds = text.partition("=")
+    try:
+        return name, tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise SystemExit(f"--more-seeds takes SETTING=SEED,SEED (e.g. IR-1=1,2), got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or RESULTS / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
     sizes = {"n_train": a.n_train or 80, "n_valid": 30, "n_test": 60} if a.quick else \
         {"n_train": a.n_train or 400, "n_valid": 100, "n_test": 200}
-    args = BenchArguments(settings=tuple(a.settings), seeds=tuple(a.seeds or ((0, 1, 2) if a.quick else (0,))),
-                          methods=tuple(a.methods), progress=not a.quiet, **sizes,
-                          **({"max_length": 48, "lr": 1e-2, "curvature_samples": 16,
-                              "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}}
-                             if a.quick else {}))
+    plan = {"methods": tuple(a.methods or (METHODS if a.quick else CORE)), "study_methods": tuple(a.study_methods)}
+    if a.quick or a.study_settings is not None:
+        plan["study_settings"] = tuple(a.study_settings or ())
+    if a.quick or a.more_seeds is not None:
+        plan["more_seeds"] = dict(_more_seeds(x) for x in a.more_seeds or ())
+    try:
+        args = BenchArguments(settings=tuple(a.settings), seeds=tuple(a.seeds or ((0, 1, 2) if a.quick else (0,))),
+                              progress=not a.quiet, **plan, **sizes,
+                              **({"max_length": 48, "lr": 1e-2, "curvature_samples": 16,
+                                  "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}}
+                                 if a.quick else {}))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model, tok = quick_model() if a.quick else (None, None)
     result = run_benchmark(args, out, base_model=model, tokenizer=tok)
     print((out / "tables.md").read_text(encoding="utf-8"))

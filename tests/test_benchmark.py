@@ -36,7 +36,7 @@ def test_quick_bench_runs_every_method_and_writes_its_outputs(quick):
     by = {(r["setting"], r["method"]): r for r in rows}
     assert {m for s, m in by if s == "IR-5"} == {"original", "retrain", "paper", "first-order/cg", "newton/cg",
                                                  "first-order/lissa", "newton/lissa", "first-order/sqp",
-                                                 "newton/sqp", "gradient-ascent"}
+                                                 "newton/sqp", "gradient-ascent", "npo"}
     assert ("RC-10", "fine-tune-corrected") in by and ("IR-5", "fine-tune-corrected") not in by
     for setting in ("IR-5", "RC-10"):
         retrain, original = by[setting, "retrain"], by[setting, "original"]
@@ -104,25 +104,77 @@ def test_peak_memory_sees_an_allocation():
     assert mem.mib == pytest.approx(64, abs=16) or math.isnan(mem.mib)
 
 
-def test_baseline_steps_accumulate_chunks_exactly():
-    """Gradient ascent in chunks of batch_size equals full-batch Adam on −mean ℓ (float64)."""
-    from llmeraser.benchmark import Bench, _descend
-    from llmeraser.task import per_example_loss
-    from llmeraser.testing import fact_examples, tiny_llama, tiny_tokenizer
+def _tiny_bench(**overrides):
+    from llmeraser.benchmark import Bench
+    from llmeraser.testing import tiny_llama, tiny_tokenizer
 
     tok = tiny_tokenizer()
-    args = BenchArguments(batch_size=2, max_length=24, progress=False,
-                          lora={"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]})
-    bench = Bench(args, {}, tiny_llama(len(tok), init_std=0.3), tok)
+    args = BenchArguments(max_length=24, progress=False,
+                          lora={"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}, **overrides)
+    return Bench(args, {}, tiny_llama(len(tok), init_std=0.3), tok)
+
+
+def test_baseline_is_adam_over_minibatches_in_epoch_order():
+    """_descend = `baseline_epochs` passes of Adam on mean objective over mini-batches in id-hash order (float64)."""
+    from llmeraser.benchmark import _descend
+    from llmeraser.finetune import epoch_order
+    from llmeraser.task import per_example_loss
+    from llmeraser.testing import fact_examples
+
+    bench = _tiny_bench(batch_size=2, baseline_epochs=2)
     examples = fact_examples(5, seed=1)
     theta0 = bench.init(0) + 0.1 * torch.randn(bench.view.dim, dtype=torch.float64)
-    got, seconds = _descend(bench, theta0, examples, -1.0, 1e-2, 3)
+    got, seconds = _descend(bench, theta0, examples, lambda loss, chunk: -loss, 1e-2, seed=3)
     bench.view.set_vector(theta0)
     opt = torch.optim.Adam(bench.view.params, lr=1e-2)
-    batch = bench.task.collate(examples)
-    for _ in range(3):
-        opt.zero_grad()
-        (-per_example_loss(bench.task, bench.model, batch).mean()).backward()
-        opt.step()
+    for epoch in range(2):
+        order = [examples[i] for i in epoch_order(examples, 3, epoch)]
+        for batch in ([order[0], order[1]], [order[2], order[3]], [order[4]]):
+            opt.zero_grad()
+            (-per_example_loss(bench.task, bench.model, bench.task.collate(batch)).mean()).backward()
+            opt.step()
     assert torch.allclose(got, bench.view.vector(), rtol=0, atol=1e-10) and seconds > 0
     assert not torch.allclose(got, theta0)
+
+
+def test_npo_starts_as_gradient_ascent_then_fades():
+    """NPO's gradient at θ̂ is gradient ascent's (one Adam step agrees); later steps are damped, so it moves less."""
+    from llmeraser.benchmark import Run, Setting, _baseline, _descend, _objective
+    from llmeraser.request import Request
+    from llmeraser.testing import fact_examples
+
+    train = fact_examples(8, seed=2)
+    bench = _tiny_bench(batch_size=4, baseline_epochs=1, npo_beta=0.5)
+    bench.splits = {"valid": train[:3]}
+    theta = bench.init(0) + 0.1 * torch.randn(bench.view.dim, dtype=torch.float64)
+    setting = Setting("IR-50", 0, train, Request.remove(*[e.id for e in train[4:]]))
+    run = Run(setting, theta, theta, 1.0, 0.0, [0.5] * 3, [])
+    (ex, ga), (_, npo) = _objective(bench, run, "gradient-ascent"), _objective(bench, run, "npo")
+    assert ex == setting.edited and len(ex) == 4  # one mini-batch: one Adam step
+    step_ga, _ = _descend(bench, theta, ex, ga, 1e-2, seed=0)
+    step_npo, _ = _descend(bench, theta, ex, npo, 1e-2, seed=0)
+    assert torch.allclose(step_ga, step_npo, rtol=0, atol=1e-12)
+    chunk = ex[:2]
+    ref = torch.tensor([bench.evaluate(theta, ex)["losses"][e.id] for e in chunk], dtype=torch.float64)
+    loss = ref + torch.tensor([10.0, -10.0], dtype=torch.float64)  # far above / below the reference
+    weights = torch.sigmoid(0.5 * (ref - loss))  # d npo / d(−ℓ) = 2σ(β(ℓ_ref − ℓ))
+    loss.requires_grad_(True)
+    npo(loss, chunk).sum().backward()
+    assert torch.allclose(-loss.grad, 2 * weights) and -loss.grad[0] < 0.1 < 1.9 < -loss.grad[1]
+    bench.args.baseline_epochs = 3
+    far_ga, far_npo = _descend(bench, theta, ex, ga, 1e-2, seed=0)[0], _descend(bench, theta, ex, npo, 1e-2, seed=0)[0]
+    assert not torch.allclose(far_ga, far_npo)
+    theta_npo, info = _baseline(bench, run, "npo")
+    assert info["lr"] in bench.args.baseline_lrs["npo"] and len(info["tuning_kl"]) == 2
+
+
+def test_plan_core_everywhere_study_and_more_seeds_once():
+    from llmeraser.benchmark import CORE, STUDY, plan
+
+    jobs = plan(BenchArguments(settings=("IR-1", "RC-10"), seeds=(0,)))
+    assert [j[:2] for j in jobs] == [("IR-1", 0), ("RC-10", 0), ("IR-1", 1), ("IR-1", 2)]
+    assert jobs[0][2] == (*CORE, *STUDY) and jobs[1][2] == jobs[2][2] == CORE
+    jobs = plan(BenchArguments(settings=("QM-5",), seeds=(0, 1), more_seeds={"QM-5": (1, 7)}, study_settings=()))
+    assert [j[:2] for j in jobs] == [("QM-5", 0), ("QM-5", 1), ("QM-5", 7)]
+    with pytest.raises(ConfigError, match="unknown method"):
+        BenchArguments(study_methods=("magic",))

@@ -15,13 +15,15 @@ p% of the labels and requests their correction. For each setting and seed:
    gradients, solve and tuning; peak memory; time / time(retrain), all in the same run.
 
 Methods: original, retrain, `paper` (first-order + the authors' solver settings), first-order and newton × cg,
-lissa, sqp (equal product budgets), gradient ascent on the edited examples, fine-tuning on the corrected examples
-(QM, RC).
+lissa, sqp (equal product budgets), gradient ascent and NPO on the edited examples, fine-tuning on the corrected
+examples (QM, RC). The default run (`plan`) gives every setting the CORE methods on seed 0, the cheap setting IR-1
+two more seeds, and IR-1's first seed the STUDY methods too: the full suite in about two hours on 2 cores.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import random
@@ -29,17 +31,18 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from llmeraser.data import Example, examples_hash
 from llmeraser.eraser import EraserArguments, UnlearningProblem
 from llmeraser.errors import ConfigError, SolverError
-from llmeraser.finetune import FinetuneArguments, finetune
+from llmeraser.finetune import FinetuneArguments, epoch_order, finetune
 from llmeraser.io import atomic_write_json, atomic_write_text
 from llmeraser.metrics import binary_kl, evaluate, roc_auc
 from llmeraser.params import ParamView
@@ -52,7 +55,13 @@ logger = logging.getLogger(__name__)
 EXPERIMENTS = {"IR": "instance removal", "QM": "query modification", "RC": "response correction"}
 SETTINGS = ("IR-1", "IR-5", "IR-10", "QM-5", "QM-10", "RC-10", "RC-40")
 INFLUENCE = ("first-order/cg", "newton/cg", "first-order/lissa", "newton/lissa", "first-order/sqp", "newton/sqp")
-METHODS = ("original", "retrain", "paper", *INFLUENCE, "gradient-ascent", "fine-tune-corrected")
+BASELINES = ("gradient-ascent", "npo", "fine-tune-corrected")
+METHODS = ("original", "retrain", "paper", *INFLUENCE, *BASELINES)
+# every setting and seed: the reference points, the paper's preset, our default, the two classic baselines
+CORE = ("original", "retrain", "paper", "first-order/cg", "gradient-ascent", "fine-tune-corrected")
+# the solver and baseline study, on the first seed of the study settings (newton/lissa and newton/sqp on request:
+# newton's step is known to be wrong here, lissa/sqp only add their residual to it)
+STUDY = ("newton/cg", "first-order/lissa", "first-order/sqp", "npo")
 
 
 @dataclass
@@ -62,7 +71,10 @@ class BenchArguments:
     base_model: str = "default"
     settings: tuple[str, ...] = SETTINGS
     seeds: tuple[int, ...] = (0,)
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = CORE
+    more_seeds: dict = field(default_factory=lambda: {"IR-1": (1, 2)})  # setting → extra seeds (`methods` only)
+    study_settings: tuple[str, ...] = ("IR-1",)  # these get `study_methods` too, on the first seed
+    study_methods: tuple[str, ...] = STUDY
     n_train: int = 400
     n_valid: int = 100
     n_test: int = 200
@@ -75,22 +87,40 @@ class BenchArguments:
     # influence methods: one curvature sample and product budget for every solver
     curvature_samples: int = 8  # bench/tune_damping.py: 8 samples did as well as 32 on validation data
     max_iters: int = 8
-    dampings: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003)
-    # gradient ascent / fine-tuning on corrected examples: Adam steps on the edited examples, lr chosen on valid
-    baseline_steps: int = 5
-    baseline_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    dampings: tuple[float, ...] = (3.0, 1.0, 0.3, 0.1, 0.03)  # ≤ 0.01 overshot in every setting tried
+    # baselines: `baseline_epochs` passes of Adam over the edited (or corrected) examples in mini-batches of
+    # `batch_size`, the lr picked from the method's grid on validation data
+    baseline_epochs: int = 2
+    baseline_lrs: dict = field(default_factory=lambda: {"gradient-ascent": (3e-5, 1e-4), "npo": (3e-5, 1e-4),
+                                                        "fine-tune-corrected": (1e-4, 1e-3)})
+    npo_beta: float = 0.1
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in self.settings:
+        for name in (*self.settings, *self.more_seeds, *self.study_settings):
             parse_setting(name)
-        unknown = sorted(set(self.methods) - set(METHODS))
+        unknown = sorted((set(self.methods) | set(self.study_methods)) - set(METHODS))
         if unknown:
             raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
         if "retrain" not in self.methods:
             raise ConfigError("every benchmark needs the 'retrain' method: it is the reference of every metric")
-        if not self.seeds or not self.dampings or not self.baseline_lrs:
-            raise ConfigError("seeds, dampings and baseline_lrs must not be empty")
+        if not self.seeds or not self.dampings or not all(self.baseline_lrs.get(m) for m in BASELINES):
+            raise ConfigError(f"seeds, dampings and baseline_lrs of {', '.join(BASELINES)} must not be empty")
+        if self.baseline_epochs < 1 or not self.npo_beta > 0:
+            raise ConfigError("baseline_epochs must be ≥ 1 and npo_beta > 0")
+
+
+def plan(args: BenchArguments) -> list[tuple[str, int, tuple[str, ...]]]:
+    """The (setting, seed, methods) jobs of a run, most informative first: every setting on `seeds` with
+    `methods` (plus `study_methods` on the first seed of `study_settings`), then `more_seeds`."""
+    jobs = []
+    for seed in args.seeds:
+        for name in args.settings:
+            extra = args.study_methods if seed == args.seeds[0] and name in args.study_settings else ()
+            jobs.append((name, seed, tuple(dict.fromkeys((*args.methods, *extra)))))
+    for name in args.settings:
+        jobs += [(name, seed, args.methods) for seed in args.more_seeds.get(name, ()) if seed not in args.seeds]
+    return jobs
 
 
 def parse_setting(name: str) -> tuple[str, float]:
@@ -145,9 +175,13 @@ def make_setting(name: str, seed: int, train: Sequence[Example]) -> Setting:
 
 
 class PeakMemory:
-    """Peak resident memory above the level at entry, in MiB, sampled every 5 ms from /proc (Linux; else NaN)."""
+    """Peak resident memory above the level at entry, in MiB, sampled every 5 ms from /proc (Linux; else NaN).
+
+    On entry freed heap memory is handed back to the OS (glibc `malloc_trim`), so that what an earlier method
+    freed but the allocator kept does not hide this one's allocations."""
 
     def __enter__(self) -> PeakMemory:
+        _trim_heap()
         self.start = self.peak = _rss_mib()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -166,6 +200,15 @@ class PeakMemory:
     @property
     def mib(self) -> float:
         return self.peak - self.start
+
+
+def _trim_heap() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measure stays a lower bound
+        pass
 
 
 def _rss_mib() -> float:
@@ -193,6 +236,7 @@ class Bench:
         self.model.eval()
         self.view = ParamView(self.model)
         self._finetuned: dict[tuple, tuple[torch.Tensor, float, float]] = {}
+        self._evaluated: dict[tuple, dict] = {}
 
     # ------------------------------------------------------------------------------------------- fine-tuning
     def init(self, seed: int) -> torch.Tensor:
@@ -218,8 +262,12 @@ class Bench:
 
     # ----------------------------------------------------------------------------------------------- scoring
     def evaluate(self, theta: torch.Tensor, examples: list[Example]) -> dict:
-        self.view.set_vector(theta)
-        return evaluate(self.model, self.task, examples)
+        """`metrics.evaluate` at θ, memoised on (θ, examples): the retrained θ is scored once per split."""
+        key = (hashlib.sha256(theta.detach().cpu().numpy().tobytes()).hexdigest(), examples_hash(examples))
+        if key not in self._evaluated:
+            self.view.set_vector(theta)
+            self._evaluated[key] = evaluate(self.model, self.task, examples)
+        return self._evaluated[key]
 
     def valid_kl(self, theta: torch.Tensor, reference: list[float]) -> float:
         return binary_kl(reference, list(self.evaluate(theta, self.splits["valid"])["p_yes"].values()))
@@ -299,34 +347,59 @@ def _equal_budget(solver: str, a: BenchArguments, top: float, rhs: torch.Tensor)
     return {"max_iters": steps, "check_every": steps, "batch_size": max(1, a.curvature_samples // 4), **step}
 
 
-def _descend(bench: Bench, theta: torch.Tensor, examples: list[Example], sign: float, lr: float,
-             steps: int) -> tuple[torch.Tensor, float]:
-    """`steps` full-batch Adam steps on sign · mean ℓ(examples) from θ (sign −1: gradient ascent), the gradient
-    accumulated over chunks of `batch_size` examples so memory does not grow with the request; and the seconds."""
+Objective = Callable[[torch.Tensor, list[Example]], torch.Tensor]
+
+
+def _descend(bench: Bench, theta: torch.Tensor, examples: list[Example], objective: Objective, lr: float,
+             seed: int) -> tuple[torch.Tensor, float]:
+    """Adam from θ on mean objective(ℓ(batch), batch): `baseline_epochs` passes over `examples` in mini-batches of
+    `batch_size`, in the seeded id-hash order of fine-tuning; returns θ and the seconds."""
     start = time.perf_counter()
+    a = bench.args
     bench.view.set_vector(theta)
     opt = torch.optim.Adam(bench.view.params, lr=lr)
-    size = bench.args.batch_size
-    chunks = [bench.task.collate(examples[i:i + size]) for i in range(0, len(examples), size)]
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        for batch in chunks:
-            (sign * per_example_loss(bench.task, bench.model, batch).sum() / len(examples)).backward()
-        opt.step()
+    for epoch in range(a.baseline_epochs):
+        order = [examples[i] for i in epoch_order(examples, seed, epoch)]
+        for i in range(0, len(order), a.batch_size):
+            chunk = order[i:i + a.batch_size]
+            opt.zero_grad(set_to_none=True)
+            objective(per_example_loss(bench.task, bench.model, bench.task.collate(chunk)), chunk).mean().backward()
+            opt.step()
     opt.zero_grad(set_to_none=True)
     return bench.view.vector(), time.perf_counter() - start
 
 
+def _objective(bench: Bench, run: Run, name: str) -> tuple[list[Example], Objective]:
+    """The examples and per-example objective of a baseline.
+
+    gradient-ascent: −ℓ on the edited examples. fine-tune-corrected: ℓ on the corrected ones. npo (Zhang et al.
+    2024, negative preference optimisation): (2/β) softplus(β (ℓ_ref − ℓ)) on the edited examples, with
+    log π = −ℓ (the mean token log-likelihood of the response) and ℓ_ref the loss at θ̂: its gradient at θ̂ is
+    gradient ascent's, and it fades as an example's loss rises above its reference.
+    """
+    if name == "fine-tune-corrected":
+        return run.setting.corrected, lambda loss, chunk: loss
+    if name == "gradient-ascent":
+        return run.setting.edited, lambda loss, chunk: -loss
+    ref, beta = bench.evaluate(run.theta, run.setting.edited)["losses"], bench.args.npo_beta
+
+    def npo(loss: torch.Tensor, chunk: list[Example]) -> torch.Tensor:
+        reference = torch.tensor([ref[e.id] for e in chunk], dtype=loss.dtype)
+        return 2 / beta * F.softplus(beta * (reference - loss))
+
+    return run.setting.edited, npo
+
+
 def _baseline(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
-    a = bench.args
-    examples, sign = ((run.setting.edited, -1.0) if name == "gradient-ascent" else (run.setting.corrected, 1.0))
+    lrs = bench.args.baseline_lrs[name]
     start = time.perf_counter()
-    candidates = [_descend(bench, run.theta, examples, sign, lr, a.baseline_steps) for lr in a.baseline_lrs]
+    examples, objective = _objective(bench, run, name)
+    candidates = [_descend(bench, run.theta, examples, objective, lr, run.setting.seed) for lr in lrs]
     kls = [bench.valid_kl(theta, run.retrain_valid_p) for theta, _ in candidates]
     best = min(range(len(kls)), key=kls.__getitem__)
     theta, seconds = candidates[best]  # its own run's time; the grid's total is the tuning time
     return theta, {"gradients": seconds, "solve": 0.0, "total": seconds, "tuning": time.perf_counter() - start,
-                   "lr": a.baseline_lrs[best], "tuning_kl": kls}
+                   "lr": lrs[best], "tuning_kl": kls}
 
 
 def run_method(bench: Bench, run: Run, name: str) -> dict | None:
@@ -352,7 +425,7 @@ def _run(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
         return run.theta, {"total": 0.0}
     if name == "retrain":
         return run.theta_retrain, {"gradients": run.retrain_seconds, "solve": 0.0, "total": run.retrain_seconds}
-    if name in ("gradient-ascent", "fine-tune-corrected"):
+    if name in BASELINES:
         return _baseline(bench, run, name)
     return _influence(bench, run, name)
 
@@ -369,24 +442,27 @@ def run_benchmark(args: BenchArguments, out: str | Path, *, base_model=None, tok
     bench = Bench(args, splits, base_model, tokenizer)
     rows: list[dict] = []
     started = time.perf_counter()
-    jobs = [(name, seed) for seed in args.seeds for name in args.settings]
-    for name, seed in tqdm(jobs, desc="settings", disable=not args.progress):
+    jobs = plan(args)
+    result: dict = {}
+    for i, (name, seed, methods) in enumerate(tqdm(jobs, desc="settings", disable=not args.progress)):
         setting = make_setting(name, seed, splits["train"])
         theta, _, _ = bench.fit(setting.train, seed)
         theta_retrain, retrain_seconds, retrain_mib = bench.fit(setting.clean, seed)
         run = Run(setting, theta, theta_retrain, retrain_seconds, retrain_mib,
                   list(bench.evaluate(theta_retrain, splits["valid"])["p_yes"].values()),
                   list(bench.evaluate(theta_retrain, splits["test"])["p_yes"].values()))
-        for method in args.methods:
+        for method in methods:
             row = run_method(bench, run, method)
             if row is not None:
                 rows.append(row)
-    result = {"commit": git_commit(), "arguments": dataclasses.asdict(args), "rows": rows,
-              "seconds": time.perf_counter() - started,
-              "sizes": {k: len(v) for k, v in splits.items()}, "n_params": bench.view.dim}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", result)
-    atomic_write_text(out / "tables.md", tables(rows))
+        # written after every job, so a long run that stops keeps what it finished ("complete" says which)
+        result = {"commit": git_commit(), "arguments": dataclasses.asdict(args), "rows": rows,
+                  "complete": i + 1 == len(jobs), "jobs": [list(j[:2]) for j in jobs[:i + 1]],
+                  "seconds": time.perf_counter() - started,
+                  "sizes": {k: len(v) for k, v in splits.items()}, "n_params": bench.view.dim}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "results.json", result)
+        atomic_write_text(out / "tables.md", tables(rows))
     plot(rows, out)
     return result
 
