@@ -119,6 +119,22 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
     check_adapter_dir(args.adapter)
     train, request = load_examples(args.train), load_request(args.request)
+    ledger = None
+    if args.ledger:
+        from llmeraser.ledger import Ledger
+
+        ledger = Ledger(args.ledger)
+        done = ledger.find(request)
+        if done is not None and done.status == "applied":  # idempotent, keyed by the request's hash
+            print(f"request {request.hash[:12]}… is already applied (#{done.seq}, {done.updated}): "
+                  f"{done.output_adapter}; nothing to do")
+            return 0
+        recovered = ledger.recover(request)
+        if recovered is not None:
+            print(f"request {request.hash[:12]}…: the previous run wrote {recovered.output_adapter} completely "
+                  f"but stopped before recording it; recorded now (#{recovered.seq}), nothing recomputed")
+            return 0
+        train = ledger.prepare(args.adapter, train, request)  # the training set after the applied requests
     resolve(request, train)  # a request that does not fit the data fails before any model is loaded
     record = _read_record(args.adapter)
     given = pick(args, EraserArguments, skip=("solver_args", "progress"))
@@ -128,16 +144,58 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     eraser_args = EraserArguments(**given, solver_args=solver_arguments(solver, **pick(args, _solver_cls(),
                                                                                        prefix="solver-")),
                                   progress=not args.quiet)
-    base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
-    model = load_adapter(base, args.adapter)
-    update = unlearn(model, _task(tokenizer, max_length), train, request, eraser_args)
-    update.report["task"] = {**record, "max_length": max_length, "l2": eraser_args.l2}
-    save_unlearned(model, args.out, update, input_adapter=args.adapter)
+    seq = ledger.begin(request, train, args.adapter, args.out) if ledger else None
+    try:
+        base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
+        model = load_adapter(base, args.adapter)
+        update = unlearn(model, _task(tokenizer, max_length), train, request, eraser_args)
+        update.report["task"] = {**record, "max_length": max_length, "l2": eraser_args.l2}
+        save_unlearned(model, args.out, update, input_adapter=args.adapter,
+                       before_rename=(lambda tmp: ledger.stage(seq, tmp)) if ledger else None)
+        if ledger:
+            ledger.finish(seq, update.report)
+    except BaseException as e:
+        if ledger:
+            ledger.fail(seq, e)
+        raise
     r = update.report
     status = "converged" if r["converged"] else "NOT converged (see report)"
     print(f"unlearned {sum(r['ops'].values())} edits {r['ops']} with {r['method']}/{r['solver']}, damping "
           f"{r['damping']:g}: residual {r['solve']['residual']:.2e} ({status}), ‖Δθ‖ = {r['delta_norm']:.4g}, "
-          f"{r['seconds']['total']:.1f} s\nadapter: {args.out}\nreport:  {Path(args.out) / 'report.json'}")
+          f"{r['seconds']['total']:.1f} s\nadapter: {args.out}\nreport:  {Path(args.out) / 'report.json'}"
+          + (f"\nledger:  {args.ledger} (request #{seq})" if ledger else ""))
+    return 0
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    from llmeraser.ledger import Ledger
+
+    with Ledger(args.dir, create=False) as ledger:
+        if args.action == "show":
+            root = ledger.root() or {}
+            print(f"lineage root: {root.get('root_adapter')} (sha256 {str(root.get('root_sha256'))[:12]}…), "
+                  f"training set {str(root.get('train_sha256'))[:12]}… ({root.get('n_train')} examples), "
+                  f"since {root.get('created')}\n")
+            rows = [{"seq": e.seq, "time": e.updated, "status": e.status, "request": e.request_sha256[:12],
+                     "edits": " ".join(f"{k}={v}" for k, v in e.request.counts().items() if v),
+                     "input": e.input_sha256[:12], "output": (e.output_sha256 or e.staged_sha256 or "")[:12],
+                     "solver": f"{e.report['method']}/{e.report['solver']}" if e.report else "",
+                     "residual": e.report["solve"]["residual"] if e.report else float("nan"),
+                     "note": e.error or (e.output_adapter if e.status == "applied" else "")}
+                    for e in ledger.entries()]
+            print(format_table(rows, [("seq", "#", "d"), ("time", "updated (UTC)", ""), ("status", "status", ""),
+                                      ("request", "request", ""), ("edits", "edits", ""), ("input", "input", ""),
+                                      ("output", "output", ""), ("solver", "solver", ""),
+                                      ("residual", "residual", ".1e"), ("note", "output folder / error", "")])
+                  if rows else "no requests yet")
+            return 0
+        problems = ledger.verify()
+        applied = len(ledger.entries("applied"))
+    if problems:
+        print("\n".join(f"MISMATCH {p}" for p in problems))
+        print(f"ledger {args.dir}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"ledger {args.dir}: the root and {applied} applied request(s) match their recorded sha256")
     return 0
 
 
@@ -270,7 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--l2", type=float, default=None, help="the L2 coefficient of the fine-tuning objective "
                                                               "(default: the adapter's report.json, else 0)")
     add_fields(p, _solver_cls(), prefix="solver-", keep_default=False)
+    p.add_argument("--ledger", default=None, metavar="DIR",
+                   help="record the request in the ledger in DIR (created on first use; its root is --adapter). "
+                        "With a ledger, --train is the ORIGINAL training set: the applied requests are replayed "
+                        "on it, --adapter must be the lineage's head, an applied request is a no-op")
     p.set_defaults(func=cmd_unlearn)
+
+    p = sub.add_parser("ledger", formatter_class=fmt, help="show or verify the history of an adapter lineage",
+                       description="show: every request of the lineage (status, hashes, solver, residual). verify: "
+                                   "recompute the sha256 of the root and of every applied output adapter and check "
+                                   "the chain; exit 1 on any mismatch.",
+                       epilog="example: llmeraser ledger verify runs/ledger")
+    p.add_argument("action", choices=["show", "verify"], help="what to do")
+    p.add_argument("dir", help="the ledger folder (given to 'unlearn --ledger')")
+    p.set_defaults(func=cmd_ledger)
 
     p = sub.add_parser("evaluate", help="response loss per example, and AUC/accuracy for Yes/No data",
                        description="Evaluate a base model (+ adapter) on a JSONL file.",

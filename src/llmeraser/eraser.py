@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -209,10 +210,12 @@ def unlearn(model: torch.nn.Module, task: Task, train: Sequence[Example], reques
     return update
 
 
-def save_unlearned(model, out: str, update: Update, *, input_adapter: str | None = None) -> None:
-    """Write the unlearned adapter, `report.json` and `request.json` to `out` atomically (never over the input)."""
+def save_unlearned(model, out: str, update: Update, *, input_adapter: str | None = None,
+                   before_rename: Callable[[Path], None] | None = None) -> None:
+    """Write the unlearned adapter, `report.json` and `request.json` to `out` atomically (never over the input);
+    `before_rename(tmp)` runs on the finished folder just before it is renamed into place."""
     report = dict(update.report)
     if input_adapter is not None:
         report["input_adapter_sha256"] = adapter_hash(input_adapter)
     save_adapter(model, out, protect=(input_adapter,) if input_adapter else (), report=report,
-                 files={"request.json": update.request.to_dict()})
+                 files={"request.json": update.request.to_dict()}, before_rename=before_rename)

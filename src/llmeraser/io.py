@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from llmeraser.errors import UserInputError
@@ -58,11 +58,13 @@ def check_new_output(out: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, *, protect: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
+def atomic_dir(out: str | os.PathLike, *, protect: tuple[str | os.PathLike, ...] = (),
+               before_rename: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a fresh temporary folder; on success rename it to `out`, on any error delete it.
 
     Refuses an `out` that exists and is not empty, and an `out` that is (or lies inside) one of `protect`
-    (e.g. the input adapter): inputs are never overwritten.
+    (e.g. the input adapter): inputs are never overwritten. `before_rename(tmp)` runs on the finished, synced
+    folder just before the rename (the ledger records the output's hash there).
     """
     out = Path(out).resolve()  # resolve, not absolute: '..' and symlinks must not sneak into a protected input
     for p in protect:
@@ -79,6 +81,8 @@ def atomic_dir(out: str | os.PathLike, *, protect: tuple[str | os.PathLike, ...]
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        if before_rename is not None:
+            before_rename(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(tmp, out)

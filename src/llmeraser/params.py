@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -116,11 +116,13 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLike, *,
 
 
 def save_adapter(model, out: str | os.PathLike, *, protect: tuple[str | os.PathLike, ...] = (),
-                 report: Mapping[str, object] | None = None, files: Mapping[str, object] | None = None) -> Path:
+                 report: Mapping[str, object] | None = None, files: Mapping[str, object] | None = None,
+                 before_rename: Callable[[Path], None] | None = None) -> Path:
     """Save a PEFT model's adapter (safetensors), `report.json` and other JSON `files` into `out`, atomically.
 
     The folder is built under a temporary name and renamed into place, so `out` either does not exist or is
-    complete. `protect` lists inputs (e.g. the input adapter) that `out` may not overwrite. The report gets the
+    complete. `protect` lists inputs (e.g. the input adapter) that `out` may not overwrite; `before_rename(tmp)`
+    runs on the finished folder just before it is renamed into place. The report gets the
     key `adapter_sha256`, the hash of the weights file written beside it.
     """
     if not hasattr(model, "save_pretrained") or not hasattr(model, "peft_config"):
@@ -128,7 +130,7 @@ def save_adapter(model, out: str | os.PathLike, *, protect: tuple[str | os.PathL
     for name, p in model.named_parameters():
         if p.requires_grad and not torch.isfinite(p).all():
             raise AdapterError(f"refusing to save: parameter {name} holds non-finite values")
-    with atomic_dir(out, protect=protect) as tmp:
+    with atomic_dir(out, protect=protect, before_rename=before_rename) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         if report is not None:
             atomic_write_json(tmp / "report.json", {**report, "adapter_sha256": adapter_hash(tmp)})
