@@ -40,6 +40,15 @@ class Example:
         return {"id": self.id, "prompt": self.prompt, "response": self.response, **extra}
 
 
+def _is_unicode(text: str | None) -> bool:
+    """False for a string Python holds but UTF-8 cannot encode (JSON escapes like \\ud800 produce them)."""
+    try:
+        text is None or text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -68,6 +77,8 @@ def parse_examples(lines: Iterable[str], source: str = "<memory>") -> list[Examp
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, found {_type_name(obj)}")
         for name in FIELDS:
@@ -75,6 +86,9 @@ def parse_examples(lines: Iterable[str], source: str = "<memory>") -> list[Examp
                 raise DataError(f"{where}: missing field {name!r}")
             if not isinstance(obj[name], str):
                 raise DataError(f"{where}: field {name!r} must be a string, found {_type_name(obj[name])}")
+        for name, value in obj.items():
+            if not _is_unicode(name) or (isinstance(value, str) and not _is_unicode(value)):
+                raise DataError(f"{where}: field {name!r} is not valid Unicode (a lone surrogate such as \\ud800)")
         ex_id = obj["id"]
         if not ex_id:
             raise DataError(f"{where}: field 'id' is empty")

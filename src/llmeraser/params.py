@@ -83,8 +83,15 @@ def check_adapter_dir(path: str | os.PathLike) -> Path:
         raise AdapterError(f"{str(path)!r} has no {ADAPTER_WEIGHTS}{extra}")
     try:
         json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise AdapterError(f"{str(path / 'adapter_config.json')!r} is not valid JSON: {e}") from e
+    from safetensors import SafetensorError, safe_open
+
+    try:  # reads the header only
+        with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{str(path / ADAPTER_WEIGHTS)!r} is not a readable safetensors file: {e}") from e
     return path
 
 
@@ -103,11 +110,12 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLike, *,
     Raises AdapterError for a missing or malformed adapter, one made for another base model, or non-finite weights.
     """
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     path = check_adapter_dir(adapter_dir)
     try:
         model = PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
-    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError, SafetensorError) as e:
         raise AdapterError(f"adapter {str(path)!r} does not fit the base model: {_error_detail(e)}") from e
     for name, p in model.named_parameters():
         if p.requires_grad and not torch.isfinite(p).all():

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmeraser.data import Example
+from llmeraser.data import Example, _is_unicode
 from llmeraser.errors import RequestError
 from llmeraser.io import canonical_json, sha256_bytes
 
@@ -65,6 +65,9 @@ class Edit:
                 raise RequestError(f"op {self.op!r} needs a string {name!r}, found {_type_name(value)}")
             if name != needed and value is not None:
                 raise RequestError(f"op {self.op!r} takes no {name!r}")
+        for name in ("id", "prompt", "response"):
+            if not _is_unicode(getattr(self, name)):
+                raise RequestError(f"{name!r} is not valid Unicode (a lone surrogate such as \\ud800)")
 
     def to_dict(self) -> dict:
         """Return the JSON object of this edit (only the keys its op uses)."""
@@ -199,6 +202,8 @@ def load_request(path: str | os.PathLike) -> Request:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise RequestError(f"{name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise RequestError(f"{name}: JSON nested too deeply") from None
     try:
         return Request.from_dict(obj)
     except RequestError as e:
