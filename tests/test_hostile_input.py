@@ -51,7 +51,8 @@ def _files(paths: list[Path]) -> dict[str, bytes]:
 
 
 def refused(capsys, world: Path, *, request: bytes | None = None, train: bytes | None = None,
-            adapter: Path | None = None, base: Path | None = None, ledger: bool = False) -> str:
+            adapter: Path | None = None, base: Path | None = None, ledger: bool = False,
+            extra: list[str] | None = None) -> str:
     """Run `unlearn` on the given inputs; assert exit 2, one error line, inputs unchanged, no output."""
     work = Path(tempfile.mkdtemp(dir=world))
     try:
@@ -68,6 +69,7 @@ def refused(capsys, world: Path, *, request: bytes | None = None, train: bytes |
                 "--request", str(req), "--out", str(work / "out"), "--quiet"]
         if ledger:
             argv += ["--ledger", str(work / "ledger")]
+        argv += extra or []
         capsys.readouterr()
         code = main(argv)
         captured = capsys.readouterr()
@@ -185,3 +187,23 @@ def test_lone_surrogates_are_refused(world, capsys, ledger):
                                           ledger=ledger)
     line = b'{"id": "x\\udfff", "prompt": "p", "response": " Yes"}'
     assert "not valid Unicode" in refused(capsys, world, train=line, ledger=ledger)
+
+
+# --------------------------------------------------------------------------------------------- resource guard
+def test_resource_guard_refuses_what_cannot_fit(world, capsys, monkeypatch):
+    """With (simulated) 1 KiB of free memory, a dense solve and a per-example gradient matrix are refused before any
+    work, and the message names the option that fits; with the real memory they run."""
+    import llmeraser.resources as resources
+    from llmeraser.curvature import per_example_gradients
+    from llmeraser.task import CausalLMTask
+    from llmeraser.testing import tiny_lora
+
+    tok = tiny_tokenizer()
+    model = tiny_lora(tiny_llama(len(tok), init_std=0.3), r=2)
+    task, examples = CausalLMTask(tok, max_length=24), fact_examples(40, seed=3)
+    assert per_example_gradients(model, task, examples).shape[0] == 40
+    monkeypatch.setattr(resources, "available_bytes", lambda: 2**10)
+    with pytest.raises(resources.ResourceError, match=r"per-example gradients \(40 examples.*--solver cg"):
+        per_example_gradients(model, task, examples)
+    err = refused(capsys, world, request=b'{"edits": [{"op": "remove", "id": "ex0"}]}', extra=["--solver", "dense"])
+    assert "solver 'dense'" in err and "available" in err and "--solver cg" in err

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from llmeraser.data import Example
 from llmeraser.errors import ConfigError
 from llmeraser.params import ParamView
+from llmeraser.resources import require
 from llmeraser.task import Batch, Task, per_example_loss
 
 logger = logging.getLogger(__name__)
@@ -69,17 +70,20 @@ def per_example_gradients(model: torch.nn.Module, task: Task, examples: Sequence
     if method not in ("vmap", "loop"):
         raise ConfigError(f"per-example gradient method must be 'vmap' or 'loop', got {method!r}")
     view = ParamView(model)
-    rows = []
+    itemsize = torch.empty(0, dtype=view.dtype).element_size()
+    # the (N, p) result, plus a chunk's gradients and their copies inside vmap
+    require((len(examples) + 4 * chunk_size) * view.dim * itemsize,
+            f"per-example gradients ({len(examples):,} examples × {view.dim:,} parameters)",
+            "use fewer examples or a solver built on Hessian-vector products (--solver cg), which never stores them")
+    out = torch.empty(len(examples), view.dim, dtype=view.dtype, device=view.device)
     for idx in tqdm(_batches(examples, chunk_size), desc="per-example gradients", disable=not progress, leave=False):
         chunk = [examples[i] for i in idx]
         if method == "loop":
-            rows += [view.flatten(_grad(per_example_loss(task, model, task.collate([e])).sum(), view.params))
-                     for e in chunk]
+            for i, e in zip(idx, chunk, strict=True):
+                out[i] = view.flatten(_grad(per_example_loss(task, model, task.collate([e])).sum(), view.params))
         else:
-            rows.append(_vmap_grads(model, task, task.collate(chunk), view))
-    if not rows:
-        return torch.zeros(0, view.dim, dtype=view.dtype, device=view.device)
-    return torch.cat([r.reshape(-1, view.dim) for r in rows])
+            out[idx] = _vmap_grads(model, task, task.collate(chunk), view).reshape(-1, view.dim)
+    return out
 
 
 class _LossOfRow(torch.nn.Module):

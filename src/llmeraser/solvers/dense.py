@@ -15,6 +15,7 @@ import time
 import torch
 
 from llmeraser.errors import ResourceError, SolverError
+from llmeraser.resources import require
 from llmeraser.solvers.base import (
     CountingOperator,
     LinearOperator,
@@ -59,7 +60,7 @@ def solve(op: LinearOperator, b: torch.Tensor, damping: float, args: SolverArgum
         MatrixOperator, plus one for the reported residual).
 
     Raises:
-        ResourceError: op.dim > args.max_dense_dim.
+        ResourceError: op.dim > args.max_dense_dim, or the matrices would not fit in the available memory.
         SolverError: the solution is non-finite.
     """
     start = time.perf_counter()
@@ -69,6 +70,9 @@ def solve(op: LinearOperator, b: torch.Tensor, damping: float, args: SolverArgum
     if op.dim > args.max_dense_dim:
         raise ResourceError(f"solver 'dense' would build a {op.dim} × {op.dim} matrix but the limit "
                             f"(max_dense_dim) is {args.max_dense_dim}; use `--solver cg` instead")
+    # the matrix, its damped float64 copy and the LU factors: three dim × dim float64 arrays
+    require(3 * op.dim**2 * 8, f"solver 'dense' ({op.dim:,} × {op.dim:,} matrix in float64)",
+            "use --solver cg (Hessian-vector products, memory linear in the parameters)")
     counter = CountingOperator(op)
     a = materialise(counter).to(torch.float64)
     a = a + damping * torch.eye(op.dim, dtype=torch.float64, device=a.device)
