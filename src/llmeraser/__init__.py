@@ -22,6 +22,7 @@ from llmeraser.errors import (
     UserInputError,
 )
 from llmeraser.finetune import FinetuneArguments, FinetuneResult, finetune
+from llmeraser.ledger import Ledger, LedgerError
 from llmeraser.params import ParamView, adapter_hash, load_adapter, save_adapter
 from llmeraser.request import Edit, Request, apply_request, load_request, resolve
 from llmeraser.solvers.api import get_solver, solve, solver_arguments
@@ -32,7 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError", "CausalLMTask", "ConfigError", "CurvatureOperator", "DataError", "Edit", "EraserArguments",
-    "Example", "FinetuneArguments", "FinetuneResult", "LLMEraserError", "LinearOperator", "MatrixOperator",
+    "Example", "FinetuneArguments", "FinetuneResult", "LLMEraserError", "Ledger", "LedgerError", "LinearOperator",
+    "MatrixOperator",
     "ParamView", "Request", "RequestError", "ResourceError", "SolveResult", "SolverArguments", "SolverError", "Task",
     "UnlearningProblem", "Update", "UserInputError", "adapter_hash", "apply_request", "compute_update",
     "damping_path", "examples_hash", "finetune",
