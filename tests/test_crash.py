@@ -17,11 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from fixtures.tiny import fact_examples, tiny_llama, tiny_tokenizer
+from fixtures.tiny import tiny_lineage
 
 from llmeraser.cli import main
-from llmeraser.data import save_examples
 from llmeraser.ledger import Ledger
 from llmeraser.params import ADAPTER_WEIGHTS, adapter_hash
 
@@ -48,13 +46,7 @@ def _state(root: Path) -> tuple[str | None, str | None]:
 
 
 def test_sigkill_at_random_points_never_leaves_a_half_applied_request(tmp_path):
-    tok = tiny_tokenizer()
-    tiny_llama(len(tok), dtype=torch.float32, init_std=0.3).save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    save_examples(fact_examples(12, seed=1), tmp_path / "train.jsonl")
-    assert main(["finetune", "--base-model", str(tmp_path / "base"), "--train", str(tmp_path / "train.jsonl"),
-                 "--out", str(tmp_path / "in"), "--epochs", "1", "--lora-r", "1", "--lora-targets", "q_proj",
-                 "--max-length", "24", "--quiet"]) == 0
+    tiny_lineage(tmp_path, "in")
     (tmp_path / "request.json").write_text('{"edits": [{"op": "remove", "id": "ex0"}]}')
     original = _snapshot(tmp_path / "in")
     cmd = [sys.executable, "-m", "llmeraser", "unlearn", "--base-model", str(tmp_path / "base"), "--adapter",
@@ -106,13 +98,7 @@ def test_kill_inside_the_write_window(tmp_path, monkeypatch, when):
     BaseException subclasses that the CLI does not catch, then resetting the status to pending as SIGKILL would."""
     import llmeraser.io as io
 
-    tok = tiny_tokenizer()
-    tiny_llama(len(tok), dtype=torch.float32, init_std=0.3).save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    save_examples(fact_examples(12, seed=1), tmp_path / "train.jsonl")
-    assert main(["finetune", "--base-model", str(tmp_path / "base"), "--train", str(tmp_path / "train.jsonl"),
-                 "--out", str(tmp_path / "in"), "--epochs", "1", "--lora-r", "1", "--lora-targets", "q_proj",
-                 "--quiet"]) == 0
+    tiny_lineage(tmp_path, "in")
     (tmp_path / "request.json").write_text('{"edits": [{"op": "remove", "id": "ex0"}]}')
     argv = ["unlearn", "--base-model", str(tmp_path / "base"), "--adapter", str(tmp_path / "in"), "--train",
             str(tmp_path / "train.jsonl"), "--request", str(tmp_path / "request.json"), "--out", str(tmp_path / "out"),

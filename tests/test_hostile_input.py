@@ -13,14 +13,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
-from fixtures.tiny import fact_examples, tiny_llama, tiny_tokenizer
+from fixtures.tiny import fact_examples, tiny_lineage, tiny_llama, tiny_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from llmeraser.cli import main
-from llmeraser.data import save_examples
 from llmeraser.params import ADAPTER_WEIGHTS
 
 TRAIN_IDS = [e.id for e in fact_examples(12, seed=1)]
@@ -30,14 +28,9 @@ TRAIN_IDS = [e.id for e in fact_examples(12, seed=1)]
 def world(tmp_path_factory):
     """A tiny base model folder, its training set and an adapter fine-tuned on it; and a second, wider base model."""
     root = tmp_path_factory.mktemp("hostile")
-    tok = tiny_tokenizer()
-    tiny_llama(len(tok), dtype=torch.float32, init_std=0.3).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    tiny_llama(len(tok), hidden=32, dtype=torch.float32, init_std=0.3).save_pretrained(root / "other")
-    tok.save_pretrained(root / "other")
-    save_examples(fact_examples(12, seed=1), root / "train.jsonl")
-    assert main(["finetune", "--base-model", str(root / "base"), "--train", str(root / "train.jsonl"), "--out",
-                 str(root / "adapter"), "--epochs", "1", "--lora-r", "1", "--lora-targets", "q_proj", "--quiet"]) == 0
+    tiny_lineage(root)
+    (root / "wide").mkdir()
+    tiny_lineage(root / "wide", hidden=32)  # another base model (wider)
     return root
 
 
@@ -159,7 +152,7 @@ def test_non_finite_adapter_weights_are_refused(world, capsys, tmp_path, value):
 
 
 def test_an_adapter_for_another_base_model_is_refused(world, capsys):
-    assert "does not fit the base model" in refused(capsys, world, base=world / "other")
+    assert "does not fit the base model" in refused(capsys, world, base=world / "wide" / "base")
 
 
 def test_a_request_for_another_training_set_is_refused(world, capsys):

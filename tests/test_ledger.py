@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 import torch
 from fixtures.tabular import TabularTask, linear_model, make_examples, regression_data, ridge_solution
-from fixtures.tiny import fact_examples, tiny_llama, tiny_tokenizer
+from fixtures.tiny import fact_examples, tiny_lineage
 
 from llmeraser.cli import main
 from llmeraser.data import save_examples
@@ -100,14 +100,8 @@ def test_sequential_close_to_union_on_a_tiny_lm(method, rule_lm):
 # --------------------------------------------------------------------------------------------------- the CLI
 @pytest.fixture()
 def lineage(tmp_path):
-    """A tiny base model folder, a training set and a fine-tuned adapter (through the CLI)."""
-    tok = tiny_tokenizer()
-    tiny_llama(len(tok), dtype=torch.float32, init_std=0.3).save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    save_examples(fact_examples(12, seed=1), tmp_path / "train.jsonl")
-    assert main(["finetune", "--base-model", str(tmp_path / "base"), "--train", str(tmp_path / "train.jsonl"),
-                 "--out", str(tmp_path / "a0"), "--epochs", "1", "--lora-r", "1", "--lora-targets", "q_proj",
-                 "--max-length", "24", "--quiet"]) == 0
+    """A tiny base model folder, a training set and a fine-tuned adapter `a0` (through the CLI)."""
+    tiny_lineage(tmp_path, "a0")
     return tmp_path
 
 
