@@ -112,6 +112,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from llmeraser.data import load_examples
     from llmeraser.eraser import EraserArguments, save_unlearned, unlearn
+    from llmeraser.io import check_new_output
     from llmeraser.models import load_base_model
     from llmeraser.params import check_adapter_dir, load_adapter
     from llmeraser.request import load_request, resolve
@@ -136,6 +137,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             return 0
         train = ledger.prepare(args.adapter, train, request)  # the training set after the applied requests
     resolve(request, train)  # a request that does not fit the data fails before any model is loaded
+    check_new_output(args.out)  # and so does an output folder that is taken
     record = _read_record(args.adapter)
     given = pick(args, EraserArguments, skip=("solver_args", "progress"))
     given.setdefault("l2", record.get("l2", 0.0))
