@@ -479,7 +479,7 @@ def git_commit() -> str:
 COLUMNS = [("test_auc", "test AUC", ".4f"), ("test_acc", "test acc", ".3f"), ("test_kl", "KL→retrain", ".4f"),
            ("edited_loss", "edited loss", ".3f"), ("corrected_loss", "corrected loss", ".3f"),
            ("mia_auc", "MIA AUC", ".3f"), ("delta_norm", "‖Δθ‖", ".3f"), ("cosine", "cos→retrain", ".3f"),
-           ("damping", "λ", "g"), ("residual", "residual", ".1e"),
+           ("damping", "λ", ".2g"), ("residual", "residual", ".1e"),
            ("total", "seconds", ".1f"), ("time_ratio", "time/retrain", ".3f"), ("tuning", "tuning s", ".0f"),
            ("peak_mib", "peak MiB", ".0f")]
 
