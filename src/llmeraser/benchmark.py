@@ -301,8 +301,7 @@ class Run:
     retrain_mib: float
     retrain_valid_p: list[float]
     retrain_test_p: list[float]
-    tuned: dict = field(default_factory=dict)  # method kind → chosen hyper-parameter (shared by its solvers)
-    problems: dict = field(default_factory=dict)
+    problems: dict = field(default_factory=dict)  # variant → (problem, cg update at the chosen λ, tuning record)
 
 
 # ----------------------------------------------------------------------------------------------------- methods

@@ -35,7 +35,6 @@ from llmeraser.params import ADAPTER_WEIGHTS, adapter_hash
 from llmeraser.request import Request, apply_request, resolve
 
 FILE = "ledger.sqlite"
-STATUSES = ("pending", "applied", "failed")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS lineage (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -70,7 +69,7 @@ class LedgerError(UserInputError):
 
 
 class LedgerMismatch(LLMEraserRuntimeError):
-    """`verify` found adapters on disk that differ from the record."""
+    """An output adapter on disk differs from the weights the ledger staged for it."""
 
 
 def _now() -> str:
@@ -263,11 +262,12 @@ class Ledger:
                             (sha, _now(), None if report is None else json.dumps(report), seq))
         return _entry(self._row(seq))
 
-    def fail(self, seq: int, error: BaseException | str) -> None:
+    def fail(self, seq: int, error: BaseException) -> None:
+        """Mark a pending `seq` failed, keeping the first line of the error (or its type, e.g. KeyboardInterrupt)."""
+        message = (str(error).splitlines() or [type(error).__name__])[0][:2000]
         with self._transaction():
             self.db.execute("UPDATE requests SET status = 'failed', error = ?, updated = ? WHERE seq = ? AND "
-                            "status = 'pending'", (str(error).splitlines()[0][:2000] if str(error) else
-                                                   type(error).__name__, _now(), seq))
+                            "status = 'pending'", (message, _now(), seq))
 
     def recover(self, request: Request) -> Entry | None:
         """Finish the record of a request whose run was cut off (killed or interrupted) after its output was renamed
