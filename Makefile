@@ -27,6 +27,7 @@ test-slow: $(BIN)/.installed
 
 $(BIN)/.bench: $(BIN)/.installed
 	$(BIN)/pip install --quiet 'matplotlib>=3.8'
+	$(BIN)/pip install --quiet --no-deps kronfluence==1.0.1 einops einconv opt_einsum
 	touch $@
 
 bench: $(BIN)/.bench

@@ -15,6 +15,8 @@ References: Ding et al., Unified Parameter-Efficient Unlearning for LLMs (LLMEra
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 import time
@@ -27,6 +29,7 @@ import torch
 from llmeraser.curvature import CURVATURES, CurvatureOperator, gradient, objective_gradient
 from llmeraser.data import Example, examples_hash
 from llmeraser.errors import ConfigError, RequestError, SolverError
+from llmeraser.factors import FISHERS, KINDS, FactorArguments, Factors, fit_factors, linear_blocks
 from llmeraser.params import ParamView, adapter_hash, save_adapter
 from llmeraser.request import Request, apply_request, resolve
 from llmeraser.solvers.api import get_solver, solver_arguments
@@ -45,14 +48,21 @@ class EraserArguments:
     method: str = field(default="first-order", metadata={
         "help": "first-order (the paper: removes the request's own effect) or newton (a Newton step on the edited "
                 "objective: exact for a converged fine-tune, but on an unconverged one it also finishes training)"})
-    solver: str = field(default="cg", metadata={"help": "inverse-HVP solver: dense, cg, lissa, sqp, paper"})
+    solver: str = field(default="cg", metadata={
+        "help": "inverse-HVP solver. Iterative, on curvature products over the training set: dense, cg, lissa, sqp, "
+                "paper. Fitted once per adapter and reused (each request then costs about its own gradients): "
+                "kfac, ekfac, woodbury, datainf (see 'llmeraser fit-curvature'). auto: ekfac when every trainable "
+                "parameter is in a linear layer, else cg (the report says which and why)"})
     curvature: str = field(default="ggn", metadata={"help": "ggn (Gauss-Newton, PSD) or hessian (exact)"})
     damping: float = field(default=1e-3, metadata={"help": "λ in (H + λI)⁻¹; larger is safer but shrinks Δθ"})
     l2: float = field(default=0.0, metadata={"help": "the L2 coefficient the adapter was fine-tuned with"})
     batch_size: int = field(default=8, metadata={"help": "examples per gradient / curvature pass"})
     curvature_samples: int = field(default=0, metadata={
         "help": "estimate H on this many training examples drawn at random (seeded); 0 = all of them"})
-    seed: int = field(default=0, metadata={"help": "seed of the curvature sample"})
+    seed: int = field(default=0, metadata={"help": "seed of the curvature sample (and of fitted factors' targets)"})
+    fisher: str = field(default="mc", metadata={
+        "help": "fitted solvers: mc (targets sampled from the model: the Gauss-Newton matrix in expectation) or "
+                "empirical (the training targets)"})
     solver_args: SolverArguments | None = field(default=None, metadata={"help": "None = the solver's preset"})
     progress: bool = field(default=False, metadata={"help": "show progress bars"})
 
@@ -61,7 +71,12 @@ class EraserArguments:
             raise ConfigError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.curvature not in CURVATURES:
             raise ConfigError(f"unknown curvature {self.curvature!r}; expected one of {', '.join(CURVATURES)}")
-        get_solver(self.solver)
+        if self.solver not in (*KINDS, "auto"):
+            get_solver(self.solver)
+        elif self.curvature != "ggn":
+            raise ConfigError(f"solver {self.solver!r} approximates the Gauss-Newton matrix; use --curvature ggn")
+        if self.fisher not in FISHERS:
+            raise ConfigError(f"unknown fisher {self.fisher!r}; expected one of {', '.join(FISHERS)}")
         for name in ("damping", "l2"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
@@ -70,7 +85,7 @@ class EraserArguments:
             raise ConfigError(f"batch_size must be ≥ 1, got {self.batch_size}")
         if self.curvature_samples < 0:
             raise ConfigError(f"curvature_samples must be ≥ 0 (0 = all), got {self.curvature_samples}")
-        if self.solver_args is None:
+        if self.solver_args is None and self.solver not in (*KINDS, "auto"):
             self.solver_args = solver_arguments(self.solver)
         if self.curvature == "hessian" and self.damping == 0:
             # LoRA's exact Hessian is singular at θ̂ (rotating a pair (A, B) → (QA, BQᵀ) changes neither the loss nor
@@ -89,28 +104,42 @@ class Update:
     report: dict
 
 
+def choose_solver(model: torch.nn.Module) -> tuple[str, str]:
+    """The solver `auto` stands for, and why."""
+    try:
+        linear_blocks(model)
+    except ConfigError as e:
+        return "cg", f"auto chose cg: {e}"
+    return "ekfac", ("auto chose ekfac: every trainable parameter is in a linear layer, so Kronecker factors fitted "
+                     "once serve every request at about the cost of its own gradients")
+
+
 def compute_update(model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
-                   args: EraserArguments | None = None) -> Update:
+                   args: EraserArguments | None = None, factors: Factors | None = None) -> Update:
     """Δθ that makes the model at θ̂ behave as if trained on `apply_request(train, request)`. θ is not changed.
+
+    `factors`: a fit of the solver's kind for this θ̂ and `train` (`factors.fit_factors` or a `FactorStore`); a
+    fitted solver without them fits them first (and reports the time apart).
 
     Raises:
         RequestError: the request does not fit `train` (unknown id, ...).
         SolverError: the solve diverged or produced non-finite values.
     """
     args = args or EraserArguments()
-    return UnlearningProblem(model, task, train, request, args).solve()
+    return UnlearningProblem(model, task, train, request, args, factors).solve()
 
 
 def damping_path(model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
                  args: EraserArguments, dampings: Sequence[float]) -> list[Update]:
     """`compute_update` for each damping λ in `dampings` (args.damping is ignored), at the cost of one solve.
 
-    The curvature products are shared: one Lanczos run gives CG's solution for every λ (`solvers.krylov`). This is
-    what makes choosing λ on validation data affordable. Needs solver "cg".
+    With cg the curvature products are shared: one Lanczos run gives CG's solution for every λ (`solvers.krylov`);
+    a fitted solver (kfac, ekfac, woodbury, datainf) solves each λ from the same factors. This is what makes
+    choosing λ on validation data affordable.
     """
-    if args.solver != "cg":
-        raise ConfigError(f"a damping path needs solver 'cg' (one Krylov space serves every damping), "
-                          f"got {args.solver!r}")
+    if args.solver not in ("cg", *KINDS):
+        raise ConfigError(f"a damping path needs solver 'cg' (one Krylov space serves every damping) or a fitted "
+                          f"solver ({', '.join(KINDS)}), got {args.solver!r}")
     return UnlearningProblem(model, task, train, request, args).path(dampings)
 
 
@@ -120,9 +149,15 @@ class UnlearningProblem:
     θ is not changed."""
 
     def __init__(self, model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
-                 args: EraserArguments):
+                 args: EraserArguments, factors: Factors | None = None):
         self.start = time.perf_counter()
-        self.model, self.train, self.request, self.args = model, train, request, args
+        self.model, self.task, self.train, self.request = model, task, train, request
+        self.choice = None
+        if args.solver == "auto":
+            solver, self.choice = choose_solver(model)
+            logger.info("%s", self.choice)
+            args = dataclasses.replace(args, solver=solver, solver_args=None)
+        self.args = args
         pairs = resolve(request, train)
         effective = apply_request(train, request)
         if not effective:
@@ -146,33 +181,62 @@ class UnlearningProblem:
             gen = torch.Generator().manual_seed(args.seed)
             keep = sorted(torch.randperm(len(curvature_set), generator=gen)[: args.curvature_samples].tolist())
             curvature_set = [curvature_set[i] for i in keep]
+        self.curvature_set = curvature_set
         self.curvature_examples = len(curvature_set)
-        self.op = CurvatureOperator(model, task, curvature_set, kind=args.curvature, l2=args.l2,
-                                    batch_size=args.batch_size, progress=args.progress)
+        self.factors, self.t_fit = factors, 0.0
+        if factors is not None and factors.kind != args.solver and args.solver in KINDS:
+            raise ConfigError(f"solver {args.solver!r} was given {factors.kind} factors")
+        if factors is None and args.solver in KINDS:
+            start = time.perf_counter()
+            self.factors = fit_factors(model, task, curvature_set, (args.solver,), FactorArguments(
+                fisher=args.fisher, batch_size=args.batch_size, seed=args.seed, progress=args.progress))[args.solver]
+            self.t_fit = time.perf_counter() - start
+
+    @functools.cached_property
+    def op(self) -> CurvatureOperator:
+        """The curvature operator over the curvature set (built on first use: fitted solvers never need it)."""
+        a = self.args
+        return CurvatureOperator(self.model, self.task, self.curvature_set, kind=a.curvature, l2=a.l2,
+                                 batch_size=a.batch_size, progress=a.progress)
+
+    def _fitted(self, damping: float) -> SolveResult:
+        """The fitted factors' solution of (F + (λ + l2) I) x = b: direct, so no residual is measured."""
+        start = time.perf_counter()
+        x = self.factors.solve(self.rhs, damping + self.args.l2, ParamView(self.model))
+        return SolveResult(x=x, solver=self.factors.kind, residual=float("nan"), converged=True, iterations=0,
+                           hvps=0.0, seconds=time.perf_counter() - start, history=[])
 
     def solve(self, solver: str | None = None, damping: float | None = None,
               solver_args: SolverArguments | None = None) -> Update:
         """Δθ with `solver` and `damping` (default: the arguments'); the seconds count the gradients too."""
         solver = solver or self.args.solver
         damping = self.args.damping if damping is None else damping
+        if solver in KINDS:
+            if self.factors is None or self.factors.kind != solver:
+                raise ConfigError(f"solver {solver!r} needs {solver} factors; this problem has "
+                                  f"{self.factors.kind if self.factors else 'none'}")
+            return self.update(self._fitted(damping), damping, solver, None)
         if solver_args is None:
             solver_args = self.args.solver_args if solver == self.args.solver else solver_arguments(solver)
         result = get_solver(solver)(self.op, self.rhs, damping, solver_args)
         return self.update(result, damping, solver, solver_args)
 
     def path(self, dampings: Sequence[float]) -> list[Update]:
-        """Δθ for every damping from one Lanczos run (CG's solution for each; `solvers.krylov`)."""
+        """Δθ for every damping: from one Lanczos run (CG's solution for each; `solvers.krylov`), or from the fitted
+        factors."""
         from llmeraser.solvers.krylov import shifted_solve
 
+        if self.args.solver in KINDS:
+            return [self.solve(damping=lam) for lam in dampings]
         results = shifted_solve(self.op, self.rhs, list(dampings), self.args.solver_args)
         return [self.update(r, lam, "cg", self.args.solver_args) for r, lam in zip(results, dampings, strict=True)]
 
-    def update(self, result: SolveResult, damping: float, solver: str, solver_args: SolverArguments) -> Update:
+    def update(self, result: SolveResult, damping: float, solver: str, solver_args: SolverArguments | None) -> Update:
         args, request = self.args, self.request
         delta = self.sign * result.x
         if not torch.isfinite(delta).all():
             raise SolverError(f"solver {solver!r} returned non-finite Δθ; increase --damping")
-        if not result.converged:
+        if not result.converged and solver_args is not None:
             logger.warning("solver %s stopped at relative residual %.3g (tol %.1g) after %d iterations (λ=%g)",
                            solver, result.residual, solver_args.tol, result.iterations, damping)
         view = ParamView(self.model)
@@ -181,7 +245,7 @@ class UnlearningProblem:
             "ops": request.counts(),
             "method": args.method,
             "solver": solver,
-            "solver_args": vars(solver_args).copy(),
+            "solver_args": vars(solver_args).copy() if solver_args is not None else {},
             "curvature": args.curvature,
             "damping": damping,
             "l2": args.l2,
@@ -195,17 +259,27 @@ class UnlearningProblem:
             "delta_norm": float(delta.norm()),
             "theta_norm": float(view.vector().norm()),
             "rhs_norm": float(self.rhs.norm()),
-            "seconds": {"gradients": self.t_grad, "solve": result.seconds, "total": self.t_grad + result.seconds},
+            "seconds": {"gradients": self.t_grad, "solve": result.seconds,
+                        "total": self.t_grad + result.seconds + self.t_fit},
         }
+        if self.choice:
+            report["solver_choice"] = self.choice
+        if solver in KINDS:
+            report["seconds"]["fit"] = self.t_fit  # 0 when the factors were given (fitted earlier, stored)
+            m = self.factors.meta
+            report["factors"] = {k: m.get(k) for k in ("kind", "fisher", "seed", "n_examples", "n_tokens", "seconds",
+                                                       "adapter_sha256", "train_sha256", "edited_since_fit",
+                                                       "derived_from") if k in m}
+            report["factors"]["source"] = "fitted for this request" if self.t_fit else m.get("source", "given")
         logger.info("Δθ: ‖Δθ‖ = %.4g, residual %.3g, %.1f s", report["delta_norm"], result.residual,
                     report["seconds"]["total"])
         return Update(delta=delta, request=request, solve=result, report=report)
 
 
 def unlearn(model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
-            args: EraserArguments | None = None) -> Update:
+            args: EraserArguments | None = None, factors: Factors | None = None) -> Update:
     """Compute Δθ for `request` and add it to the model's trainable parameters in place: θ ← θ̂ + Δθ."""
-    update = compute_update(model, task, train, request, args)
+    update = compute_update(model, task, train, request, args, factors)
     ParamView(model).add_(update.delta)
     return update
 

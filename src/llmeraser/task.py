@@ -37,6 +37,11 @@ class Task(Protocol):
     def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Per-example losses (batch,) from the outputs; must be twice differentiable in `outputs`."""
 
+    # Optional, for fitted curvature (`llmeraser.factors`, fisher="mc"):
+    # def fisher_loss(self, outputs, batch, generator) -> torch.Tensor:
+    #     """Per-example pseudo-losses (batch,) whose gradient s in the outputs has E[s sᵀ] = ∇²_out ℓ (the output
+    #     Hessian of example i's loss), e.g. the loss at targets sampled from the model's own prediction."""
+
 
 def per_example_loss(task: Task, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """ℓ(zᵢ; θ) for each example of the batch, shape (batch,)."""
@@ -113,3 +118,18 @@ class CausalLMTask:
         nll = F.cross_entropy(outputs.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
         count = (targets != IGNORE_INDEX).sum(1).clamp(min=1)
         return nll.sum(1) / count  # (batch,)
+
+    def fisher_loss(self, outputs: torch.Tensor, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """(1/√k) Σₜ CE(oₜ, ỹₜ) per example, with ỹₜ ~ softmax(oₜ) at each of its k response positions.
+
+        Its gradient sₜ = (p − e_ỹₜ)/√k in the logits has E[sₜ sₜᵀ] = (diag p − p pᵀ)/k, the output Hessian of the
+        mean response NLL, and E[sₜ sᵤᵀ] = 0 for t ≠ u (independent draws, each of mean zero): so the Fisher built
+        from these gradients is the Gauss-Newton matrix in expectation (the "true" Fisher, not the empirical one).
+        """
+        targets = batch["targets"]
+        valid = targets != IGNORE_INDEX
+        probs = torch.softmax(outputs.detach().double(), dim=-1).reshape(-1, outputs.shape[-1])
+        draws = torch.multinomial(probs.cpu(), 1, generator=generator).view(targets.shape).to(targets.device)
+        sampled = torch.where(valid, draws, torch.full_like(targets, IGNORE_INDEX))
+        nll = F.cross_entropy(outputs.transpose(1, 2), sampled, ignore_index=IGNORE_INDEX, reduction="none")
+        return nll.sum(1) / valid.sum(1).clamp(min=1).to(nll.dtype).sqrt()
