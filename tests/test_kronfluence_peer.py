@@ -1,4 +1,4 @@
-"""bench/kronfluence_peer.py: kronfluence 1.0.1's EK-FAC on a tiny LoRA causal LM, against our exact dense GGN solve.
+"""llmeraser.peers.kronfluence: kronfluence 1.0.1's EK-FAC on a tiny LoRA causal LM, against our exact dense GGN solve.
 
 Setting: `tiny_llama(hidden=16, layers=1, init_std=0.3)` in float64, LoRA r=2 on q_proj/v_proj (p = 128: four
 blocks, A (2, 16) and B (16, 2) per projection), 24 examples whose responses have 2 to 14 tokens (so a per-token
@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -43,11 +41,7 @@ from llmeraser.task import CausalLMTask
 from llmeraser.testing import ANIMALS, COLORS, tiny_llama, tiny_lora, tiny_tokenizer
 
 pytest.importorskip("kronfluence")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-try:
-    import kronfluence_peer as kp
-except ImportError as e:  # the bench folder is missing or does not import
-    pytest.skip(f"bench/kronfluence_peer.py does not import: {e}", allow_module_level=True)
+from llmeraser.peers import kronfluence as kp  # noqa: E402
 
 N = 24
 LABEL_SAMPLES = 8

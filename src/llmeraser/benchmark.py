@@ -29,6 +29,7 @@ import math
 import random
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,9 +40,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from llmeraser.curvature import gradient
 from llmeraser.data import Example, examples_hash
 from llmeraser.eraser import EraserArguments, UnlearningProblem
 from llmeraser.errors import ConfigError, SolverError
+from llmeraser.factors import KINDS, FactorArguments, fit_factors
 from llmeraser.finetune import FinetuneArguments, epoch_order, finetune
 from llmeraser.io import atomic_write_json, atomic_write_text
 from llmeraser.metrics import binary_kl, evaluate, roc_auc
@@ -55,8 +58,12 @@ logger = logging.getLogger(__name__)
 EXPERIMENTS = {"IR": "instance removal", "QM": "query modification", "RC": "response correction"}
 SETTINGS = ("IR-1", "IR-5", "IR-10", "QM-5", "QM-10", "RC-10", "RC-40")
 INFLUENCE = ("first-order/cg", "newton/cg", "first-order/lissa", "newton/lissa", "first-order/sqp", "newton/sqp")
+# curvature fitted once per θ̂ (one shared pass, `factors.fit_factors`); the fit's seconds are reported apart
+FITTED = ("first-order/ekfac", "first-order/kfac", "first-order/woodbury", "first-order/datainf")
+PEERS = ("kronfluence/ekfac",)  # kronfluence 1.0.1's EK-FAC factors, our gradients and damping (`peers.kronfluence`)
 BASELINES = ("gradient-ascent", "npo", "fine-tune-corrected")
-METHODS = ("original", "retrain", "paper", *INFLUENCE, *BASELINES)
+# retrain@S: retraining the same clean set from init seed S — the spread of retraining itself (a noise floor)
+METHODS = ("original", "retrain", "retrain@1", "retrain@2", "paper", *INFLUENCE, *FITTED, *PEERS, *BASELINES)
 # every setting and seed: the reference points, the paper's preset, our default, the two classic baselines
 CORE = ("original", "retrain", "paper", "first-order/cg", "gradient-ascent", "fine-tune-corrected")
 # the solver and baseline study, on the first seed of the study settings (newton/lissa and newton/sqp on request:
@@ -302,12 +309,83 @@ class Run:
     retrain_valid_p: list[float]
     retrain_test_p: list[float]
     problems: dict = field(default_factory=dict)  # variant → (problem, cg update at the chosen λ, tuning record)
+    fits: dict = field(default_factory=dict)  # kind → Factors fitted at θ̂ on the training set (one shared pass)
 
 
 # ----------------------------------------------------------------------------------------------------- methods
+def _fits(bench: Bench, run: Run) -> dict:
+    """Every fitted approximation at θ̂, from one pass over the training set (memoised in the run)."""
+    if not run.fits:
+        bench.view.set_vector(run.theta)
+        with PeakMemory() as mem:
+            run.fits = fit_factors(bench.model, bench.task, run.setting.train, KINDS,
+                                   FactorArguments(seed=run.setting.seed, progress=bench.args.progress))
+        run.fits["peak_mib"] = mem.mib
+    return run.fits
+
+
+def _fitted(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
+    """A fitted solver (or the kronfluence peer): Δθ for every λ from the stored fit, λ chosen on validation KL.
+
+    Reported apart: `fit` (the factors' own seconds; the shared pass counted in each), `grad_only` (the edited
+    examples' gradients alone, timed just before the request) and `request` = gradients + solve, the per-request
+    cost once factors are stored."""
+    a, (variant, solver) = bench.args, name.split("/")
+    if variant == "kronfluence":
+        from llmeraser.peers.kronfluence import fit_kronfluence, kronfluence_solve
+
+        if "kronfluence" not in run.fits:
+            bench.view.set_vector(run.theta)
+            with tempfile.TemporaryDirectory() as workdir:
+                run.fits["kronfluence"] = fit_kronfluence(bench.model, bench.task, run.setting.train, workdir=workdir,
+                                                          batch_size=a.batch_size, seed=run.setting.seed)
+        peer = run.fits["kronfluence"]
+        factors = _PeerFactors(peer, lambda b, lam, view: kronfluence_solve(peer, bench.model, b, lam))
+        fit_seconds, fit_mib = peer.seconds["total"], float("nan")
+        variant = "first-order"
+    else:
+        fits = _fits(bench, run)
+        factors, fit_seconds, fit_mib = fits[solver], fits[solver].fit_seconds, fits["peak_mib"]
+    bench.view.set_vector(run.theta)
+    start = time.perf_counter()
+    gradient(bench.model, bench.task, run.setting.edited + run.setting.corrected,
+             weights=[1.0] * len(run.setting.edited) + [-1.0] * len(run.setting.corrected), batch_size=a.batch_size)
+    grad_only = time.perf_counter() - start
+    eraser = EraserArguments(method=variant, solver=factors.kind, seed=run.setting.seed, batch_size=a.batch_size)
+    problem = UnlearningProblem(bench.model, bench.task, run.setting.train, run.setting.request, eraser,
+                                factors=factors)
+    start = time.perf_counter()
+    path = [problem.update(problem._fitted(lam), lam, name, None) for lam in a.dampings]
+    kls = [bench.valid_kl(run.theta + u.delta, run.retrain_valid_p) for u in path]
+    best = min(range(len(path)), key=kls.__getitem__)
+    tuning = time.perf_counter() - start
+    seconds = path[best].report["seconds"]
+    request = seconds["gradients"] + seconds["solve"]
+    return run.theta + path[best].delta, {
+        "gradients": seconds["gradients"], "solve": seconds["solve"], "total": request, "tuning": tuning,
+        "damping": a.dampings[best], "tuning_kl": kls, "fit": fit_seconds, "fit_mib": fit_mib,
+        "fit_vs_epoch": fit_seconds / run.retrain_seconds, "grad_only": grad_only,
+        "request_vs_grad": request / grad_only}
+
+
+class _PeerFactors:
+    """A peer's fit behind the `Factors` interface the eraser uses (kind, meta, solve)."""
+
+    kind = "ekfac"
+
+    def __init__(self, fit, solve):
+        self.fit, self._solve = fit, solve
+        self.meta = {"kind": "kronfluence-ekfac", "seconds": dict(fit.seconds)}
+
+    def solve(self, b: torch.Tensor, damping: float, view: ParamView) -> torch.Tensor:
+        return self._solve(b, damping, view)
+
+
 def _influence(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
     variant, solver = name.split("/") if "/" in name else ("first-order", name)
     a = bench.args
+    if solver in KINDS or variant == "kronfluence":
+        return _fitted(bench, run, name)
     if variant not in run.problems:
         bench.view.set_vector(run.theta)
         eraser = EraserArguments(method=variant, solver="cg", curvature="ggn", curvature_samples=a.curvature_samples,
@@ -424,6 +502,9 @@ def _run(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
         return run.theta, {"total": 0.0}
     if name == "retrain":
         return run.theta_retrain, {"gradients": run.retrain_seconds, "solve": 0.0, "total": run.retrain_seconds}
+    if name.startswith("retrain@"):
+        theta, seconds, _ = bench.fit(run.setting.clean, int(name[len("retrain@"):]))
+        return theta, {"gradients": seconds, "solve": 0.0, "total": seconds}
     if name in BASELINES:
         return _baseline(bench, run, name)
     return _influence(bench, run, name)
@@ -480,6 +561,7 @@ COLUMNS = [("test_auc", "test AUC", ".4f"), ("test_acc", "test acc", ".3f"), ("t
            ("mia_auc", "MIA AUC", ".3f"), ("delta_norm", "‖Δθ‖", ".3f"), ("cosine", "cos→retrain", ".3f"),
            ("damping", "λ", ".2g"), ("residual", "residual", ".1e"),
            ("total", "seconds", ".1f"), ("time_ratio", "time/retrain", ".3f"), ("tuning", "tuning s", ".0f"),
+           ("request_vs_grad", "request/grads", ".2f"), ("fit", "fit s", ".0f"), ("fit_vs_epoch", "fit/epoch", ".2f"),
            ("peak_mib", "peak MiB", ".0f")]
 
 

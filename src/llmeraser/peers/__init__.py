@@ -1,0 +1,1 @@
+"""Peer libraries behind our interfaces, for side-by-side benchmark rows (optional dependencies)."""
