@@ -62,7 +62,7 @@ INFLUENCE = ("first-order/cg", "newton/cg", "first-order/lissa", "newton/lissa",
 FITTED = ("first-order/ekfac", "first-order/kfac", "first-order/woodbury", "first-order/datainf")
 PEERS = ("kronfluence/ekfac",)  # kronfluence 1.0.1's EK-FAC factors, our gradients and damping (`peers.kronfluence`)
 BASELINES = ("gradient-ascent", "npo", "fine-tune-corrected")
-# retrain@S: retraining the same clean set from init seed S — the spread of retraining itself (a noise floor)
+# retrain@k: retraining the same clean set from another init (seed + k) — the spread of retraining itself
 METHODS = ("original", "retrain", "retrain@1", "retrain@2", "paper", *INFLUENCE, *FITTED, *PEERS, *BASELINES)
 # every setting and seed: the reference points, the paper's preset, our default, the two classic baselines
 CORE = ("original", "retrain", "paper", "first-order/cg", "gradient-ascent", "fine-tune-corrected")
@@ -503,7 +503,7 @@ def _run(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
     if name == "retrain":
         return run.theta_retrain, {"gradients": run.retrain_seconds, "solve": 0.0, "total": run.retrain_seconds}
     if name.startswith("retrain@"):
-        theta, seconds, _ = bench.fit(run.setting.clean, int(name[len("retrain@"):]))
+        theta, seconds, _ = bench.fit(run.setting.clean, run.setting.seed + int(name[len("retrain@"):]))
         return theta, {"gradients": seconds, "solve": 0.0, "total": seconds}
     if name in BASELINES:
         return _baseline(bench, run, name)
