@@ -111,7 +111,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from llmeraser.data import load_examples
-    from llmeraser.eraser import EraserArguments, save_unlearned, unlearn
+    from llmeraser.eraser import EraserArguments, choose_solver, save_unlearned, unlearn
+    from llmeraser.factors import KINDS
     from llmeraser.io import check_new_output
     from llmeraser.models import load_base_model
     from llmeraser.params import check_adapter_dir, load_adapter
@@ -139,19 +140,40 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     resolve(request, train)  # a request that does not fit the data fails before any model is loaded
     check_new_output(args.out)  # and so does an output folder that is taken
     record = _read_record(args.adapter)
-    given = pick(args, EraserArguments, skip=("solver_args", "progress"))
+    given = pick(args, EraserArguments, skip=("solver_args", "progress", "damping"))
     given.setdefault("l2", record.get("l2", 0.0))
     max_length = args.max_length or record.get("max_length", 64)
     solver = given.get("solver", "cg")
-    eraser_args = EraserArguments(**given, solver_args=solver_arguments(solver, **pick(args, _solver_cls(),
-                                                                                       prefix="solver-")),
-                                  progress=not args.quiet)
+    solver_args = None if solver in (*KINDS, "auto") else \
+        solver_arguments(solver, **pick(args, _solver_cls(), prefix="solver-"))
+    eraser_args = EraserArguments(**given, solver_args=solver_args, progress=not args.quiet)
+    damping_record = None
+    if args.damping == "auto":  # chosen earlier on validation data by `llmeraser tune-damping`
+        damping_record = _damping_record(args, train)
+        eraser_args = dataclasses.replace(eraser_args, damping=damping_record["chosen"])
+    elif args.damping is not None:
+        eraser_args = dataclasses.replace(eraser_args, damping=_float_arg("--damping", args.damping))
     seq = ledger.begin(request, train, args.adapter, args.out) if ledger else None
     try:
         base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
         model = load_adapter(base, args.adapter)
-        update = unlearn(model, _task(tokenizer, max_length), train, request, eraser_args)
+        task = _task(tokenizer, max_length)
+        choice = None
+        if eraser_args.solver == "auto":
+            solver, choice = choose_solver(model)
+            eraser_args = dataclasses.replace(eraser_args, solver=solver, solver_args=None)
+        factors, store, t_fit = _factors_for(args, model, task, train, eraser_args) \
+            if eraser_args.solver in KINDS else (None, None, 0.0)
+        update = unlearn(model, task, train, request, eraser_args, factors)
         update.report["task"] = {**record, "max_length": max_length, "l2": eraser_args.l2}
+        if choice:
+            update.report["solver_choice"] = choice
+        if damping_record:
+            update.report["damping_choice"] = {k: damping_record[k] for k in ("chosen", "scores", "trials",
+                                                                                "removal_size", "valid_sha256")}
+        if factors is not None:
+            update.report["seconds"]["fit"] = t_fit
+            update.report["seconds"]["total"] += t_fit
         save_unlearned(model, args.out, update, input_adapter=args.adapter,
                        before_rename=(lambda tmp: ledger.stage(seq, tmp)) if ledger else None)
         if ledger:
@@ -160,12 +182,159 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         if ledger:
             ledger.fail(seq, e)
         raise
+    if factors is not None:
+        _derive_factors(args, factors, store, train, request)
     r = update.report
     status = "converged" if r["converged"] else "NOT converged (see report)"
     print(f"unlearned {sum(r['ops'].values())} edits {r['ops']} with {r['method']}/{r['solver']}, damping "
           f"{r['damping']:g}: residual {r['solve']['residual']:.2e} ({status}), ‖Δθ‖ = {r['delta_norm']:.4g}, "
           f"{r['seconds']['total']:.1f} s\nadapter: {args.out}\nreport:  {Path(args.out) / 'report.json'}"
           + (f"\nledger:  {args.ledger} (request #{seq})" if ledger else ""))
+    return 0
+
+
+def _float_arg(flag: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserInputError(f"{flag} takes a number or 'auto', got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise UserInputError(f"{flag} must be a finite number ≥ 0, got {text!r}")
+    return value
+
+
+def _store(args: argparse.Namespace):
+    from llmeraser.factors import FactorStore, default_store
+
+    return FactorStore(args.factors or default_store(args.adapter))
+
+
+def _damping_record(args: argparse.Namespace, train) -> dict:
+    """The damping `llmeraser tune-damping` chose for this adapter and training set (--damping auto)."""
+    from llmeraser.data import examples_hash
+    from llmeraser.params import adapter_hash
+
+    store = _store(args)
+    record, why = store.load_damping(adapter_hash(args.adapter), examples_hash(train))
+    if record is None:
+        raise UserInputError(f"--damping auto: {why}; run 'llmeraser tune-damping' on this adapter first (or give "
+                             f"--damping a number)")
+    if record["declines"]:
+        logging.getLogger(__name__).warning(
+            "the damping search found no λ whose update beat no update on held-out removals (best score %.3g ≥ 1)",
+            min(r["score"] for r in record["scores"]))
+    return record
+
+
+def _factors_for(args: argparse.Namespace, model, task, train, eraser_args):
+    """(factors, store, seconds fitting): the stored fit for this adapter and training set, else a new one, saved."""
+    import time
+
+    from llmeraser.data import examples_hash
+    from llmeraser.factors import FactorArguments, fit_factors
+    from llmeraser.params import adapter_hash
+
+    kind, store = eraser_args.solver, _store(args)
+    a_sha, t_sha = adapter_hash(args.adapter), examples_hash(train)
+    factors, why = store.load(kind, a_sha, t_sha)
+    if factors is not None:
+        factors.meta["source"] = why
+        return factors, store, 0.0
+    print(f"{why}: fitting {kind} factors on {len(train)} examples (once; later requests reuse them)",
+          file=sys.stderr)
+    start = time.perf_counter()
+    factors = fit_factors(model, task, train, (kind,), FactorArguments(
+        fisher=eraser_args.fisher, samples=eraser_args.curvature_samples, batch_size=eraser_args.batch_size,
+        seed=eraser_args.seed, progress=eraser_args.progress))[kind]
+    path = store.save(factors, a_sha, t_sha, n_train=len(train))
+    factors.meta["source"] = f"fitted for this request ({why}); saved in {path}"
+    return factors, store, time.perf_counter() - start
+
+
+def _derive_factors(args: argparse.Namespace, factors, store, train, request) -> None:
+    """Hand the fit on to the new adapter (or say why the next request refits); a cache: failures only warn."""
+    from llmeraser.data import examples_hash
+    from llmeraser.factors import FactorStore, default_store
+    from llmeraser.params import adapter_hash
+    from llmeraser.request import apply_request
+
+    try:
+        _, why = FactorStore(default_store(args.out)).derive(
+            factors, store, adapter_hash(args.out), examples_hash(apply_request(train, request)),
+            edited=len(request.edits), refit_fraction=args.refit_fraction, request_sha256=request.hash)
+        print(f"factors: {why}")
+    except OSError as e:
+        logging.getLogger(__name__).warning("could not record the factors for %s: %s", args.out, e)
+
+
+def cmd_fit_curvature(args: argparse.Namespace) -> int:
+    from llmeraser.data import examples_hash, load_examples
+    from llmeraser.factors import FactorArguments, fit_factors
+    from llmeraser.models import load_base_model
+    from llmeraser.params import adapter_hash, check_adapter_dir, load_adapter
+
+    check_adapter_dir(args.adapter)
+    train = load_examples(args.train)
+    fa = FactorArguments(**pick(args, FactorArguments, skip=("progress",)), progress=not args.quiet)
+    record = _read_record(args.adapter)
+    base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
+    model = load_adapter(base, args.adapter)
+    fits = fit_factors(model, _task(tokenizer, args.max_length or record.get("max_length", 64)), train,
+                       tuple(dict.fromkeys(args.kind)), fa)
+    store, rows = _store(args), []
+    a_sha, t_sha = adapter_hash(args.adapter), examples_hash(train)
+    for kind, f in fits.items():
+        path = store.save(f, a_sha, t_sha, n_train=len(train))
+        sec = f.meta["seconds"]
+        rows.append({"kind": kind, "n": f.meta["n_examples"], "tokens": f.meta["n_tokens"],
+                     "pass": sec.get("pass", 0.0), "extra": sec["total"] - sec.get("pass", 0.0),
+                     "total": sec["total"], "mib": sum(p.stat().st_size for p in path.iterdir()) / 2**20,
+                     "path": str(path)})
+    print(format_table(rows, [("kind", "kind", ""), ("n", "examples", "d"), ("tokens", "tokens", "d"),
+                              ("pass", "pass s", ".1f"), ("extra", "eigen/gram s", ".1f"), ("total", "total s", ".1f"),
+                              ("mib", "MiB", ".1f"), ("path", "stored in", "")]))
+    print(f"one pass over the training set served {len(fits)} fit(s); 'llmeraser unlearn --solver {args.kind[0]}' "
+          f"now costs about the request's own gradients")
+    return 0
+
+
+def cmd_tune_damping(args: argparse.Namespace) -> int:
+    from llmeraser.damping import DampingArguments, select_damping
+    from llmeraser.data import load_examples
+    from llmeraser.eraser import EraserArguments, choose_solver
+    from llmeraser.factors import KINDS
+    from llmeraser.models import load_base_model
+    from llmeraser.params import adapter_hash, check_adapter_dir, load_adapter
+
+    check_adapter_dir(args.adapter)
+    train, valid = load_examples(args.train), load_examples(args.valid)
+    overlap = {e.id for e in train} & {e.id for e in valid}
+    if overlap:
+        raise UserInputError(f"--valid shares {len(overlap)} id(s) with --train (e.g. {sorted(overlap)[0]!r}); "
+                             f"validation examples must be held out")
+    record = _read_record(args.adapter)
+    damping_args = DampingArguments(**{k: tuple(v) if k == "dampings" else v
+                                       for k, v in pick(args, DampingArguments).items()})
+    eraser_args = EraserArguments(solver=args.solver if args.solver != "auto" else "cg", l2=record.get("l2", 0.0),
+                                  fisher=args.fisher, seed=args.seed, progress=not args.quiet)
+    base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
+    model = load_adapter(base, args.adapter)
+    task = _task(tokenizer, args.max_length or record.get("max_length", 64))
+    if args.solver == "auto":
+        eraser_args = dataclasses.replace(eraser_args, solver=choose_solver(model)[0], solver_args=None)
+    factors = _factors_for(args, model, task, train, eraser_args)[0] if eraser_args.solver in KINDS else None
+    result = select_damping(model, task, train, valid, eraser_args, damping_args, factors=factors,
+                            progress=not args.quiet)
+    from llmeraser.data import examples_hash
+
+    path = _store(args).save_damping(result, adapter_hash(args.adapter), examples_hash(train))
+    print(format_table([{**r, "chosen": "←" if r["damping"] == result["chosen"] else ""} for r in result["scores"]],
+                       [("damping", "λ", "g"), ("score", "error/no-update", ".3f"), ("pearson", "pearson r", ".3f"),
+                        ("chosen", "", "")]))
+    verdict = ("no λ beat no update: the update does not help this adapter at these removal sizes"
+               if result["declines"] else f"chosen λ = {result['chosen']:g}")
+    print(f"{verdict} ({result['trials']} held-out removals of {result['removal_size']} examples, "
+          f"{result['seconds']:.0f} s); saved in {path}; use it with 'llmeraser unlearn --damping auto'")
     return 0
 
 
@@ -286,7 +455,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llmeraser.damping import DEFAULT_GRID, DampingArguments
     from llmeraser.eraser import EraserArguments
+    from llmeraser.factors import FactorArguments
     from llmeraser.finetune import FinetuneArguments
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -326,15 +497,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request", required=True, help='request JSON: {"edits": [{"op": "remove", "id": ...}, ...]}')
     p.add_argument("--out", required=True, help="new adapter folder (must not exist or be empty)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
-    add_fields(p, EraserArguments, skip=("solver_args", "progress", "l2"), keep_default=False)
+    add_fields(p, EraserArguments, skip=("solver_args", "progress", "l2", "damping"), keep_default=False)
+    p.add_argument("--damping", default=None, metavar="λ|auto",
+                   help="λ in (H + λI)⁻¹, larger is safer but shrinks Δθ (default: 1e-3); 'auto': the λ that "
+                        "'llmeraser tune-damping' chose on validation data for this adapter")
     p.add_argument("--l2", type=float, default=None, help="the L2 coefficient of the fine-tuning objective "
                                                               "(default: the adapter's report.json, else 0)")
+    p.add_argument("--factors", default=None, metavar="DIR",
+                   help="fitted solvers: the factor store (default: ADAPTER.factors beside the adapter); fitted "
+                        "there on first use, reused while the adapter's and the training set's hashes match")
+    p.add_argument("--refit-fraction", type=float, default=0.05,
+                   help="fitted solvers: the new adapter inherits the factors (OUT.factors) until the examples "
+                        "edited since the fit exceed this fraction of the training set; then the next request refits")
     add_fields(p, _solver_cls(), prefix="solver-", keep_default=False)
     p.add_argument("--ledger", default=None, metavar="DIR",
                    help="record the request in the ledger in DIR (created on first use; its root is --adapter). "
                         "With a ledger, --train is the ORIGINAL training set: the applied requests are replayed "
                         "on it, --adapter must be the lineage's head, an applied request is a no-op")
     p.set_defaults(func=cmd_unlearn)
+
+    p = sub.add_parser("fit-curvature", formatter_class=fmt,
+                       help="fit K-FAC / EK-FAC / Woodbury / DataInf curvature once, for fast requests",
+                       description="One pass over the training set (forward and backward, like a training epoch) "
+                                   "fits curvature factors for every trainable linear layer of the adapter and "
+                                   "stores them (safetensors) keyed by the adapter's and the training set's hashes. "
+                                   "Later 'unlearn --solver KIND' requests reuse them: each then costs about the "
+                                   "gradients of its own edited examples.",
+                       epilog="example: llmeraser fit-curvature --adapter adapters/original --train data/train.jsonl "
+                              "--kind ekfac woodbury")
+    _common(p)
+    p.add_argument("--adapter", required=True, help="the fine-tuned PEFT adapter folder")
+    p.add_argument("--train", required=True, help="the training JSONL the adapter was fine-tuned on")
+    p.add_argument("--kind", nargs="+", default=["ekfac"], choices=["kfac", "ekfac", "woodbury", "datainf"],
+                   help="ekfac: Kronecker eigenbasis with exact diagonal (memory independent of N); kfac: plain "
+                        "Kronecker factors; woodbury: exact inverse of the N-example Fisher (stores N × p "
+                        "gradients and an N × N system); datainf: per-layer approximation of that inverse, no "
+                        "N × N system")
+    p.add_argument("--factors", default=None, metavar="DIR", help="the store (default: ADAPTER.factors)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
+    add_fields(p, FactorArguments, skip=("progress",))
+    p.set_defaults(func=cmd_fit_curvature)
+
+    p = sub.add_parser("tune-damping", formatter_class=fmt, help="choose λ on validation data (held-out removals)",
+                       description="Choose the damping λ on VALIDATION data: for a few random held-out removals "
+                                   "from the training set, compare each λ's predicted change of every validation "
+                                   "example's loss with the actual change (a warm-started fine-tune without them, "
+                                   "minus one with them). The score is the squared error relative to predicting no "
+                                   "change: below 1 the update helps. Stores the choice for 'unlearn --damping "
+                                   "auto'. Costs (trials + 1) fine-tuning epochs.",
+                       epilog="example: llmeraser tune-damping --adapter adapters/original --train data/train.jsonl "
+                              "--valid data/valid.jsonl --solver ekfac")
+    _common(p)
+    p.add_argument("--adapter", required=True, help="the fine-tuned PEFT adapter folder")
+    p.add_argument("--train", required=True, help="the training JSONL the adapter was fine-tuned on")
+    p.add_argument("--valid", required=True, help="validation JSONL (held out from training; never the test set)")
+    p.add_argument("--solver", default="auto", choices=["cg", "kfac", "ekfac", "woodbury", "datainf", "auto"],
+                   help="the solver whose λ is chosen")
+    p.add_argument("--fisher", default="mc", choices=["mc", "empirical"], help="fitted solvers: which Fisher")
+    p.add_argument("--seed", type=int, default=0, help="seed of the removal sets, fine-tunes and fitted targets")
+    p.add_argument("--factors", default=None, metavar="DIR", help="the store (default: ADAPTER.factors)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
+    p.add_argument("--dampings", type=float, nargs="+", default=list(DEFAULT_GRID), help="the λ grid")
+    add_fields(p, DampingArguments, skip=("dampings", "seed"))
+    p.set_defaults(func=cmd_tune_damping)
 
     p = sub.add_parser("ledger", formatter_class=fmt, help="show or verify the history of an adapter lineage",
                        description="show: every request of the lineage (status, hashes, solver, residual). verify: "

@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 KINDS = ("kfac", "ekfac", "woodbury", "datainf")
 FISHERS = ("mc", "empirical")
 FORMAT = 1
-FACTORS_FILE, META_FILE = "factors.safetensors", "meta.json"
+FACTORS_FILE, META_FILE, DAMPING_FILE = "factors.safetensors", "meta.json", "damping.json"
 
 
 @dataclass
@@ -436,6 +436,28 @@ class FactorStore:
         factors.meta = meta
         return target
 
+    def save_damping(self, record: dict, adapter_sha256: str, train_sha256: str) -> Path:
+        """Store the damping `damping.select_damping` chose, keyed like the factors."""
+        from llmeraser.io import atomic_write_json
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / DAMPING_FILE
+        atomic_write_json(path, {**record, "adapter_sha256": adapter_sha256, "train_sha256": train_sha256})
+        return path
+
+    def load_damping(self, adapter_sha256: str, train_sha256: str) -> tuple[dict | None, str]:
+        """(record, why): the stored damping choice if it was made for this adapter and training set."""
+        path = self.root / DAMPING_FILE
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None, f"no damping chosen yet in {self.root}"
+        except (OSError, ValueError) as e:
+            return None, f"{path} is unreadable ({type(e).__name__})"
+        if record.get("adapter_sha256") != adapter_sha256 or record.get("train_sha256") != train_sha256:
+            return None, f"the damping in {path} was chosen for another adapter or training set"
+        return record, f"chosen by tune-damping ({path})"
+
     def derive(self, factors: Factors, source: FactorStore, adapter_sha256: str, train_sha256: str, *,
                edited: int, refit_fraction: float, request_sha256: str) -> tuple[bool, str]:
         """Record `factors` (fitted for an earlier adapter in `source`) as this store's fit for the adapter a request
@@ -464,5 +486,10 @@ class FactorStore:
             except OSError:  # another file system: copy
                 shutil.copyfile(src / FACTORS_FILE, tmp / FACTORS_FILE)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        damping = source.root / DAMPING_FILE
+        if damping.is_file():  # the λ chosen for the lineage's fit goes with it, re-keyed
+            record = json.loads(damping.read_text())
+            if record.get("adapter_sha256") == factors.meta.get("adapter_sha256"):
+                self.save_damping({**record, "derived": True}, adapter_sha256, train_sha256)
         return True, (f"{factors.kind} factors reused for the new adapter: {since} of {n} examples "
                       f"({since / n:.1%}) edited since the fit, within the refit fraction {refit_fraction:.0%}")
