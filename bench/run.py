@@ -17,6 +17,7 @@ or on the edited examples. What the columns mean: `llmeraser.benchmark` and the 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from llmeraser.benchmark import CORE, METHODS, SETTINGS, STUDY, BenchArguments, run_benchmark
+from llmeraser.benchmark import CORE, METHODS, PEERS, SETTINGS, STUDY, BenchArguments, run_benchmark
 from llmeraser.errors import ConfigError
 
 RESULTS = Path(__file__).parent / "results"
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or RESULTS / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
     sizes = {"n_train": a.n_train or 80, "n_valid": 30, "n_test": 60} if a.quick else \
         {"n_train": a.n_train or 400, "n_valid": 100, "n_test": 200}
-    plan = {"methods": tuple(a.methods or (METHODS if a.quick else CORE)), "study_methods": tuple(a.study_methods)}
+    every = [m for m in METHODS if m not in PEERS or importlib.util.find_spec(m.split("/")[0])]  # peers if installed
+    plan = {"methods": tuple(a.methods or (every if a.quick else CORE)), "study_methods": tuple(a.study_methods)}
     if a.quick or a.study_settings is not None:
         plan["study_settings"] = tuple(a.study_settings or ())
     if a.quick or a.more_seeds is not None:
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = BenchArguments(settings=tuple(a.settings), seeds=tuple(a.seeds or ((0, 1, 2) if a.quick else (0,))),
                               progress=not a.quiet, **plan, **sizes,
-                              **({"max_length": 48, "lr": 1e-2, "curvature_samples": 16,
+                              **({"max_length": 48, "lr": 1e-2, "curvature_samples": 16, "factor_samples": 0,
                                   "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}}
                                  if a.quick else {}))
     except ConfigError as e:

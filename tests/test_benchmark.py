@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -34,9 +35,17 @@ def test_quick_bench_runs_every_method_and_writes_its_outputs(quick):
     out, result = quick
     rows = result["rows"]
     by = {(r["setting"], r["method"]): r for r in rows}
-    assert {m for s, m in by if s == "IR-5"} == {"original", "retrain", "paper", "first-order/cg", "newton/cg",
-                                                 "first-order/lissa", "newton/lissa", "first-order/sqp",
-                                                 "newton/sqp", "gradient-ascent", "npo"}
+    peers = {"kronfluence/ekfac"} if importlib.util.find_spec("kronfluence") else set()
+    assert {m for s, m in by if s == "IR-5"} == {"original", "retrain", "retrain@1", "retrain@2", "paper",
+                                                 "first-order/cg", "newton/cg", "first-order/lissa", "newton/lissa",
+                                                 "first-order/sqp", "newton/sqp", "first-order/ekfac",
+                                                 "first-order/kfac", "first-order/woodbury", "first-order/datainf",
+                                                 "gradient-ascent", "npo", *peers}
+    for m in ("first-order/ekfac", "first-order/kfac", "first-order/woodbury", "first-order/datainf", *peers):
+        row = by["IR-5", m]
+        assert row["fit"] > 0 and row["fit_vs_epoch"] > 0 and row["grad_only"] > 0 and row["delta_norm"] > 0
+        assert row["total"] == pytest.approx(row["gradients"] + row["solve"]) and row["request_vs_grad"] > 0
+    assert by["IR-5", "retrain@1"]["delta_norm"] != by["IR-5", "retrain"]["delta_norm"]
     assert ("RC-10", "fine-tune-corrected") in by and ("IR-5", "fine-tune-corrected") not in by
     for setting in ("IR-5", "RC-10"):
         retrain, original = by[setting, "retrain"], by[setting, "original"]

@@ -133,6 +133,12 @@ class _Capture:
                 output.register_hook(lambda g: self.grads[name].__setitem__(idx, g.detach()))
         return hook
 
+    def input_key(self, block: Block) -> tuple:
+        """Equal for blocks that read the very same input tensors (LoRA A of q_proj and v_proj read one hidden
+        state), so their A factor is computed once."""
+        acts = self.acts[block.module]
+        return (block.bias is not None, *[(x.data_ptr(), tuple(x.shape), tuple(x.stride())) for x in acts])
+
     def take(self, block: Block, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(a, g, m): inputs (b, T, in), output gradients (b, T, out) over the block's calls, token weights (b, T)."""
         acts, grads = self.acts[block.module], self.grads[block.module]
@@ -172,7 +178,8 @@ def _pass(model: torch.nn.Module, task: Task, examples: Sequence[Example], block
             pseudo = task.fisher_loss(outputs, batch, gen) if args.fisher == "mc" else task.loss(outputs, batch)
             torch.autograd.grad(pseudo.sum(), params, allow_unused=True)  # fills the tensor hooks
             mask = batch.get("attention_mask")
-            yield idx, {b.module: capture.take(b, mask) for b in blocks}
+            keys = {b.module: capture.input_key(b) for b in blocks}
+            yield idx, keys, {b.module: capture.take(b, mask) for b in blocks}
     finally:
         capture.remove()
 
@@ -312,15 +319,24 @@ def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example],
     g_sum = {b.module: torch.zeros(b.out, b.out, dtype=f64) for b in blocks}
     tokens = {b.module: 0.0 for b in blocks}
     grads = {b.module: torch.empty(n, b.dim, dtype=view.dtype) for b in blocks} if keep else {}
-    for idx, captured in _pass(model, task, examples, blocks, args, "fitting curvature"):
+    shared: dict[str, str] = {}  # block → the first block with the same inputs (its A factor serves both)
+    for idx, keys, captured in _pass(model, task, examples, blocks, args, "fitting curvature"):
+        if not shared:
+            first = {}
+            shared = {b.module: first.setdefault(keys[b.module], b.module) for b in blocks}
+        elif any(keys[b.module] != keys[shared[b.module]] for b in blocks):
+            raise ConfigError("layers that shared their inputs in the first batch did not in a later one")
         for blk in blocks:
             a, g, m = captured[blk.module]
-            a64, g64 = a.to(f64), g.to(f64)
-            a_sum[blk.module] += torch.einsum("bti,btj->ij", a64 * m.to(f64)[..., None], a64).cpu()
-            g_sum[blk.module] += torch.einsum("bto,btp->op", g64, g64).cpu()
-            tokens[blk.module] += float(m.sum())
+            gg = g.reshape(-1, blk.out)[m.reshape(-1) > 0]  # padding tokens have zero gradient
+            # products in the model's precision (a float32 model's are fast), sums over batches in float64
+            g_sum[blk.module] += (gg.T @ gg).to(f64).cpu()
+            if shared[blk.module] == blk.module:
+                am = a.reshape(-1, blk.inp)[m.reshape(-1) > 0]  # padding tokens left out
+                a_sum[blk.module] += (am.T @ am).to(f64).cpu()
+                tokens[blk.module] += float(m.sum())
             if keep:
-                grads[blk.module][idx] = torch.einsum("bto,bti->boi", g, a).reshape(len(idx), -1).cpu()
+                grads[blk.module][idx] = torch.bmm(g.transpose(1, 2), a).reshape(len(idx), -1).cpu()
     seconds = {"pass": time.perf_counter() - start}
     meta = {"fisher": args.fisher, "seed": args.seed, "n_examples": n, "format": FORMAT,
             "n_tokens": int(max(tokens.values())), "blocks": [dataclasses.asdict(b) for b in blocks]}
@@ -328,9 +344,13 @@ def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example],
     if {"kfac", "ekfac"} & set(kinds):
         t0 = time.perf_counter()
         eig: dict[str, torch.Tensor] = {}
-        for blk in blocks:
-            ea, qa = torch.linalg.eigh(a_sum[blk.module] / max(tokens[blk.module], 1.0))
-            eg, qg = torch.linalg.eigh(g_sum[blk.module] / n)
+        a_eig: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for blk in blocks:  # eigendecompositions in the model's precision (float32: about twice as fast)
+            rep = shared[blk.module]
+            if rep not in a_eig:
+                a_eig[rep] = torch.linalg.eigh((a_sum[rep] / max(tokens[rep], 1.0)).to(view.dtype))
+            ea, qa = (t.to(f64) for t in a_eig[rep])
+            eg, qg = (t.to(f64) for t in torch.linalg.eigh((g_sum[blk.module] / n).to(view.dtype)))
             eig |= {f"{blk.module}.QA": qa, f"{blk.module}.QG": qg, f"{blk.module}.eA": ea.clamp(min=0),
                     f"{blk.module}.eG": eg.clamp(min=0)}
         seconds["eigen"] = time.perf_counter() - t0
@@ -341,19 +361,19 @@ def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example],
             lam = {b.module: torch.zeros(b.out, b.inp, dtype=f64) for b in blocks}
 
             def correct(blk: Block, g_rows: torch.Tensor) -> None:
-                w = g_rows.to(f64).view(-1, blk.out, blk.inp)
-                qa, qg = eig[f"{blk.module}.QA"], eig[f"{blk.module}.QG"]
-                lam[blk.module] += (torch.einsum("og,boi,ia->bga", qg, w, qa) ** 2).sum(0)
+                w = g_rows.view(-1, blk.out, blk.inp)
+                qa, qg = (eig[f"{blk.module}.{q}"].to(w.dtype) for q in ("QA", "QG"))
+                lam[blk.module] += (qg.T @ w @ qa).to(f64).pow(2).sum(0)
 
             if keep:
                 for blk in blocks:
                     for s in range(0, n, 64):
                         correct(blk, grads[blk.module][s:s + 64])
             else:
-                for _, captured in _pass(model, task, examples, blocks, args, "EK-FAC correction"):
+                for _, _, captured in _pass(model, task, examples, blocks, args, "EK-FAC correction"):
                     for blk in blocks:
                         a, g, _m = captured[blk.module]
-                        correct(blk, torch.einsum("bto,bti->boi", g, a).cpu())
+                        correct(blk, torch.bmm(g.transpose(1, 2), a).cpu())
             seconds["correction"] = time.perf_counter() - t0
             tensors = {k: v for k, v in eig.items() if k.endswith((".QA", ".QG"))}
             tensors |= {f"{m}.lam": v / n for m, v in lam.items()}
