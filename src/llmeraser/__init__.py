@@ -1,11 +1,13 @@
 """llmeraser: influence-function unlearning for PEFT-fine-tuned LLMs (LLMEraser, ICLR 2025, done carefully)."""
 
 from llmeraser.curvature import CurvatureOperator, gradient, objective_gradient, per_example_gradients
+from llmeraser.damping import DampingArguments, select_damping
 from llmeraser.data import Example, examples_hash, load_examples, save_examples
 from llmeraser.eraser import (
     EraserArguments,
     UnlearningProblem,
     Update,
+    choose_solver,
     compute_update,
     damping_path,
     save_unlearned,
@@ -21,6 +23,7 @@ from llmeraser.errors import (
     SolverError,
     UserInputError,
 )
+from llmeraser.factors import FactorArguments, Factors, FactorStore, default_store, fit_factors
 from llmeraser.finetune import FinetuneArguments, FinetuneResult, finetune
 from llmeraser.ledger import Ledger, LedgerError
 from llmeraser.params import ParamView, adapter_hash, load_adapter, save_adapter
@@ -34,7 +37,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterError", "CausalLMTask", "ConfigError", "CurvatureOperator", "DataError", "Edit", "EraserArguments",
     "Example", "FinetuneArguments", "FinetuneResult", "LLMEraserError", "Ledger", "LedgerError", "LinearOperator",
-    "MatrixOperator",
+    "MatrixOperator", "DampingArguments", "FactorArguments", "FactorStore", "Factors", "choose_solver",
+    "default_store", "fit_factors", "select_damping",
     "ParamView", "Request", "RequestError", "ResourceError", "SolveResult", "SolverArguments", "SolverError", "Task",
     "UnlearningProblem", "Update", "UserInputError", "adapter_hash", "apply_request", "compute_update",
     "damping_path", "examples_hash", "finetune",

@@ -63,9 +63,13 @@ def _losses(model: torch.nn.Module, task: Task, examples: Sequence[Example], bat
 
 def select_damping(model: torch.nn.Module, task: Task, train: Sequence[Example], valid: Sequence[Example],
                    eraser: EraserArguments, args: DampingArguments | None = None, *,
-                   factors: Factors | None = None, progress: bool = False) -> dict:
+                   factors: Factors | None = None, recipe: FinetuneArguments | None = None,
+                   progress: bool = False) -> dict:
     """Score every λ of the grid (module docstring) and return the record: chosen λ, scores, Pearson r, the removal
-    sets, seconds, and the hashes of the data it was chosen on. θ is restored before returning."""
+    sets, seconds, and the hashes of the data it was chosen on. θ is restored before returning.
+
+    `recipe`: how the reference fine-tunes run (default: Adam for `args.epochs` at `args.lr`, with the eraser's l2
+    and batch size); use the adapter's own recipe where it is known."""
     args = args or DampingArguments()
     if eraser.solver not in ("cg", *KINDS):
         raise ConfigError(f"choosing the damping needs solver cg (one Krylov run per removal serves every λ) or a "
@@ -83,8 +87,8 @@ def select_damping(model: torch.nn.Module, task: Task, train: Sequence[Example],
     view = ParamView(model)
     theta = view.vector()
     bs = eraser.batch_size
-    recipe = FinetuneArguments(epochs=args.epochs, lr=args.lr, batch_size=bs, seed=args.seed, l2=eraser.l2,
-                               final_check=False, progress=progress)
+    recipe = recipe or FinetuneArguments(epochs=args.epochs, lr=args.lr, batch_size=bs, seed=args.seed,
+                                         l2=eraser.l2, final_check=False, progress=progress)
     try:
         base = _losses(model, task, valid, bs)
         finetune(model, task, train, recipe)
