@@ -58,8 +58,11 @@ def test_fit_once_then_every_request_reuses_and_the_lineage_inherits(lineage, ca
     assert not (root / "out2.factors").exists()
 
 
-def test_missing_or_stale_factors_are_fitted_and_auto_picks_ekfac(lineage, capsys):
+def test_missing_or_stale_factors_are_fitted_and_auto_picks_by_size(lineage, capsys, monkeypatch):
     root = lineage
+    assert unlearn(root, "in", "out0", "r1.json", "--solver", "auto", "--damping", "0.1") == 0
+    assert "auto chose dense" in report(root, "out0")["solver_choice"]  # 12 examples × 32 parameters: exact
+    monkeypatch.setattr("llmeraser.eraser.DENSE_WORK", 0)
     assert unlearn(root, "in", "out1", "r1.json", "--solver", "auto", "--damping", "0.1") == 0
     r = report(root, "out1")
     assert r["solver"] == "ekfac" and "auto chose ekfac" in r["solver_choice"]

@@ -230,8 +230,8 @@ def test_damping_path_with_fitted_factors_and_auto_choice():
     one = compute_update(model, task, examples, request, args)
     assert rel(path[1].delta, one.delta) < 1e-12 and path[0].delta.norm() < path[1].delta.norm()
     auto = compute_update(model, task, examples, request, EraserArguments(solver="auto", damping=0.1))
-    assert auto.report["solver"] == "ekfac" and "auto chose ekfac" in auto.report["solver_choice"]
-    assert choose_solver(model)[0] == "ekfac"
+    assert auto.report["solver"] == "dense" and "auto chose dense: 128 parameters × 20" in auto.report["solver_choice"]
+    assert choose_solver(model, 5000)[0] == "ekfac" and choose_solver(model)[0] == "ekfac"
 
 
 def test_parameters_outside_linear_layers_are_refused_and_auto_falls_back_to_cg():
@@ -239,7 +239,7 @@ def test_parameters_outside_linear_layers_are_refused_and_auto_falls_back_to_cg(
     model.register_parameter("extra", torch.nn.Parameter(torch.zeros(1, dtype=torch.float64)))
     with pytest.raises(ConfigError, match="extra.*--solver cg"):
         linear_blocks(model)
-    assert choose_solver(model)[0] == "cg"
+    assert choose_solver(model)[0] == "cg" and choose_solver(model, 10)[0] == "dense"
     with pytest.raises(ConfigError, match="ggn"):
         EraserArguments(solver="ekfac", curvature="hessian")
 

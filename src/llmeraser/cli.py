@@ -160,7 +160,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         task = _task(tokenizer, max_length)
         choice = None
         if eraser_args.solver == "auto":
-            solver, choice = choose_solver(model)
+            solver, choice = choose_solver(model, len(train))
             eraser_args = dataclasses.replace(eraser_args, solver=solver, solver_args=None)
         factors, store, t_fit = _factors_for(args, model, task, train, eraser_args) \
             if eraser_args.solver in KINDS else (None, None, 0.0)
@@ -321,7 +321,8 @@ def cmd_tune_damping(args: argparse.Namespace) -> int:
     model = load_adapter(base, args.adapter)
     task = _task(tokenizer, args.max_length or record.get("max_length", 64))
     if args.solver == "auto":
-        eraser_args = dataclasses.replace(eraser_args, solver=choose_solver(model)[0], solver_args=None)
+        solver = choose_solver(model, len(train))[0]
+        eraser_args = dataclasses.replace(eraser_args, solver=solver if solver != "dense" else "cg", solver_args=None)
     factors = _factors_for(args, model, task, train, eraser_args)[0] if eraser_args.solver in KINDS else None
     result = select_damping(model, task, train, valid, eraser_args, damping_args, factors=factors,
                             progress=not args.quiet)

@@ -104,14 +104,29 @@ class Update:
     report: dict
 
 
-def choose_solver(model: torch.nn.Module) -> tuple[str, str]:
-    """The solver `auto` stands for, and why."""
+DENSE_WORK = 200_000  # p × N up to which `auto` builds the exact matrix (p curvature products over N examples)
+
+
+def choose_solver(model: torch.nn.Module, n_train: int | None = None) -> tuple[str, str]:
+    """The solver `auto` stands for, from the sizes and the model's structure, and why.
+
+    - dense when p × N ≤ DENSE_WORK: the exact damped solve costs p products over N examples, less than a few
+      epochs, and no approximation is then worth its error;
+    - ekfac when every trainable parameter is in a linear layer: fitted once (about one epoch), reused by every
+      request, memory independent of N;
+    - cg otherwise (products over the training set per request).
+    """
+    p = ParamView(model).dim
+    if n_train is not None and p * n_train <= DENSE_WORK:
+        return "dense", (f"auto chose dense: {p:,} parameters × {n_train:,} examples is small enough for the exact "
+                         f"matrix ({p:,} curvature products)")
     try:
         linear_blocks(model)
     except ConfigError as e:
         return "cg", f"auto chose cg: {e}"
-    return "ekfac", ("auto chose ekfac: every trainable parameter is in a linear layer, so Kronecker factors fitted "
-                     "once serve every request at about the cost of its own gradients")
+    return "ekfac", (f"auto chose ekfac: {p:,} parameters × {n_train or 0:,} examples is too large for the exact "
+                     f"matrix and every trainable parameter is in a linear layer, so Kronecker factors fitted once "
+                     f"serve every request at about the cost of its own gradients")
 
 
 def compute_update(model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
@@ -154,7 +169,7 @@ class UnlearningProblem:
         self.model, self.task, self.train, self.request = model, task, train, request
         self.choice = None
         if args.solver == "auto":
-            solver, self.choice = choose_solver(model)
+            solver, self.choice = choose_solver(model, len(train))
             logger.info("%s", self.choice)
             args = dataclasses.replace(args, solver=solver, solver_args=None)
         self.args = args
