@@ -237,19 +237,19 @@ class Factors:
                 lam = t[f"{blk.module}.lam"].double() if self.kind == "ekfac" else \
                     torch.outer(t[f"{blk.module}.eG"].double(), t[f"{blk.module}.eA"].double())
                 xs.append(qg @ ((qg.T @ v @ qa) / (lam + damping)) @ qa.T)
-        elif self.kind == "woodbury":
+        elif self.kind == "woodbury":  # the N × p products in the stored precision, the N × N system in float64
             n = t["gram.s"].shape[0]
             u, s = t["gram.U"].double(), t["gram.s"].double()
-            gv = sum(t[f"{blk.module}.grads"].double() @ v.reshape(-1) for blk, v in zip(self.blocks, vs, strict=True))
+            gv = sum(_gmv(t[f"{blk.module}.grads"], v.reshape(-1)) for blk, v in zip(self.blocks, vs, strict=True))
             c = u @ ((u.T @ gv) / (n * damping + s))
-            xs = [(v - (t[f"{blk.module}.grads"].double().T @ c).view_as(v)) / damping
+            xs = [(v - _gmv(t[f"{blk.module}.grads"].T, c).view_as(v)) / damping
                   for blk, v in zip(self.blocks, vs, strict=True)]
         else:  # datainf
             xs = []
             for blk, v in zip(self.blocks, vs, strict=True):
-                g = t[f"{blk.module}.grads"].double()
-                coef = (g @ v.reshape(-1)) / (damping + (g * g).sum(1))
-                xs.append((v - (g.T @ coef).view_as(v) / g.shape[0]) / damping)
+                g = t[f"{blk.module}.grads"]
+                coef = _gmv(g, v.reshape(-1)) / (damping + g.pow(2).sum(1).double())
+                xs.append((v - _gmv(g.T, coef).view_as(v) / g.shape[0]) / damping)
         x = self._flat(xs, view)
         if not bool(torch.isfinite(x).all()):
             raise SolverError(f"{self.kind}: the solution is non-finite at λ={damping}; use a larger --damping")
@@ -260,8 +260,8 @@ class Factors:
         vs, t, xs = self._blocks_of(v, view), self.tensors, []
         if self.kind == "woodbury":
             n = t["gram.s"].shape[0]
-            gv = sum(t[f"{blk.module}.grads"].double() @ x.reshape(-1) for blk, x in zip(self.blocks, vs, strict=True))
-            return self._flat([(t[f"{blk.module}.grads"].double().T @ gv).view_as(x) / n
+            gv = sum(_gmv(t[f"{blk.module}.grads"], x.reshape(-1)) for blk, x in zip(self.blocks, vs, strict=True))
+            return self._flat([_gmv(t[f"{blk.module}.grads"].T, gv).view_as(x) / n
                                for blk, x in zip(self.blocks, vs, strict=True)], view)
         if self.kind == "datainf":
             raise ConfigError("datainf approximates the inverse directly; it has no matrix F")
@@ -275,6 +275,11 @@ class Factors:
     @property
     def fit_seconds(self) -> float:
         return float(self.meta.get("seconds", {}).get("total", 0.0))
+
+
+def _gmv(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """g @ v in g's precision (no float64 copy of a large stored matrix), returned in float64."""
+    return (g @ v.to(g.dtype)).double()
 
 
 def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example], kinds: Sequence[str] = ("ekfac",),
