@@ -267,20 +267,27 @@ def _derive_factors(args: argparse.Namespace, factors, store, train, request) ->
         logging.getLogger(__name__).warning("could not record the factors for %s: %s", args.out, e)
 
 
+def _adapter_model(args: argparse.Namespace):
+    """(model, task, record): --base-model with --adapter loaded, the task at the adapter's max length."""
+    from llmeraser.models import load_base_model
+    from llmeraser.params import load_adapter
+
+    record = _read_record(args.adapter)
+    base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
+    model = load_adapter(base, args.adapter)
+    return model, _task(tokenizer, args.max_length or record.get("max_length", 64)), record
+
+
 def cmd_fit_curvature(args: argparse.Namespace) -> int:
     from llmeraser.data import examples_hash, load_examples
     from llmeraser.factors import FactorArguments, fit_factors
-    from llmeraser.models import load_base_model
-    from llmeraser.params import adapter_hash, check_adapter_dir, load_adapter
+    from llmeraser.params import adapter_hash, check_adapter_dir
 
     check_adapter_dir(args.adapter)
     train = load_examples(args.train)
     fa = FactorArguments(**pick(args, FactorArguments, skip=("progress",)), progress=not args.quiet)
-    record = _read_record(args.adapter)
-    base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
-    model = load_adapter(base, args.adapter)
-    fits = fit_factors(model, _task(tokenizer, args.max_length or record.get("max_length", 64)), train,
-                       tuple(dict.fromkeys(args.kind)), fa)
+    model, task, _ = _adapter_model(args)
+    fits = fit_factors(model, task, train, tuple(dict.fromkeys(args.kind)), fa)
     store, rows = _store(args), []
     a_sha, t_sha = adapter_hash(args.adapter), examples_hash(train)
     for kind, f in fits.items():
@@ -300,11 +307,10 @@ def cmd_fit_curvature(args: argparse.Namespace) -> int:
 
 def cmd_tune_damping(args: argparse.Namespace) -> int:
     from llmeraser.damping import DampingArguments, select_damping
-    from llmeraser.data import load_examples
+    from llmeraser.data import examples_hash, load_examples
     from llmeraser.eraser import EraserArguments, choose_solver
     from llmeraser.factors import KINDS
-    from llmeraser.models import load_base_model
-    from llmeraser.params import adapter_hash, check_adapter_dir, load_adapter
+    from llmeraser.params import adapter_hash, check_adapter_dir
 
     check_adapter_dir(args.adapter)
     train, valid = load_examples(args.train), load_examples(args.valid)
@@ -312,22 +318,17 @@ def cmd_tune_damping(args: argparse.Namespace) -> int:
     if overlap:
         raise UserInputError(f"--valid shares {len(overlap)} id(s) with --train (e.g. {sorted(overlap)[0]!r}); "
                              f"validation examples must be held out")
-    record = _read_record(args.adapter)
     damping_args = DampingArguments(**{k: tuple(v) if k == "dampings" else v
                                        for k, v in pick(args, DampingArguments).items()})
+    model, task, record = _adapter_model(args)
     eraser_args = EraserArguments(solver=args.solver if args.solver != "auto" else "cg", l2=record.get("l2", 0.0),
                                   fisher=args.fisher, seed=args.seed, progress=not args.quiet)
-    base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
-    model = load_adapter(base, args.adapter)
-    task = _task(tokenizer, args.max_length or record.get("max_length", 64))
     if args.solver == "auto":
         solver = choose_solver(model, len(train))[0]
         eraser_args = dataclasses.replace(eraser_args, solver=solver if solver != "dense" else "cg", solver_args=None)
     factors = _factors_for(args, model, task, train, eraser_args)[0] if eraser_args.solver in KINDS else None
     result = select_damping(model, task, train, valid, eraser_args, damping_args, factors=factors,
                             progress=not args.quiet)
-    from llmeraser.data import examples_hash
-
     path = _store(args).save_damping(result, adapter_hash(args.adapter), examples_hash(train))
     print(format_table([{**r, "chosen": "←" if r["damping"] == result["chosen"] else ""} for r in result["scores"]],
                        [("damping", "λ", "g"), ("score", "error/no-update", ".3f"), ("pearson", "pearson r", ".3f"),
