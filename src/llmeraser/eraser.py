@@ -51,8 +51,9 @@ class EraserArguments:
     solver: str = field(default="cg", metadata={
         "help": "inverse-HVP solver. Iterative, on curvature products over the training set: dense, cg, lissa, sqp, "
                 "paper. Fitted once per adapter and reused (each request then costs about its own gradients): "
-                "kfac, ekfac, woodbury, datainf (see 'llmeraser fit-curvature'). auto: ekfac when every trainable "
-                "parameter is in a linear layer, else cg (the report says which and why)"})
+                "kfac, ekfac, woodbury, datainf (see 'llmeraser fit-curvature'). auto: dense for tiny problems, "
+                "woodbury or ekfac (by memory) when every trainable parameter is in a linear layer, else cg (the "
+                "report says which and why)"})
     curvature: str = field(default="ggn", metadata={"help": "ggn (Gauss-Newton, PSD) or hessian (exact)"})
     damping: float = field(default=1e-3, metadata={"help": "λ in (H + λI)⁻¹; larger is safer but shrinks Δθ"})
     l2: float = field(default=0.0, metadata={"help": "the L2 coefficient the adapter was fine-tuned with"})
@@ -105,6 +106,7 @@ class Update:
 
 
 DENSE_WORK = 200_000  # p × N up to which `auto` builds the exact matrix (p curvature products over N examples)
+WOODBURY_MAX_N = 20_000  # N above which `auto` avoids woodbury's N × N system
 
 
 def choose_solver(model: torch.nn.Module, n_train: int | None = None) -> tuple[str, str]:
@@ -112,11 +114,17 @@ def choose_solver(model: torch.nn.Module, n_train: int | None = None) -> tuple[s
 
     - dense when p × N ≤ DENSE_WORK: the exact damped solve costs p products over N examples, less than a few
       epochs, and no approximation is then worth its error;
-    - ekfac when every trainable parameter is in a linear layer: fitted once (about one epoch), reused by every
-      request, memory independent of N;
+    - otherwise a fitted solver when every trainable parameter is in a linear layer (fitted once, about an epoch,
+      reused by every request): woodbury while its N × p per-example gradients take at most a quarter of the
+      available memory and N ≤ WOODBURY_MAX_N, else ekfac (memory independent of N). On the embedded benchmark
+      woodbury was never far from the best fitted solver and was the only one that helped on RC-10, where the
+      Kronecker ones overshot at every λ (bench/results/fitted-qm-rc);
     - cg otherwise (products over the training set per request).
     """
-    p = ParamView(model).dim
+    from llmeraser.resources import available_bytes
+
+    view = ParamView(model)
+    p = view.dim
     if n_train is not None and p * n_train <= DENSE_WORK:
         return "dense", (f"auto chose dense: {p:,} parameters × {n_train:,} examples is small enough for the exact "
                          f"matrix ({p:,} curvature products)")
@@ -124,9 +132,15 @@ def choose_solver(model: torch.nn.Module, n_train: int | None = None) -> tuple[s
         linear_blocks(model)
     except ConfigError as e:
         return "cg", f"auto chose cg: {e}"
-    return "ekfac", (f"auto chose ekfac: {p:,} parameters × {n_train or 0:,} examples is too large for the exact "
-                     f"matrix and every trainable parameter is in a linear layer, so Kronecker factors fitted once "
-                     f"serve every request at about the cost of its own gradients")
+    free = available_bytes()
+    need = (n_train or 0) * p * view.params[0].element_size()
+    if n_train and n_train <= WOODBURY_MAX_N and (free is None or need <= free / 4):
+        return "woodbury", (f"auto chose woodbury: every trainable parameter is in a linear layer and the "
+                            f"{n_train:,} × {p:,} per-example gradients ({need / 2**30:.2f} GiB) fit, so the exact "
+                            f"inverse of the fitted Fisher serves every request at about the cost of its gradients")
+    return "ekfac", (f"auto chose ekfac: every trainable parameter is in a linear layer, and {n_train or 0:,} "
+                     f"examples × {p:,} parameters are too many for woodbury's per-example gradients, so Kronecker "
+                     f"factors fitted once serve every request at about the cost of its own gradients")
 
 
 def compute_update(model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
