@@ -359,7 +359,7 @@ def _fitted(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
     problem = UnlearningProblem(bench.model, bench.task, run.setting.train, run.setting.request, eraser,
                                 factors=factors)
     start = time.perf_counter()
-    path = [problem.update(problem._fitted(lam), lam, name, None) for lam in a.dampings]
+    path = problem.path(a.dampings)
     kls = [bench.valid_kl(run.theta + u.delta, run.retrain_valid_p) for u in path]
     best = min(range(len(path)), key=kls.__getitem__)
     tuning = time.perf_counter() - start

@@ -231,12 +231,7 @@ class Factors:
                               f"(or a training l2)")
         vs, t = self._blocks_of(b, view), self.tensors
         if self.kind in ("kfac", "ekfac"):
-            xs = []
-            for blk, v in zip(self.blocks, vs, strict=True):
-                qa, qg = t[f"{blk.module}.QA"].double(), t[f"{blk.module}.QG"].double()
-                lam = t[f"{blk.module}.lam"].double() if self.kind == "ekfac" else \
-                    torch.outer(t[f"{blk.module}.eG"].double(), t[f"{blk.module}.eA"].double())
-                xs.append(qg @ ((qg.T @ v @ qa) / (lam + damping)) @ qa.T)
+            xs = self._kronecker(vs, lambda r, lam: r / (lam + damping))
         elif self.kind == "woodbury":  # the N × p products in the stored precision, the N × N system in float64
             n = t["gram.s"].shape[0]
             u, s = t["gram.U"].double(), t["gram.s"].double()
@@ -257,7 +252,7 @@ class Factors:
 
     def matvec(self, v: torch.Tensor, view: ParamView) -> torch.Tensor:
         """F v (for tests: the matrix this approximation inverts)."""
-        vs, t, xs = self._blocks_of(v, view), self.tensors, []
+        vs, t = self._blocks_of(v, view), self.tensors
         if self.kind == "woodbury":
             n = t["gram.s"].shape[0]
             gv = sum(_gmv(t[f"{blk.module}.grads"], x.reshape(-1)) for blk, x in zip(self.blocks, vs, strict=True))
@@ -265,12 +260,17 @@ class Factors:
                                for blk, x in zip(self.blocks, vs, strict=True)], view)
         if self.kind == "datainf":
             raise ConfigError("datainf approximates the inverse directly; it has no matrix F")
-        for blk, x in zip(self.blocks, vs, strict=True):
+        return self._flat(self._kronecker(vs, lambda r, lam: r * lam), view)
+
+    def _kronecker(self, vs: list[torch.Tensor], scale) -> list[torch.Tensor]:
+        """Q_G scale(Q_Gᵀ V Q_A, Λ) Q_Aᵀ per block, Λ EK-FAC's diagonal or K-FAC's outer product of eigenvalues."""
+        t, xs = self.tensors, []
+        for blk, v in zip(self.blocks, vs, strict=True):
             qa, qg = t[f"{blk.module}.QA"].double(), t[f"{blk.module}.QG"].double()
             lam = t[f"{blk.module}.lam"].double() if self.kind == "ekfac" else \
                 torch.outer(t[f"{blk.module}.eG"].double(), t[f"{blk.module}.eA"].double())
-            xs.append(qg @ ((qg.T @ x @ qa) * lam) @ qa.T)
-        return self._flat(xs, view)
+            xs.append(qg @ scale(qg.T @ v @ qa, lam) @ qa.T)
+        return xs
 
     @property
     def fit_seconds(self) -> float:
