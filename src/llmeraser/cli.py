@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -81,12 +82,14 @@ def _task(tokenizer, max_length: int):
 def cmd_finetune(args: argparse.Namespace) -> int:
     from peft import LoraConfig, get_peft_model
 
+    from llmeraser import distributed
     from llmeraser.data import examples_hash, load_examples
     from llmeraser.finetune import FinetuneArguments, finetune
     from llmeraser.models import load_base_model
     from llmeraser.params import save_adapter
 
     train = load_examples(args.train)
+    distributed.check_same({"training set": examples_hash(train)}, "checking the inputs")
     ft = FinetuneArguments(**pick(args, FinetuneArguments), progress=not args.quiet)
     base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
@@ -103,42 +106,54 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     report = {"kind": "finetune", "task": task_record, "arguments": dataclasses.asdict(ft),
               "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": targets},
               "train_sha256": examples_hash(train), "n_train": len(train), "result": result.to_dict()}
-    save_adapter(model, args.out, report=report)
+    distributed.on_rank0(lambda: save_adapter(model, args.out, report=report) and None, "writing the adapter")
     print(f"fine-tuned {len(train)} examples in {result.seconds:.1f} s: last epoch's loss {result.losses[-1]:.4f}, "
           f"R(θ) = {result.objective:.4f}, ‖∇R‖ = {result.grad_norm:.2e}\nadapter: {args.out}")
     return 0
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
-    from llmeraser.data import load_examples
+    from llmeraser import distributed
+    from llmeraser.data import examples_hash, load_examples
     from llmeraser.eraser import EraserArguments, choose_solver, save_unlearned, unlearn
     from llmeraser.factors import KINDS
     from llmeraser.io import check_new_output
+    from llmeraser.ledger import Ledger
     from llmeraser.models import load_base_model
-    from llmeraser.params import check_adapter_dir, load_adapter
-    from llmeraser.request import load_request, resolve
+    from llmeraser.params import adapter_hash, check_adapter_dir, load_adapter
+    from llmeraser.request import Request, apply_request, load_request, resolve
     from llmeraser.solvers.api import solver_arguments
 
     check_adapter_dir(args.adapter)
     train, request = load_examples(args.train), load_request(args.request)
-    ledger = None
-    if args.ledger:
-        from llmeraser.ledger import Ledger
+    distributed.check_same({"adapter": adapter_hash(args.adapter), "training set": examples_hash(train),
+                            "request": request.hash}, "checking the inputs")
+    ledger = Ledger(args.ledger) if args.ledger and distributed.rank() == 0 else None  # state: rank 0's alone
 
-        ledger = Ledger(args.ledger)
-        done = ledger.find(request)
-        if done is not None and done.status == "applied":  # idempotent, keyed by the request's hash
-            print(f"request {request.hash[:12]}… is already applied (#{done.seq}, {done.updated}): "
-                  f"{done.output_adapter}; nothing to do")
-            return 0
-        recovered = ledger.recover(request)
-        if recovered is not None:
-            print(f"request {request.hash[:12]}…: the previous run wrote {recovered.output_adapter} completely "
-                  f"but stopped before recording it; recorded now (#{recovered.seq}), nothing recomputed")
-            return 0
-        train = ledger.prepare(args.adapter, train, request)  # the training set after the applied requests
-    resolve(request, train)  # a request that does not fit the data fails before any model is loaded
-    check_new_output(args.out)  # and so does an output folder that is taken
+    def preamble() -> dict:
+        """Rank 0: the ledger's say (already done, or the requests applied before this one) and the output check."""
+        if ledger:
+            done = ledger.find(request)
+            if done is not None and done.status == "applied":  # idempotent, keyed by the request's hash
+                return {"done": f"request {request.hash[:12]}… is already applied (#{done.seq}, {done.updated}): "
+                                f"{done.output_adapter}; nothing to do"}
+            recovered = ledger.recover(request)
+            if recovered is not None:
+                return {"done": f"request {request.hash[:12]}…: the previous run wrote {recovered.output_adapter} "
+                                f"completely but stopped before recording it; recorded now (#{recovered.seq}), "
+                                f"nothing recomputed"}
+            ledger.prepare(args.adapter, train, request)  # checks the request against the lineage
+        else:
+            resolve(request, train)  # a request that does not fit the data fails before any model is loaded
+        check_new_output(args.out)  # an output folder that is taken fails before any model is loaded
+        return {"applied": [e.request.to_dict() for e in ledger.entries("applied")] if ledger else []}
+
+    decision = distributed.on_rank0(preamble, "checking the request")
+    if "done" in decision:
+        print(decision["done"])
+        return 0
+    for earlier in decision["applied"]:  # the training set after the lineage's applied requests
+        train = apply_request(train, Request.from_dict(earlier))
     record = _read_record(args.adapter)
     given = pick(args, EraserArguments, skip=("solver_args", "progress", "damping"))
     given.setdefault("l2", record.get("l2", 0.0))
@@ -149,11 +164,12 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     eraser_args = EraserArguments(**given, solver_args=solver_args, progress=not args.quiet)
     damping_record = None
     if args.damping == "auto":  # chosen earlier on validation data by `llmeraser tune-damping`
-        damping_record = _damping_record(args, train)
+        damping_record = distributed.on_rank0(lambda: _damping_record(args, train), "reading the damping")
         eraser_args = dataclasses.replace(eraser_args, damping=damping_record["chosen"])
     elif args.damping is not None:
         eraser_args = dataclasses.replace(eraser_args, damping=_float_arg("--damping", args.damping))
-    seq = ledger.begin(request, train, args.adapter, args.out) if ledger else None
+    seq = distributed.on_rank0(lambda: ledger.begin(request, train, args.adapter, args.out) if ledger else None,
+                               "recording the request")
     try:
         base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
         model = load_adapter(base, args.adapter)
@@ -174,15 +190,19 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         if factors is not None:
             update.report["seconds"]["fit"] = t_fit
             update.report["seconds"]["total"] += t_fit
-        save_unlearned(model, args.out, update, input_adapter=args.adapter,
-                       before_rename=(lambda tmp: ledger.stage(seq, tmp)) if ledger else None)
-        if ledger:
-            ledger.finish(seq, update.report)
+
+        def write() -> None:  # rank 0 writes; the others wait for it, so every rank exits with its outcome
+            save_unlearned(model, args.out, update, input_adapter=args.adapter,
+                           before_rename=(lambda tmp: ledger.stage(seq, tmp)) if ledger else None)
+            if ledger:
+                ledger.finish(seq, update.report)
+
+        distributed.on_rank0(write, "writing the adapter")
     except BaseException as e:
         if ledger:
             ledger.fail(seq, e)
         raise
-    if factors is not None:
+    if factors is not None and distributed.rank() == 0:
         _derive_factors(args, factors, store, train, request)
     r = update.report
     status = "converged" if r["converged"] else "NOT converged (see report)"
@@ -230,6 +250,7 @@ def _factors_for(args: argparse.Namespace, model, task, train, eraser_args):
     """(factors, store, seconds fitting): the stored fit for this adapter and training set, else a new one, saved."""
     import time
 
+    from llmeraser import distributed
     from llmeraser.data import examples_hash
     from llmeraser.factors import FactorArguments, fit_factors
     from llmeraser.params import adapter_hash
@@ -237,6 +258,7 @@ def _factors_for(args: argparse.Namespace, model, task, train, eraser_args):
     kind, store = eraser_args.solver, _store(args)
     a_sha, t_sha = adapter_hash(args.adapter), examples_hash(train)
     factors, why = store.load(kind, a_sha, t_sha)
+    distributed.check_same({"factor store": why}, "reading the factor store")  # every rank loaded, or none did
     if factors is not None:
         factors.meta["source"] = why
         return factors, store, 0.0
@@ -246,7 +268,8 @@ def _factors_for(args: argparse.Namespace, model, task, train, eraser_args):
     factors = fit_factors(model, task, train, (kind,), FactorArguments(
         fisher=eraser_args.fisher, samples=eraser_args.curvature_samples, batch_size=eraser_args.batch_size,
         seed=eraser_args.seed, progress=eraser_args.progress))[kind]
-    path = store.save(factors, a_sha, t_sha, n_train=len(train))
+    path = distributed.on_rank0(lambda: str(store.save(factors, a_sha, t_sha, n_train=len(train))),
+                                "saving the factors")
     factors.meta["source"] = f"fitted for this request ({why}); saved in {path}"
     return factors, store, time.perf_counter() - start
 
@@ -279,24 +302,32 @@ def _adapter_model(args: argparse.Namespace):
 
 
 def cmd_fit_curvature(args: argparse.Namespace) -> int:
+    from llmeraser import distributed
     from llmeraser.data import examples_hash, load_examples
     from llmeraser.factors import FactorArguments, fit_factors
     from llmeraser.params import adapter_hash, check_adapter_dir
 
     check_adapter_dir(args.adapter)
     train = load_examples(args.train)
+    a_sha, t_sha = adapter_hash(args.adapter), examples_hash(train)
+    distributed.check_same({"adapter": a_sha, "training set": t_sha}, "checking the inputs")
     fa = FactorArguments(**pick(args, FactorArguments, skip=("progress",)), progress=not args.quiet)
     model, task, _ = _adapter_model(args)
     fits = fit_factors(model, task, train, tuple(dict.fromkeys(args.kind)), fa)
-    store, rows = _store(args), []
-    a_sha, t_sha = adapter_hash(args.adapter), examples_hash(train)
-    for kind, f in fits.items():
-        path = store.save(f, a_sha, t_sha, n_train=len(train))
-        sec = f.meta["seconds"]
-        rows.append({"kind": kind, "n": f.meta["n_examples"], "tokens": f.meta["n_tokens"],
-                     "pass": sec.get("pass", 0.0), "extra": sec["total"] - sec.get("pass", 0.0),
-                     "total": sec["total"], "mib": sum(p.stat().st_size for p in path.iterdir()) / 2**20,
-                     "path": str(path)})
+    store = _store(args)
+
+    def save() -> list[dict]:  # rank 0 writes the store
+        rows = []
+        for kind, f in fits.items():
+            path = store.save(f, a_sha, t_sha, n_train=len(train))
+            sec = f.meta["seconds"]
+            rows.append({"kind": kind, "n": f.meta["n_examples"], "tokens": f.meta["n_tokens"],
+                         "pass": sec.get("pass", 0.0), "extra": sec["total"] - sec.get("pass", 0.0),
+                         "total": sec["total"], "mib": sum(p.stat().st_size for p in path.iterdir()) / 2**20,
+                         "path": str(path)})
+        return rows
+
+    rows = distributed.on_rank0(save, "saving the factors")
     print(format_table(rows, [("kind", "kind", ""), ("n", "examples", "d"), ("tokens", "tokens", "d"),
                               ("pass", "pass s", ".1f"), ("extra", "eigen/gram s", ".1f"), ("total", "total s", ".1f"),
                               ("mib", "MiB", ".1f"), ("path", "stored in", "")]))
@@ -329,7 +360,10 @@ def cmd_tune_damping(args: argparse.Namespace) -> int:
     factors = _factors_for(args, model, task, train, eraser_args)[0] if eraser_args.solver in KINDS else None
     result = select_damping(model, task, train, valid, eraser_args, damping_args, factors=factors,
                             progress=not args.quiet)
-    path = _store(args).save_damping(result, adapter_hash(args.adapter), examples_hash(train))
+    from llmeraser import distributed
+
+    path = distributed.on_rank0(lambda: str(_store(args).save_damping(result, adapter_hash(args.adapter),
+                                                                       examples_hash(train))), "saving the damping")
     print(format_table([{**r, "chosen": "←" if r["damping"] == result["chosen"] else ""} for r in result["scores"]],
                        [("damping", "λ", "g"), ("score", "error/no-update", ".3f"), ("pearson", "pearson r", ".3f"),
                         ("chosen", "", "")]))
@@ -650,6 +684,17 @@ def _quiet_libraries(*, quiet: bool, debug: bool) -> None:
         hf_logging.enable_progress_bar()
 
 
+DISTRIBUTED_COMMANDS = ("finetune", "unlearn", "fit-curvature", "tune-damping")
+
+
+class Terminated(BaseException):
+    """SIGTERM (torchrun stops the other ranks so when one fails): raised so that cleanup runs, like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated("terminated by SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -657,25 +702,51 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: usage errors exit 2, --help exits 0
         return int(e.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(message)s")
-    _quiet_libraries(quiet=getattr(args, "quiet", False), debug=args.debug)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    import signal
+
+    from llmeraser import distributed
+
+    rank, prefix = 0, "llmeraser"
+    if distributed.launched():  # one of several ranks under torchrun
+        if args.command not in DISTRIBUTED_COMMANDS:
+            print(f"llmeraser: error: '{args.command}' does not run data-parallel; run it without torchrun (these "
+                  f"do: {', '.join(DISTRIBUTED_COMMANDS)})", file=sys.stderr)
+            return 2
+        rank = int(os.environ.get("RANK", "0"))
+        prefix = f"llmeraser [rank {rank}/{os.environ.get('WORLD_SIZE')}]"
+        if rank != 0:  # rank 0 prints and shows progress; the others work quietly
+            args.quiet = True
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — for the life of the process
+    _quiet_libraries(quiet=getattr(args, "quiet", False), debug=args.debug)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if distributed.launched():
+            distributed.init_from_env()
         return args.func(args)
+    except distributed.Mirrored:  # rank 0's bad input: rank 0 reports it
+        return 2
     except UserInputError as e:
         if args.debug:
             raise
-        print(f"llmeraser: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("llmeraser: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{prefix}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except (LLMEraserError, Exception) as e:  # noqa: BLE001 — one line, never a traceback, unless --debug
         if args.debug:
             raise
-        print(f"llmeraser: failed: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        print(f"{prefix}: failed: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

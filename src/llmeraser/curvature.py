@@ -6,6 +6,9 @@ Objective (DESIGN §2): R(θ) = (1/N) Σᵢ ℓ(zᵢ; θ) + (l2/2) ‖θ‖².
 - `CurvatureOperator`: v ↦ H v with H = (1/N) Σᵢ Cᵢ + l2·I, where Cᵢ is the exact Hessian ∇²ℓ(zᵢ) (double backward)
   or the Gauss-Newton matrix Jᵢᵀ ∇²_out ℓ Jᵢ (PSD; J the Jacobian of the outputs in θ). Damping is the solver's.
 
+Under torch.distributed (`llmeraser.distributed`) each rank takes a contiguous slice of the examples and the partial
+sums are all-reduced: every rank returns the full result.
+
 Double backward needs eager attention in Hugging Face models (SDPA's CPU kernel has no double backward).
 """
 
@@ -17,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from llmeraser import distributed
 from llmeraser.data import Example
 from llmeraser.errors import ConfigError
 from llmeraser.params import ParamView
@@ -26,10 +30,6 @@ from llmeraser.task import Batch, Task, per_example_loss
 logger = logging.getLogger(__name__)
 
 CURVATURES = ("ggn", "hessian")
-
-
-def _batches(examples: Sequence[Example], batch_size: int) -> list[list[int]]:
-    return [list(range(i, min(i + batch_size, len(examples)))) for i in range(0, len(examples), batch_size)]
 
 
 def _grad(outputs: torch.Tensor, inputs: list[torch.Tensor], **kw) -> list[torch.Tensor]:
@@ -44,10 +44,10 @@ def gradient(model: torch.nn.Module, task: Task, examples: Sequence[Example], *,
     if w.shape != (len(examples),):
         raise ConfigError(f"gradient: {len(examples)} examples but weights of shape {tuple(w.shape)}")
     total = torch.zeros(view.dim, dtype=view.dtype, device=view.device)
-    for idx in tqdm(_batches(examples, batch_size), desc=desc, disable=not progress, leave=False):
+    for idx in tqdm(distributed.batches(len(examples), batch_size), desc=desc, disable=not progress, leave=False):
         losses = per_example_loss(task, model, task.collate([examples[i] for i in idx]))  # (b,)
         total += view.flatten(_grad((losses * w[idx].to(losses.device)).sum(), view.params))
-    return total
+    return distributed.all_reduce(total, desc)
 
 
 def objective_gradient(model: torch.nn.Module, task: Task, examples: Sequence[Example], *, l2: float = 0.0,
@@ -75,15 +75,16 @@ def per_example_gradients(model: torch.nn.Module, task: Task, examples: Sequence
     require((len(examples) + 4 * chunk_size) * view.dim * itemsize,
             f"per-example gradients ({len(examples):,} examples × {view.dim:,} parameters)",
             "use fewer examples or a solver built on Hessian-vector products (--solver cg), which never stores them")
-    out = torch.empty(len(examples), view.dim, dtype=view.dtype, device=view.device)
-    for idx in tqdm(_batches(examples, chunk_size), desc="per-example gradients", disable=not progress, leave=False):
+    out = torch.zeros(len(examples), view.dim, dtype=view.dtype, device=view.device)  # rows of other ranks stay 0
+    for idx in tqdm(distributed.batches(len(examples), chunk_size), desc="per-example gradients", disable=not progress,
+                    leave=False):
         chunk = [examples[i] for i in idx]
         if method == "loop":
             for i, e in zip(idx, chunk, strict=True):
                 out[i] = view.flatten(_grad(per_example_loss(task, model, task.collate([e])).sum(), view.params))
         else:
             out[idx] = _vmap_grads(model, task, task.collate(chunk), view).reshape(-1, view.dim)
-    return out
+    return distributed.all_reduce(out, "per-example gradients")  # each row from one rank: the sum is exact
 
 
 class _LossOfRow(torch.nn.Module):
@@ -136,7 +137,8 @@ class CurvatureOperator:
         self.view = ParamView(model)
         self.dim, self.num_terms = self.view.dim, len(self.examples)
         self.dtype, self.device = self.view.dtype, self.view.device
-        self._full = [task.collate([self.examples[i] for i in idx]) for idx in _batches(self.examples, batch_size)]
+        self._full = [task.collate([self.examples[i] for i in idx])  # this rank's shard
+                      for idx in distributed.batches(len(self.examples), batch_size)]
 
     def _product(self, v: list[torch.Tensor], batch: Batch) -> torch.Tensor:
         """Σ_{i∈batch} Cᵢ v as a flat vector."""
@@ -160,15 +162,15 @@ class CurvatureOperator:
         total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         for batch in tqdm(batches, desc=f"{self.kind} product", disable=not self.progress, leave=False):
             total += self._product(vs, batch)
-        return total / count + self.l2 * v
+        return distributed.all_reduce(total, f"{self.kind} product") / count + self.l2 * v
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._apply(v, self._full, self.num_terms)
 
     def sample_matvec(self, v: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        idx = [int(i) for i in indices]
+        idx = [int(i) for i in indices]  # the same draws on every rank (seeded); each takes a slice of them
         batches = [self.task.collate([self.examples[idx[j]] for j in chunk])
-                   for chunk in _batches(idx, self.batch_size)]
+                   for chunk in distributed.batches(len(idx), self.batch_size)]
         return self._apply(v, batches, len(idx))
 
     def dense(self) -> torch.Tensor:

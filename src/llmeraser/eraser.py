@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from llmeraser import distributed
 from llmeraser.curvature import CURVATURES, CurvatureOperator, gradient, objective_gradient
 from llmeraser.data import Example, examples_hash
 from llmeraser.errors import ConfigError, RequestError, SolverError
@@ -121,6 +122,12 @@ def choose_solver(model: torch.nn.Module, n_train: int | None = None) -> tuple[s
       Kronecker ones overshot at every λ (bench/results/fitted-qm-rc);
     - cg otherwise (products over the training set per request).
     """
+    name, why = _choose_solver(model, n_train)
+    name, why = distributed.broadcast_json([name, why], "choosing the solver")  # free memory differs by rank
+    return name, why
+
+
+def _choose_solver(model: torch.nn.Module, n_train: int | None) -> tuple[str, str]:
     from llmeraser.resources import available_bytes
 
     view = ParamView(model)
@@ -262,7 +269,8 @@ class UnlearningProblem:
 
     def update(self, result: SolveResult, damping: float, solver: str, solver_args: SolverArguments | None) -> Update:
         args, request = self.args, self.request
-        delta = self.sign * result.x
+        # every rank solved the same system; rank 0's Δθ is the one every rank applies (bitwise identical)
+        delta = distributed.broadcast(self.sign * result.x, "Δθ")
         if not torch.isfinite(delta).all():
             raise SolverError(f"solver {solver!r} returned non-finite Δθ; increase --damping")
         if not result.converged and solver_args is not None:

@@ -31,6 +31,7 @@ training set; beyond it the next request refits (the report says which happened 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -44,6 +45,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from llmeraser import distributed
 from llmeraser.data import Example
 from llmeraser.errors import AdapterError, ConfigError, ResourceError, SolverError
 from llmeraser.io import atomic_dir
@@ -160,22 +162,31 @@ class _Capture:
             h.remove()
 
 
+def example_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One generator per example, seeded by (seed, its index in the pass): the sampled targets of an example do not
+    depend on which batch or which rank it lands in, so a sharded fit equals the single-process one."""
+    def mixed(i: int) -> int:  # hashed: nearby integer seeds give correlated Mersenne-Twister streams (measured)
+        return int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "little") >> 1
+
+    return [torch.Generator().manual_seed(mixed(i)) for i in indices]
+
+
 def _pass(model: torch.nn.Module, task: Task, examples: Sequence[Example], blocks: Sequence[Block],
           args: FactorArguments, desc: str):
-    """Yield (batch indices, {module: (a, g, m)}) for each batch, the gradients those of the Fisher pseudo-loss."""
+    """Yield (batch indices, {module: (a, g, m)}) for each batch of this rank's shard, the gradients those of the
+    Fisher pseudo-loss."""
     if args.fisher == "mc" and not hasattr(task, "fisher_loss"):
         raise ConfigError(f"task {type(task).__name__} has no fisher_loss (needed by fisher='mc'); "
                           f"use fisher='empirical'")
-    gen = torch.Generator().manual_seed(args.seed)
     params = ParamView(model).params
     capture = _Capture(model, blocks)
     try:
-        for start in tqdm(range(0, len(examples), args.batch_size), desc=desc, disable=not args.progress,
-                          leave=False):
-            idx = list(range(start, min(start + args.batch_size, len(examples))))
+        for idx in tqdm(distributed.batches(len(examples), args.batch_size), desc=desc, disable=not args.progress,
+                        leave=False):
             batch = task.collate([examples[i] for i in idx])
             outputs = task.forward(model, batch)
-            pseudo = task.fisher_loss(outputs, batch, gen) if args.fisher == "mc" else task.loss(outputs, batch)
+            pseudo = task.fisher_loss(outputs, batch, example_generators(args.seed, idx)) if args.fisher == "mc" \
+                else task.loss(outputs, batch)
             torch.autograd.grad(pseudo.sum(), params, allow_unused=True)  # fills the tensor hooks
             mask = batch.get("attention_mask")
             keys = {b.module: capture.input_key(b) for b in blocks}
@@ -211,7 +222,7 @@ class Factors:
             if tuple(v.shape) != (blk.out, blk.inp):
                 raise AdapterError(f"layer {blk.module!r} is {tuple(v.shape)} but the factors were fitted for "
                                    f"{(blk.out, blk.inp)}; refit them for this adapter")
-            out.append(v.to(torch.float64))
+            out.append(v.to("cpu", torch.float64))  # the fit lives on the CPU (a GPU model's too)
         return out
 
     def _flat(self, xs: list[torch.Tensor], view: ParamView) -> torch.Tensor:
@@ -220,7 +231,7 @@ class Factors:
             parts[blk.weight] = x[:, : blk.inp - (blk.bias is not None)]
             if blk.bias is not None:
                 parts[blk.bias] = x[:, -1]
-        return view.flatten([parts[n] for n in view.names]).to(view.dtype)
+        return view.flatten([parts[n].to(view.device) for n in view.names]).to(view.dtype)
 
     def solve(self, b: torch.Tensor, damping: float, view: ParamView) -> torch.Tensor:
         """x = (F + λI)⁻¹ b, block by block (woodbury couples the blocks through its N × N system)."""
@@ -285,7 +296,8 @@ def _gmv(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example], kinds: Sequence[str] = ("ekfac",),
                 args: FactorArguments | None = None) -> dict[str, Factors]:
     """Fit the approximations `kinds` from one pass over `examples` (two for EK-FAC when the per-example gradients
-    do not fit in memory). θ is not changed; the model is put in eval mode.
+    do not fit in memory). θ is not changed; the model is put in eval mode. Under torch.distributed each rank passes
+    over its shard and the sums are all-reduced: every rank returns the same fit.
 
     Returns:
         kind → Factors, each with meta: kind, fisher, seed, n_examples, n_tokens, seconds {pass, eigen, correction,
@@ -304,12 +316,13 @@ def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example],
     blocks = linear_blocks(model)
     view = ParamView(model)
     n, total = len(examples), sum(b.dim for b in blocks)
+    mine = distributed.batch_range(n, args.batch_size)  # this rank's examples (all of them in one process)
     need_grads = bool({"woodbury", "datainf"} & set(kinds))
     keep = need_grads
     if "ekfac" in kinds and not need_grads:
         # EK-FAC's correction needs per-example gradients after the eigenbases: keep them if they fit, else re-pass
         try:
-            require(n * total * view.params[0].element_size(), "kept per-example gradients", "")
+            require(len(mine) * total * view.params[0].element_size(), "kept per-example gradients", "")
             keep = True
         except ResourceError:  # not enough memory: a second pass instead
             keep = False
@@ -323,7 +336,7 @@ def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example],
     a_sum = {b.module: torch.zeros(b.inp, b.inp, dtype=f64) for b in blocks}
     g_sum = {b.module: torch.zeros(b.out, b.out, dtype=f64) for b in blocks}
     tokens = {b.module: 0.0 for b in blocks}
-    grads = {b.module: torch.empty(n, b.dim, dtype=view.dtype) for b in blocks} if keep else {}
+    grads = {b.module: torch.empty(len(mine), b.dim, dtype=view.dtype) for b in blocks} if keep else {}  # my rows
     shared: dict[str, str] = {}  # block → the first block with the same inputs (its A factor serves both)
     for idx, keys, captured in _pass(model, task, examples, blocks, args, "fitting curvature"):
         if not shared:
@@ -341,7 +354,15 @@ def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example],
                 a_sum[blk.module] += (am.T @ am).to(f64).cpu()
                 tokens[blk.module] += float(m.sum())
             if keep:
-                grads[blk.module][idx] = torch.bmm(g.transpose(1, 2), a).reshape(len(idx), -1).cpu()
+                rows = slice(idx[0] - mine.start, idx[-1] + 1 - mine.start)
+                grads[blk.module][rows] = torch.bmm(g.transpose(1, 2), a).reshape(len(idx), -1).cpu()
+    if distributed.is_distributed():  # add up the ranks' sums (rank 0 always has examples: its sharing pattern)
+        shared = distributed.broadcast_json(shared, "factor pass")
+        for blk in blocks:
+            distributed.all_reduce(g_sum[blk.module], "factor pass")
+            distributed.all_reduce(a_sum[blk.module], "factor pass")
+        counted = distributed.all_reduce(torch.tensor([tokens[b.module] for b in blocks], dtype=f64), "factor pass")
+        tokens = {b.module: float(c) for b, c in zip(blocks, counted, strict=True)}
     seconds = {"pass": time.perf_counter() - start}
     meta = {"fisher": args.fisher, "seed": args.seed, "n_examples": n, "format": FORMAT,
             "n_tokens": int(max(tokens.values())), "blocks": [dataclasses.asdict(b) for b in blocks]}
@@ -372,18 +393,25 @@ def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example],
 
             if keep:
                 for blk in blocks:
-                    for s in range(0, n, 64):
+                    for s in range(0, len(mine), 64):
                         correct(blk, grads[blk.module][s:s + 64])
             else:
                 for _, _, captured in _pass(model, task, examples, blocks, args, "EK-FAC correction"):
                     for blk in blocks:
                         a, g, _m = captured[blk.module]
                         correct(blk, torch.bmm(g.transpose(1, 2), a).cpu())
+            for blk in blocks:
+                distributed.all_reduce(lam[blk.module], "EK-FAC correction")
             seconds["correction"] = time.perf_counter() - t0
             tensors = {k: v for k, v in eig.items() if k.endswith((".QA", ".QG"))}
             tensors |= {f"{m}.lam": v / n for m, v in lam.items()}
             out["ekfac"] = _factors("ekfac", blocks, tensors, meta, seconds, ("pass", "eigen", "correction"), view)
     if need_grads:
+        if distributed.is_distributed():  # woodbury and datainf solve with every example's gradient: gather them
+            for blk in blocks:
+                full = torch.zeros(n, blk.dim, dtype=view.dtype)
+                full[mine.start:mine.stop] = grads[blk.module]
+                grads[blk.module] = distributed.all_reduce(full, "per-example gradients")  # rows from one rank each
         by_block = {f"{m}.grads": g for m, g in grads.items()}
         if "datainf" in kinds:
             out["datainf"] = _factors("datainf", blocks, by_block, meta, seconds, ("pass",), view)

@@ -7,6 +7,10 @@ L2 term is part of the loss (not AdamW's decoupled decay), so the eraser's Hessi
 `adam` takes mini-batch steps in a seeded order that is stable under edits (`epoch_order`; the demo and real
 models); `lbfgs` minimises R with full-batch L-BFGS until ‖∇R‖ ≤ grad_tol (tests use it to reach a stationary point
 in float64). Retraining baselines call this same routine on the cleaned set.
+
+Under torch.distributed (`llmeraser.distributed`) every step is data-parallel: each rank takes a slice of the
+step's examples (Adam's mini-batch, L-BFGS's full batch), and one all-reduce adds up their gradients and losses, so
+every rank takes the same step as a single process would.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from llmeraser import distributed
 from llmeraser.curvature import objective_gradient
 from llmeraser.data import Example
 from llmeraser.errors import ConfigError, LLMEraserRuntimeError
@@ -77,9 +82,24 @@ def objective(model: torch.nn.Module, task: Task, examples: Sequence[Example], *
               batch_size: int = 8) -> float:
     """R(θ) = mean loss + (l2/2)‖θ‖² (no gradient)."""
     with torch.no_grad():
-        total = sum(float(per_example_loss(task, model, task.collate(examples[i:i + batch_size])).sum())
-                    for i in range(0, len(examples), batch_size))
+        total = torch.zeros(1, dtype=torch.float64)
+        for idx in distributed.batches(len(examples), batch_size):
+            total += float(per_example_loss(task, model, task.collate([examples[i] for i in idx])).sum())
+        total = float(distributed.all_reduce(total, "objective"))
         return total / len(examples) + 0.5 * l2 * float(ParamView(model).vector().pow(2).sum())
+
+
+def _reduce_gradients(view: ParamView, loss_sum: torch.Tensor) -> float:
+    """Under torch.distributed, add up the ranks' parameter gradients (in place) and their loss sums in one
+    all-reduce; returns the total loss sum. A rank without examples in the step contributes zeros."""
+    if not distributed.is_distributed():
+        return float(loss_sum.detach())
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in view.params]
+                     + [loss_sum.detach().reshape(1).to(view.dtype)])
+    distributed.all_reduce(flat, "fine-tuning gradients")
+    for p, g in zip(view.params, view.unflatten(flat[:-1]), strict=True):
+        p.grad = g.clone()
+    return float(flat[-1])
 
 
 def epoch_order(examples: Sequence[Example], seed: int, epoch: int) -> list[int]:
@@ -118,18 +138,25 @@ def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
             order = epoch_order(examples, args.seed, epoch)
             epoch_loss = 0.0
             for i in range(0, len(order), args.batch_size):
-                batch = task.collate([examples[j] for j in order[i:i + args.batch_size]])
-                data_loss = per_example_loss(task, model, batch).mean()
-                loss = data_loss + 0.5 * args.l2 * sum(p.pow(2).sum() for p in view.params)
-                if not torch.isfinite(loss):
-                    raise LLMEraserRuntimeError(f"fine-tuning loss became {float(loss)} at step {steps}; lower --lr")
+                step = order[i:i + args.batch_size]
+                mine = [step[j] for j in distributed.shard(len(step))]  # all of the step in a single process
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss_sum = torch.zeros(())
+                if mine:
+                    loss_sum = per_example_loss(task, model, task.collate([examples[j] for j in mine])).sum()
+                    (loss_sum / len(step)).backward()
+                data_loss = _reduce_gradients(view, loss_sum) / len(step)
+                if not math.isfinite(data_loss):
+                    raise LLMEraserRuntimeError(f"fine-tuning loss became {data_loss} at step {steps}; lower --lr")
+                if args.l2:  # ∇ of (l2/2)‖θ‖², added once after the ranks' data gradients are summed
+                    with torch.no_grad():
+                        for p in view.params:
+                            p.grad.add_(p, alpha=args.l2)
                 opt.step()
                 steps += 1
-                epoch_loss += float(data_loss.detach()) * len(batch[next(iter(batch))])
+                epoch_loss += data_loss * len(step)
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(data_loss.detach()):.4f}")
+                bar.set_postfix(loss=f"{data_loss:.4f}")
             losses.append(epoch_loss / len(examples))
         bar.close()
     else:
@@ -139,10 +166,11 @@ def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
         def closure() -> torch.Tensor:  # R(θ) and ∇R(θ) in one pass over the data
             opt.zero_grad(set_to_none=True)
             total = torch.zeros((), dtype=view.dtype)
-            for i in range(0, len(examples), args.batch_size):
-                loss = per_example_loss(task, model, task.collate(examples[i:i + args.batch_size])).sum()
+            for idx in distributed.batches(len(examples), args.batch_size):
+                loss = per_example_loss(task, model, task.collate([examples[i] for i in idx])).sum()
                 (loss / len(examples)).backward()
                 total += loss.detach()
+            total = torch.tensor(_reduce_gradients(view, total), dtype=view.dtype)
             reg = 0.5 * args.l2 * sum(p.pow(2).sum() for p in view.params)
             if args.l2:
                 reg.backward()
@@ -157,6 +185,8 @@ def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
             gnorm = float(objective_gradient(model, task, examples, l2=args.l2, batch_size=args.batch_size).norm())
             if gnorm <= args.grad_tol:
                 break
+    if distributed.is_distributed():  # the ranks took the same steps; make θ bitwise identical all the same
+        view.set_vector(distributed.broadcast(view.vector(), "fine-tuned parameters"))
     if args.optimizer == "adam" and not args.final_check:
         result = FinetuneResult(losses=losses, objective=float("nan"), grad_norm=float("nan"), converged=True,
                                 steps=steps, seconds=time.perf_counter() - start)

@@ -91,4 +91,6 @@ def load_base_model(name_or_dir: str = DEFAULT_NAME, *, dtype: str = "float32"):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserInputError(f"cannot load base model from {str(path)!r}: {first}") from e
     model.requires_grad_(False)
-    return model.eval(), tokenizer
+    from llmeraser.distributed import device
+
+    return model.to(device()).eval(), tokenizer  # a GPU rank's own GPU under nccl, else the CPU

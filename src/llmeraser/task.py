@@ -38,9 +38,10 @@ class Task(Protocol):
         """Per-example losses (batch,) from the outputs; must be twice differentiable in `outputs`."""
 
     # Optional, for fitted curvature (`llmeraser.factors`, fisher="mc"):
-    # def fisher_loss(self, outputs, batch, generator) -> torch.Tensor:
+    # def fisher_loss(self, outputs, batch, generators) -> torch.Tensor:
     #     """Per-example pseudo-losses (batch,) whose gradient s in the outputs has E[s sᵀ] = ∇²_out ℓ (the output
-    #     Hessian of example i's loss), e.g. the loss at targets sampled from the model's own prediction."""
+    #     Hessian of example i's loss), e.g. the loss at targets sampled from the model's own prediction; row i
+    #     draws from generators[i] (one per example, so the draws do not depend on the batching)."""
 
 
 def per_example_loss(task: Task, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -107,29 +108,36 @@ class CausalLMTask:
 
     def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """Logits (batch, k, vocab) at `batch["positions"]`, the positions that predict response tokens."""
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        device = next(model.parameters()).device  # a GPU rank's model (the batch is built on the CPU)
+        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        positions = batch["positions"].to(device)
         try:
-            return model(**inputs, logits_to_keep=batch["positions"]).logits
+            return model(**inputs, logits_to_keep=positions).logits
         except TypeError:  # a model without `logits_to_keep`: project every position, keep the ones needed
-            return torch.take_along_dim(model(**inputs).logits, batch["positions"][..., None], dim=1)
+            return torch.take_along_dim(model(**inputs).logits, positions[..., None], dim=1)
 
     def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
-        targets = batch["targets"]  # (batch, k): the token each kept position predicts, or -100
+        targets = batch["targets"].to(outputs.device)  # (batch, k): the token each kept position predicts, or -100
         nll = F.cross_entropy(outputs.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
         count = (targets != IGNORE_INDEX).sum(1).clamp(min=1)
         return nll.sum(1) / count  # (batch,)
 
-    def fisher_loss(self, outputs: torch.Tensor, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        """(1/√k) Σₜ CE(oₜ, ỹₜ) per example, with ỹₜ ~ softmax(oₜ) at each of its k response positions.
+    def fisher_loss(self, outputs: torch.Tensor, batch: Batch, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """(1/√k) Σₜ CE(oₜ, ỹₜ) per example, with ỹₜ ~ softmax(oₜ) at each of its k response positions, drawn from
+        the example's own generator (`generators[i]` for row i).
 
         Its gradient sₜ = (p − e_ỹₜ)/√k in the logits has E[sₜ sₜᵀ] = (diag p − p pᵀ)/k, the output Hessian of the
         mean response NLL, and E[sₜ sᵤᵀ] = 0 for t ≠ u (independent draws, each of mean zero): so the Fisher built
         from these gradients is the Gauss-Newton matrix in expectation (the "true" Fisher, not the empirical one).
         """
-        targets = batch["targets"]
+        targets = batch["targets"].to(outputs.device)
+        if len(generators) != targets.shape[0]:
+            raise ConfigError(f"fisher_loss: {targets.shape[0]} examples but {len(generators)} generators")
         valid = targets != IGNORE_INDEX
-        probs = torch.softmax(outputs.detach().double(), dim=-1).reshape(-1, outputs.shape[-1])
-        draws = torch.multinomial(probs.cpu(), 1, generator=generator).view(targets.shape).to(targets.device)
+        probs = torch.softmax(outputs.detach().double(), dim=-1).cpu()  # (batch, k, vocab)
+        draws = torch.stack([torch.multinomial(p, 1, generator=g).squeeze(1) for p, g in zip(probs, generators,
+                                                                                             strict=True)])
+        draws = draws.to(targets.device)
         sampled = torch.where(valid, draws, torch.full_like(targets, IGNORE_INDEX))
         nll = F.cross_entropy(outputs.transpose(1, 2), sampled, ignore_index=IGNORE_INDEX, reduction="none")
         return nll.sum(1) / valid.sum(1).clamp(min=1).to(nll.dtype).sqrt()
