@@ -162,13 +162,14 @@ class _Capture:
             h.remove()
 
 
-def example_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One generator per example, seeded by (seed, its index in the pass): the sampled targets of an example do not
-    depend on which batch or which rank it lands in, so a sharded fit equals the single-process one."""
-    def mixed(i: int) -> int:  # hashed: nearby integer seeds give correlated Mersenne-Twister streams (measured)
-        return int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "little") >> 1
+def example_generators(seed: int, ids: Sequence[str]) -> list[torch.Generator]:
+    """One generator per example, seeded by (seed, example id): an example's sampled targets do not depend on the
+    batch or rank it lands in (a sharded fit equals the single-process one), nor on which other examples are in the
+    set (a refit after a removal draws the same targets for the examples that remain)."""
+    def mixed(key: str) -> int:  # hashed: nearby integer seeds give correlated Mersenne-Twister streams (measured)
+        return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") >> 1
 
-    return [torch.Generator().manual_seed(mixed(i)) for i in indices]
+    return [torch.Generator().manual_seed(mixed(key)) for key in ids]
 
 
 def _pass(model: torch.nn.Module, task: Task, examples: Sequence[Example], blocks: Sequence[Block],
@@ -185,8 +186,10 @@ def _pass(model: torch.nn.Module, task: Task, examples: Sequence[Example], block
                         leave=False):
             batch = task.collate([examples[i] for i in idx])
             outputs = task.forward(model, batch)
-            pseudo = task.fisher_loss(outputs, batch, example_generators(args.seed, idx)) if args.fisher == "mc" \
-                else task.loss(outputs, batch)
+            if args.fisher == "mc":
+                pseudo = task.fisher_loss(outputs, batch, example_generators(args.seed, [examples[i].id for i in idx]))
+            else:
+                pseudo = task.loss(outputs, batch)
             torch.autograd.grad(pseudo.sum(), params, allow_unused=True)  # fills the tensor hooks
             mask = batch.get("attention_mask")
             keys = {b.module: capture.input_key(b) for b in blocks}
