@@ -172,3 +172,30 @@ def test_a_rank_that_dies_or_hangs_fails_the_run_cleanly(lineage, tmp_path, faul
     assert main(_unlearn(root, common, out, "--solver-max-iters", "40", "--ledger", str(ledger))) == 0
     with Ledger(ledger, create=False) as book:
         assert book.entries()[0].status == "applied"
+
+
+def test_torchrun_fit_curvature_and_tune_damping_match_a_single_process(lineage, tmp_path):
+    """`fit-curvature` (woodbury, datainf: every rank gathers all per-example gradients) and `tune-damping` (held-out
+    removals, warm-started fine-tunes, a damping path) give a single process's factors and scores."""
+    from llmeraser.data import Example
+
+    root, common = lineage
+    valid = [Example(id=f"v{i}", prompt=e.prompt, response=e.response) for i, e in enumerate(fact_examples(6, seed=7))]
+    save_examples(valid, tmp_path / "valid.jsonl")
+    fit = ["fit-curvature", *common, "--adapter", str(root / "ft"), "--kind", "woodbury", "datainf", "--quiet"]
+    tune = ["tune-damping", *common, "--adapter", str(root / "ft"), "--valid", str(tmp_path / "valid.jsonl"),
+            "--solver", "woodbury", "--trials", "2", "--dampings", "0.01", "0.1", "1", "--quiet"]
+    for n, launch in ((1, lambda *a: subprocess.run([sys.executable, "-m", "llmeraser", *a], capture_output=True,
+                                                    text=True, env=ENV)),
+                      (2, lambda *a: torchrun("-m", "llmeraser", *a))):
+        store = ["--factors", str(tmp_path / f"store{n}")]
+        for args in (fit, tune):
+            run = launch(*args, *store)
+            assert run.returncode == 0, run.stderr[-3000:]
+    for kind in ("woodbury", "datainf"):
+        f1, f2 = (load_file(str(tmp_path / f"store{n}" / kind / "factors.safetensors")) for n in (1, 2))
+        assert set(f1) == set(f2) and all((f1[k] - f2[k]).abs().max() <= 1e-7 for k in f1)
+    d1, d2 = (json.loads((tmp_path / f"store{n}" / "damping.json").read_text()) for n in (1, 2))
+    assert d1["chosen"] == d2["chosen"]
+    for a, b in zip(d1["scores"], d2["scores"], strict=True):
+        assert a["damping"] == b["damping"] and a["score"] == pytest.approx(b["score"], rel=1e-5, abs=1e-9)

@@ -502,7 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make a PEFT-fine-tuned LLM forget or correct training examples without retraining "
                     "(influence-function unlearning, LLMEraser).",
         epilog="Run 'llmeraser COMMAND --help' for a command's options and an example. Exit codes: 0 success, "
-               "2 bad input or usage, 1 internal failure.")
+               "2 bad input or usage, 1 internal failure. Data-parallel (finetune, unlearn, fit-curvature, "
+               "tune-damping): 'torchrun --standalone --nproc-per-node N -m llmeraser unlearn ...' (gloo on CPU, "
+               "nccl on GPUs; $LLMERASER_DIST_TIMEOUT seconds for a silent rank, default 1800).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
