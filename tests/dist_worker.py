@@ -13,6 +13,7 @@ import copy
 import sys
 
 import torch
+from fixtures.tiny import tiny_lora_lm
 
 from llmeraser import distributed
 from llmeraser.curvature import per_example_gradients
@@ -22,8 +23,6 @@ from llmeraser.finetune import FinetuneArguments, finetune
 from llmeraser.params import ParamView
 from llmeraser.request import Request
 from llmeraser.solvers.api import solver_arguments
-from llmeraser.task import CausalLMTask
-from llmeraser.testing import fact_examples, tiny_llama, tiny_lora, tiny_tokenizer
 
 ITERATIVE = ("dense", "cg", "lissa", "sqp", "paper")
 REQUESTS = {
@@ -33,18 +32,8 @@ REQUESTS = {
 }
 
 
-def model_and_data():
-    tok = tiny_tokenizer()
-    model = tiny_lora(tiny_llama(len(tok), hidden=16, dtype=torch.float64, init_std=0.3), r=2)
-    with torch.no_grad():  # away from the init, as a fine-tuned adapter is
-        gen = torch.Generator().manual_seed(0)
-        for p in ParamView(model).params:
-            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model, CausalLMTask(tok, max_length=24), fact_examples(29, seed=1)
-
-
 def run() -> dict[str, torch.Tensor]:
-    model, task, train = model_and_data()
+    model, task, train = tiny_lora_lm(n=29)
     out: dict[str, torch.Tensor] = {}
     fits = fit_factors(model, task, train, KINDS, FactorArguments(batch_size=4, seed=3))
     for op, req in REQUESTS.items():

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from fixtures.tiny import save_tiny_base
 
 from llmeraser.cli import main
 from llmeraser.data import save_examples
 from llmeraser.params import adapter_hash
-from llmeraser.testing import fact_examples, tiny_llama, tiny_tokenizer
+from llmeraser.testing import fact_examples
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
@@ -38,10 +38,7 @@ def test_exit_codes(tmp_path, capsys):
 def tiny_dirs(tmp_path_factory):
     """A tiny Llama + tokenizer saved as a local Hugging Face model folder, and a small train/test set."""
     root = tmp_path_factory.mktemp("cli")
-    tok = tiny_tokenizer()
-    model = tiny_llama(len(tok), dtype=torch.float32, init_std=0.3)
-    model.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    save_tiny_base(root / "base")
     save_examples(fact_examples(12, seed=1), root / "train.jsonl")
     save_examples(fact_examples(6, seed=2), root / "test.jsonl")
     return root

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.tiny import fact_examples, save_tiny_base
 from safetensors.torch import load_file
 
 from llmeraser import distributed
 from llmeraser.cli import main
 from llmeraser.data import save_examples
-from llmeraser.testing import fact_examples, tiny_llama, tiny_tokenizer
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -71,10 +71,7 @@ def test_two_gloo_processes_give_the_single_process_results(tmp_path):
 def lineage(tmp_path_factory):
     """A tiny base model folder, 23 training examples, a fine-tuned adapter (single process) and a request."""
     root = tmp_path_factory.mktemp("dist")
-    tok = tiny_tokenizer()
-    model = tiny_llama(len(tok), dtype=torch.float32, init_std=0.3)
-    model.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    save_tiny_base(root / "base")
     save_examples(fact_examples(23, seed=1), root / "train.jsonl")
     (root / "request.json").write_text(json.dumps({"edits": [
         {"op": "remove", "id": "ex0"}, {"op": "modify_query", "id": "ex4", "prompt": "Does the owl like red?"},

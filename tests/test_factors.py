@@ -15,7 +15,8 @@ import json
 import pytest
 import torch
 from fixtures.tabular import TabularTask, make_examples, regression_data
-from fixtures.tiny import fact_examples, tiny_llama, tiny_lora, tiny_tokenizer
+from fixtures.tiny import tiny_llama, tiny_lora, tiny_tokenizer
+from fixtures.tiny import tiny_lora_lm as tiny_lm
 
 from llmeraser.curvature import CurvatureOperator, gradient, per_example_gradients
 from llmeraser.eraser import EraserArguments, choose_solver, compute_update, damping_path
@@ -43,16 +44,6 @@ def linear_setup(n: int = 40, d: int = 5):
     torch.manual_seed(0)
     torch.nn.init.normal_(model.weight)
     return model, TabularTask(), make_examples(x, y)
-
-
-def tiny_lm(n: int = 60, seed: int = 1):
-    tok = tiny_tokenizer()
-    model = tiny_lora(tiny_llama(len(tok), hidden=16, dtype=torch.float64, init_std=0.3), r=2)
-    with torch.no_grad():  # away from the init, as a fine-tuned adapter is
-        gen = torch.Generator().manual_seed(0)
-        for p in ParamView(model).params:
-            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model, CausalLMTask(tok, max_length=24), fact_examples(n, seed=seed)
 
 
 def dense_solve(h: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:

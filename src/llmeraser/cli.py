@@ -106,7 +106,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     report = {"kind": "finetune", "task": task_record, "arguments": dataclasses.asdict(ft),
               "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": targets},
               "train_sha256": examples_hash(train), "n_train": len(train), "result": result.to_dict()}
-    distributed.on_rank0(lambda: save_adapter(model, args.out, report=report) and None, "writing the adapter")
+    distributed.on_rank0(lambda: str(save_adapter(model, args.out, report=report)), "writing the adapter")
     print(f"fine-tuned {len(train)} examples in {result.seconds:.1f} s: last epoch's loss {result.losses[-1]:.4f}, "
           f"R(θ) = {result.objective:.4f}, ‖∇R‖ = {result.grad_norm:.2e}\nadapter: {args.out}")
     return 0

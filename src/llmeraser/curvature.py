@@ -6,8 +6,8 @@ Objective (DESIGN §2): R(θ) = (1/N) Σᵢ ℓ(zᵢ; θ) + (l2/2) ‖θ‖².
 - `CurvatureOperator`: v ↦ H v with H = (1/N) Σᵢ Cᵢ + l2·I, where Cᵢ is the exact Hessian ∇²ℓ(zᵢ) (double backward)
   or the Gauss-Newton matrix Jᵢᵀ ∇²_out ℓ Jᵢ (PSD; J the Jacobian of the outputs in θ). Damping is the solver's.
 
-Under torch.distributed (`llmeraser.distributed`) each rank takes a contiguous slice of the examples and the partial
-sums are all-reduced: every rank returns the full result.
+Under torch.distributed (`llmeraser.distributed`) each rank takes a contiguous run of the single-process batches and
+the partial sums are all-reduced: every rank returns the full result.
 
 Double backward needs eager attention in Hugging Face models (SDPA's CPU kernel has no double backward).
 """

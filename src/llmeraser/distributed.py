@@ -132,7 +132,7 @@ def broadcast_json(obj: object, what: str) -> object:
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if rank() == 0 else \
         torch.empty(int(size), dtype=torch.uint8)
     broadcast(buf, what)
-    return json.loads(bytes(buf.tolist()).decode("utf-8")) if rank() != 0 else obj
+    return json.loads(buf.numpy().tobytes().decode("utf-8")) if rank() != 0 else obj
 
 
 def on_rank0(fn: Callable[[], T], what: str) -> T:
