@@ -86,18 +86,11 @@ def batch_range(n: int, batch_size: int) -> range:
     return range(min(n, mine.start * batch_size), min(n, mine.stop * batch_size))
 
 
-def _comm_device() -> torch.device:
-    """Where collectives run: the rank's GPU under nccl, the CPU under gloo."""
-    if _dist().get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _collective(op: Callable, tensor: torch.Tensor, what: str, **kw) -> torch.Tensor:
     """Run `op` (an in-place torch.distributed collective) on `tensor`, moving it to the backend's device and
     back, and turn a failure into a DistributedError that says which rank saw it and why."""
-    device = _comm_device()
-    work = tensor if tensor.device == device else tensor.to(device)
+    where = device()
+    work = tensor if tensor.device == where else tensor.to(where)
     try:
         op(work, **kw)
     except (RuntimeError, ValueError) as e:
@@ -218,7 +211,7 @@ def init_from_env(backend: str | None = None, timeout: float | None = None) -> b
 
 
 def device() -> torch.device:
-    """The device this rank computes on: its GPU under nccl, else the CPU."""
+    """The device this rank computes and communicates on: its GPU under nccl, else the CPU."""
     dist = _dist()
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
