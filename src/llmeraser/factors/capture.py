@@ -1,0 +1,245 @@
+"""Capturing what every fitted curvature needs, in one pass over the training set.
+
+Every trainable parameter of a LoRA model sits in an `nn.Linear` (LoRA's A and B are each one; a trainable head or
+projector is another), so the fitted approximations are block-diagonal, one block per linear map W (out × in, a
+trainable bias appended as an extra input column). One pass (forward, then backward of a pseudo-loss) records, per
+block, the inputs aₜ and output gradients gₜ of every token t, and accumulates:
+
+- the per-block sums Σ aₜaₜᵀ and Σ gₜgₜᵀ (the Kronecker factors' statistics, `kronecker`);
+- per-example gradients ∇W_i = Σₜ gₜ aₜᵀ (one bmm per block: far cheaper than one backward per example), kept when
+  a kind needs them (`gram`, and EK-FAC's correction).
+
+Which Fisher: the pseudo-loss is the task's `fisher_loss` (fisher="mc": for the causal-LM task, targets sampled from
+the model's own prediction, so E[F] is the Gauss-Newton matrix the iterative solvers use) or the training loss
+itself (fisher="empirical"). See docs/math.md#curvature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from llmeraser import distributed
+from llmeraser.data import Example
+from llmeraser.errors import ConfigError, ResourceError
+from llmeraser.params import ParamView
+from llmeraser.resources import require
+from llmeraser.task import Task
+
+
+@dataclass(frozen=True)
+class Block:
+    """One trainable linear map: its module, parameter names and shape (in counts a trainable bias)."""
+
+    module: str
+    weight: str
+    bias: str | None
+    out: int
+    inp: int
+
+    @property
+    def dim(self) -> int:
+        return self.out * self.inp
+
+
+def linear_blocks(model: torch.nn.Module) -> list[Block]:
+    """The trainable linear maps of `model`, in parameter order.
+
+    Raises:
+        ConfigError: a trainable parameter lies outside every trainable nn.Linear (fitted curvature cannot cover it).
+    """
+    view = ParamView(model)
+    blocks, covered = [], set()
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.requires_grad:
+            prefix = f"{name}." if name else ""
+            bias = f"{prefix}bias" if m.bias is not None and m.bias.requires_grad else None
+            blocks.append(Block(name, f"{prefix}weight", bias, m.out_features, m.in_features + (bias is not None)))
+            covered |= {f"{prefix}weight", bias}
+    left = [n for n in view.names if n not in covered]
+    if left:
+        raise ConfigError(f"fitted curvature covers trainable nn.Linear layers only, but {len(left)} trainable "
+                          f"parameter(s) lie elsewhere (e.g. {left[0]!r}); use --solver cg")
+    order = {n: i for i, n in enumerate(view.names)}
+    return sorted(blocks, key=lambda b: order[b.weight])
+
+
+class Capture:
+    """Forward hooks that keep, for one batch, each block's inputs and (through tensor hooks) output gradients."""
+
+    def __init__(self, model: torch.nn.Module, blocks: Sequence[Block]):
+        modules = dict(model.named_modules())
+        self.acts: dict[str, list] = {b.module: [] for b in blocks}
+        self.grads: dict[str, list] = {b.module: [] for b in blocks}
+        self.handles = [modules[b.module].register_forward_hook(self._hook(b.module)) for b in blocks]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            idx = len(self.acts[name])
+            self.acts[name].append(inputs[0].detach())
+            self.grads[name].append(None)
+            if output.requires_grad:
+                output.register_hook(lambda g: self.grads[name].__setitem__(idx, g.detach()))
+        return hook
+
+    def input_key(self, block: Block) -> tuple:
+        """Equal for blocks that read the very same input tensors (LoRA A of q_proj and v_proj read one hidden
+        state), so their A factor is computed once."""
+        acts = self.acts[block.module]
+        return (block.bias is not None, *[(x.data_ptr(), tuple(x.shape), tuple(x.stride())) for x in acts])
+
+    def take(self, block: Block, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a, g, m): inputs (b, T, in), output gradients (b, T, out) over the block's calls, token weights (b, T)."""
+        acts, grads = self.acts[block.module], self.grads[block.module]
+        if not acts:
+            raise ConfigError(f"layer {block.module!r} was not used by the task's forward pass")
+        b = acts[0].shape[0]
+        a = torch.cat([x.reshape(b, -1, x.shape[-1]) for x in acts], dim=1)
+        g = torch.cat([torch.zeros(*x.shape[:-1], block.out, dtype=x.dtype, device=x.device) if y is None else y
+                       for x, y in zip(acts, grads, strict=True)], dim=1).reshape(b, -1, block.out)
+        if block.bias is not None:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+        m = mask.repeat(1, len(acts)).to(a.dtype) if mask is not None and mask.shape[1] * len(acts) == a.shape[1] \
+            else torch.ones(a.shape[:2], dtype=a.dtype, device=a.device)
+        self.acts[block.module], self.grads[block.module] = [], []
+        return a, g, m
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def example_generators(seed: int, ids: Sequence[str]) -> list[torch.Generator]:
+    """One generator per example, seeded by (seed, example id): an example's sampled targets do not depend on the
+    batch or rank it lands in (a sharded fit equals the single-process one), nor on which other examples are in the
+    set (a refit after a removal draws the same targets for the examples that remain)."""
+    def mixed(key: str) -> int:  # hashed: nearby integer seeds give correlated Mersenne-Twister streams (measured)
+        return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") >> 1
+
+    return [torch.Generator().manual_seed(mixed(key)) for key in ids]
+
+
+def passes(model: torch.nn.Module, task: Task, examples: Sequence[Example], blocks: Sequence[Block],
+          args, desc: str) -> Iterator:
+    """Yield (batch indices, input keys, {module: (a, g, m)}) for each batch of this rank's shard, the gradients
+    those of the Fisher pseudo-loss."""
+    if args.fisher == "mc" and not hasattr(task, "fisher_loss"):
+        raise ConfigError(f"task {type(task).__name__} has no fisher_loss (needed by fisher='mc'); "
+                          f"use fisher='empirical'")
+    params = ParamView(model).params
+    capture = Capture(model, blocks)
+    try:
+        for idx in tqdm(distributed.batches(len(examples), args.batch_size), desc=desc, disable=not args.progress,
+                        leave=False):
+            batch = task.collate([examples[i] for i in idx])
+            outputs = task.forward(model, batch)
+            if args.fisher == "mc":
+                pseudo = task.fisher_loss(outputs, batch, example_generators(args.seed, [examples[i].id for i in idx]))
+            else:
+                pseudo = task.loss(outputs, batch)
+            torch.autograd.grad(pseudo.sum(), params, allow_unused=True)  # fills the tensor hooks
+            mask = batch.get("attention_mask")
+            keys = {b.module: capture.input_key(b) for b in blocks}
+            yield idx, keys, {b.module: capture.take(b, mask) for b in blocks}
+    finally:
+        capture.remove()
+
+
+
+@dataclass
+class Statistics:
+    """What one pass accumulated, summed over every rank: the inputs of every fitted kind."""
+
+    blocks: list[Block]
+    examples: list[Example]  # the examples fitted on (the sample, if any)
+    shared: dict[str, str]  # block → the first block that reads the same inputs (its A factor serves both)
+    a_sum: dict[str, torch.Tensor]  # (in, in) Σ aₜaₜᵀ over counted tokens, only for the blocks in shared.values()
+    g_sum: dict[str, torch.Tensor]  # (out, out) Σ gₜgₜᵀ
+    tokens: dict[str, float]  # tokens counted per block (padding left out)
+    grads: dict[str, torch.Tensor] | None  # (rows, out·in) per-example gradients of this rank's rows, if kept
+    mine: range  # this rank's examples
+    seconds: float
+
+    @property
+    def n(self) -> int:
+        return len(self.examples)
+
+
+def collect(model: torch.nn.Module, task: Task, examples: list[Example], args, *, keep: bool) -> Statistics:
+    """One hooked pass over `examples` (this rank's shard): the Kronecker sums, token counts and, with `keep`, the
+    per-example gradients. Sums are all-reduced across ranks; the gradients stay with the rank that computed them."""
+    blocks = linear_blocks(model)
+    view = ParamView(model)
+    mine = distributed.batch_range(len(examples), args.batch_size)  # this rank's examples (all, in one process)
+    model.eval()
+    start = time.perf_counter()
+    f64 = torch.float64
+    a_sum = {b.module: torch.zeros(b.inp, b.inp, dtype=f64) for b in blocks}
+    g_sum = {b.module: torch.zeros(b.out, b.out, dtype=f64) for b in blocks}
+    tokens = {b.module: 0.0 for b in blocks}
+    grads = {b.module: torch.empty(len(mine), b.dim, dtype=view.dtype) for b in blocks} if keep else None
+    shared: dict[str, str] = {}
+    for idx, keys, captured in passes(model, task, examples, blocks, args, "fitting curvature"):
+        if not shared:
+            first: dict = {}
+            shared = {b.module: first.setdefault(keys[b.module], b.module) for b in blocks}
+        elif any(keys[b.module] != keys[shared[b.module]] for b in blocks):
+            raise ConfigError("layers that shared their inputs in the first batch did not in a later one")
+        for blk in blocks:
+            a, g, m = captured[blk.module]
+            gg = g.reshape(-1, blk.out)[m.reshape(-1) > 0]  # padding tokens have zero gradient
+            # products in the model's precision (a float32 model's are fast), sums over batches in float64
+            g_sum[blk.module] += (gg.T @ gg).to(f64).cpu()
+            if shared[blk.module] == blk.module:
+                am = a.reshape(-1, blk.inp)[m.reshape(-1) > 0]  # padding tokens left out
+                a_sum[blk.module] += (am.T @ am).to(f64).cpu()
+                tokens[blk.module] += float(m.sum())
+            if grads is not None:
+                rows = slice(idx[0] - mine.start, idx[-1] + 1 - mine.start)
+                grads[blk.module][rows] = torch.bmm(g.transpose(1, 2), a).reshape(len(idx), -1).cpu()
+    if distributed.is_distributed():  # add up the ranks' sums (rank 0 always has examples: its sharing pattern)
+        shared = distributed.broadcast_json(shared, "factor pass")
+        for blk in blocks:
+            distributed.all_reduce(g_sum[blk.module], "factor pass")
+            distributed.all_reduce(a_sum[blk.module], "factor pass")
+        counted = distributed.all_reduce(torch.tensor([tokens[b.module] for b in blocks], dtype=f64), "factor pass")
+        tokens = {b.module: float(c) for b, c in zip(blocks, counted, strict=True)}
+    return Statistics(blocks, examples, shared, a_sum, g_sum, tokens, grads, mine, time.perf_counter() - start)
+
+
+def keep_gradients(model: torch.nn.Module, kinds: Sequence[str], n: int, args) -> bool:
+    """Whether the pass keeps per-example gradients: the Gram kinds need all of them (refused, naming the way out,
+    when they do not fit); EK-FAC's correction uses them when they fit, else it makes a second pass."""
+    view = ParamView(model)
+    total = sum(b.dim for b in linear_blocks(model))
+    itemsize = view.params[0].element_size()
+    if {"woodbury", "datainf"} & set(kinds):
+        require(n * total * itemsize,
+                f"per-example gradients for {'/'.join(kinds)} ({n:,} examples × {total:,} parameters)",
+                "use --solver ekfac (Kronecker factors, memory independent of the number of examples)")
+        return True
+    if "ekfac" in kinds:
+        mine = distributed.batch_range(n, args.batch_size)
+        try:
+            require(len(mine) * total * itemsize, "kept per-example gradients", "")
+            return True
+        except ResourceError:  # not enough memory: a second pass instead
+            return False
+    return False
+
+
+def gather_gradients(stats: Statistics, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every example's gradient per block (N, out·in), gathered from the ranks (rows from one rank each)."""
+    if not distributed.is_distributed():
+        return stats.grads
+    out = {}
+    for blk in stats.blocks:
+        full = torch.zeros(stats.n, blk.dim, dtype=dtype)
+        full[stats.mine.start:stats.mine.stop] = stats.grads[blk.module]
+        out[blk.module] = distributed.all_reduce(full, "per-example gradients")
+    return out

@@ -1,0 +1,154 @@
+"""Fitted curvature: the approximation F of the training objective's Gauss-Newton matrix that a fitted solver
+inverts, fitted once per adapter from one pass (`capture`) and solved directly for any λ.
+
+The kinds (registered in the solver registry as fitted solvers): `kronecker` (kfac, ekfac) and `gram` (woodbury,
+datainf). Solving adds the training objective's l2 to the damping (the eraser does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from llmeraser.data import Example
+from llmeraser.errors import AdapterError, ConfigError, SolverError
+from llmeraser.factors import gram, kronecker
+from llmeraser.factors.capture import Block, collect, keep_gradients, linear_blocks
+from llmeraser.params import ParamView
+from llmeraser.task import Task
+
+logger = logging.getLogger(__name__)
+
+MODULES = {**{k: kronecker for k in kronecker.KINDS}, **{k: gram for k in gram.KINDS}}
+KINDS = tuple(MODULES)
+HELP = {**kronecker.HELP, **gram.HELP}
+FISHERS = ("mc", "empirical")
+FORMAT = 1
+
+
+@dataclass
+class FactorArguments:
+    """How curvature factors are fitted."""
+
+    fisher: str = field(default="mc", metadata={
+        "help": "mc: gradients at targets sampled from the model (the Gauss-Newton matrix in expectation); "
+                "empirical: gradients at the training targets"})
+    samples: int = field(default=0, metadata={"help": "fit on this many training examples drawn at random; 0 = all"})
+    batch_size: int = field(default=8, metadata={"help": "examples per forward/backward pass of the fit"})
+    seed: int = field(default=0, metadata={"help": "seed of the sample and of the sampled targets"})
+    progress: bool = field(default=False, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        if self.fisher not in FISHERS:
+            raise ConfigError(f"unknown fisher {self.fisher!r}; expected one of {', '.join(FISHERS)}")
+        if self.samples < 0 or self.batch_size < 1:
+            raise ConfigError(f"samples must be ≥ 0 and batch_size ≥ 1, got {self.samples}, {self.batch_size}")
+
+
+class Factors:
+    """A fitted curvature approximation F of the training objective's Gauss-Newton matrix (or empirical Fisher).
+
+    `solve(b, λ, view)` returns (F + λI)⁻¹ b for a flat vector b in `ParamView` order. `tensors` holds the fit:
+    per block `{m}.QA`, `{m}.QG` (eigenvectors of A and G) and `{m}.eA`, `{m}.eG` (their eigenvalues, kfac) or
+    `{m}.lam` (EK-FAC's corrected eigenvalues, out × in); `{m}.grads` (N × dim per-example gradients) and, for
+    woodbury, `gram.U`, `gram.s` (the eigendecomposition of G Gᵀ)."""
+
+    def __init__(self, kind: str, blocks: Sequence[Block], tensors: dict[str, torch.Tensor], meta: dict):
+        if kind not in KINDS:
+            raise ConfigError(f"unknown curvature approximation {kind!r}; expected one of {', '.join(KINDS)}")
+        self.kind, self.blocks, self.tensors, self.meta = kind, list(blocks), tensors, meta
+        self._math = MODULES[kind]
+
+    def _blocks_of(self, b: torch.Tensor, view: ParamView) -> list[torch.Tensor]:
+        parts = dict(zip(view.names, view.unflatten(b), strict=True))
+        mine = {n for blk in self.blocks for n in (blk.weight, blk.bias) if n}
+        if set(view.names) != mine:
+            raise AdapterError(f"the fitted {self.kind} factors cover other parameters than the model's "
+                               f"({len(mine)} vs {len(view.names)} tensors); refit them for this adapter")
+        out = []
+        for blk in self.blocks:
+            v = parts[blk.weight]
+            if blk.bias is not None:
+                v = torch.cat([v, parts[blk.bias][:, None]], dim=1)
+            if tuple(v.shape) != (blk.out, blk.inp):
+                raise AdapterError(f"layer {blk.module!r} is {tuple(v.shape)} but the factors were fitted for "
+                                   f"{(blk.out, blk.inp)}; refit them for this adapter")
+            out.append(v.to("cpu", torch.float64))  # the fit lives on the CPU (a GPU model's too)
+        return out
+
+    def _flat(self, xs: list[torch.Tensor], view: ParamView) -> torch.Tensor:
+        parts = {}
+        for blk, x in zip(self.blocks, xs, strict=True):
+            parts[blk.weight] = x[:, : blk.inp - (blk.bias is not None)]
+            if blk.bias is not None:
+                parts[blk.bias] = x[:, -1]
+        return view.flatten([parts[n].to(view.device) for n in view.names]).to(view.dtype)
+
+    def solve(self, b: torch.Tensor, damping: float, view: ParamView) -> torch.Tensor:
+        """x = (F + λI)⁻¹ b, block by block (woodbury couples the blocks through its N × N system)."""
+        if not (math.isfinite(damping) and damping >= 0):
+            raise ConfigError(f"damping must be a finite number ≥ 0, got {damping}")
+        x = self._flat(self._math.solve(self.kind, self.tensors, self.blocks, self._blocks_of(b, view), damping),
+                       view)
+        if not bool(torch.isfinite(x).all()):
+            raise SolverError(f"{self.kind}: the solution is non-finite at λ={damping}; use a larger --damping")
+        return x
+
+    def matvec(self, v: torch.Tensor, view: ParamView) -> torch.Tensor:
+        """F v (for tests: the matrix this approximation inverts)."""
+        return self._flat(self._math.matvec(self.kind, self.tensors, self.blocks, self._blocks_of(v, view)), view)
+
+    def top_eigenvalue(self) -> float:
+        """The largest eigenvalue of F: the curvature's scale, which a relative damping is taken against."""
+        return self._math.top_eigenvalue(self.kind, self.tensors, self.blocks)
+
+    @property
+    def fit_seconds(self) -> float:
+        return float(self.meta.get("seconds", {}).get("total", 0.0))
+
+
+def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example], kinds: Sequence[str] = ("ekfac",),
+                args: FactorArguments | None = None) -> dict[str, Factors]:
+    """Fit the approximations `kinds` from one pass over `examples` (two for EK-FAC when the per-example gradients
+    do not fit in memory). θ is not changed; the model is put in eval mode. Under torch.distributed each rank passes
+    over its shard and the sums are all-reduced: every rank returns the same fit.
+
+    Returns:
+        kind → Factors, each with meta: kind, fisher, seed, n_examples, n_tokens, seconds {pass, eigen, correction,
+        gram, total} (the shared pass counted in each).
+    """
+    args = args or FactorArguments()
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise ConfigError(f"unknown curvature approximation(s) {unknown or kinds}; expected some of {', '.join(KINDS)}")
+    examples = list(examples)
+    if 0 < args.samples < len(examples):
+        gen = torch.Generator().manual_seed(args.seed)
+        examples = [examples[i] for i in sorted(torch.randperm(len(examples), generator=gen)[: args.samples].tolist())]
+    if not examples:
+        raise ConfigError("fitting curvature needs at least one training example")
+    linear_blocks(model)  # refuses parameters outside linear layers before any work
+    view = ParamView(model)
+    wanted = set(kinds)
+    stats = collect(model, task, examples, args, keep=keep_gradients(model, kinds, len(examples), args))
+    fits = {}
+    if wanted & set(kronecker.KINDS):
+        fits |= kronecker.fit(stats, wanted, model, task, args, view.dtype)
+    if wanted & set(gram.KINDS):
+        fits |= gram.fit(stats, wanted, view.dtype)
+    meta = {"fisher": args.fisher, "seed": args.seed, "n_examples": stats.n, "format": FORMAT,
+            "n_tokens": int(max(stats.tokens.values())), "blocks": [dataclasses.asdict(b) for b in stats.blocks]}
+    store_dtype = torch.float64 if view.dtype == torch.float64 else torch.float32
+    out = {}
+    for kind in kinds:
+        tensors, seconds = fits[kind]
+        out[kind] = Factors(kind, stats.blocks, {k: v.to(store_dtype).contiguous() for k, v in tensors.items()},
+                            {**meta, "kind": kind, "seconds": {**seconds, "total": sum(seconds.values())}})
+    logger.info("fitted %s on %d examples in %.1f s", "/".join(kinds), stats.n, max(f.fit_seconds for f in
+                                                                                     out.values()))
+    return out

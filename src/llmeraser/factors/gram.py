@@ -1,0 +1,98 @@
+"""The Gram kinds: Woodbury and DataInf, from the N × p per-example gradients G (rows gᵢ, split by block).
+
+- `woodbury`: the exact inverse of the damped rank-N Fisher F = (1/N) Gᵀ G, coupling every block:
+  (F + λI)⁻¹ v = (v − Gᵀ (NλI + G Gᵀ)⁻¹ G v) / λ, with G Gᵀ eigendecomposed once so that every λ is cheap;
+- `datainf` (Kwon et al. 2024): per block, the average of the per-example inverses instead of the inverse of the
+  average, (F_W + λI)⁻¹ v ≈ (1/N) Σᵢ (gᵢgᵢᵀ + λI)⁻¹ v = (v − (1/N) Σᵢ gᵢ (gᵢᵀv)/(λ + ‖gᵢ‖²)) / λ: no N × N system,
+  so it scales to training sets whose Gram matrix does not fit in memory.
+
+Both have rank ≤ N < p, so they need λ > 0 (or a training l2).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from llmeraser.errors import ConfigError, SolverError
+from llmeraser.factors.capture import Block, Statistics, gather_gradients
+
+KINDS = ("woodbury", "datainf")
+HELP = {"woodbury": "exact inverse of the N-example Fisher (stores N × p gradients and an N × N system)",
+        "datainf": "per-layer approximation of that inverse, no N × N system"}
+
+
+def fit(stats: Statistics, kinds: set[str], dtype: torch.dtype) -> dict[str, tuple[dict, dict]]:
+    """kind → (tensors, seconds by phase) for the Gram kinds in `kinds`."""
+    grads = gather_gradients(stats, dtype)
+    by_block = {f"{m}.grads": g for m, g in grads.items()}
+    out = {}
+    if "datainf" in kinds:
+        out["datainf"] = (by_block, {"pass": stats.seconds})
+    if "woodbury" in kinds:
+        t0 = time.perf_counter()
+        gram = sum(g.to(torch.float64) @ g.to(torch.float64).T for g in grads.values())
+        s, u = torch.linalg.eigh(gram)
+        out["woodbury"] = (by_block | {"gram.U": u, "gram.s": s.clamp(min=0)},
+                           {"pass": stats.seconds, "gram": time.perf_counter() - t0})
+    return out
+
+
+def _gmv(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """g @ v in g's precision (no float64 copy of a large stored matrix), returned in float64."""
+    return (g @ v.to(g.dtype)).double()
+
+
+def _gv(t: dict, blocks: list[Block], vs: list[torch.Tensor]) -> torch.Tensor:
+    """G v (N,), summed over the blocks."""
+    return sum(_gmv(t[f"{blk.module}.grads"], v.reshape(-1)) for blk, v in zip(blocks, vs, strict=True))
+
+
+def solve(kind: str, t: dict, blocks: list[Block], vs: list[torch.Tensor], damping: float) -> list[torch.Tensor]:
+    """(F + λI)⁻¹ v (woodbury: exact; datainf: per block, the mean of per-example inverses)."""
+    if damping == 0:
+        raise SolverError(f"{kind}: the Fisher of N examples has rank ≤ N < p, so it needs damping > 0 "
+                          f"(or a training l2)")
+    if kind == "woodbury":  # the N × p products in the stored precision, the N × N system in float64
+        n = t["gram.s"].shape[0]
+        u, s = t["gram.U"].double(), t["gram.s"].double()
+        c = u @ ((u.T @ _gv(t, blocks, vs)) / (n * damping + s))
+        return [(v - _gmv(t[f"{blk.module}.grads"].T, c).view_as(v)) / damping
+                for blk, v in zip(blocks, vs, strict=True)]
+    xs = []
+    for blk, v in zip(blocks, vs, strict=True):
+        g = t[f"{blk.module}.grads"]
+        coef = _gmv(g, v.reshape(-1)) / (damping + g.pow(2).sum(1).double())
+        xs.append((v - _gmv(g.T, coef).view_as(v) / g.shape[0]) / damping)
+    return xs
+
+
+def matvec(kind: str, t: dict, blocks: list[Block], vs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """F v = (1/N) Gᵀ G v (woodbury's matrix; datainf approximates an inverse and has none)."""
+    if kind == "datainf":
+        raise ConfigError("datainf approximates the inverse directly; it has no matrix F")
+    gv = _gv(t, blocks, vs)
+    n = gv.shape[0]
+    return [_gmv(t[f"{blk.module}.grads"].T, gv).view_as(v) / n for blk, v in zip(blocks, vs, strict=True)]
+
+
+def top_eigenvalue(kind: str, t: dict, blocks: list[Block], iters: int = 30) -> float:
+    """The largest eigenvalue of F = (1/N) Gᵀ G (woodbury: of the stored G Gᵀ; datainf: the largest over blocks
+    of (1/N) G_W G_Wᵀ, by power iteration on the N × N block Gram without forming it)."""
+    if kind == "woodbury":
+        return float(t["gram.s"].max()) / t["gram.s"].shape[0]
+    best = 0.0
+    for blk in blocks:
+        g = t[f"{blk.module}.grads"]
+        v = torch.ones(g.shape[0], dtype=torch.float64) / g.shape[0] ** 0.5
+        lam = 0.0
+        for _ in range(iters):  # u ↦ G Gᵀ u
+            w = _gmv(g, _gmv(g.T, v))
+            lam = float(v @ w)
+            norm = float(w.norm())
+            if norm == 0:
+                break
+            v = w / norm
+        best = max(best, lam / g.shape[0])
+    return best
