@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmeraser.cli import format_table
+from llmeraser.table import format_table
 
 RESULTS = Path(__file__).parent / "results" / "distributed"
 
@@ -50,7 +50,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from llmeraser.data import save_examples
-    from llmeraser.demo import MovieLensJob
+    from llmeraser.experiments.demo import MovieLensJob
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

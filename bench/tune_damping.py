@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from llmeraser.benchmark import git_commit
-from llmeraser.cli import format_table
-from llmeraser.demo import MovieLensJob
 from llmeraser.eraser import EraserArguments, damping_path
+from llmeraser.experiments.benchmark import git_commit
+from llmeraser.experiments.demo import MovieLensJob
 from llmeraser.io import atomic_write_json
 from llmeraser.metrics import binary_kl, evaluate
 from llmeraser.models import load_base_model
 from llmeraser.params import ParamView, load_adapter
 from llmeraser.solvers.api import solver_arguments
+from llmeraser.table import format_table
 from llmeraser.task import CausalLMTask
 
 RESULTS = Path(__file__).parent / "results"

@@ -108,7 +108,7 @@ def test_internal_failure_is_exit_1(tiny_dirs, tmp_path, capsys, monkeypatch):
     def boom(*args, **kwargs):
         raise eraser.SolverError("solver 'cg': the residual became non-finite")
 
-    monkeypatch.setattr(eraser, "compute_update", boom)
+    monkeypatch.setattr(eraser.UnlearningProblem, "solve", boom)
     base, train = str(tiny_dirs / "base"), str(tiny_dirs / "train.jsonl")
     assert main(["finetune", "--base-model", base, "--train", train, "--out", str(tmp_path / "ft"), "--epochs", "1",
                  "--lora-r", "1", "--lora-targets", "q_proj", "--quiet"]) == 0

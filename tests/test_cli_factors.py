@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from fixtures.tiny import tiny_lineage
 
 from llmeraser.cli import main
@@ -90,9 +91,29 @@ def test_tune_damping_then_damping_auto(lineage, capsys):
     assert len(record["scores"]) == 3 and record["removal_size"] == 1 and len(record["removed"]) == 2
     best = min(record["scores"], key=lambda s: s["score"])
     assert record["chosen"] == best["damping"] and "saved in" in out
+    # the decision follows the record: written with its λ when it beat no update, declined (unchanged) when not,
+    # unless --force; each case set explicitly so the test does not hang on which one this tiny model lands in
+    path = root / "in.factors" / "damping.json"
+    path.write_text(json.dumps({**record, "declines": False}))
     assert unlearn(root, "in", "out1", "r1.json", "--solver", "ekfac", "--damping", "auto") == 0
     r = report(root, "out1")
     assert r["damping"] == record["chosen"] and r["damping_choice"]["chosen"] == record["chosen"]
+    assert r["delta_norm"] > 0
+    path.write_text(json.dumps({**record, "declines": True}))
+    capsys.readouterr()
+    assert unlearn(root, "in", "out3", "r1.json", "--solver", "ekfac", "--damping", "auto") == 0
+    r = report(root, "out3")
+    assert r["decision"] == "declined" and r["delta_norm"] == 0 and r["damping_choice"]["declines"]
+    assert "declined" in capsys.readouterr().out
+    assert (root / "out3" / "adapter_model.safetensors").read_bytes() != b""
+    from safetensors.torch import load_file
+
+    before, after = load_file(root / "in" / "adapter_model.safetensors"), load_file(root / "out3" /
+                                                                                    "adapter_model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert unlearn(root, "in", "out4", "r1.json", "--solver", "ekfac", "--damping", "auto", "--force") == 0
+    r = report(root, "out4")
+    assert r["damping"] == record["chosen"] and r["delta_norm"] > 0
     assert unlearn(root, "in", "out2", "r1.json", "--damping", "lots") == 2
     assert "--damping takes a number or 'auto'" in capsys.readouterr().err
 

@@ -49,6 +49,6 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ConfigError, match="solver cg"):
         select_damping(model, task, train, valid, EraserArguments(solver="dense"))
     with pytest.raises(ConfigError, match="validation"):
-        select_damping(model, task, train, [], EraserArguments())
+        select_damping(model, task, train, [], EraserArguments(solver="cg"))
     with pytest.raises(ConfigError):
         DampingArguments(size=1.5)

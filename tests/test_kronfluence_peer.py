@@ -1,4 +1,4 @@
-"""llmeraser.peers.kronfluence: kronfluence 1.0.1's EK-FAC on a tiny LoRA causal LM, against our exact dense GGN solve.
+"""llmeraser.experiments.peers.kronfluence: kronfluence 1.0.1's EK-FAC on a tiny LoRA causal LM, against our exact dense GGN solve.
 
 Setting: `tiny_llama(hidden=16, layers=1, init_std=0.3)` in float64, LoRA r=2 on q_proj/v_proj (p = 128: four
 blocks, A (2, 16) and B (16, 2) per projection), 24 examples whose responses have 2 to 14 tokens (so a per-token
@@ -41,7 +41,7 @@ from llmeraser.task import CausalLMTask
 from llmeraser.testing import ANIMALS, COLORS, tiny_llama, tiny_lora, tiny_tokenizer
 
 pytest.importorskip("kronfluence")
-from llmeraser.peers import kronfluence as kp  # noqa: E402
+from llmeraser.experiments.peers import kronfluence as kp  # noqa: E402
 
 N = 24
 LABEL_SAMPLES = 8

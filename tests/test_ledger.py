@@ -157,18 +157,18 @@ def test_ledger_records_sequential_requests_and_refuses_what_does_not_fit(lineag
 def test_a_failed_request_is_recorded_and_can_be_run_again(lineage, capsys, monkeypatch):
     import llmeraser.eraser as eraser
 
-    real = eraser.compute_update
+    real = eraser.UnlearningProblem.solve
 
     def boom(*args, **kwargs):
         raise eraser.SolverError("solver 'cg' diverged")
 
-    monkeypatch.setattr(eraser, "compute_update", boom)
+    monkeypatch.setattr(eraser.UnlearningProblem, "solve", boom)
     request = {"edits": [{"op": "remove", "id": "ex2"}]}
     assert unlearn(lineage, "a0", request, "a1") == 1
     with Ledger(lineage / "ledger") as ledger:
         (entry,) = ledger.entries()
         assert entry.status == "failed" and "diverged" in entry.error
-    monkeypatch.setattr(eraser, "compute_update", real)
+    monkeypatch.setattr(eraser.UnlearningProblem, "solve", real)
     assert unlearn(lineage, "a0", request, "a1") == 0
     with Ledger(lineage / "ledger") as ledger:
         (entry,) = ledger.entries()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from llmeraser.errors import LLMEraserError, UserInputError
 
-DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 _TYPES = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int, "bool": bool}
 
 
@@ -50,166 +49,58 @@ def pick(args: argparse.Namespace, cls: type, *, prefix: str = "", skip: tuple[s
     return out
 
 
-def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """A plain-text table; columns are (key, header, format spec); NaN prints as —."""
-    cells = [[h for _, h, _ in columns]]
-    for r in rows:
-        cells.append(["—" if isinstance(r.get(k), float) and math.isnan(r[k]) else format(r.get(k, ""), f)
-                      for k, _, f in columns])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-             for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _read_record(adapter: str) -> dict:
-    """The training settings an adapter was made with (its report.json `task` block), or {}."""
-    path = Path(adapter) / "report.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("task", {}) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return {}
-
-
-def _task(tokenizer, max_length: int):
-    from llmeraser.task import CausalLMTask
-
-    return CausalLMTask(tokenizer, max_length=max_length)
-
-
 # ---------------------------------------------------------------------------------------------------- commands
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from peft import LoraConfig, get_peft_model
-
     from llmeraser import distributed
     from llmeraser.data import examples_hash, load_examples
     from llmeraser.finetune import FinetuneArguments, finetune
     from llmeraser.models import load_base_model
     from llmeraser.params import save_adapter
+    from llmeraser.record import LoraSettings, finetune_record, lora_model
+    from llmeraser.task import CausalLMTask
 
     train = load_examples(args.train)
     distributed.check_same({"training set": examples_hash(train)}, "checking the inputs")
     ft = FinetuneArguments(**pick(args, FinetuneArguments), progress=not args.quiet)
     base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
-    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    import torch
-
-    torch.manual_seed(ft.seed)  # LoRA A's random init
-    try:
-        model = get_peft_model(base, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                target_modules=targets))
-    except ValueError as e:
-        raise UserInputError(f"--lora-targets {args.lora_targets!r}: {str(e).splitlines()[0]}") from e
-    result = finetune(model, _task(tokenizer, args.max_length), train, ft)
-    task_record = {"max_length": args.max_length, "l2": ft.l2, "base_model": args.base_model, "dtype": args.dtype}
-    report = {"kind": "finetune", "task": task_record, "arguments": dataclasses.asdict(ft),
-              "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "targets": targets},
-              "train_sha256": examples_hash(train), "n_train": len(train), "result": result.to_dict()}
+    lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha,
+                        targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
+    model = lora_model(base, lora, seed=ft.seed)
+    result = finetune(model, CausalLMTask(tokenizer, max_length=args.max_length), train, ft)
+    report = {"kind": "finetune", "task": finetune_record(max_length=args.max_length, l2=ft.l2, lora=lora,
+                                                          base_model=args.base_model, dtype=args.dtype),
+              "arguments": dataclasses.asdict(ft), "lora": lora.to_dict(), "train_sha256": examples_hash(train),
+              "n_train": len(train), "result": result.to_dict()}
     distributed.on_rank0(lambda: str(save_adapter(model, args.out, report=report)), "writing the adapter")
     print(f"fine-tuned {len(train)} examples in {result.seconds:.1f} s: last epoch's loss {result.losses[-1]:.4f}, "
           f"R(θ) = {result.objective:.4f}, ‖∇R‖ = {result.grad_norm:.2e}\nadapter: {args.out}")
     return 0
 
 
+def _job(args: argparse.Namespace, **record):
+    from llmeraser.job import AdapterJob
+
+    return AdapterJob(args.adapter, args.train, base_model=args.base_model, dtype=args.dtype,
+                      max_length=args.max_length, factors=getattr(args, "factors", None), progress=not args.quiet,
+                      **record)
+
+
 def cmd_unlearn(args: argparse.Namespace) -> int:
-    from llmeraser import distributed
-    from llmeraser.data import examples_hash, load_examples
-    from llmeraser.eraser import EraserArguments, choose_solver, save_unlearned, unlearn
-    from llmeraser.factors import KINDS
-    from llmeraser.io import check_new_output
-    from llmeraser.ledger import Ledger
-    from llmeraser.models import load_base_model
-    from llmeraser.params import adapter_hash, check_adapter_dir, load_adapter
-    from llmeraser.request import Request, apply_request, load_request, resolve
+    from llmeraser.eraser import EraserArguments
     from llmeraser.solvers.api import solver_arguments
 
-    check_adapter_dir(args.adapter)
-    train, request = load_examples(args.train), load_request(args.request)
-    distributed.check_same({"adapter": adapter_hash(args.adapter), "training set": examples_hash(train),
-                            "request": request.hash}, "checking the inputs")
-    ledger = Ledger(args.ledger) if args.ledger and distributed.rank() == 0 else None  # state: rank 0's alone
-
-    def preamble() -> dict:
-        """Rank 0: the ledger's say (already done, or the requests applied before this one) and the output check."""
-        if ledger:
-            done = ledger.find(request)
-            if done is not None and done.status == "applied":  # idempotent, keyed by the request's hash
-                return {"done": f"request {request.hash[:12]}… is already applied (#{done.seq}, {done.updated}): "
-                                f"{done.output_adapter}; nothing to do"}
-            recovered = ledger.recover(request)
-            if recovered is not None:
-                return {"done": f"request {request.hash[:12]}…: the previous run wrote {recovered.output_adapter} "
-                                f"completely but stopped before recording it; recorded now (#{recovered.seq}), "
-                                f"nothing recomputed"}
-            ledger.prepare(args.adapter, train, request)  # checks the request against the lineage
-        else:
-            resolve(request, train)  # a request that does not fit the data fails before any model is loaded
-        check_new_output(args.out)  # an output folder that is taken fails before any model is loaded
-        return {"applied": [e.request.to_dict() for e in ledger.entries("applied")] if ledger else []}
-
-    decision = distributed.on_rank0(preamble, "checking the request")
-    if "done" in decision:
-        print(decision["done"])
-        return 0
-    for earlier in decision["applied"]:  # the training set after the lineage's applied requests
-        train = apply_request(train, Request.from_dict(earlier))
-    record = _read_record(args.adapter)
-    given = pick(args, EraserArguments, skip=("solver_args", "progress", "damping"))
-    given.setdefault("l2", record.get("l2", 0.0))
-    max_length = args.max_length or record.get("max_length", 64)
+    damping = None if args.damping in (None, "auto") else _float_arg("--damping", args.damping)
+    given = pick(args, EraserArguments, skip=("solver_args", "progress", "damping", "l2"))
     solver = given.get("solver", "cg")
-    solver_args = None if solver in (*KINDS, "auto") else \
-        solver_arguments(solver, **pick(args, _solver_cls(), prefix="solver-"))
-    eraser_args = EraserArguments(**given, solver_args=solver_args, progress=not args.quiet)
-    damping_record = None
-    if args.damping == "auto":  # chosen earlier on validation data by `llmeraser tune-damping`
-        damping_record = distributed.on_rank0(lambda: _damping_record(args, train), "reading the damping")
-        eraser_args = dataclasses.replace(eraser_args, damping=damping_record["chosen"])
-    elif args.damping is not None:
-        eraser_args = dataclasses.replace(eraser_args, damping=_float_arg("--damping", args.damping))
-    seq = distributed.on_rank0(lambda: ledger.begin(request, train, args.adapter, args.out) if ledger else None,
-                               "recording the request")
-    try:
-        base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
-        model = load_adapter(base, args.adapter)
-        task = _task(tokenizer, max_length)
-        choice = None
-        if eraser_args.solver == "auto":
-            solver, choice = choose_solver(model, len(train))
-            eraser_args = dataclasses.replace(eraser_args, solver=solver, solver_args=None)
-        factors, store, t_fit = _factors_for(args, model, task, train, eraser_args) \
-            if eraser_args.solver in KINDS else (None, None, 0.0)
-        update = unlearn(model, task, train, request, eraser_args, factors)
-        update.report["task"] = {**record, "max_length": max_length, "l2": eraser_args.l2}
-        if choice:
-            update.report["solver_choice"] = choice
-        if damping_record:
-            update.report["damping_choice"] = {k: damping_record[k] for k in ("chosen", "scores", "trials",
-                                                                                "removal_size", "valid_sha256")}
-        if factors is not None:
-            update.report["seconds"]["fit"] = t_fit
-            update.report["seconds"]["total"] += t_fit
-
-        def write() -> None:  # rank 0 writes; the others wait for it, so every rank exits with its outcome
-            save_unlearned(model, args.out, update, input_adapter=args.adapter,
-                           before_rename=(lambda tmp: ledger.stage(seq, tmp)) if ledger else None)
-            if ledger:
-                ledger.finish(seq, update.report)
-
-        distributed.on_rank0(write, "writing the adapter")
-    except BaseException as e:
-        if ledger:
-            ledger.fail(seq, e)
-        raise
-    if factors is not None and distributed.rank() == 0:
-        _derive_factors(args, factors, store, train, request)
-    r = update.report
-    status = "converged" if r["converged"] else "NOT converged (see report)"
-    print(f"unlearned {sum(r['ops'].values())} edits {r['ops']} with {r['method']}/{r['solver']}, damping "
-          f"{r['damping']:g}: residual {r['solve']['residual']:.2e} ({status}), ‖Δθ‖ = {r['delta_norm']:.4g}, "
-          f"{r['seconds']['total']:.1f} s\nadapter: {args.out}\nreport:  {Path(args.out) / 'report.json'}"
-          + (f"\nledger:  {args.ledger} (request #{seq})" if ledger else ""))
+    solver_args = None if solver == "auto" else solver_arguments(solver, **pick(args, _solver_cls(),
+                                                                                prefix="solver-"))
+    eraser = EraserArguments(**given, damping=damping, solver_args=solver_args, progress=not args.quiet)
+    job = _job(args, l2=args.l2)
+    result = job.unlearn(args.request, args.out, eraser, damping="auto" if args.damping == "auto" else None,
+                         ledger=args.ledger, refit_fraction=args.refit_fraction, force=args.force)
+    print(result.message)
+    if result.factors_note:
+        print(f"factors: {result.factors_note}")
     return 0
 
 
@@ -223,151 +114,33 @@ def _float_arg(flag: str, text: str) -> float:
     return value
 
 
-def _store(args: argparse.Namespace):
-    from llmeraser.factors import FactorStore, default_store
-
-    return FactorStore(args.factors or default_store(args.adapter))
-
-
-def _damping_record(args: argparse.Namespace, train) -> dict:
-    """The damping `llmeraser tune-damping` chose for this adapter and training set (--damping auto)."""
-    from llmeraser.data import examples_hash
-    from llmeraser.params import adapter_hash
-
-    store = _store(args)
-    record, why = store.load_damping(adapter_hash(args.adapter), examples_hash(train))
-    if record is None:
-        raise UserInputError(f"--damping auto: {why}; run 'llmeraser tune-damping' on this adapter first (or give "
-                             f"--damping a number)")
-    if record["declines"]:
-        logging.getLogger(__name__).warning(
-            "the damping search found no λ whose update beat no update on held-out removals (best score %.3g ≥ 1)",
-            min(r["score"] for r in record["scores"]))
-    return record
-
-
-def _factors_for(args: argparse.Namespace, model, task, train, eraser_args):
-    """(factors, store, seconds fitting): the stored fit for this adapter and training set, else a new one, saved."""
-    import time
-
-    from llmeraser import distributed
-    from llmeraser.data import examples_hash
-    from llmeraser.factors import FactorArguments, fit_factors
-    from llmeraser.params import adapter_hash
-
-    kind, store = eraser_args.solver, _store(args)
-    a_sha, t_sha = adapter_hash(args.adapter), examples_hash(train)
-    factors, why = store.load(kind, a_sha, t_sha)
-    distributed.check_same({"factor store": why}, "reading the factor store")  # every rank loaded, or none did
-    if factors is not None:
-        factors.meta["source"] = why
-        return factors, store, 0.0
-    print(f"{why}: fitting {kind} factors on {len(train)} examples (once; later requests reuse them)",
-          file=sys.stderr)
-    start = time.perf_counter()
-    factors = fit_factors(model, task, train, (kind,), FactorArguments(
-        fisher=eraser_args.fisher, samples=eraser_args.curvature_samples, batch_size=eraser_args.batch_size,
-        seed=eraser_args.seed, progress=eraser_args.progress))[kind]
-    path = distributed.on_rank0(lambda: str(store.save(factors, a_sha, t_sha, n_train=len(train))),
-                                "saving the factors")
-    factors.meta["source"] = f"fitted for this request ({why}); saved in {path}"
-    return factors, store, time.perf_counter() - start
-
-
-def _derive_factors(args: argparse.Namespace, factors, store, train, request) -> None:
-    """Hand the fit on to the new adapter (or say why the next request refits); a cache: failures only warn."""
-    from llmeraser.data import examples_hash
-    from llmeraser.factors import FactorStore, default_store
-    from llmeraser.params import adapter_hash
-    from llmeraser.request import apply_request
-
-    try:
-        _, why = FactorStore(default_store(args.out)).derive(
-            factors, store, adapter_hash(args.out), examples_hash(apply_request(train, request)),
-            edited=len(request.edits), refit_fraction=args.refit_fraction, request_sha256=request.hash)
-        print(f"factors: {why}")
-    except OSError as e:
-        logging.getLogger(__name__).warning("could not record the factors for %s: %s", args.out, e)
-
-
-def _adapter_model(args: argparse.Namespace):
-    """(model, task, record): --base-model with --adapter loaded, the task at the adapter's max length."""
-    from llmeraser.models import load_base_model
-    from llmeraser.params import load_adapter
-
-    record = _read_record(args.adapter)
-    base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
-    model = load_adapter(base, args.adapter)
-    return model, _task(tokenizer, args.max_length or record.get("max_length", 64)), record
-
-
 def cmd_fit_curvature(args: argparse.Namespace) -> int:
-    from llmeraser import distributed
-    from llmeraser.data import examples_hash, load_examples
-    from llmeraser.factors import FactorArguments, fit_factors
-    from llmeraser.params import adapter_hash, check_adapter_dir
+    from llmeraser.factors import FactorArguments
+    from llmeraser.table import format_table
 
-    check_adapter_dir(args.adapter)
-    train = load_examples(args.train)
-    a_sha, t_sha = adapter_hash(args.adapter), examples_hash(train)
-    distributed.check_same({"adapter": a_sha, "training set": t_sha}, "checking the inputs")
     fa = FactorArguments(**pick(args, FactorArguments, skip=("progress",)), progress=not args.quiet)
-    model, task, _ = _adapter_model(args)
-    fits = fit_factors(model, task, train, tuple(dict.fromkeys(args.kind)), fa)
-    store = _store(args)
-
-    def save() -> list[dict]:  # rank 0 writes the store
-        rows = []
-        for kind, f in fits.items():
-            path = store.save(f, a_sha, t_sha, n_train=len(train))
-            sec = f.meta["seconds"]
-            rows.append({"kind": kind, "n": f.meta["n_examples"], "tokens": f.meta["n_tokens"],
-                         "pass": sec.get("pass", 0.0), "extra": sec["total"] - sec.get("pass", 0.0),
-                         "total": sec["total"], "mib": sum(p.stat().st_size for p in path.iterdir()) / 2**20,
-                         "path": str(path)})
-        return rows
-
-    rows = distributed.on_rank0(save, "saving the factors")
+    rows = _job(args).fit_curvature(args.kind, fa)
     print(format_table(rows, [("kind", "kind", ""), ("n", "examples", "d"), ("tokens", "tokens", "d"),
                               ("pass", "pass s", ".1f"), ("extra", "eigen/gram s", ".1f"), ("total", "total s", ".1f"),
                               ("mib", "MiB", ".1f"), ("path", "stored in", "")]))
-    print(f"one pass over the training set served {len(fits)} fit(s); 'llmeraser unlearn --solver {args.kind[0]}' "
+    print(f"one pass over the training set served {len(rows)} fit(s); 'llmeraser unlearn --solver {args.kind[0]}' "
           f"now costs about the request's own gradients")
     return 0
 
 
 def cmd_tune_damping(args: argparse.Namespace) -> int:
-    from llmeraser.damping import DampingArguments, select_damping
-    from llmeraser.data import examples_hash, load_examples
-    from llmeraser.eraser import EraserArguments, choose_solver
-    from llmeraser.factors import KINDS
-    from llmeraser.params import adapter_hash, check_adapter_dir
+    from llmeraser.damping import DampingArguments
+    from llmeraser.table import format_table
 
-    check_adapter_dir(args.adapter)
-    train, valid = load_examples(args.train), load_examples(args.valid)
-    overlap = {e.id for e in train} & {e.id for e in valid}
-    if overlap:
-        raise UserInputError(f"--valid shares {len(overlap)} id(s) with --train (e.g. {sorted(overlap)[0]!r}); "
-                             f"validation examples must be held out")
     damping_args = DampingArguments(**{k: tuple(v) if k == "dampings" else v
                                        for k, v in pick(args, DampingArguments).items()})
-    model, task, record = _adapter_model(args)
-    eraser_args = EraserArguments(solver=args.solver if args.solver != "auto" else "cg", l2=record.get("l2", 0.0),
-                                  fisher=args.fisher, seed=args.seed, progress=not args.quiet)
-    if args.solver == "auto":
-        solver = choose_solver(model, len(train))[0]
-        eraser_args = dataclasses.replace(eraser_args, solver=solver if solver != "dense" else "cg", solver_args=None)
-    factors = _factors_for(args, model, task, train, eraser_args)[0] if eraser_args.solver in KINDS else None
-    result = select_damping(model, task, train, valid, eraser_args, damping_args, factors=factors,
-                            progress=not args.quiet)
-    from llmeraser import distributed
-
-    path = distributed.on_rank0(lambda: str(_store(args).save_damping(result, adapter_hash(args.adapter),
-                                                                       examples_hash(train))), "saving the damping")
+    result, path = _job(args).tune_damping(args.valid, damping_args, solver=args.solver, fisher=args.fisher,
+                                           seed=args.seed)
     print(format_table([{**r, "chosen": "←" if r["damping"] == result["chosen"] else ""} for r in result["scores"]],
                        [("damping", "λ", "g"), ("score", "error/no-update", ".3f"), ("pearson", "pearson r", ".3f"),
                         ("chosen", "", "")]))
-    verdict = ("no λ beat no update: the update does not help this adapter at these removal sizes"
+    verdict = ("no λ beat no update: the update does not help this adapter at these removal sizes, so 'unlearn "
+               "--damping auto' will decline (write the adapter unchanged) unless given --force"
                if result["declines"] else f"chosen λ = {result['chosen']:g}")
     print(f"{verdict} ({result['trials']} held-out removals of {result['removal_size']} examples, "
           f"{result['seconds']:.0f} s); saved in {path}; use it with 'llmeraser unlearn --damping auto'")
@@ -376,6 +149,7 @@ def cmd_tune_damping(args: argparse.Namespace) -> int:
 
 def cmd_ledger(args: argparse.Namespace) -> int:
     from llmeraser.ledger import Ledger
+    from llmeraser.table import format_table
 
     with Ledger(args.dir, create=False) as ledger:
         if args.action == "show":
@@ -412,12 +186,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from llmeraser.metrics import evaluate
     from llmeraser.models import load_base_model
     from llmeraser.params import load_adapter
+    from llmeraser.record import DEFAULT_MAX_LENGTH, TrainingRecord
+    from llmeraser.task import CausalLMTask
 
     data = load_examples(args.data)
-    record = _read_record(args.adapter) if args.adapter else {}
+    if args.adapter:
+        record = TrainingRecord.read(args.adapter, max_length=args.max_length)
+        if record.warning(args.adapter) and "max_length" in record.assumed:
+            logging.getLogger(__name__).warning("%s", record.warning(args.adapter))
+        max_length = record.max_length
+    else:
+        max_length = args.max_length or DEFAULT_MAX_LENGTH
     base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
     model = load_adapter(base, args.adapter, trainable=False) if args.adapter else base
-    result = evaluate(model, _task(tokenizer, args.max_length or record.get("max_length", 64)), data,
+    result = evaluate(model, CausalLMTask(tokenizer, max_length=max_length), data,
                       batch_size=args.batch_size, progress=not args.quiet)
     if args.out:
         atomic_write_json(args.out, result)
@@ -427,7 +209,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_data_movielens(args: argparse.Namespace) -> int:
-    from llmeraser.movielens import build_splits, default_folder, write_splits, yes_ratio
+    from llmeraser.experiments.movielens import build_splits, default_folder, write_splits, yes_ratio
 
     folder = args.folder or default_folder()
     splits = build_splits(folder, n_train=args.n_train, n_valid=args.n_valid, n_test=args.n_test, seed=args.seed)
@@ -438,8 +220,8 @@ def cmd_data_movielens(args: argparse.Namespace) -> int:
 
 
 def cmd_corrupt(args: argparse.Namespace) -> int:
-    from llmeraser.corrupt import corrupt, write_corruption
     from llmeraser.data import load_examples
+    from llmeraser.experiments.corrupt import corrupt, write_corruption
 
     corrupted, request = corrupt(load_examples(args.train), kind=args.kind, ratio=args.ratio, seed=args.seed)
     write_corruption(corrupted, request, args.out)
@@ -449,7 +231,8 @@ def cmd_corrupt(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from llmeraser.demo import run_movielens_demo, run_tiny_demo
+    from llmeraser.experiments.demo import run_movielens_demo, run_tiny_demo
+    from llmeraser.table import format_table
 
     out = args.out or tempfile.mkdtemp(prefix="llmeraser-demo-")
     if args.tiny:
@@ -495,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llmeraser.eraser import EraserArguments
     from llmeraser.factors import FactorArguments
     from llmeraser.finetune import FinetuneArguments
+    from llmeraser.job import REFIT_FRACTION
+    from llmeraser.record import DEFAULT_MAX_LENGTH, LoraSettings
+    from llmeraser.solvers.api import solver_names
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -516,10 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--train", required=True, help="training JSONL: {id, prompt, response} per line")
     p.add_argument("--out", required=True, help="new adapter folder (must not exist or be empty)")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per example (prompt cut from the left)")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scale alpha/r)")
-    p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS, help="comma-separated module names")
+    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+                   help="tokens per example (prompt cut from the left)")
+    p.add_argument("--lora-r", type=int, default=LoraSettings.r, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=LoraSettings.alpha, help="LoRA alpha (scale alpha/r)")
+    p.add_argument("--lora-targets", default=",".join(LoraSettings.targets), help="comma-separated module names")
     add_fields(p, FinetuneArguments, skip=("progress",))
     p.set_defaults(func=cmd_finetune)
 
@@ -528,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(request hash, solver, damping, residual, timings, ‖Δθ‖). The input adapter is "
                                    "never modified.",
                        epilog="example: llmeraser unlearn --adapter adapters/original --train data/train.jsonl "
-                              "--request request.json --out adapters/unlearned --solver cg --damping 1e-3")
+                              "--request request.json --out adapters/unlearned --solver auto")
     _common(p)
     p.add_argument("--adapter", required=True, help="the fine-tuned PEFT adapter folder")
     p.add_argument("--train", required=True, help="the training JSONL the adapter was fine-tuned on")
@@ -537,14 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
     add_fields(p, EraserArguments, skip=("solver_args", "progress", "l2", "damping"), keep_default=False)
     p.add_argument("--damping", default=None, metavar="λ|auto",
-                   help="λ in (H + λI)⁻¹, larger is safer but shrinks Δθ (default: 1e-3); 'auto': the λ that "
-                        "'llmeraser tune-damping' chose on validation data for this adapter")
+                   help="λ in (H + λI)⁻¹, absolute; larger is safer but shrinks Δθ. Default: --relative-damping × "
+                        "the curvature's largest eigenvalue (the same meaning on any model). 'auto': the λ that "
+                        "'llmeraser tune-damping' chose on validation data for this adapter; when it found that no "
+                        "λ beats no update, the adapter is written unchanged and the report says so (see --force)")
+    p.add_argument("--force", action="store_true",
+                   help="with --damping auto: write the update even when validation said it makes things worse")
     p.add_argument("--l2", type=float, default=None, help="the L2 coefficient of the fine-tuning objective "
                                                               "(default: the adapter's report.json, else 0)")
     p.add_argument("--factors", default=None, metavar="DIR",
                    help="fitted solvers: the factor store (default: ADAPTER.factors beside the adapter); fitted "
                         "there on first use, reused while the adapter's and the training set's hashes match")
-    p.add_argument("--refit-fraction", type=float, default=0.05,
+    p.add_argument("--refit-fraction", type=float, default=REFIT_FRACTION,
                    help="fitted solvers: the new adapter inherits the factors (OUT.factors) until the examples "
                         "edited since the fit exceed this fraction of the training set; then the next request refits")
     add_fields(p, _solver_cls(), prefix="solver-", keep_default=False)
@@ -566,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--adapter", required=True, help="the fine-tuned PEFT adapter folder")
     p.add_argument("--train", required=True, help="the training JSONL the adapter was fine-tuned on")
-    p.add_argument("--kind", nargs="+", default=["ekfac"], choices=["kfac", "ekfac", "woodbury", "datainf"],
+    p.add_argument("--kind", nargs="+", default=["ekfac"], choices=solver_names(fitted=True),
                    help="ekfac: Kronecker eigenbasis with exact diagonal (memory independent of N); kfac: plain "
                         "Kronecker factors; woodbury: exact inverse of the N-example Fisher (stores N × p "
                         "gradients and an N × N system); datainf: per-layer approximation of that inverse, no "
@@ -589,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="the fine-tuned PEFT adapter folder")
     p.add_argument("--train", required=True, help="the training JSONL the adapter was fine-tuned on")
     p.add_argument("--valid", required=True, help="validation JSONL (held out from training; never the test set)")
-    p.add_argument("--solver", default="auto", choices=["cg", "kfac", "ekfac", "woodbury", "datainf", "auto"],
+    p.add_argument("--solver", default="auto", choices=[*solver_names(path=True), "auto"],
                    help="the solver whose λ is chosen")
     p.add_argument("--fisher", default="mc", choices=["mc", "empirical"], help="fitted solvers: which Fisher")
     p.add_argument("--seed", type=int, default=0, help="seed of the removal sets, fine-tunes and fitted targets")

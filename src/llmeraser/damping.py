@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 import torch
 
 from llmeraser.data import Example, examples_hash
-from llmeraser.eraser import EraserArguments, UnlearningProblem
+from llmeraser.eraser import EraserArguments, UnlearningProblem, fit_for_solver
 from llmeraser.errors import ConfigError
-from llmeraser.factors import KINDS, FactorArguments, Factors, fit_factors
+from llmeraser.factors import Factors
 from llmeraser.finetune import FinetuneArguments, finetune
 from llmeraser.params import ParamView
 from llmeraser.request import Request
+from llmeraser.solvers.api import get_solver, is_fitted, solver_names
 from llmeraser.task import Task, per_example_loss
 
 DEFAULT_GRID = (3.0, 1.0, 0.3, 0.1, 0.03, 0.01)
@@ -71,12 +72,11 @@ def select_damping(model: torch.nn.Module, task: Task, train: Sequence[Example],
     `recipe`: how the reference fine-tunes run (default: Adam for `args.epochs` at `args.lr`, with the eraser's l2
     and batch size); use the adapter's own recipe where it is known."""
     args = args or DampingArguments()
-    if eraser.solver not in ("cg", *KINDS):
+    if eraser.solver == "auto" or not get_solver(eraser.solver).path:
         raise ConfigError(f"choosing the damping needs solver cg (one Krylov run per removal serves every λ) or a "
-                          f"fitted solver ({', '.join(KINDS)}), got {eraser.solver!r}")
-    if eraser.solver in KINDS and factors is None:
-        factors = fit_factors(model, task, train, (eraser.solver,), FactorArguments(
-            fisher=eraser.fisher, batch_size=eraser.batch_size, seed=eraser.seed, progress=progress))[eraser.solver]
+                          f"fitted solver ({', '.join(solver_names(fitted=True))}), got {eraser.solver!r}")
+    if is_fitted(eraser.solver) and factors is None:
+        factors = fit_for_solver(model, task, train, eraser)
     if not valid:
         raise ConfigError("choosing the damping needs validation examples")
     train = list(train)

@@ -1,6 +1,7 @@
 """The eraser: request → edits → right-hand side → solver → Δθ → new adapter.
 
-Two variants (DESIGN §2), with N training examples and a request of edits zᵢ → zᵢ′ (zᵢ′ = ∅ for a removal):
+Two variants (docs/math.md#first-order-and-newton), with N training examples and a request of edits zᵢ → zᵢ′
+(zᵢ′ = ∅ for a removal):
 
 - `first-order` (the paper): Δθ = (H + λI)⁻¹ b, b = (1/N) Σ_edits [∇ℓ(zᵢ; θ̂) − ∇ℓ(zᵢ′; θ̂)], H = ∇²R(θ̂) over the
   original training set. One Newton step on R′ = R + (1/N) Σ [ℓ(z′) − ℓ(z)], assuming ∇R(θ̂) = 0 and ∇²R′ ≈ H.
@@ -8,7 +9,9 @@ Two variants (DESIGN §2), with N training examples and a request of edits zᵢ 
   effective set D′ (N′ = N − removals): Δθ = −(H′ + λI)⁻¹ ∇R′(θ̂), H′ = ∇²R′(θ̂). Exact for quadratic losses (it
   reproduces leave-k-out retraining of ridge regression), and it does not assume θ̂ was exactly stationary.
 
-H is the Gauss-Newton matrix (`ggn`, PSD, default) or the exact Hessian (`hessian`); λ is explicit damping.
+H is the Gauss-Newton matrix (`ggn`, PSD, default) or the exact Hessian (`hessian`). λ is explicit damping, given
+absolutely or, by default, relative to the curvature's own scale: λ = ρ · θ_max, θ_max the largest eigenvalue of
+the curvature as the solver sees it (docs/math.md#damping), so that one default means the same on any model.
 
 References: Ding et al., Unified Parameter-Efficient Unlearning for LLMs (LLMEraser), ICLR 2025, arXiv 2412.00383.
 """
@@ -30,16 +33,21 @@ from llmeraser import distributed
 from llmeraser.curvature import CURVATURES, CurvatureOperator, gradient, objective_gradient
 from llmeraser.data import Example, examples_hash
 from llmeraser.errors import ConfigError, RequestError, SolverError
-from llmeraser.factors import FISHERS, KINDS, FactorArguments, Factors, fit_factors, linear_blocks
+from llmeraser.factors import FISHERS, FactorArguments, Factors, fit_factors, linear_blocks
 from llmeraser.params import ParamView, adapter_hash, save_adapter
 from llmeraser.request import Request, apply_request, resolve
-from llmeraser.solvers.api import get_solver, solver_arguments
-from llmeraser.solvers.base import SolverArguments, SolveResult
+from llmeraser.solvers.api import get_solver, is_fitted, solver_arguments, solver_names
+from llmeraser.solvers.base import SolverArguments, SolveResult, zero_result
 from llmeraser.task import Task
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("first-order", "newton")
+# λ = ρ · θ_max by default. On the embedded model's demo request the validation sweep was best at λ = 0.3 (0.1–1
+# helped, 0.03 and below overshot) where θ_max = 15.2 (cg, 8 curvature samples; woodbury's fitted Fisher: 14.7), so
+# ρ = 0.02 (docs/math.md#damping; bench/default_options.py checks the default on that request).
+RELATIVE_DAMPING = 0.02
+SCALE_PRODUCTS = 10  # Lanczos products that estimate θ_max for an iterative solver other than cg (cg's run gives it)
 
 
 @dataclass
@@ -49,14 +57,19 @@ class EraserArguments:
     method: str = field(default="first-order", metadata={
         "help": "first-order (the paper: removes the request's own effect) or newton (a Newton step on the edited "
                 "objective: exact for a converged fine-tune, but on an unconverged one it also finishes training)"})
-    solver: str = field(default="cg", metadata={
+    solver: str = field(default="auto", metadata={
         "help": "inverse-HVP solver. Iterative, on curvature products over the training set: dense, cg, lissa, sqp, "
                 "paper. Fitted once per adapter and reused (each request then costs about its own gradients): "
                 "kfac, ekfac, woodbury, datainf (see 'llmeraser fit-curvature'). auto: dense for tiny problems, "
                 "woodbury or ekfac (by memory) when every trainable parameter is in a linear layer, else cg (the "
                 "report says which and why)"})
     curvature: str = field(default="ggn", metadata={"help": "ggn (Gauss-Newton, PSD) or hessian (exact)"})
-    damping: float = field(default=1e-3, metadata={"help": "λ in (H + λI)⁻¹; larger is safer but shrinks Δθ"})
+    damping: float | None = field(default=None, metadata={
+        "help": "λ in (H + λI)⁻¹, absolute; larger is safer but shrinks Δθ. None: relative_damping × the "
+                "curvature's largest eigenvalue"})
+    relative_damping: float = field(default=RELATIVE_DAMPING, metadata={
+        "help": "when no absolute damping is given, λ = this × the largest eigenvalue of the curvature as the "
+                "solver sees it (cg: its own Lanczos run; fitted: the factors'), so it means the same on any model"})
     l2: float = field(default=0.0, metadata={"help": "the L2 coefficient the adapter was fine-tuned with"})
     batch_size: int = field(default=8, metadata={"help": "examples per gradient / curvature pass"})
     curvature_samples: int = field(default=0, metadata={
@@ -73,22 +86,20 @@ class EraserArguments:
             raise ConfigError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.curvature not in CURVATURES:
             raise ConfigError(f"unknown curvature {self.curvature!r}; expected one of {', '.join(CURVATURES)}")
-        if self.solver not in (*KINDS, "auto"):
-            get_solver(self.solver)
-        elif self.curvature != "ggn":
+        if (self.solver == "auto" or get_solver(self.solver).fitted) and self.curvature != "ggn":
             raise ConfigError(f"solver {self.solver!r} approximates the Gauss-Newton matrix; use --curvature ggn")
         if self.fisher not in FISHERS:
             raise ConfigError(f"unknown fisher {self.fisher!r}; expected one of {', '.join(FISHERS)}")
-        for name in ("damping", "l2"):
+        for name in ("damping", "l2", "relative_damping"):
             v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
+            if v is not None and not (math.isfinite(v) and v >= 0):
                 raise ConfigError(f"{name} must be a finite number ≥ 0, got {v}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be ≥ 1, got {self.batch_size}")
         if self.curvature_samples < 0:
             raise ConfigError(f"curvature_samples must be ≥ 0 (0 = all), got {self.curvature_samples}")
-        if self.solver_args is None and self.solver not in (*KINDS, "auto"):
-            self.solver_args = solver_arguments(self.solver)
+        if self.solver_args is None and self.solver != "auto":
+            self.solver_args = solver_arguments(self.solver)  # None for a fitted solver
         if self.curvature == "hessian" and self.damping == 0:
             # LoRA's exact Hessian is singular at θ̂ (rotating a pair (A, B) → (QA, BQᵀ) changes neither the loss nor
             # ‖θ‖²), so an undamped solve is ill-posed; the Gauss-Newton matrix plus l2 is PSD.
@@ -110,29 +121,32 @@ DENSE_WORK = 200_000  # p × N up to which `auto` builds the exact matrix (p cur
 WOODBURY_MAX_N = 20_000  # N above which `auto` avoids woodbury's N × N system
 
 
-def choose_solver(model: torch.nn.Module, n_train: int | None = None) -> tuple[str, str]:
-    """The solver `auto` stands for, from the sizes and the model's structure, and why.
+def choose_solver(model: torch.nn.Module, n_train: int | None = None, *, need_path: bool = False) -> tuple[str, str]:
+    """The solver `auto` stands for, from the sizes and the model's structure, and why. The one home of `auto`.
 
     - dense when p × N ≤ DENSE_WORK: the exact damped solve costs p products over N examples, less than a few
-      epochs, and no approximation is then worth its error;
+      epochs, and no approximation is then worth its error (cg instead when `need_path`: dense has no damping path);
     - otherwise a fitted solver when every trainable parameter is in a linear layer (fitted once, about an epoch,
       reused by every request): woodbury while its N × p per-example gradients take at most a quarter of the
       available memory and N ≤ WOODBURY_MAX_N, else ekfac (memory independent of N). On the embedded benchmark
       woodbury was never far from the best fitted solver and was the only one that helped on RC-10, where the
-      Kronecker ones overshot at every λ (bench/results/fitted-qm-rc);
+      Kronecker ones overshot at every λ (docs/fitted-curvature.md);
     - cg otherwise (products over the training set per request).
     """
-    name, why = _choose_solver(model, n_train)
+    name, why = _choose_solver(model, n_train, need_path)
     name, why = distributed.broadcast_json([name, why], "choosing the solver")  # free memory differs by rank
     return name, why
 
 
-def _choose_solver(model: torch.nn.Module, n_train: int | None) -> tuple[str, str]:
+def _choose_solver(model: torch.nn.Module, n_train: int | None, need_path: bool) -> tuple[str, str]:
     from llmeraser.resources import available_bytes
 
     view = ParamView(model)
     p = view.dim
     if n_train is not None and p * n_train <= DENSE_WORK:
+        if need_path:
+            return "cg", (f"auto chose cg: {p:,} parameters × {n_train:,} examples is small (dense would do for one "
+                          f"λ, but one Krylov run serves every λ)")
         return "dense", (f"auto chose dense: {p:,} parameters × {n_train:,} examples is small enough for the exact "
                          f"matrix ({p:,} curvature products)")
     try:
@@ -148,6 +162,21 @@ def _choose_solver(model: torch.nn.Module, n_train: int | None) -> tuple[str, st
     return "ekfac", (f"auto chose ekfac: every trainable parameter is in a linear layer, and {n_train or 0:,} "
                      f"examples × {p:,} parameters are too many for woodbury's per-example gradients, so Kronecker "
                      f"factors fitted once serve every request at about the cost of its own gradients")
+
+
+def factor_arguments(args: EraserArguments, *, samples: int | None = None) -> FactorArguments:
+    """The fit a fitted solver of `args` uses: its Fisher, seed, batch size and sample (curvature_samples)."""
+    return FactorArguments(fisher=args.fisher, samples=args.curvature_samples if samples is None else samples,
+                           batch_size=args.batch_size, seed=args.seed, progress=args.progress)
+
+
+def fit_for_solver(model: torch.nn.Module, task: Task, train: Sequence[Example], args: EraserArguments) -> Factors:
+    """The factors fitted solver `args.solver` needs for this θ̂ and `train`, fitted now (one pass). The one place a
+    fit happens on demand; `llmeraser.job` stores and reuses what it returns."""
+    if not is_fitted(args.solver):
+        raise ConfigError(f"solver {args.solver!r} is not fitted; fitted solvers: "
+                          f"{', '.join(solver_names(fitted=True))}")
+    return fit_factors(model, task, train, (args.solver,), factor_arguments(args))[args.solver]
 
 
 def compute_update(model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
@@ -173,21 +202,24 @@ def damping_path(model: torch.nn.Module, task: Task, train: Sequence[Example], r
     a fitted solver (kfac, ekfac, woodbury, datainf) solves each λ from the same factors. This is what makes
     choosing λ on validation data affordable.
     """
-    if args.solver not in ("cg", *KINDS):
-        raise ConfigError(f"a damping path needs solver 'cg' (one Krylov space serves every damping) or a fitted "
-                          f"solver ({', '.join(KINDS)}), got {args.solver!r}")
     return UnlearningProblem(model, task, train, request, args).path(dampings)
 
 
 class UnlearningProblem:
     """The linear system of a request — right-hand side, curvature operator, sign of Δθ — built once (the gradients
     are paid here) and solved by any solver and damping (`solve`) or for many dampings at once (`path`).
-    θ is not changed."""
+    θ is not changed.
+
+    `factors` (with `fit_seconds`, the time their fit took, when it was made for this request): the fit of a fitted
+    solver; without them one is fitted here (`fit_for_solver`). `report`: entries the caller adds to every update's
+    report (the adapter's training record, how the damping was chosen), so the report is built once, complete."""
 
     def __init__(self, model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
-                 args: EraserArguments, factors: Factors | None = None):
+                 args: EraserArguments, factors: Factors | None = None, *, fit_seconds: float = 0.0,
+                 report: dict | None = None):
         self.start = time.perf_counter()
         self.model, self.task, self.train, self.request = model, task, train, request
+        self.extra = dict(report or {})
         self.choice = None
         if args.solver == "auto":
             solver, self.choice = choose_solver(model, len(train))
@@ -211,22 +243,22 @@ class UnlearningProblem:
                                           progress=args.progress)
             self.sign = -1.0
         self.t_grad = time.perf_counter() - self.start
+        self.factors, self.t_fit = factors, fit_seconds
+        if is_fitted(args.solver):
+            if factors is not None and factors.kind != args.solver:
+                raise ConfigError(f"solver {args.solver!r} was given {factors.kind} factors")
+            if factors is None:  # on the whole set: the fit draws its own curvature sample, seeded alike
+                start = time.perf_counter()
+                self.factors = fit_for_solver(model, task, curvature_set, args)
+                self.t_fit = time.perf_counter() - start
         if 0 < args.curvature_samples < len(curvature_set):
             # H is a mean of per-example curvatures: a uniform sample gives an unbiased estimate at a fraction of the
-            # cost.
+            # cost (the same draw as `fit_factors`' sample).
             gen = torch.Generator().manual_seed(args.seed)
             keep = sorted(torch.randperm(len(curvature_set), generator=gen)[: args.curvature_samples].tolist())
             curvature_set = [curvature_set[i] for i in keep]
         self.curvature_set = curvature_set
         self.curvature_examples = len(curvature_set)
-        self.factors, self.t_fit = factors, 0.0
-        if factors is not None and factors.kind != args.solver and args.solver in KINDS:
-            raise ConfigError(f"solver {args.solver!r} was given {factors.kind} factors")
-        if factors is None and args.solver in KINDS:
-            start = time.perf_counter()
-            self.factors = fit_factors(model, task, curvature_set, (args.solver,), FactorArguments(
-                fisher=args.fisher, batch_size=args.batch_size, seed=args.seed, progress=args.progress))[args.solver]
-            self.t_fit = time.perf_counter() - start
 
     @functools.cached_property
     def op(self) -> CurvatureOperator:
@@ -235,40 +267,64 @@ class UnlearningProblem:
         return CurvatureOperator(self.model, self.task, self.curvature_set, kind=a.curvature, l2=a.l2,
                                  batch_size=a.batch_size, progress=a.progress)
 
-    def _fitted(self, damping: float) -> SolveResult:
-        """The fitted factors' solution of (F + (λ + l2) I) x = b: direct, so no residual is measured."""
+    def _fitted(self, damping: float | None) -> SolveResult:
+        """The fitted factors' solution of (F + (λ + l2) I) x = b: direct, so no residual is measured. λ = None:
+        relative to the factors' largest eigenvalue."""
         start = time.perf_counter()
+        if damping is None:
+            damping = self.args.relative_damping * self.factors.top_eigenvalue()
         x = self.factors.solve(self.rhs, damping + self.args.l2, ParamView(self.model))
         return SolveResult(x=x, solver=self.factors.kind, residual=float("nan"), converged=True, iterations=0,
-                           hvps=0.0, seconds=time.perf_counter() - start, history=[])
+                           hvps=0.0, seconds=time.perf_counter() - start, history=[], damping=damping)
+
+    def _relative(self, solver: str, solver_args: SolverArguments) -> SolveResult:
+        """An iterative solve at λ = ρ · θ_max. cg: one Lanczos run estimates θ_max and solves at once (no extra
+        product); other solvers: SCALE_PRODUCTS Lanczos products estimate it first (counted in the result)."""
+        from llmeraser.solvers.krylov import shifted_solve
+
+        rho = self.args.relative_damping
+        if solver == "cg":
+            return shifted_solve(self.op, self.rhs, [rho], solver_args, relative=True)[0]
+        probe = shifted_solve(self.op, self.rhs, [rho], solver_arguments("cg", tol=0.0, max_iters=SCALE_PRODUCTS),
+                              relative=True)[0]
+        result = get_solver(solver)(self.op, self.rhs, probe.damping, solver_args)
+        return dataclasses.replace(result, damping=probe.damping, ritz=probe.ritz, hvps=result.hvps + probe.hvps,
+                                   seconds=result.seconds + probe.seconds)
 
     def solve(self, solver: str | None = None, damping: float | None = None,
               solver_args: SolverArguments | None = None) -> Update:
-        """Δθ with `solver` and `damping` (default: the arguments'); the seconds count the gradients too."""
+        """Δθ with `solver` and `damping` (default: the arguments'; None there too: relative to the curvature's
+        scale); the seconds count the gradients too."""
         solver = solver or self.args.solver
         damping = self.args.damping if damping is None else damping
-        if solver in KINDS:
+        if is_fitted(solver):
             if self.factors is None or self.factors.kind != solver:
                 raise ConfigError(f"solver {solver!r} needs {solver} factors; this problem has "
                                   f"{self.factors.kind if self.factors else 'none'}")
-            return self.update(self._fitted(damping), damping, solver, None)
+            return self.update(self._fitted(damping), solver, None, relative=damping is None)
         if solver_args is None:
             solver_args = self.args.solver_args if solver == self.args.solver else solver_arguments(solver)
+        if damping is None:
+            return self.update(self._relative(solver, solver_args), solver, solver_args, relative=True)
         result = get_solver(solver)(self.op, self.rhs, damping, solver_args)
-        return self.update(result, damping, solver, solver_args)
+        return self.update(dataclasses.replace(result, damping=damping), solver, solver_args)
 
     def path(self, dampings: Sequence[float]) -> list[Update]:
-        """Δθ for every damping: from one Lanczos run (CG's solution for each; `solvers.krylov`), or from the fitted
-        factors."""
+        """Δθ for every (absolute) damping: from one Lanczos run (CG's solution for each; `solvers.krylov`), or
+        from the fitted factors."""
         from llmeraser.solvers.krylov import shifted_solve
 
-        if self.args.solver in KINDS:
+        if not get_solver(self.args.solver).path:
+            raise ConfigError(f"a damping path needs solver 'cg' (one Krylov space serves every damping) or a fitted "
+                              f"solver ({', '.join(solver_names(fitted=True))}), got {self.args.solver!r}")
+        if is_fitted(self.args.solver):
             return [self.solve(damping=lam) for lam in dampings]
         results = shifted_solve(self.op, self.rhs, list(dampings), self.args.solver_args)
-        return [self.update(r, lam, "cg", self.args.solver_args) for r, lam in zip(results, dampings, strict=True)]
+        return [self.update(r, "cg", self.args.solver_args) for r in results]
 
-    def update(self, result: SolveResult, damping: float, solver: str, solver_args: SolverArguments | None) -> Update:
-        args, request = self.args, self.request
+    def update(self, result: SolveResult, solver: str, solver_args: SolverArguments | None, *,
+               relative: bool = False) -> Update:
+        args, request, damping = self.args, self.request, result.damping
         # every rank solved the same system; rank 0's Δθ is the one every rank applies (bitwise identical)
         delta = distributed.broadcast(self.sign * result.x, "Δθ")
         if not torch.isfinite(delta).all():
@@ -285,6 +341,7 @@ class UnlearningProblem:
             "solver_args": vars(solver_args).copy() if solver_args is not None else {},
             "curvature": args.curvature,
             "damping": damping,
+            "damping_rule": self._damping_rule(result) if relative else {"rule": "absolute"},
             "l2": args.l2,
             "curvature_examples": self.curvature_examples,
             "n_train": len(self.train),
@@ -301,16 +358,39 @@ class UnlearningProblem:
         }
         if self.choice:
             report["solver_choice"] = self.choice
-        if solver in KINDS:
-            report["seconds"]["fit"] = self.t_fit  # 0 when the factors were given (fitted earlier, stored)
+        if is_fitted(solver):
+            report["seconds"]["fit"] = self.t_fit  # 0 when the factors were fitted earlier and stored
             m = self.factors.meta
             report["factors"] = {k: m.get(k) for k in ("kind", "fisher", "seed", "n_examples", "n_tokens", "seconds",
                                                        "adapter_sha256", "train_sha256", "edited_since_fit",
                                                        "derived_from") if k in m}
-            report["factors"]["source"] = "fitted for this request" if self.t_fit else m.get("source", "given")
+            report["factors"]["source"] = m.get("source", "fitted for this request" if self.t_fit else "given")
+        report |= self.extra
         logger.info("Δθ: ‖Δθ‖ = %.4g, residual %.3g, %.1f s", report["delta_norm"], result.residual,
                     report["seconds"]["total"])
         return Update(delta=delta, request=request, solve=result, report=report)
+
+    def _damping_rule(self, result: SolveResult) -> dict:
+        if is_fitted(result.solver):
+            scale, source = self.factors.top_eigenvalue(), f"the {result.solver} factors' largest eigenvalue"
+        else:
+            scale, source = result.ritz[1], "the largest Ritz value of a Lanczos run from the right-hand side"
+        return {"rule": "relative", "relative_damping": self.args.relative_damping, "scale": scale,
+                "scale_from": source}
+
+
+def declined_update(model: torch.nn.Module, train: Sequence[Example], request: Request, reason: str,
+                    report: dict | None = None) -> Update:
+    """Δθ = 0 on purpose: the evidence (validation) says no update beats none. The report says so and why."""
+    resolve(request, train)
+    view = ParamView(model)
+    result = zero_result("declined", view.vector())
+    full = {"request_sha256": request.hash, "ops": request.counts(), "method": "none", "solver": "declined",
+            "decision": "declined", "reason": reason, "damping": None, "n_train": len(train),
+            "n_effective": len(train) - request.counts()["remove"], "n_params": view.dim,
+            "train_sha256": examples_hash(train), "solve": result.diagnostics(), "converged": True,
+            "delta_norm": 0.0, "theta_norm": float(view.vector().norm()), "seconds": {"total": 0.0}}
+    return Update(delta=result.x, request=request, solve=result, report=full | dict(report or {}))
 
 
 def unlearn(model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,

@@ -17,10 +17,13 @@ import torch
 
 from llmeraser.errors import ConfigError, SolverError
 from llmeraser.factors.capture import Block, Statistics, gather_gradients
+from llmeraser.solvers.base import register_fitted
 
 KINDS = ("woodbury", "datainf")
 HELP = {"woodbury": "exact inverse of the N-example Fisher (stores N × p gradients and an N × N system)",
         "datainf": "per-layer approximation of that inverse, no N × N system"}
+for _kind in KINDS:
+    register_fitted(_kind, HELP[_kind])
 
 
 def fit(stats: Statistics, kinds: set[str], dtype: torch.dtype) -> dict[str, tuple[dict, dict]]:
@@ -77,22 +80,20 @@ def matvec(kind: str, t: dict, blocks: list[Block], vs: list[torch.Tensor]) -> l
     return [_gmv(t[f"{blk.module}.grads"].T, gv).view_as(v) / n for blk, v in zip(blocks, vs, strict=True)]
 
 
-def top_eigenvalue(kind: str, t: dict, blocks: list[Block], iters: int = 30) -> float:
-    """The largest eigenvalue of F = (1/N) Gᵀ G (woodbury: of the stored G Gᵀ; datainf: the largest over blocks
-    of (1/N) G_W G_Wᵀ, by power iteration on the N × N block Gram without forming it)."""
+def top_eigenvalue(kind: str, t: dict, blocks: list[Block], iters: int = 50) -> float:
+    """The largest eigenvalue of the full F = (1/N) Gᵀ G, the curvature's scale for a relative damping (woodbury:
+    from the stored eigendecomposition of G Gᵀ; datainf: power iteration on G Gᵀ without forming it)."""
     if kind == "woodbury":
         return float(t["gram.s"].max()) / t["gram.s"].shape[0]
-    best = 0.0
-    for blk in blocks:
-        g = t[f"{blk.module}.grads"]
-        v = torch.ones(g.shape[0], dtype=torch.float64) / g.shape[0] ** 0.5
-        lam = 0.0
-        for _ in range(iters):  # u ↦ G Gᵀ u
-            w = _gmv(g, _gmv(g.T, v))
-            lam = float(v @ w)
-            norm = float(w.norm())
-            if norm == 0:
-                break
-            v = w / norm
-        best = max(best, lam / g.shape[0])
-    return best
+    grads = [t[f"{blk.module}.grads"] for blk in blocks]
+    n = grads[0].shape[0]
+    v = torch.ones(n, dtype=torch.float64) / n ** 0.5
+    lam = 0.0
+    for _ in range(iters):  # u ↦ G Gᵀ u, block by block
+        w = sum(_gmv(g, _gmv(g.T, v)) for g in grads)
+        lam = float(v @ w)
+        norm = float(w.norm())
+        if norm == 0:
+            break
+        v = w / norm
+    return lam / n

@@ -135,6 +135,7 @@ class SolveResult:
     seconds: float
     history: list[float] = field(default_factory=list)  # relative residuals seen along the way
     ritz: tuple[float, float] | None = None  # (min, max) eigenvalue estimates of H on the Krylov space, if known
+    damping: float | None = None  # the λ solved with, when the solver chose it (a relative damping)
 
     def diagnostics(self) -> dict:
         d = asdict(self)
@@ -143,19 +144,44 @@ class SolveResult:
 
 
 Solver = Callable[[LinearOperator, torch.Tensor, float, SolverArguments], SolveResult]
-SOLVERS: dict[str, Solver] = {}
-PRESETS: dict[str, dict] = {}
 
 
-def register(name: str, **preset: object) -> Callable[[Solver], Solver]:
-    """Register a solver under `name`; `preset` gives SolverArguments defaults that the user may override."""
+@dataclass(frozen=True)
+class SolverSpec:
+    """A registered solver. Iterative ones (`run` set) solve from operator products over the training data on every
+    request; fitted ones (`fitted`) invert a curvature approximation fitted once per adapter (`llmeraser.factors`).
+    `path`: one run serves every damping (`UnlearningProblem.path`). Calling a spec runs an iterative solver."""
+
+    name: str
+    run: Solver | None = None
+    preset: dict = field(default_factory=dict)
+    fitted: bool = False
+    path: bool = False
+    help: str = ""
+
+    def __call__(self, op: LinearOperator, b: torch.Tensor, damping: float, args: SolverArguments) -> SolveResult:
+        if self.run is None:
+            raise ConfigError(f"solver {self.name!r} is fitted: it solves with factors fitted for the adapter "
+                              f"(UnlearningProblem, or llmeraser.factors.Factors.solve), not from operator products")
+        return self.run(op, b, damping, args)
+
+
+SOLVERS: dict[str, SolverSpec] = {}  # every solver, iterative and fitted: the one registry
+
+
+def register(name: str, *, path: bool = False, help: str = "", **preset: object) -> Callable[[Solver], Solver]:
+    """Register an iterative solver under `name`; `preset` gives SolverArguments defaults the user may override."""
 
     def wrap(fn: Solver) -> Solver:
-        SOLVERS[name] = fn
-        PRESETS[name] = preset
+        SOLVERS[name] = SolverSpec(name, run=fn, preset=preset, path=path, help=help)
         return fn
 
     return wrap
+
+
+def register_fitted(name: str, help: str) -> None:
+    """Register a fitted solver (its factors come from `llmeraser.factors`; every damping from one fit)."""
+    SOLVERS[name] = SolverSpec(name, fitted=True, path=True, help=help)
 
 
 def damped(op: LinearOperator, damping: float) -> Callable[[torch.Tensor], torch.Tensor]:

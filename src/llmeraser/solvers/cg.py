@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 NAME = "cg"
 
 
-@register(NAME)
+@register(NAME, path=True, help="conjugate gradient from x₀ = 0 (SPD: GGN, or Hessian + enough damping)")
 def solve(op: LinearOperator, b: torch.Tensor, damping: float, args: SolverArguments) -> SolveResult:
     """Conjugate gradient from x₀ = 0.
 

@@ -42,7 +42,7 @@ def materialise(op: LinearOperator) -> torch.Tensor:
     return torch.stack([op.matvec(eye[:, i]) for i in range(op.dim)], dim=1)
 
 
-@register(NAME)
+@register(NAME, help="materialise H and solve exactly (the reference; small problems only)")
 def solve(op: LinearOperator, b: torch.Tensor, damping: float, args: SolverArguments) -> SolveResult:
     """x = (H + λI)⁻¹ b exactly (up to rounding), by LU in float64.
 

@@ -39,11 +39,13 @@ NAME = "cg (shifted)"
 
 
 def shifted_solve(op: LinearOperator, b: torch.Tensor, dampings: Sequence[float],
-                  args: SolverArguments) -> list[SolveResult]:
+                  args: SolverArguments, *, relative: bool = False) -> list[SolveResult]:
     """Solve (H + λI) x = b for each λ in `dampings` with one Lanczos run of at most `args.max_iters` products.
 
     Stops early once every λ's residual is ≤ args.tol (or the Krylov space is exhausted). Each result's residual is
     the true one, from the stored products (no extra product); every result counts the shared Lanczos products.
+    `relative`: each entry ρ means λ = ρ · θ_max, θ_max the largest Ritz value of H on the Krylov space (the largest
+    curvature the request's directions see; re-estimated every step, free); each result's `damping` is the λ used.
 
     Raises:
         ConfigError: no dampings, or a damping that is not finite and ≥ 0.
@@ -63,7 +65,8 @@ def shifted_solve(op: LinearOperator, b: torch.Tensor, dampings: Sequence[float]
     products: list[torch.Tensor] = []  # H q_j, kept for the true residuals
     alphas: list[float] = []
     betas: list[float] = []
-    lams = torch.tensor([float(x) for x in dampings], dtype=torch.float64)
+    rhos = torch.tensor([float(x) for x in dampings], dtype=torch.float64)
+    lams = rhos
     history = [1.0]
     while len(alphas) < args.max_iters:
         q = basis[-1]
@@ -77,6 +80,8 @@ def shifted_solve(op: LinearOperator, b: torch.Tensor, dampings: Sequence[float]
         for v in basis:
             w = w - torch.dot(v, w) * v
         beta = float(torch.linalg.vector_norm(w))
+        if relative:  # the top Ritz value only grows with k (Cauchy interlacing), so λ settles as the run goes on
+            lams = rhos * max(float(torch.linalg.eigvalsh(_tridiagonal(alphas, betas))[-1]), 0.0)
         coeffs, residuals = _galerkin(alphas, betas, beta, lams)
         history.append(float(residuals.max()))
         if history[-1] <= args.tol or beta <= 1e-12 * abs(alphas[0]) or len(alphas) == op.dim:
@@ -87,7 +92,7 @@ def shifted_solve(op: LinearOperator, b: torch.Tensor, dampings: Sequence[float]
     q_mat = torch.stack(basis[: len(alphas)], dim=1)  # (p, k)
     w_mat = torch.stack(products, dim=1)  # (p, k) = H Q_k
     results = []
-    for j, lam in enumerate(dampings):
+    for j, lam in enumerate(lams.tolist()):
         y = coeffs[:, j].to(q_mat.dtype)
         x = float(b_norm) * (q_mat @ y)
         residual = float(torch.linalg.vector_norm(w_mat @ y + lam * (q_mat @ y) - b / b_norm))
@@ -95,7 +100,7 @@ def shifted_solve(op: LinearOperator, b: torch.Tensor, dampings: Sequence[float]
         results.append(SolveResult(x=x, solver=NAME, residual=residual, converged=residual <= args.tol,
                                    iterations=len(alphas), hvps=float(counter.hvps_equivalent),
                                    seconds=time.perf_counter() - start, history=history,
-                                   ritz=(float(ritz[0]), float(ritz[-1]))))
+                                   ritz=(float(ritz[0]), float(ritz[-1])), damping=lam))
     logger.info("shifted cg: %d Lanczos steps for %d dampings, worst residual %.3g, %.3f s", len(alphas),
                 len(dampings), max(r.residual for r in results), time.perf_counter() - start)
     return results

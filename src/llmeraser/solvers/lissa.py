@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 NAME = "lissa"
 
 
-@register(NAME, max_iters=1000)
+@register(NAME, help="Neumann series, optionally on mini-batches", max_iters=1000)
 def solve(op: LinearOperator, b: torch.Tensor, damping: float, args: SolverArguments) -> SolveResult:
     """Neumann recursion from x₀ = 0:
 

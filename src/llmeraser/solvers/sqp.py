@@ -93,7 +93,7 @@ def _solve(name: str, op: LinearOperator, b: torch.Tensor, damping: float, args:
     return result
 
 
-@register("sqp", max_iters=1000)
+@register("sqp", help="the paper's stochastic quadratic, SGD or Adam on mini-batch products", max_iters=1000)
 def solve(op: LinearOperator, b: torch.Tensor, damping: float, args: SolverArguments) -> SolveResult:
     """Minimise f(x) = ½ xᵀ(H + λI)x − bᵀx from x₀ = 0 by SGD or Adam (args.optimizer) with the gradient
 
@@ -121,7 +121,8 @@ def solve(op: LinearOperator, b: torch.Tensor, damping: float, args: SolverArgum
     return _solve("sqp", op, b, damping, args)
 
 
-@register("paper", optimizer="adam", lr=1e-5, batch_size=1, max_iters=20, check_every=20, tol=0.0)
+@register("paper", help="sqp with the authors' settings (Adam, lr 1e-5, batch 1, 20 steps)", optimizer="adam",
+          lr=1e-5, batch_size=1, max_iters=20, check_every=20, tol=0.0)
 def solve_paper(op: LinearOperator, b: torch.Tensor, damping: float, args: SolverArguments) -> SolveResult:
     """`sqp` with the LLMEraser authors' settings: Adam, lr 1e-5, batch 1, 20 steps (but x₀ = 0 and the correct
     gradient H_B x + λx − b).

@@ -42,15 +42,16 @@ from tqdm.auto import tqdm
 
 from llmeraser.curvature import gradient
 from llmeraser.data import Example, examples_hash
-from llmeraser.eraser import EraserArguments, UnlearningProblem
+from llmeraser.eraser import EraserArguments, UnlearningProblem, factor_arguments
 from llmeraser.errors import ConfigError, SolverError
-from llmeraser.factors import KINDS, FactorArguments, fit_factors
+from llmeraser.factors import fit_factors
 from llmeraser.finetune import FinetuneArguments, epoch_order, finetune
 from llmeraser.io import atomic_write_json, atomic_write_text
 from llmeraser.metrics import binary_kl, evaluate, roc_auc
 from llmeraser.params import ParamView
+from llmeraser.record import DEFAULT_MAX_LENGTH, LoraSettings, lora_model
 from llmeraser.request import Request, apply_request, resolve
-from llmeraser.solvers.api import solver_arguments
+from llmeraser.solvers.api import is_fitted, solver_arguments, solver_names
 from llmeraser.task import CausalLMTask, per_example_loss
 
 logger = logging.getLogger(__name__)
@@ -89,8 +90,8 @@ class BenchArguments:
     epochs: int = 1
     lr: float = 1e-3
     batch_size: int = 8
-    max_length: int = 64
-    lora: dict = field(default_factory=lambda: {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]})
+    max_length: int = DEFAULT_MAX_LENGTH
+    lora: dict = field(default_factory=lambda: LoraSettings().to_peft())
     # influence methods: one curvature sample and product budget for every solver
     curvature_samples: int = 8  # bench/tune_damping.py: 8 samples did as well as 32 on validation data
     max_iters: int = 8
@@ -171,8 +172,8 @@ class Setting:
 
 def make_setting(name: str, seed: int, train: Sequence[Example]) -> Setting:
     """IR: every example of round(p · users) users drawn with `seed`; QM/RC: `corrupt` with `seed`."""
-    from llmeraser.corrupt import corrupt
-    from llmeraser.movielens import user_ids
+    from llmeraser.experiments.corrupt import corrupt
+    from llmeraser.experiments.movielens import user_ids
 
     kind, ratio = parse_setting(name)
     if kind == "IR":
@@ -233,16 +234,13 @@ class Bench:
     """One model, its task and data; fine-tunes, runs methods and measures them (see the module docstring)."""
 
     def __init__(self, args: BenchArguments, splits: dict, base_model=None, tokenizer=None):
-        from peft import LoraConfig, get_peft_model
-
         from llmeraser.models import load_base_model
 
         self.args, self.splits = args, splits
         if base_model is None:
             base_model, tokenizer = load_base_model(args.base_model)
         self.task = CausalLMTask(tokenizer, max_length=args.max_length)
-        torch.manual_seed(0)
-        self.model = get_peft_model(base_model, LoraConfig(lora_dropout=0.0, **args.lora))
+        self.model = lora_model(base_model, LoraSettings.from_peft(args.lora), seed=0)
         self.model.eval()
         self.view = ParamView(self.model)
         self._finetuned: dict[tuple, tuple[torch.Tensor, float, float]] = {}
@@ -321,9 +319,9 @@ def _fits(bench: Bench, run: Run) -> dict:
     if not run.fits:
         bench.view.set_vector(run.theta)
         with PeakMemory() as mem:
-            run.fits = fit_factors(bench.model, bench.task, run.setting.train, KINDS,
-                                   FactorArguments(samples=bench.args.factor_samples, seed=run.setting.seed,
-                                                   batch_size=bench.args.batch_size, progress=bench.args.progress))
+            fit = factor_arguments(EraserArguments(seed=run.setting.seed, batch_size=bench.args.batch_size,
+                                                   progress=bench.args.progress), samples=bench.args.factor_samples)
+            run.fits = fit_factors(bench.model, bench.task, run.setting.train, solver_names(fitted=True), fit)
         run.fits["peak_mib"] = mem.mib
     return run.fits
 
@@ -336,7 +334,7 @@ def _fitted(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
     cost once factors are stored."""
     a, (variant, solver) = bench.args, name.split("/")
     if variant == "kronfluence":
-        from llmeraser.peers.kronfluence import fit_kronfluence, kronfluence_solve
+        from llmeraser.experiments.peers.kronfluence import fit_kronfluence, kronfluence_solve
 
         if "kronfluence" not in run.fits:
             bench.view.set_vector(run.theta)
@@ -388,7 +386,7 @@ class _PeerFactors:
 def _influence(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
     variant, solver = name.split("/") if "/" in name else ("first-order", name)
     a = bench.args
-    if solver in KINDS or variant == "kronfluence":
+    if is_fitted(solver) or variant == "kronfluence":
         return _fitted(bench, run, name)
     if variant not in run.problems:
         bench.view.set_vector(run.theta)
@@ -517,8 +515,8 @@ def _run(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
 def run_benchmark(args: BenchArguments, out: str | Path, *, base_model=None, tokenizer=None,
                   splits: dict | None = None) -> dict:
     """Run every setting × seed × method; write results.json, tables.md and plots (PNG) under `out`."""
+    from llmeraser.experiments.movielens import build_splits
     from llmeraser.io import check_new_output
-    from llmeraser.movielens import build_splits
 
     out = Path(out)
     check_new_output(out)

@@ -21,6 +21,7 @@ from llmeraser.eraser import EraserArguments, compute_update, save_unlearned
 from llmeraser.finetune import FinetuneArguments, finetune
 from llmeraser.io import check_new_output
 from llmeraser.params import ParamView
+from llmeraser.record import DEFAULT_MAX_LENGTH, LoraSettings, finetune_record, lora_model
 from llmeraser.request import Request, apply_request
 from llmeraser.solvers.api import solver_arguments
 from llmeraser.task import CausalLMTask, per_example_loss
@@ -105,8 +106,6 @@ def finetuned_adapter(base_model: str, train, ft_args: FinetuneArguments, lora: 
     Its report.json holds the fine-tune's `result` (loss, ‖∇R‖, seconds), so a cached run can still say what
     fine-tuning cost.
     """
-    from peft import LoraConfig, get_peft_model
-
     from llmeraser.data import examples_hash
     from llmeraser.io import canonical_json, sha256_bytes
     from llmeraser.models import cache_dir, load_base_model
@@ -120,10 +119,11 @@ def finetuned_adapter(base_model: str, train, ft_args: FinetuneArguments, lora: 
         logger.warning("using the cached fine-tuned adapter %s", folder)
         return folder
     base, tokenizer = load_base_model(base_model)
-    torch.manual_seed(ft_args.seed)
-    model = get_peft_model(base, LoraConfig(lora_dropout=0.0, **lora))
+    settings = LoraSettings.from_peft(lora)
+    model = lora_model(base, settings, seed=ft_args.seed)
     result = finetune(model, CausalLMTask(tokenizer, max_length=max_length), train, ft_args)
-    save_adapter(model, folder, report={"kind": "finetune", "task": {"max_length": max_length, "l2": ft_args.l2},
+    save_adapter(model, folder, report={"kind": "finetune", "task": finetune_record(max_length=max_length,
+                                                                                  l2=ft_args.l2, lora=settings),
                                         "key": key, "result": result.to_dict()})
     return folder
 
@@ -137,13 +137,13 @@ class MovieLensJob:
     request: Request
     forget: list  # the removed examples
     ft_args: FinetuneArguments
-    lora: dict = field(default_factory=lambda: {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]})
-    max_length: int = 64
+    lora: dict = field(default_factory=lambda: LoraSettings().to_peft())  # in the fine-tune's cache key
+    max_length: int = DEFAULT_MAX_LENGTH
 
     @classmethod
     def build(cls, *, n_train: int = 400, n_test: int = 200, users: int = 3, epochs: int = 1,
               progress: bool = True) -> MovieLensJob:
-        from llmeraser.movielens import build_splits, user_ids
+        from llmeraser.experiments.movielens import build_splits, user_ids
 
         splits = build_splits(n_train=n_train, n_valid=max(n_test // 2, 10), n_test=n_test, seed=0)
         by_user = user_ids(splits["train"])

@@ -1,0 +1,327 @@
+"""The jobs on an adapter folder, as one library API: unlearn a request, fit curvature, choose the damping.
+
+    job = AdapterJob("adapters/original", "data/train.jsonl", base_model="default")
+    result = job.unlearn("request.json", "adapters/unlearned", EraserArguments(solver="auto"), ledger="runs/ledger")
+    print(result.message)
+
+`AdapterJob` owns what the command line, the benchmarks and a notebook would otherwise each redo: the adapter's
+training record (`record`), the factor store beside the adapter and its reuse and inheritance, the ledger's replay
+and checks, the `auto` choices, the damping `tune-damping` chose (and its refusal to write a worse adapter), and a
+report built once. Under torchrun every rank runs the same job: rank 0 alone reads and writes state (ledger, store,
+outputs) and hands its decisions to the others (`distributed.on_rank0`). See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmeraser import distributed
+from llmeraser.data import Example, examples_hash, load_examples
+from llmeraser.eraser import (
+    EraserArguments,
+    UnlearningProblem,
+    Update,
+    choose_solver,
+    declined_update,
+    fit_for_solver,
+    save_unlearned,
+)
+from llmeraser.errors import UserInputError
+from llmeraser.factors import FactorArguments, Factors, FactorStore, default_store, fit_factors
+from llmeraser.params import ParamView, adapter_hash, check_adapter_dir
+from llmeraser.record import TrainingRecord
+from llmeraser.request import Request, apply_request, load_request, resolve
+from llmeraser.solvers.api import is_fitted
+
+logger = logging.getLogger(__name__)
+
+REFIT_FRACTION = 0.05  # edits since the last real fit, as a fraction of N, beyond which the next request refits
+
+
+@dataclass
+class UnlearnResult:
+    """What `AdapterJob.unlearn` did. `status`: applied (a new adapter was written), declined (written unchanged,
+    because the validation evidence says no update beats none), done (already applied: nothing to do), recovered
+    (a previous run wrote it but stopped before recording it)."""
+
+    status: str
+    message: str
+    out: str | None = None
+    update: Update | None = None
+    seq: int | None = None
+    factors_note: str | None = None
+
+    @property
+    def report(self) -> dict | None:
+        return self.update.report if self.update else None
+
+
+class AdapterJob:
+    """One fine-tuned adapter, the training set it was fine-tuned on, and the jobs on them.
+
+    Args:
+        adapter: the PEFT adapter folder (never modified).
+        train: the training set the adapter was fine-tuned on (a JSONL path or examples); with a ledger, the
+            ORIGINAL set (the ledger replays the applied requests on it).
+        base_model: 'default' (the embedded model) or a local Hugging Face model folder.
+        dtype: of the base model.
+        max_length, l2: override the adapter's training record (`record.TrainingRecord`); without a record they are
+            assumed, with a warning that names them.
+        factors: the factor store (default: `<adapter>.factors`, beside the adapter).
+        progress: show progress bars.
+    """
+
+    def __init__(self, adapter: str | os.PathLike, train: str | os.PathLike | Sequence[Example], *,
+                 base_model: str = "default", dtype: str = "float32", max_length: int | None = None,
+                 l2: float | None = None, factors: str | os.PathLike | None = None, progress: bool = False):
+        check_adapter_dir(adapter)
+        self.adapter = str(adapter)
+        self.train = load_examples(train) if isinstance(train, str | os.PathLike) else list(train)
+        self.base_model, self.dtype, self.progress = base_model, dtype, progress
+        self.record = TrainingRecord.read(adapter, max_length=max_length, l2=l2)
+        if (warning := self.record.warning(adapter)) and distributed.rank() == 0:
+            logger.warning("%s", warning)
+        self.store = FactorStore(factors or default_store(adapter))
+        self.adapter_sha256 = adapter_hash(adapter)
+        self._model = self._task = None
+
+    # ------------------------------------------------------------------------------------------------ pieces
+    def model_and_task(self):
+        """(the base model with the adapter loaded, trainable; the task at the record's max length), loaded once."""
+        if self._model is None:
+            from llmeraser.models import load_base_model
+            from llmeraser.params import load_adapter
+            from llmeraser.task import CausalLMTask
+
+            base, tokenizer = load_base_model(self.base_model, dtype=self.dtype)
+            self._model = load_adapter(base, self.adapter)
+            self._task = CausalLMTask(tokenizer, max_length=self.record.max_length)
+        return self._model, self._task
+
+    def eraser_arguments(self, args: EraserArguments | None = None) -> EraserArguments:
+        """`args` with the record's l2 (the objective the adapter was trained on) unless l2 was set explicitly."""
+        args = args or EraserArguments()
+        return args if args.l2 else dataclasses.replace(args, l2=self.record.l2)
+
+    def factors(self, train: Sequence[Example], args: EraserArguments) -> tuple[Factors, float]:
+        """(the fit of fitted solver `args.solver` for this adapter and `train`, seconds spent fitting now): the
+        stored one when its keys match, else a new fit, saved in the store for the next request."""
+        model, task = self.model_and_task()
+        kind, t_sha = args.solver, examples_hash(train)
+        found, why = self.store.load(kind, self.adapter_sha256, t_sha)
+        distributed.check_same({"factor store": why}, "reading the factor store")  # every rank loaded, or none did
+        if found is not None:
+            found.meta["source"] = why
+            return found, 0.0
+        logger.warning("%s: fitting %s factors on %d examples (once; later requests reuse them)", why, kind,
+                       len(train))
+        start = time.perf_counter()
+        fitted = fit_for_solver(model, task, train, args)
+        path = distributed.on_rank0(lambda: str(self.store.save(fitted, self.adapter_sha256, t_sha,
+                                                                n_train=len(train))), "saving the factors")
+        fitted.meta["source"] = f"fitted for this request ({why}); saved in {path}"
+        return fitted, time.perf_counter() - start
+
+    def damping_record(self, train: Sequence[Example]) -> dict:
+        """The damping `tune-damping` chose for this adapter and `train` (for damping='auto')."""
+        record, why = distributed.on_rank0(
+            lambda: list(self.store.load_damping(self.adapter_sha256, examples_hash(train))), "reading the damping")
+        if record is None:
+            raise UserInputError(f"--damping auto: {why}; run 'llmeraser tune-damping' on this adapter first (or give "
+                                 f"--damping a number)")
+        return record
+
+    # ------------------------------------------------------------------------------------------------ unlearn
+    def unlearn(self, request: Request | str | os.PathLike, out: str | os.PathLike,
+                args: EraserArguments | None = None, *, damping: str | None = None,
+                ledger: str | os.PathLike | None = None, refit_fraction: float = REFIT_FRACTION,
+                force: bool = False) -> UnlearnResult:
+        """Apply `request` to the adapter and write the new adapter, its report.json and request.json to `out`
+        (atomically; the input is never touched).
+
+        Args:
+            request: a Request or a request JSON path.
+            out: the new adapter folder (must not exist, or be empty).
+            args: how Δθ is computed (default EraserArguments(): first-order, cg, damping relative to the curvature's
+                scale). l2 comes from the adapter's record unless set.
+            damping: 'auto' = the λ `tune-damping` chose on validation data (args.damping is then ignored).
+            ledger: record the request in this ledger folder (module docstring of `llmeraser.ledger`).
+            refit_fraction: fitted solvers hand their fit on to the new adapter until the edits since the fit
+                exceed this fraction of the training set.
+            force: write the update even when the damping choice declined (validation says it makes things worse).
+        """
+        from llmeraser.ledger import Ledger
+
+        request = load_request(request) if isinstance(request, str | os.PathLike) else request
+        out = str(out)
+        distributed.check_same({"adapter": self.adapter_sha256, "training set": examples_hash(self.train),
+                                "request": request.hash}, "checking the inputs")
+        book = Ledger(ledger) if ledger and distributed.rank() == 0 else None  # state: rank 0's alone
+        try:
+            return self._unlearn(book, request, out, self.eraser_arguments(args), damping, ledger, refit_fraction,
+                                 force)
+        finally:
+            if book:
+                book.close()
+
+    def _unlearn(self, book, request: Request, out: str, args: EraserArguments, damping: str | None, ledger,
+                 refit_fraction: float, force: bool) -> UnlearnResult:
+        decision = distributed.on_rank0(lambda: self._preamble(book, request, out), "checking the request")
+        if "done" in decision:
+            return UnlearnResult(status=decision["status"], message=decision["done"], out=decision.get("out"))
+        train = list(self.train)
+        for earlier in decision["applied"]:  # the training set after the lineage's applied requests
+            train = apply_request(train, Request.from_dict(earlier))
+        seq = distributed.on_rank0(lambda: book.begin(request, train, self.adapter, out) if book else None,
+                                   "recording the request")
+        try:
+            update, factors = self._update(train, request, args, damping, force)
+            model, _ = self.model_and_task()
+            if update.report.get("decision") != "declined":
+                ParamView(model).add_(update.delta)
+
+            def write() -> None:  # rank 0 writes; the others wait for it, so every rank exits with its outcome
+                save_unlearned(model, out, update, input_adapter=self.adapter,
+                               before_rename=(lambda tmp: book.stage(seq, tmp)) if book else None)
+                if book:
+                    book.finish(seq, update.report)
+
+            distributed.on_rank0(write, "writing the adapter")
+        except BaseException as e:
+            if book:
+                book.fail(seq, e)
+            raise
+        note = None
+        if factors is not None and distributed.rank() == 0:
+            note = self._hand_on(factors, train, request, out, refit_fraction)
+        status = "declined" if update.report.get("decision") == "declined" else "applied"
+        return UnlearnResult(status=status, message=_summary(update, out, ledger, seq), out=out, update=update,
+                             seq=seq, factors_note=note)
+
+    def _preamble(self, book, request: Request, out: str) -> dict:
+        """Rank 0: the ledger's say (already done, or the requests applied before this one) and the output check."""
+        from llmeraser.io import check_new_output
+
+        if book:
+            done = book.find(request)
+            if done is not None and done.status == "applied":  # idempotent, keyed by the request's hash
+                return {"status": "done", "out": done.output_adapter,
+                        "done": f"request {request.hash[:12]}… is already applied (#{done.seq}, {done.updated}): "
+                                f"{done.output_adapter}; nothing to do"}
+            recovered = book.recover(request)
+            if recovered is not None:
+                return {"status": "recovered", "out": recovered.output_adapter,
+                        "done": f"request {request.hash[:12]}…: the previous run wrote {recovered.output_adapter} "
+                                f"completely but stopped before recording it; recorded now (#{recovered.seq}), "
+                                f"nothing recomputed"}
+            book.prepare(self.adapter, self.train, request)  # checks the request against the lineage
+        else:
+            resolve(request, self.train)  # a request that does not fit the data fails before any model is loaded
+        check_new_output(out)  # an output folder that is taken fails before any model is loaded
+        return {"applied": [e.request.to_dict() for e in book.entries("applied")] if book else []}
+
+    def _update(self, train: list[Example], request: Request, args: EraserArguments, damping: str | None,
+                force: bool) -> tuple[Update, Factors | None]:
+        """(Δθ with the report complete: the record, the solver and damping choices, the factors' source; the
+        factors it was solved with, if fitted)."""
+        model, task = self.model_and_task()
+        extra: dict = {"task": self.record.to_dict()}
+        if damping == "auto":  # chosen earlier on validation data by tune-damping
+            chosen = self.damping_record(train)
+            extra["damping_choice"] = {k: chosen[k] for k in ("chosen", "declines", "scores", "trials",
+                                                              "removal_size", "valid_sha256") if k in chosen}
+            if chosen["declines"] and not force:
+                best = min(r["score"] for r in chosen["scores"])
+                reason = (f"tune-damping found no λ whose update beat no update on held-out removals (best score "
+                          f"{best:.3g} ≥ 1): the adapter is written unchanged; pass force to write the update anyway")
+                logger.warning("%s", reason)
+                return declined_update(model, train, request, reason, extra), None
+            args = dataclasses.replace(args, damping=chosen["chosen"])
+        if args.solver == "auto":
+            solver, why = choose_solver(model, len(train))
+            args = dataclasses.replace(args, solver=solver, solver_args=None)
+            extra["solver_choice"] = why
+        factors, t_fit = self.factors(train, args) if is_fitted(args.solver) else (None, 0.0)
+        update = UnlearningProblem(model, task, train, request, args, factors, fit_seconds=t_fit,
+                                   report=extra).solve()
+        return update, factors
+
+    def _hand_on(self, factors: Factors, train: list[Example], request: Request, out: str,
+                 refit_fraction: float) -> str | None:
+        """Hand the fit on to the new adapter (or say why the next request refits); a cache: failures only warn."""
+        try:
+            _, why = FactorStore(default_store(out)).derive(
+                factors, self.store, adapter_hash(out), examples_hash(apply_request(train, request)),
+                edited=len(request.edits), refit_fraction=refit_fraction, request_sha256=request.hash)
+            return why
+        except OSError as e:
+            logger.warning("could not record the factors for %s: %s", out, e)
+            return None
+
+    # ------------------------------------------------------------------------------------------ fit curvature
+    def fit_curvature(self, kinds: Sequence[str] = ("ekfac",), args: FactorArguments | None = None) -> list[dict]:
+        """Fit `kinds` from one pass over the training set and store them; one row per kind (sizes, seconds)."""
+        distributed.check_same({"adapter": self.adapter_sha256, "training set": examples_hash(self.train)},
+                               "checking the inputs")
+        model, task = self.model_and_task()
+        fits = fit_factors(model, task, self.train, tuple(dict.fromkeys(kinds)), args or FactorArguments())
+        t_sha = examples_hash(self.train)
+
+        def save() -> list[dict]:  # rank 0 writes the store
+            rows = []
+            for kind, f in fits.items():
+                path = self.store.save(f, self.adapter_sha256, t_sha, n_train=len(self.train))
+                sec = f.meta["seconds"]
+                rows.append({"kind": kind, "n": f.meta["n_examples"], "tokens": f.meta["n_tokens"],
+                             "pass": sec.get("pass", 0.0), "extra": sec["total"] - sec.get("pass", 0.0),
+                             "total": sec["total"], "mib": sum(p.stat().st_size for p in path.iterdir()) / 2**20,
+                             "path": str(path)})
+            return rows
+
+        return distributed.on_rank0(save, "saving the factors")
+
+    # ------------------------------------------------------------------------------------------ tune damping
+    def tune_damping(self, valid: str | os.PathLike | Sequence[Example], args=None, *, solver: str = "auto",
+                     fisher: str = "mc", seed: int = 0) -> tuple[dict, str]:
+        """Choose λ on validation data (`damping.select_damping`) for `solver` and store it for damping='auto'.
+        Returns (the record, where it was saved)."""
+        from llmeraser.damping import DampingArguments, select_damping
+
+        valid = load_examples(valid) if isinstance(valid, str | os.PathLike) else list(valid)
+        overlap = {e.id for e in self.train} & {e.id for e in valid}
+        if overlap:
+            raise UserInputError(f"--valid shares {len(overlap)} id(s) with --train (e.g. {sorted(overlap)[0]!r}); "
+                                 f"validation examples must be held out")
+        model, task = self.model_and_task()
+        if solver == "auto":
+            solver = choose_solver(model, len(self.train), need_path=True)[0]
+        eraser = self.eraser_arguments(EraserArguments(solver=solver, fisher=fisher, seed=seed,
+                                                       progress=self.progress))
+        factors = self.factors(self.train, eraser)[0] if is_fitted(solver) else None
+        result = select_damping(model, task, self.train, valid, eraser, args or DampingArguments(), factors=factors,
+                                progress=self.progress)
+        path = distributed.on_rank0(lambda: str(self.store.save_damping(result, self.adapter_sha256,
+                                                                        examples_hash(self.train))),
+                                    "saving the damping")
+        return result, path
+
+
+def _summary(update: Update, out: str, ledger, seq) -> str:
+    r = update.report
+    tail = (f"\nadapter: {out}\nreport:  {Path(out) / 'report.json'}"
+            + (f"\nledger:  {ledger} (request #{seq})" if ledger else ""))
+    if r.get("decision") == "declined":
+        return f"declined: {r['reason']}" + tail
+    status = "converged" if r["converged"] else "NOT converged (see report)"
+    rule = r.get("damping_rule", {})
+    how = (f" ({rule['relative_damping']:g} × curvature scale {rule['scale']:.3g})"
+           if rule.get("rule") == "relative" else "")
+    return (f"unlearned {sum(r['ops'].values())} edits {r['ops']} with {r['method']}/{r['solver']}, damping "
+            f"{r['damping']:.3g}{how}: residual {r['solve']['residual']:.2e} ({status}), ‖Δθ‖ = "
+            f"{r['delta_norm']:.4g}, {r['seconds']['total']:.1f} s" + tail)
