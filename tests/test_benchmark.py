@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmeraser.experiments.benchmark import BenchArguments, PeakMemory, make_setting, parse_setting, tables
 from llmeraser.errors import ConfigError
+from llmeraser.experiments.benchmark import BenchArguments, PeakMemory, make_setting, parse_setting, tables
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -162,7 +162,9 @@ def test_npo_starts_as_gradient_ascent_then_fades():
     assert ex == setting.edited and len(ex) == 4  # one mini-batch: one Adam step
     step_ga, _ = _descend(bench, theta, ex, ga, 1e-2, seed=0)
     step_npo, _ = _descend(bench, theta, ex, npo, 1e-2, seed=0)
-    assert torch.allclose(step_ga, step_npo, rtol=0, atol=1e-12)
+    # the two gradients are equal only up to rounding (different expressions), and Adam's first step maps a gradient
+    # g to lr·g/(|g| + ε): on near-zero components that amplifies rounding by lr/ε = 1e6, so 1e-16 becomes ≤ 1e-10
+    assert torch.allclose(step_ga, step_npo, rtol=0, atol=1e-9)
     chunk = ex[:2]
     ref = torch.tensor([bench.evaluate(theta, ex)["losses"][e.id] for e in chunk], dtype=torch.float64)
     loss = ref + torch.tensor([10.0, -10.0], dtype=torch.float64)  # far above / below the reference

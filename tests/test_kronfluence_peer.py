@@ -1,4 +1,5 @@
-"""llmeraser.experiments.peers.kronfluence: kronfluence 1.0.1's EK-FAC on a tiny LoRA causal LM, against our exact dense GGN solve.
+"""llmeraser.experiments.peers.kronfluence: kronfluence 1.0.1's EK-FAC on a tiny LoRA causal LM, against our exact
+dense GGN solve.
 
 Setting: `tiny_llama(hidden=16, layers=1, init_std=0.3)` in float64, LoRA r=2 on q_proj/v_proj (p = 128: four
 blocks, A (2, 16) and B (16, 2) per projection), 24 examples whose responses have 2 to 14 tokens (so a per-token

@@ -10,6 +10,7 @@ from llmeraser.eraser import (
     choose_solver,
     compute_update,
     damping_path,
+    declined_update,
     save_unlearned,
     unlearn,
 )
@@ -25,16 +26,20 @@ from llmeraser.errors import (
 )
 from llmeraser.factors import FactorArguments, Factors, FactorStore, default_store, fit_factors
 from llmeraser.finetune import FinetuneArguments, FinetuneResult, finetune
+from llmeraser.job import AdapterJob, UnlearnResult
 from llmeraser.ledger import Ledger, LedgerError
 from llmeraser.params import ParamView, adapter_hash, load_adapter, save_adapter
+from llmeraser.record import LoraSettings, TrainingRecord, lora_model
 from llmeraser.request import Edit, Request, apply_request, load_request, resolve
-from llmeraser.solvers.api import get_solver, solve, solver_arguments
+from llmeraser.solvers.api import get_solver, is_fitted, solve, solver_arguments, solver_names
 from llmeraser.solvers.base import LinearOperator, MatrixOperator, SolverArguments, SolveResult
 from llmeraser.task import CausalLMTask, Task, per_example_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterJob", "LoraSettings", "TrainingRecord", "UnlearnResult", "declined_update", "is_fitted", "lora_model",
+    "solver_names",
     "AdapterError", "CausalLMTask", "ConfigError", "CurvatureOperator", "DataError", "Edit", "EraserArguments",
     "Example", "FinetuneArguments", "FinetuneResult", "LLMEraserError", "Ledger", "LedgerError", "LinearOperator",
     "MatrixOperator", "DampingArguments", "FactorArguments", "FactorStore", "Factors", "choose_solver",

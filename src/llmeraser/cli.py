@@ -87,17 +87,14 @@ def _job(args: argparse.Namespace, **record):
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from llmeraser.eraser import EraserArguments
-    from llmeraser.solvers.api import solver_arguments
 
     damping = None if args.damping in (None, "auto") else _float_arg("--damping", args.damping)
     given = pick(args, EraserArguments, skip=("solver_args", "progress", "damping", "l2"))
-    solver = given.get("solver", "cg")
-    solver_args = None if solver == "auto" else solver_arguments(solver, **pick(args, _solver_cls(),
-                                                                                prefix="solver-"))
-    eraser = EraserArguments(**given, damping=damping, solver_args=solver_args, progress=not args.quiet)
-    job = _job(args, l2=args.l2)
-    result = job.unlearn(args.request, args.out, eraser, damping="auto" if args.damping == "auto" else None,
-                         ledger=args.ledger, refit_fraction=args.refit_fraction, force=args.force)
+    eraser = EraserArguments(**given, damping=damping, progress=not args.quiet)
+    result = _job(args, l2=args.l2).unlearn(
+        args.request, args.out, eraser, damping="auto" if args.damping == "auto" else None, ledger=args.ledger,
+        refit_fraction=args.refit_fraction, force=args.force,
+        solver_options=pick(args, _solver_cls(), prefix="solver-"))
     print(result.message)
     if result.factors_note:
         print(f"factors: {result.factors_note}")

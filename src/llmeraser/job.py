@@ -37,7 +37,7 @@ from llmeraser.factors import FactorArguments, Factors, FactorStore, default_sto
 from llmeraser.params import ParamView, adapter_hash, check_adapter_dir
 from llmeraser.record import TrainingRecord
 from llmeraser.request import Request, apply_request, load_request, resolve
-from llmeraser.solvers.api import is_fitted
+from llmeraser.solvers.api import is_fitted, solver_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class AdapterJob:
     def unlearn(self, request: Request | str | os.PathLike, out: str | os.PathLike,
                 args: EraserArguments | None = None, *, damping: str | None = None,
                 ledger: str | os.PathLike | None = None, refit_fraction: float = REFIT_FRACTION,
-                force: bool = False) -> UnlearnResult:
+                force: bool = False, solver_options: dict | None = None) -> UnlearnResult:
         """Apply `request` to the adapter and write the new adapter, its report.json and request.json to `out`
         (atomically; the input is never touched).
 
@@ -155,6 +155,8 @@ class AdapterJob:
             refit_fraction: fitted solvers hand their fit on to the new adapter until the edits since the fit
                 exceed this fraction of the training set.
             force: write the update even when the damping choice declined (validation says it makes things worse).
+            solver_options: SolverArguments fields for the iterative solver used (also the one `auto` picks), on top
+                of its preset; ignored by fitted solvers.
         """
         from llmeraser.ledger import Ledger
 
@@ -163,15 +165,18 @@ class AdapterJob:
         distributed.check_same({"adapter": self.adapter_sha256, "training set": examples_hash(self.train),
                                 "request": request.hash}, "checking the inputs")
         book = Ledger(ledger) if ledger and distributed.rank() == 0 else None  # state: rank 0's alone
+        args = self.eraser_arguments(args)
+        if solver_options and args.solver != "auto" and not is_fitted(args.solver):
+            args = dataclasses.replace(args, solver_args=solver_arguments(args.solver, **solver_options))
         try:
-            return self._unlearn(book, request, out, self.eraser_arguments(args), damping, ledger, refit_fraction,
-                                 force)
+            return self._unlearn(book, request, out, args, damping, ledger, refit_fraction, force,
+                                 dict(solver_options or {}))
         finally:
             if book:
                 book.close()
 
     def _unlearn(self, book, request: Request, out: str, args: EraserArguments, damping: str | None, ledger,
-                 refit_fraction: float, force: bool) -> UnlearnResult:
+                 refit_fraction: float, force: bool, solver_options: dict) -> UnlearnResult:
         decision = distributed.on_rank0(lambda: self._preamble(book, request, out), "checking the request")
         if "done" in decision:
             return UnlearnResult(status=decision["status"], message=decision["done"], out=decision.get("out"))
@@ -181,7 +186,7 @@ class AdapterJob:
         seq = distributed.on_rank0(lambda: book.begin(request, train, self.adapter, out) if book else None,
                                    "recording the request")
         try:
-            update, factors = self._update(train, request, args, damping, force)
+            update, factors = self._update(train, request, args, damping, force, solver_options)
             model, _ = self.model_and_task()
             if update.report.get("decision") != "declined":
                 ParamView(model).add_(update.delta)
@@ -227,7 +232,7 @@ class AdapterJob:
         return {"applied": [e.request.to_dict() for e in book.entries("applied")] if book else []}
 
     def _update(self, train: list[Example], request: Request, args: EraserArguments, damping: str | None,
-                force: bool) -> tuple[Update, Factors | None]:
+                force: bool, solver_options: dict) -> tuple[Update, Factors | None]:
         """(Δθ with the report complete: the record, the solver and damping choices, the factors' source; the
         factors it was solved with, if fitted)."""
         model, task = self.model_and_task()
@@ -245,7 +250,7 @@ class AdapterJob:
             args = dataclasses.replace(args, damping=chosen["chosen"])
         if args.solver == "auto":
             solver, why = choose_solver(model, len(train))
-            args = dataclasses.replace(args, solver=solver, solver_args=None)
+            args = dataclasses.replace(args, solver=solver, solver_args=solver_arguments(solver, **solver_options))
             extra["solver_choice"] = why
         factors, t_fit = self.factors(train, args) if is_fitted(args.solver) else (None, 0.0)
         update = UnlearningProblem(model, task, train, request, args, factors, fit_seconds=t_fit,

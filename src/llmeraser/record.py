@@ -116,8 +116,8 @@ class TrainingRecord:
         parts = [f"{name} {getattr(self, name):g} ({FLAGS[name]})" for name in self.assumed if name in FLAGS]
         if "loss" in self.assumed:
             parts.append(f"loss = {self.loss}")
-        return (f"{adapter} has no training record for what the update must match (report.json from 'llmeraser "
-                f"finetune' or the training callback); assuming {'; '.join(parts)}")
+        return (f"{adapter} has no training record for what the update must match (report.json, as 'llmeraser "
+                f"finetune' writes it); assuming {'; '.join(parts)}")
 
 
 def _stored(adapter: Path) -> tuple[dict, dict | None]:
