@@ -1,4 +1,4 @@
-"""Gradients and curvature products against brute force (DESIGN §2, CONVENTIONS "Tests").
+"""Gradients and curvature products against brute force (docs/math.md#curvature, docs/tests.md).
 
 Every model is float64 and the tiny Llama computes softmax/RMSNorm in float64 (tests/fixtures/tiny.py), so two
 correct implementations of the same quantity agree to a few ulps times the number of accumulated terms: with
@@ -257,7 +257,8 @@ def test_hessian_operator_matches_the_dense_hessian(lm, lm_hessian) -> None:
     # float64 double backward vs functional hessian: ~1e-14 relative expected
     assert rel(got, reference) <= 1e-10
     assert rel(got, got.T) <= 1e-12  # symmetric column by column (double backward is exact up to rounding)
-    # the reference is not dominated by l2·I: the data part is of order 1 and indefinite (DESIGN §2 (b))
+    # the reference is not dominated by l2·I: the data part is of order 1 and indefinite
+    # (docs/math.md#the-exact-hessian-of-a-lora-model)
     data_eig = torch.linalg.eigvalsh(reference - L2 * torch.eye(64, dtype=DT))
     assert float(data_eig[-1]) > 10 * L2 and float(data_eig[0]) < 0
 

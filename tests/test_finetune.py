@@ -1,4 +1,5 @@
-"""Fine-tuning optimises exactly R(θ) = (1/N) Σ ℓ(zᵢ; θ) + (l2/2)‖θ‖² (DESIGN §2), deterministically, in eval mode.
+"""Fine-tuning optimises exactly R(θ) = (1/N) Σ ℓ(zᵢ; θ) + (l2/2)‖θ‖² (docs/math.md#the-objective), deterministically,
+in eval mode.
 
 Float64 throughout. Tolerances: for a strongly convex quadratic with λ_min(H) = μ, ‖θ − θ*‖ ≤ ‖∇R(θ)‖/μ, which turns
 the optimiser's gradient tolerance into a bound on the distance to the closed form (see the ridge test). Loss values

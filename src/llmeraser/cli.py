@@ -271,6 +271,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command's flags and help, one block per command: declarative and long on purpose (no logic here; the
+    option dataclasses supply most flags through `add_fields`)."""
     from llmeraser.damping import DEFAULT_GRID, DampingArguments
     from llmeraser.eraser import EraserArguments
     from llmeraser.factors import FactorArguments

@@ -1,6 +1,6 @@
 """Gradients and curvature products of the training objective over a set of examples.
 
-Objective (DESIGN §2): R(θ) = (1/N) Σᵢ ℓ(zᵢ; θ) + (l2/2) ‖θ‖².
+Objective (docs/math.md#the-objective): R(θ) = (1/N) Σᵢ ℓ(zᵢ; θ) + (l2/2) ‖θ‖².
 - `gradient`: ∇ Σᵢ wᵢ ℓ(zᵢ; θ) in one batched pass (weights ±1 give Σ[∇ℓ(z) − ∇ℓ(z′)] directly).
 - `per_example_gradients`: the (N, p) matrix of ∇ℓ(zᵢ), chunked to bound memory.
 - `CurvatureOperator`: v ↦ H v with H = (1/N) Σᵢ Cᵢ + l2·I, where Cᵢ is the exact Hessian ∇²ℓ(zᵢ) (double backward)

@@ -130,7 +130,7 @@ def choose_solver(model: torch.nn.Module, n_train: int | None = None, *, need_pa
       reused by every request): woodbury while its N × p per-example gradients take at most a quarter of the
       available memory and N ≤ WOODBURY_MAX_N, else ekfac (memory independent of N). On the embedded benchmark
       woodbury was never far from the best fitted solver and was the only one that helped on RC-10, where the
-      Kronecker ones overshot at every λ (docs/fitted-curvature.md);
+      Kronecker ones overshot at every λ (docs/fitted-curvature.md#where-the-update-does-help-qm-5-and-rc-10);
     - cg otherwise (products over the training set per request).
     """
     name, why = _choose_solver(model, n_train, need_path)

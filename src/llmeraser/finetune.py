@@ -1,6 +1,6 @@
 """Deterministic fine-tuning of the trainable parameters on exactly the objective the eraser assumes.
 
-R(θ) = (1/N) Σᵢ ℓ(zᵢ; θ) + (l2/2) ‖θ‖²   (DESIGN §2)
+R(θ) = (1/N) Σᵢ ℓ(zᵢ; θ) + (l2/2) ‖θ‖²   (docs/math.md#the-objective)
 
 The model runs in eval mode (dropout off) so the optimised function is R itself, not a noisy version of it; the
 L2 term is part of the loss (not AdamW's decoupled decay), so the eraser's Hessian contains the same l2·I.
@@ -128,63 +128,8 @@ def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
     model.eval()  # dropout off: the objective is R exactly
     view = ParamView(model)
     start = time.perf_counter()
-    losses: list[float] = []
-    steps = 0
-    if args.optimizer == "adam":
-        opt = torch.optim.Adam(view.params, lr=args.lr)
-        bar = tqdm(total=args.epochs * math.ceil(len(examples) / args.batch_size), desc="fine-tune",
-                   disable=not args.progress)
-        for epoch in range(args.epochs):
-            order = epoch_order(examples, args.seed, epoch)
-            epoch_loss = 0.0
-            for i in range(0, len(order), args.batch_size):
-                step = order[i:i + args.batch_size]
-                mine = [step[j] for j in distributed.shard(len(step))]  # all of the step in a single process
-                opt.zero_grad(set_to_none=True)
-                loss_sum = torch.zeros(())
-                if mine:
-                    loss_sum = per_example_loss(task, model, task.collate([examples[j] for j in mine])).sum()
-                    (loss_sum / len(step)).backward()
-                data_loss = _reduce_gradients(view, loss_sum) / len(step)
-                if not math.isfinite(data_loss):
-                    raise LLMEraserRuntimeError(f"fine-tuning loss became {data_loss} at step {steps}; lower --lr")
-                if args.l2:  # ∇ of (l2/2)‖θ‖², added once after the ranks' data gradients are summed
-                    with torch.no_grad():
-                        for p in view.params:
-                            p.grad.add_(p, alpha=args.l2)
-                opt.step()
-                steps += 1
-                epoch_loss += data_loss * len(step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{data_loss:.4f}")
-            losses.append(epoch_loss / len(examples))
-        bar.close()
-    else:
-        opt = torch.optim.LBFGS(view.params, lr=args.lr, max_iter=20, history_size=50, tolerance_grad=0.0,
-                                tolerance_change=0.0, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:  # R(θ) and ∇R(θ) in one pass over the data
-            opt.zero_grad(set_to_none=True)
-            total = torch.zeros((), dtype=view.dtype)
-            for idx in distributed.batches(len(examples), args.batch_size):
-                loss = per_example_loss(task, model, task.collate([examples[i] for i in idx])).sum()
-                (loss / len(examples)).backward()
-                total += loss.detach()
-            total = torch.tensor(_reduce_gradients(view, total), dtype=view.dtype)
-            reg = 0.5 * args.l2 * sum(p.pow(2).sum() for p in view.params)
-            if args.l2:
-                reg.backward()
-            return total / len(examples) + reg.detach()
-
-        for _ in tqdm(range(args.max_iters), desc="fine-tune (lbfgs)", disable=not args.progress):
-            loss = float(opt.step(closure))
-            steps += 1
-            losses.append(loss)
-            if not math.isfinite(loss):
-                raise LLMEraserRuntimeError(f"fine-tuning objective became {loss}; lower --lr")
-            gnorm = float(objective_gradient(model, task, examples, l2=args.l2, batch_size=args.batch_size).norm())
-            if gnorm <= args.grad_tol:
-                break
+    run = _adam if args.optimizer == "adam" else _lbfgs
+    losses, steps = run(model, task, examples, args, view)
     if distributed.is_distributed():  # the ranks took the same steps; make θ bitwise identical all the same
         view.set_vector(distributed.broadcast(view.vector(), "fine-tuned parameters"))
     if args.optimizer == "adam" and not args.final_check:
@@ -201,3 +146,72 @@ def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
                             grad_norm=gnorm, converged=converged, steps=steps, seconds=time.perf_counter() - start)
     logger.info("fine-tuned %d steps: R = %.6g, ‖∇R‖ = %.3g", steps, result.objective, result.grad_norm)
     return result
+
+
+def _adam(model: torch.nn.Module, task: Task, examples: Sequence[Example], args: FinetuneArguments,
+          view: ParamView) -> tuple[list[float], int]:
+    """Mini-batch Adam for args.epochs in the id-hash order; (mean loss per epoch, steps)."""
+    losses: list[float] = []
+    steps = 0
+    opt = torch.optim.Adam(view.params, lr=args.lr)
+    bar = tqdm(total=args.epochs * math.ceil(len(examples) / args.batch_size), desc="fine-tune",
+               disable=not args.progress)
+    for epoch in range(args.epochs):
+        order = epoch_order(examples, args.seed, epoch)
+        epoch_loss = 0.0
+        for i in range(0, len(order), args.batch_size):
+            step = order[i:i + args.batch_size]
+            mine = [step[j] for j in distributed.shard(len(step))]  # all of the step in a single process
+            opt.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros(())
+            if mine:
+                loss_sum = per_example_loss(task, model, task.collate([examples[j] for j in mine])).sum()
+                (loss_sum / len(step)).backward()
+            data_loss = _reduce_gradients(view, loss_sum) / len(step)
+            if not math.isfinite(data_loss):
+                raise LLMEraserRuntimeError(f"fine-tuning loss became {data_loss} at step {steps}; lower --lr")
+            if args.l2:  # ∇ of (l2/2)‖θ‖², added once after the ranks' data gradients are summed
+                with torch.no_grad():
+                    for p in view.params:
+                        p.grad.add_(p, alpha=args.l2)
+            opt.step()
+            steps += 1
+            epoch_loss += data_loss * len(step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{data_loss:.4f}")
+        losses.append(epoch_loss / len(examples))
+    bar.close()
+    return losses, steps
+
+
+def _lbfgs(model: torch.nn.Module, task: Task, examples: Sequence[Example], args: FinetuneArguments,
+           view: ParamView) -> tuple[list[float], int]:
+    """Full-batch L-BFGS until ‖∇R‖ ≤ grad_tol or max_iters; (objective per iteration, iterations)."""
+    losses: list[float] = []
+    steps = 0
+    opt = torch.optim.LBFGS(view.params, lr=args.lr, max_iter=20, history_size=50, tolerance_grad=0.0,
+                            tolerance_change=0.0, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:  # R(θ) and ∇R(θ) in one pass over the data
+        opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), dtype=view.dtype)
+        for idx in distributed.batches(len(examples), args.batch_size):
+            loss = per_example_loss(task, model, task.collate([examples[i] for i in idx])).sum()
+            (loss / len(examples)).backward()
+            total += loss.detach()
+        total = torch.tensor(_reduce_gradients(view, total), dtype=view.dtype)
+        reg = 0.5 * args.l2 * sum(p.pow(2).sum() for p in view.params)
+        if args.l2:
+            reg.backward()
+        return total / len(examples) + reg.detach()
+
+    for _ in tqdm(range(args.max_iters), desc="fine-tune (lbfgs)", disable=not args.progress):
+        loss = float(opt.step(closure))
+        steps += 1
+        losses.append(loss)
+        if not math.isfinite(loss):
+            raise LLMEraserRuntimeError(f"fine-tuning objective became {loss}; lower --lr")
+        gnorm = float(objective_gradient(model, task, examples, l2=args.l2, batch_size=args.batch_size).norm())
+        if gnorm <= args.grad_tol:
+            break
+    return losses, steps

@@ -5,7 +5,7 @@ so that curvature code can form Gauss-Newton products J'ᵀ H_out J', with H_out
 outputs. Any torch model with its own loss plugs in by implementing the three methods of `Task`; the
 trainable parameters (LoRA, `modules_to_save`, a projector, a classifier head) are whatever has requires_grad.
 
-The default, `CausalLMTask`, is the response negative log-likelihood of DESIGN §2:
+The default, `CausalLMTask`, is the response negative log-likelihood of docs/math.md#the-objective:
 ℓ(z; θ) = −(1/|r|) Σ_{t ∈ response} log p_θ(z_t | z_<t), prompt tokens masked with -100.
 """
 

@@ -1,4 +1,5 @@
-"""Controlled corruption of a MovieLens yes/no training set, and the request that undoes it (DESIGN §3).
+"""Controlled corruption of a MovieLens yes/no training set, and the request that undoes it
+(docs/benchmarks.md#settings).
 
 - ``kind="response"`` (for Response Correction): the answer of `ratio` of the examples is flipped " Yes" ↔ " No";
   the request is ``correct_response`` back to the original answer.

@@ -29,7 +29,7 @@ from llmeraser.testing import fact_examples, tiny_llama, tiny_lora, tiny_tokeniz
 
 logger = logging.getLogger(__name__)
 
-# λ of the embedded demo, chosen on validation data: `python bench/tune_damping.py` (see README).
+# λ of the embedded demo, chosen on validation data: `python bench/tune_damping.py` (docs/demo.md#choosing-the-damping).
 DEMO_DAMPING = 0.3
 
 

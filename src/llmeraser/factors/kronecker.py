@@ -6,7 +6,7 @@
   diagonal Λ = (1/N) Σᵢ (Q_Gᵀ ∇W_i Q_A)² in them instead of K-FAC's outer product of eigenvalues.
 
 Both are block-diagonal: they ignore the coupling between blocks (between LoRA A and B of one layer too), which on
-the tiny LoRA LM is most of what separates them from the exact solve (docs/fitted-curvature.md).
+the tiny LoRA LM is part of what separates them from the exact solve (docs/tests.md#fitted-curvature).
 """
 
 from __future__ import annotations
