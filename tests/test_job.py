@@ -136,3 +136,17 @@ def test_a_declined_choice_writes_the_adapter_unchanged_unless_forced(root):
     forced = job(root).unlearn(Request.remove("ex3"), root / "o2", EraserArguments(solver="cg"), damping="auto",
                                force=True)
     assert forced.status == "applied" and forced.report["damping"] == 0.1 and forced.report["delta_norm"] > 0
+
+
+def test_relative_cg_falls_back_to_a_short_probe_when_the_basis_does_not_fit(root, monkeypatch):
+    import llmeraser.resources as resources
+    from llmeraser.eraser import SCALE_PRODUCTS
+
+    args = EraserArguments(solver="cg")
+    one_run = job(root).unlearn(Request.remove("ex2"), root / "a", args, solver_options={"tol": 1e-10}).report
+    monkeypatch.setattr(resources, "available_bytes", lambda: 1)  # no room for the Lanczos basis
+    probed = job(root).unlearn(Request.remove("ex2"), root / "b", args, solver_options={"tol": 1e-10}).report
+    assert probed["solve"]["solver"] == "cg" and one_run["solve"]["solver"] == "cg (shifted)"
+    assert probed["solve"]["hvps"] >= SCALE_PRODUCTS + probed["solve"]["iterations"] - 1
+    # both estimate θ_max by Lanczos from the same b; the probe stops at 10 steps, so its λ is at most the full run's
+    assert 0 < probed["damping"] <= one_run["damping"] * (1 + 1e-9)

@@ -279,11 +279,17 @@ class UnlearningProblem:
 
     def _relative(self, solver: str, solver_args: SolverArguments) -> SolveResult:
         """An iterative solve at λ = ρ · θ_max. cg: one Lanczos run estimates θ_max and solves at once (no extra
-        product); other solvers: SCALE_PRODUCTS Lanczos products estimate it first (counted in the result)."""
+        product) when its basis fits in memory; otherwise, and for the other solvers, SCALE_PRODUCTS Lanczos
+        products estimate it first (counted in the result)."""
+        from llmeraser.resources import available_bytes
         from llmeraser.solvers.krylov import shifted_solve
 
         rho = self.args.relative_damping
-        if solver == "cg":
+        # the one-run way keeps the Lanczos basis and its products (2 · max_iters vectors of p): only while they fit
+        # in a quarter of the free memory; else 10 products estimate θ_max and plain CG (O(p) memory) solves
+        basis = 2 * solver_args.max_iters * self.rhs.numel() * self.rhs.element_size()
+        free = available_bytes()
+        if solver == "cg" and (free is None or basis <= free / 4):
             return shifted_solve(self.op, self.rhs, [rho], solver_args, relative=True)[0]
         probe = shifted_solve(self.op, self.rhs, [rho], solver_arguments("cg", tol=0.0, max_iters=SCALE_PRODUCTS),
                               relative=True)[0]
