@@ -105,7 +105,6 @@ def test_tune_damping_then_damping_auto(lineage, capsys):
     r = report(root, "out3")
     assert r["decision"] == "declined" and r["delta_norm"] == 0 and r["damping_choice"]["declines"]
     assert "declined" in capsys.readouterr().out
-    assert (root / "out3" / "adapter_model.safetensors").read_bytes() != b""
     from safetensors.torch import load_file
 
     before, after = load_file(root / "in" / "adapter_model.safetensors"), load_file(root / "out3" /

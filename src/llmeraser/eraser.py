@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("first-order", "newton")
 # λ = ρ · θ_max by default. On the embedded model's demo request the validation sweep was best at λ = 0.3 (0.1–1
-# helped, 0.03 and below overshot) where θ_max = 15.2 (cg, 8 curvature samples; woodbury's fitted Fisher: 14.7), so
+# helped, 0.03 and below overshot) where θ_max = 15.2 (cg, 8 curvature samples; woodbury's fitted Fisher: 14.9), so
 # ρ = 0.02 (docs/math.md#damping; bench/default_options.py checks the default on that request).
 RELATIVE_DAMPING = 0.02
 SCALE_PRODUCTS = 10  # Lanczos products that estimate θ_max for an iterative solver other than cg (cg's run gives it)
@@ -267,15 +267,18 @@ class UnlearningProblem:
         return CurvatureOperator(self.model, self.task, self.curvature_set, kind=a.curvature, l2=a.l2,
                                  batch_size=a.batch_size, progress=a.progress)
 
-    def _fitted(self, damping: float | None) -> SolveResult:
-        """The fitted factors' solution of (F + (λ + l2) I) x = b: direct, so no residual is measured. λ = None:
-        relative to the factors' largest eigenvalue."""
+    def _fitted(self, damping: float | None) -> tuple[SolveResult, dict | None]:
+        """(the fitted factors' solution of (F + (λ + l2) I) x = b, the damping rule if relative): direct, so no
+        residual is measured. λ = None: relative to the factors' largest eigenvalue."""
         start = time.perf_counter()
+        rule = None
         if damping is None:
-            damping = self.args.relative_damping * self.factors.top_eigenvalue()
+            scale = self.factors.top_eigenvalue()
+            damping = self.args.relative_damping * scale
+            rule = self._rule(scale, f"the {self.factors.kind} factors' largest eigenvalue")
         x = self.factors.solve(self.rhs, damping + self.args.l2, ParamView(self.model))
         return SolveResult(x=x, solver=self.factors.kind, residual=float("nan"), converged=True, iterations=0,
-                           hvps=0.0, seconds=time.perf_counter() - start, history=[], damping=damping)
+                           hvps=0.0, seconds=time.perf_counter() - start, history=[], damping=damping), rule
 
     def _relative(self, solver: str, solver_args: SolverArguments) -> SolveResult:
         """An iterative solve at λ = ρ · θ_max. cg: one Lanczos run estimates θ_max and solves at once (no extra
@@ -307,11 +310,14 @@ class UnlearningProblem:
             if self.factors is None or self.factors.kind != solver:
                 raise ConfigError(f"solver {solver!r} needs {solver} factors; this problem has "
                                   f"{self.factors.kind if self.factors else 'none'}")
-            return self.update(self._fitted(damping), solver, None, relative=damping is None)
+            result, rule = self._fitted(damping)
+            return self.update(result, solver, None, damping_rule=rule)
         if solver_args is None:
             solver_args = self.args.solver_args if solver == self.args.solver else solver_arguments(solver)
         if damping is None:
-            return self.update(self._relative(solver, solver_args), solver, solver_args, relative=True)
+            result = self._relative(solver, solver_args)
+            rule = self._rule(result.ritz[1], "the largest Ritz value of a Lanczos run from the right-hand side")
+            return self.update(result, solver, solver_args, damping_rule=rule)
         result = get_solver(solver)(self.op, self.rhs, damping, solver_args)
         return self.update(dataclasses.replace(result, damping=damping), solver, solver_args)
 
@@ -329,7 +335,7 @@ class UnlearningProblem:
         return [self.update(r, "cg", self.args.solver_args) for r in results]
 
     def update(self, result: SolveResult, solver: str, solver_args: SolverArguments | None, *,
-               relative: bool = False) -> Update:
+               damping_rule: dict | None = None) -> Update:
         args, request, damping = self.args, self.request, result.damping
         # every rank solved the same system; rank 0's Δθ is the one every rank applies (bitwise identical)
         delta = distributed.broadcast(self.sign * result.x, "Δθ")
@@ -347,7 +353,7 @@ class UnlearningProblem:
             "solver_args": vars(solver_args).copy() if solver_args is not None else {},
             "curvature": args.curvature,
             "damping": damping,
-            "damping_rule": self._damping_rule(result) if relative else {"rule": "absolute"},
+            "damping_rule": damping_rule or {"rule": "absolute"},
             "l2": args.l2,
             "curvature_examples": self.curvature_examples,
             "n_train": len(self.train),
@@ -376,11 +382,8 @@ class UnlearningProblem:
                     report["seconds"]["total"])
         return Update(delta=delta, request=request, solve=result, report=report)
 
-    def _damping_rule(self, result: SolveResult) -> dict:
-        if is_fitted(result.solver):
-            scale, source = self.factors.top_eigenvalue(), f"the {result.solver} factors' largest eigenvalue"
-        else:
-            scale, source = result.ritz[1], "the largest Ritz value of a Lanczos run from the right-hand side"
+    def _rule(self, scale: float, source: str) -> dict:
+        """The report's record of a relative damping λ = ρ · scale."""
         return {"rule": "relative", "relative_damping": self.args.relative_damping, "scale": scale,
                 "scale_from": source}
 
@@ -390,12 +393,13 @@ def declined_update(model: torch.nn.Module, train: Sequence[Example], request: R
     """Δθ = 0 on purpose: the evidence (validation) says no update beats none. The report says so and why."""
     resolve(request, train)
     view = ParamView(model)
-    result = zero_result("declined", view.vector())
+    theta = view.vector()
+    result = zero_result("declined", theta)
     full = {"request_sha256": request.hash, "ops": request.counts(), "method": "none", "solver": "declined",
             "decision": "declined", "reason": reason, "damping": None, "n_train": len(train),
             "n_effective": len(train) - request.counts()["remove"], "n_params": view.dim,
             "train_sha256": examples_hash(train), "solve": result.diagnostics(), "converged": True,
-            "delta_norm": 0.0, "theta_norm": float(view.vector().norm()), "seconds": {"total": 0.0}}
+            "delta_norm": 0.0, "theta_norm": float(theta.norm()), "seconds": {"total": 0.0}}
     return Update(delta=result.x, request=request, solve=result, report=full | dict(report or {}))
 
 

@@ -98,12 +98,9 @@ class TrainingRecord:
         given = {"max_length": max_length, "l2": l2}
         values, assumed = {}, []
         for name, default in (("max_length", DEFAULT_MAX_LENGTH), ("l2", DEFAULT_L2)):
-            if given[name] is not None:
-                values[name] = given[name]
-            elif name in stored:
-                values[name] = stored[name]
-            else:
-                values[name], _ = default, assumed.append(name)
+            values[name] = given[name] if given[name] is not None else stored.get(name, default)
+            if given[name] is None and name not in stored:
+                assumed.append(name)
         if "loss" not in stored and stored.get("max_length") is None:
             assumed.append("loss")  # no record at all: the loss is assumed to be ours
         return cls(max_length=int(values["max_length"]), l2=float(values["l2"]), base_model=stored.get("base_model"),

@@ -170,10 +170,10 @@ class Statistics:
         return len(self.examples)
 
 
-def collect(model: torch.nn.Module, task: Task, examples: list[Example], args, *, keep: bool) -> Statistics:
+def collect(model: torch.nn.Module, task: Task, examples: list[Example], blocks: list[Block], args, *,
+            keep: bool) -> Statistics:
     """One hooked pass over `examples` (this rank's shard): the Kronecker sums, token counts and, with `keep`, the
     per-example gradients. Sums are all-reduced across ranks; the gradients stay with the rank that computed them."""
-    blocks = linear_blocks(model)
     view = ParamView(model)
     mine = distributed.batch_range(len(examples), args.batch_size)  # this rank's examples (all, in one process)
     model.eval()
@@ -212,11 +212,11 @@ def collect(model: torch.nn.Module, task: Task, examples: list[Example], args, *
     return Statistics(blocks, examples, shared, a_sum, g_sum, tokens, grads, mine, time.perf_counter() - start)
 
 
-def keep_gradients(model: torch.nn.Module, kinds: Sequence[str], n: int, args) -> bool:
+def keep_gradients(model: torch.nn.Module, blocks: list[Block], kinds: Sequence[str], n: int, args) -> bool:
     """Whether the pass keeps per-example gradients: the Gram kinds need all of them (refused, naming the way out,
     when they do not fit); EK-FAC's correction uses them when they fit, else it makes a second pass."""
     view = ParamView(model)
-    total = sum(b.dim for b in linear_blocks(model))
+    total = sum(b.dim for b in blocks)
     itemsize = view.params[0].element_size()
     if {"woodbury", "datainf"} & set(kinds):
         require(n * total * itemsize,

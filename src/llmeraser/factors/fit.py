@@ -132,10 +132,10 @@ def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example],
         examples = [examples[i] for i in sorted(torch.randperm(len(examples), generator=gen)[: args.samples].tolist())]
     if not examples:
         raise ConfigError("fitting curvature needs at least one training example")
-    linear_blocks(model)  # refuses parameters outside linear layers before any work
+    blocks = linear_blocks(model)  # refuses parameters outside linear layers before any work
     view = ParamView(model)
     wanted = set(kinds)
-    stats = collect(model, task, examples, args, keep=keep_gradients(model, kinds, len(examples), args))
+    stats = collect(model, task, examples, blocks, args, keep=keep_gradients(model, blocks, kinds, len(examples), args))
     fits = {}
     if wanted & set(kronecker.KINDS):
         fits |= kronecker.fit(stats, wanted, model, task, args, view.dtype)

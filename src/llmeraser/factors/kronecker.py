@@ -111,5 +111,5 @@ def top_eigenvalue(kind: str, t: dict, blocks: list[Block]) -> float:
     """Σ over blocks of each block's largest eigenvalue: an upper bound on the largest eigenvalue of the full,
     block-coupled F (for PSD F, vᵀFv ≤ (Σₖ ‖vₖ‖ √λₖ)² ≤ Σₖ λₖ by Cauchy-Schwarz), and the scale a relative damping is
     taken against. The block-diagonal F's own largest eigenvalue would be far smaller than the full curvature's (on
-    the embedded model 0.8 against 15) and make the same relative damping much weaker than for the other solvers."""
+    the embedded model ~0.8 against ~15, docs/math.md#damping) and make the same relative damping much weaker."""
     return sum(float(_eigenvalues(kind, t, blk).max()) for blk in blocks)
