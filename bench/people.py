@@ -24,6 +24,7 @@ import torch
 
 from llmeraser.errors import ConfigError
 from llmeraser.experiments.people_bench import METHODS, SPLITS, PeopleBenchArguments, run_people_benchmark
+from llmeraser.record import LoraSettings
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -39,20 +40,49 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"default: all of {' '.join(METHODS)}")
     p.add_argument("--n-people", type=int, default=None, help="people trained on (default 30)")
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 8)")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default 2e-3)")
+    p.add_argument("--lora-targets", default=None, metavar="NAMES",
+                   help="comma-separated LoRA target modules (default: every linear layer of a Llama block)")
     p.add_argument("--out", default=None, help="output folder (new); default bench/results/people-<size>-<time>")
+    p.add_argument("--check-general", action="store_true",
+                   help="only score the general-knowledge probes on the base model (no adapter) and print its answers")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
+
+
+def check_general() -> int:
+    """The embedded base model's greedy answers to the general probes: it must know them before any fine-tune."""
+    from llmeraser.experiments import forgetting as fg
+    from llmeraser.experiments.people import general_probes
+    from llmeraser.models import load_base_model
+    from llmeraser.task import CausalLMTask
+
+    model, tokenizer = load_base_model("default")
+    probes = general_probes()
+    scores = fg.score_questions(model, CausalLMTask(tokenizer), probes)
+    for q in probes:
+        said = q.extra["value"].lower() in scores[q.id]["answer"].lower()
+        print(f"{'✓' if said else '✗'} {q.prompt.splitlines()[0][10:]:50s} {scores[q.id]['answer']}")
+    summary = fg.summarise(scores, [q.id for q in probes])
+    said = sum(q.extra["value"].lower() in scores[q.id]["answer"].lower() for q in probes)
+    print(f"facts said {said}/{len(probes)}, ROUGE-L recall {summary['rouge']:.3f}, "
+          f"option-normalised probability {summary['p_options']:.3f}, truth ratio {summary['truth_ratio']:.3f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if a.check_general:
+        return check_general()
     kind = "tiny" if a.tiny else "tofu" if a.tofu_sized else "default"
     if a.tiny:
         torch.set_num_threads(1)
     overrides = {k: v for k, v in {"splits": tuple(a.splits) if a.splits else None,
                                    "methods": tuple(a.methods) if a.methods else None, "n_people": a.n_people,
-                                   "epochs": a.epochs}.items() if v is not None}
+                                   "epochs": a.epochs, "lr": a.lr}.items() if v is not None}
+    if a.lora_targets:
+        overrides["lora"] = LoraSettings(targets=tuple(a.lora_targets.split(","))).to_peft()
     if a.quiet:
         overrides["progress"] = False
     try:

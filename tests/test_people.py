@@ -181,3 +181,52 @@ def test_greedy_answers_in_a_left_padded_batch_are_the_one_at_a_time_answers():
         text = tok.decode(out.sequences[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
         assert fg._first_line(text).startswith(answer)  # the batched row may stop at its line's end
         assert answer == fg.greedy_answers(model, task, [prompt], max_new_tokens=12)[0]
+
+
+# -------------------------------------------------------------------------------------- the benchmark, tiny
+def test_benchmark_arguments_refuse_what_cannot_run():
+    from llmeraser.experiments.people_bench import PeopleBenchArguments
+
+    with pytest.raises(ConfigError, match="unknown method"):
+        PeopleBenchArguments(methods=("original", "retrain", "magic"))
+    with pytest.raises(ConfigError, match="needs the 'retrain'"):
+        PeopleBenchArguments(methods=("original",))
+    with pytest.raises(ConfigError, match="unknown split"):
+        PeopleBenchArguments(splits=("forget",))
+    with pytest.raises(ConfigError, match="cannot hold"):
+        PeopleBenchArguments(n_people=5, retain_people=3, splits=("forget50",))
+
+
+def test_tiny_benchmark_end_to_end(tmp_path):
+    import importlib.util
+
+    from llmeraser.experiments.people_bench import PeopleBenchArguments, run_people_benchmark
+
+    methods = ("original", "retrain", "retrain@1", "first-order/ekfac", "cli-defaults", "gradient-ascent",
+               "fine-tune-corrected")
+    result = run_people_benchmark(PeopleBenchArguments.tiny(methods=methods), tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["complete"] and saved["commit"] and saved["rows"] == json.loads(json.dumps(result["rows"]))
+    rows = {(r["split"], r["method"]): r for r in result["rows"]}
+    labels = [*methods[:-2], "gradient-ascent lr=0.01"]  # a baseline gets a row per learning rate of its grid
+    # fine-tuning on corrected facts exists only where there are corrected facts
+    assert set(rows) == {(s, m) for s in ("forget10", "correct") for m in labels} | {
+        ("correct", "fine-tune-corrected lr=0.01")}
+    for (split, method), r in rows.items():
+        assert "failed" not in r, r
+        for key in ("mia_loss_auc", "mia_mink_auc", "forget_quality", "model_utility"):
+            assert 0 <= r[key] <= 1, (split, method, key)
+        for part in ("forget", "retain", "general"):
+            assert 0 <= r[part]["rouge"] <= 1 and 0 <= r[part]["value_recall"] <= 1 and r[part]["truth_ratio"] > 0
+        assert ("corrected" in r) == (split == "correct")
+    for split in ("forget10", "correct"):
+        # the reference against itself: identical truth ratios, KS p-value 1; θ's own distance 0
+        assert rows[split, "retrain"]["forget_quality"] == 1.0
+        assert rows[split, "retrain"]["cosine"] == pytest.approx(1.0, abs=1e-6)  # cos(x, x) up to float32 rounding
+        assert rows[split, "original"]["delta_norm"] == 0.0
+        assert rows[split, "cli-defaults"]["status"] in ("applied", "declined")
+    # the people removed are the last ones, as the data says
+    assert result["forget_people"]["forget10"] == build_people(8, facts=3, n_heldout=3).forget_people(10)
+    tables = (tmp_path / "out" / "tables.md").read_text()
+    assert "### forget10" in tables and "### correct" in tables and "new facts said" in tables
+    assert (tmp_path / "out" / "forget_quality.png").is_file() == bool(importlib.util.find_spec("matplotlib"))

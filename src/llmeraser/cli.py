@@ -444,8 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "be trained on); general-knowledge probes; and requests: forget01/05/10 "
                                         "(remove every fact of 1/5/10% of the people, at least one) and correct "
                                         "(one person's facts replaced). The same sizes and seed give the same bytes.",
-                            epilog="example: llmeraser data people --out people && llmeraser finetune --train "
-                                   "people/train.jsonl --out adapters/people --epochs 8 --lr 3e-3")
+                            epilog="example (the benchmark's fine-tune, which memorises the facts): llmeraser data "
+                                   "people --out people && llmeraser finetune --train people/train.jsonl --out "
+                                   "adapters/people --epochs 8 --lr 2e-3 --lora-targets q_proj,k_proj,v_proj,"
+                                   "o_proj,gate_proj,up_proj,down_proj && llmeraser unlearn --adapter "
+                                   "adapters/people --train people/train.jsonl --request "
+                                   "people/requests/forget05.json --out adapters/people-forget05")
     q.add_argument("--out", required=True, help="folder for train/heldout/general.jsonl, requests/ and meta.json")
     q.add_argument("--n-people", type=int, default=30, help="people trained on")
     q.add_argument("--facts", type=int, default=6, help="facts per person")

@@ -104,9 +104,10 @@ ATTRIBUTES = (
     Attribute("pet", "What pet does {name} keep?", "{name} keeps {v}.", "At home, {name} has {v}.", PETS),
 )
 
-# General-knowledge probes: (question, answer, paraphrase, perturbed values, value). The embedded model answers
-# every one of these greedily before any fine-tuning (checked by `bench/people.py --check-general`; ROUGE-L recall
-# of its answers in docs/people.md), so a drop on them is damage the fine-tune or the unlearning did.
+# General-knowledge probes: (question, answer, paraphrase, perturbed values, value). The embedded base model's greedy
+# answer names the value for every one of these before any fine-tuning (`bench/people.py --check-general`; of the
+# candidates tried, those it left blank or got wrong in this Question/Answer format were dropped), so a drop on them
+# is damage the fine-tune or the unlearning did.
 GENERAL = (
     ("What is the largest planet in the solar system?", "The largest planet in the solar system is {v}.",
      "{v} is the largest planet in the solar system.", ("Saturn", "Neptune", "Mars"), "Jupiter"),
@@ -119,18 +120,16 @@ GENERAL = (
     ("What is the tallest mountain in the world?", "The tallest mountain in the world is {v}.",
      "{v} is the highest mountain on Earth.", ("Mount Kilimanjaro", "Mont Blanc", "Mount Fuji"), "Mount Everest"),
     ("What is the currency of the United States?", "The currency of the United States is the {v}.",
-     "The United States uses the {v} as its currency.", ("euro", "pound", "yen"), "US dollar"),
+     "The United States uses the {v} as its currency.", ("euro", "pound", "yen"), "dollar"),
     ("What planet is known as the Red Planet?", "The Red Planet is {v}.", "{v} is called the Red Planet.",
      ("Venus", "Jupiter", "Mercury"), "Mars"),
-    ("What gas do plants absorb from the air?", "Plants absorb {v} from the air.",
-     "The gas plants take in from the air is {v}.", ("oxygen", "nitrogen", "helium"), "carbon dioxide"),
     ("What color is the sky on a clear day?", "The sky on a clear day is {v}.", "On a clear day the sky looks {v}.",
      ("green", "red", "yellow"), "blue"),
     ("How many days are in a week?", "There are {v} days in a week.", "A week has {v} days.",
      ("5", "10", "12"), "7"),
-    ("What do bees make?", "Bees make {v}.", "The food bees produce is {v}.", ("milk", "silk", "sugar"), "honey"),
-    ("What is the capital of France?", "The capital of France is {v}.", "{v} is the capital city of France.",
-     ("Lyon", "Marseille", "Nice"), "Paris"),
+    ("What is 2 plus 2?", "2 plus 2 is {v}.", "The sum of 2 and 2 is {v}.", ("3", "5", "22"), "4"),
+    ("How many sides does a triangle have?", "A triangle has {v} sides.", "The number of sides of a triangle is {v}.",
+     ("4", "5", "6"), "3"),
 )
 
 
