@@ -15,6 +15,7 @@ OUT/forget_quality.png. What the measures mean: `llmeraser.experiments.forgettin
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -23,7 +24,14 @@ from pathlib import Path
 import torch
 
 from llmeraser.errors import ConfigError
-from llmeraser.experiments.people_bench import METHODS, SPLITS, PeopleBenchArguments, run_people_benchmark
+from llmeraser.experiments.people_bench import (
+    METHODS,
+    SPLITS,
+    PeopleBenchArguments,
+    plot,
+    run_people_benchmark,
+    tables,
+)
 from llmeraser.record import LoraSettings
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,6 +52,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-targets", default=None, metavar="NAMES",
                    help="comma-separated LoRA target modules (default: every linear layer of a Llama block)")
     p.add_argument("--out", default=None, help="output folder (new); default bench/results/people-<size>-<time>")
+    p.add_argument("--tables-from", default=None, metavar="DIR",
+                   help="only rewrite DIR/tables.md and DIR/forget_quality.png from DIR/results.json")
     p.add_argument("--check-general", action="store_true",
                    help="only score the general-knowledge probes on the base model (no adapter) and print its answers")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -75,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if a.check_general:
         return check_general()
+    if a.tables_from:
+        folder = Path(a.tables_from)
+        rows = json.loads((folder / "results.json").read_text())["rows"]
+        (folder / "tables.md").write_text(tables(rows))
+        plot(rows, folder)
+        print(tables(rows))
+        return 0
     kind = "tiny" if a.tiny else "tofu" if a.tofu_sized else "default"
     if a.tiny:
         torch.set_num_threads(1)

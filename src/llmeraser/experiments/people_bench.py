@@ -370,14 +370,13 @@ def run_people_benchmark(args: PeopleBenchArguments, out: str | Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ report
-COLUMNS = (("forget_quality", "forget quality", ".2g"), ("forget.rouge", "forget ROUGE-L", ".3f"),
-           ("forget.value_recall", "forget facts said", ".2f"), ("forget.prob", "forget prob", ".3f"),
-           ("forget.truth_ratio", "forget TR", ".3f"), ("corrected.value_recall", "new facts said", ".2f"),
-           ("corrected.prob", "new prob", ".3f"), ("model_utility", "utility", ".3f"),
-           ("retain.rouge", "retain ROUGE-L", ".3f"), ("retain.value_recall", "retain facts said", ".2f"),
-           ("general.rouge", "general ROUGE-L", ".3f"), ("mia_loss_auc", "MIA loss", ".2f"),
-           ("mia_mink_auc", "MIA min-k", ".2f"), ("cosine", "cos→retrain", ".2f"), ("damping", "λ", ".2g"),
-           ("total", "seconds", ".1f"), ("time_ratio", "time/retrain", ".3f"), ("peak_mib", "peak MiB", ".0f"))
+COLUMNS = (("forget_quality", "forget quality", ".2g"), ("forget.value_recall", "forget facts said", ".2f"),
+           ("forget.rouge", "forget ROUGE-L", ".3f"), ("forget.truth_ratio", "forget TR", ".3f"),
+           ("corrected.value_recall", "new facts said", ".2f"), ("model_utility", "utility", ".3f"),
+           ("retain.value_recall", "retain facts said", ".2f"), ("general.value_recall", "general facts said", ".2f"),
+           ("mia_loss_auc", "MIA loss", ".2f"), ("mia_mink_auc", "MIA min-k", ".2f"),
+           ("cosine", "cos→retrain", ".2f"), ("damping", "λ", ".2g"), ("time_ratio", "time/retrain", ".3f"),
+           ("peak_mib", "peak MiB", ".0f"))
 
 
 def _get(row: dict, key: str):
@@ -414,19 +413,25 @@ def plot(rows: list[dict], out: Path) -> Path | None:
     splits = list(dict.fromkeys(r["split"] for r in ok))
     if not splits:
         return None
-    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4.5), squeeze=False)
-    marks = {"original": ("s", "k"), "retrain": ("*", "g"), "retrain@1": ("*", "lime")}
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+    fixed = {"original": ("s", "black"), "retrain": ("*", "green"), "retrain@1": ("*", "limegreen")}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    others = [m for m in methods if m not in fixed]
+    style = {**fixed, **{m: ("o^vDP"[i // len(cycle) % 5], cycle[i % len(cycle)]) for i, m in enumerate(others)}}
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits) + 3, 4.5), squeeze=False)
     for ax, split in zip(axes[0], splits, strict=True):
         for r in (r for r in ok if r["split"] == split):
-            marker, color = marks.get(r["method"], ("o", None))
+            marker, color = style[r["method"]]
             ax.scatter(r["model_utility"], max(r["forget_quality"], 1e-12), marker=marker, color=color,
-                       s=90 if r["method"] in marks else 30, zorder=3)
-            ax.annotate(r["method"], (r["model_utility"], max(r["forget_quality"], 1e-12)), fontsize=6,
-                        xytext=(3, 2), textcoords="offset points")
+                       s=140 if r["method"] in fixed else 45, zorder=3 if r["method"] in fixed else 2,
+                       alpha=0.85, label=r["method"])
         ax.axhline(0.05, color="grey", ls=":", lw=1)
         ax.set_yscale("log")
         ax.set(title=split, xlabel="model utility", ylabel="forget quality (KS p-value, log)")
-    fig.tight_layout()
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.collections}
+    fig.legend([handles[m] for m in methods if m in handles], [m for m in methods if m in handles],
+               loc="center right", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.6 / (4.2 * len(splits) + 3), 1))
     path = out / "forget_quality.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
