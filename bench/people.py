@@ -1,6 +1,6 @@
 """The generative benchmark on fictitious people: TOFU's forget quality and model utility, for every method.
 
-    make bench-people   # python bench/people.py   the embedded model, 30 people (see docs/people.md for the time)
+    make bench-people   # python bench/people.py   the embedded model, 30 people: 107 min on 2 cores
     python bench/people.py --tiny                  a tiny random model, seconds (what the tests run)
     python bench/people.py --tofu-sized            200 people × 13 facts: for a GPU (hours on a CPU)
     python bench/people.py --splits forget05 --methods original retrain retrain@1 first-order/ekfac --out DIR
