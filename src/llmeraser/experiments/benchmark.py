@@ -185,6 +185,11 @@ def make_setting(name: str, seed: int, train: Sequence[Example]) -> Setting:
     return Setting(name, seed, corrupted, request)
 
 
+def theta_key(theta: torch.Tensor) -> str:
+    """A memo key for a parameter vector: the sha256 of its bytes."""
+    return hashlib.sha256(theta.detach().cpu().numpy().tobytes()).hexdigest()
+
+
 class PeakMemory:
     """Peak resident memory above the level at entry, in MiB, sampled every 5 ms from /proc (Linux; else NaN).
 
@@ -271,7 +276,7 @@ class Bench:
     # ----------------------------------------------------------------------------------------------- scoring
     def evaluate(self, theta: torch.Tensor, examples: list[Example]) -> dict:
         """`metrics.evaluate` at θ, memoised on (θ, examples): the retrained θ is scored once per split."""
-        key = (hashlib.sha256(theta.detach().cpu().numpy().tobytes()).hexdigest(), examples_hash(examples))
+        key = (theta_key(theta), examples_hash(examples))
         if key not in self._evaluated:
             self.view.set_vector(theta)
             self._evaluated[key] = evaluate(self.model, self.task, examples)

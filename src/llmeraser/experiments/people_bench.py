@@ -22,7 +22,6 @@ one point per method) under `out`, after every split so a long run keeps what it
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import statistics
@@ -38,7 +37,7 @@ from llmeraser.data import Example
 from llmeraser.eraser import EraserArguments, UnlearningProblem, factor_arguments
 from llmeraser.errors import ConfigError, SolverError
 from llmeraser.experiments import forgetting as fg
-from llmeraser.experiments.benchmark import Bench, PeakMemory, Setting, _descend, _objective, git_commit
+from llmeraser.experiments.benchmark import Bench, PeakMemory, Setting, _descend, _objective, git_commit, theta_key
 from llmeraser.experiments.people import PeopleData, build_people
 from llmeraser.factors import fit_factors
 from llmeraser.io import atomic_write_json, atomic_write_text
@@ -133,21 +132,17 @@ def tiny_base(data: PeopleData, folder: Path) -> tuple[torch.nn.Module, object, 
     return model, tokenizer, str(folder)
 
 
-def _theta_key(theta: torch.Tensor) -> str:
-    return hashlib.sha256(theta.detach().cpu().numpy().tobytes()).hexdigest()
-
-
 class PeopleBench(Bench):
     """`benchmark.Bench`'s fine-tuning (memoised, seeded init and id-hash order) with question scores."""
 
-    def __init__(self, args: PeopleBenchArguments, data: PeopleData, base_model=None, tokenizer=None):
+    def __init__(self, args: PeopleBenchArguments, data: PeopleData, base_model, tokenizer, base_path: str):
         super().__init__(args, {}, base_model, tokenizer)
-        self.data = data
+        self.data, self.base_path = data, base_path  # base_path: what the `cli-defaults` job loads
         self._scores: dict[tuple[str, str], dict] = {}
 
     def scores(self, theta: torch.Tensor, questions: list[Example], *, generate: bool = True) -> dict[str, dict]:
         """`forgetting.score_questions` at θ, memoised per (θ, question id)."""
-        key = _theta_key(theta)
+        key = theta_key(theta)
         todo = [q for q in questions if (key, q.id) not in self._scores
                 or (generate and "answer" not in self._scores[key, q.id])]
         if todo:
@@ -328,16 +323,14 @@ def run_people_benchmark(args: PeopleBenchArguments, out: str | Path) -> dict:
             from llmeraser.models import load_base_model
 
             (base, tokenizer), base_path = load_base_model(args.base_model), args.base_model
-        bench = PeopleBench(args, data, base, tokenizer)
-        bench.base_path = base_path
+        bench = PeopleBench(args, data, base, tokenizer, base_path)
         theta, seconds, _ = bench.fit(data.train, args.seed)
         bench.view.set_vector(theta)
         save_adapter(bench.model, workdir / "original", report={
             "kind": "finetune", "task": finetune_record(max_length=args.max_length, l2=0.0,
                                                         lora=LoraSettings.from_peft(args.lora))})
-        ids = [e.id for e in data.train]
-        memorised = fg.summarise(bench.scores(theta, data.train), ids)
-        memorised["value_recall"] = value_recall(bench.scores(theta, data.train), _values(data.train), ids)
+        ids, trained = [e.id for e in data.train], bench.scores(theta, data.train)
+        memorised = {**fg.summarise(trained, ids), "value_recall": value_recall(trained, _values(data.train), ids)}
         logger.info("original: %s", memorised)
         fits: dict = {}
         fitted = [m.split("/")[1] for m in args.methods if "/" in m and is_fitted(m.split("/")[1])]
