@@ -58,7 +58,7 @@ def test_finetune_unlearn_evaluate_through_the_cli(tiny_dirs, tmp_path, capsys):
     before = {f.name: f.read_bytes() for f in (tmp_path / "ft").iterdir()}
     assert main(["unlearn", "--base-model", base, "--adapter", str(tmp_path / "ft"), "--train", train,
                  "--request", str(tmp_path / "request.json"), "--out", str(tmp_path / "un"), "--damping", "1e-2",
-                 "--solver-max-iters", "20", "--quiet"]) == 0
+                 "--solver-max-iters", "20", "--method", "first-order", "--quiet"]) == 0
     assert before == {f.name: f.read_bytes() for f in (tmp_path / "ft").iterdir()}  # the input is untouched
     report = json.loads((tmp_path / "un" / "report.json").read_text())
     assert report["ops"] == {"remove": 1, "modify_query": 0, "correct_response": 1}
@@ -115,7 +115,7 @@ def test_internal_failure_is_exit_1(tiny_dirs, tmp_path, capsys, monkeypatch):
     (tmp_path / "r.json").write_text(json.dumps({"edits": [{"op": "remove", "id": "ex0"}]}))
     capsys.readouterr()
     assert main(["unlearn", "--base-model", base, "--adapter", str(tmp_path / "ft"), "--train", train, "--request",
-                 str(tmp_path / "r.json"), "--out", str(tmp_path / "un"), "--quiet"]) == 1
+                 str(tmp_path / "r.json"), "--out", str(tmp_path / "un"), "--method", "first-order", "--quiet"]) == 1
     assert "non-finite" in capsys.readouterr().err and not (tmp_path / "un").exists()
 
 

@@ -59,7 +59,7 @@ def refused(capsys, world: Path, *, request: bytes | None = None, train: bytes |
         inputs = [req, tr, adapter]
         before = _files(inputs)
         argv = ["unlearn", "--base-model", str(base or world / "base"), "--adapter", str(adapter), "--train", str(tr),
-                "--request", str(req), "--out", str(work / "out"), "--quiet"]
+                "--request", str(req), "--out", str(work / "out"), "--method", "first-order", "--quiet"]
         if ledger:
             argv += ["--ledger", str(work / "ledger")]
         argv += extra or []

@@ -71,7 +71,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                                           base_model=args.base_model, dtype=args.dtype),
               "arguments": dataclasses.asdict(ft), "lora": lora.to_dict(), "train_sha256": examples_hash(train),
               "n_train": len(train), "result": result.to_dict()}
-    distributed.on_rank0(lambda: str(save_adapter(model, args.out, report=report)), "writing the adapter")
+    write_more = result.trajectory.save if result.trajectory is not None else None
+    distributed.on_rank0(lambda: str(save_adapter(model, args.out, report=report, write_more=write_more)),
+                         "writing the adapter")
     print(f"fine-tuned {len(train)} examples in {result.seconds:.1f} s: last epoch's loss {result.losses[-1]:.4f}, "
           f"R(θ) = {result.objective:.4f}, ‖∇R‖ = {result.grad_norm:.2e}\nadapter: {args.out}")
     return 0
@@ -87,6 +89,7 @@ def _job(args: argparse.Namespace, **record):
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from llmeraser.eraser import EraserArguments
+    from llmeraser.replay import PathArguments, RefineArguments
 
     damping = None if args.damping in (None, "auto") else _float_arg("--damping", args.damping)
     given = pick(args, EraserArguments, skip=("solver_args", "progress", "damping", "l2"))
@@ -94,7 +97,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     result = _job(args, l2=args.l2).unlearn(
         args.request, args.out, eraser, damping="auto" if args.damping == "auto" else None, ledger=args.ledger,
         refit_fraction=args.refit_fraction, force=args.force,
-        solver_options=pick(args, _solver_cls(), prefix="solver-"))
+        solver_options=pick(args, _solver_cls(), prefix="solver-"),
+        path=PathArguments(**pick(args, PathArguments, prefix="path-")),
+        refine_args=RefineArguments(**pick(args, RefineArguments, prefix="refine-")))
     print(result.message)
     if result.factors_note:
         print(f"factors: {result.factors_note}")
@@ -290,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llmeraser.finetune import FinetuneArguments
     from llmeraser.job import REFIT_FRACTION
     from llmeraser.record import DEFAULT_MAX_LENGTH, LoraSettings
+    from llmeraser.replay import PathArguments, RefineArguments
     from llmeraser.solvers.api import solver_names
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -349,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fitted solvers: the new adapter inherits the factors (OUT.factors) until the examples "
                         "edited since the fit exceed this fraction of the training set; then the next request refits")
     add_fields(p, _solver_cls(), prefix="solver-", keep_default=False)
+    add_fields(p, PathArguments, prefix="path-", keep_default=False)
+    add_fields(p, RefineArguments, prefix="refine-", keep_default=False)
     p.add_argument("--ledger", default=None, metavar="DIR",
                    help="record the request in the ledger in DIR (created on first use; its root is --adapter). "
                         "With a ledger, --train is the ORIGINAL training set: the applied requests are replayed "

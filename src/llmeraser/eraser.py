@@ -42,7 +42,10 @@ from llmeraser.task import Task
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("first-order", "newton")
+ONE_STEP = ("first-order", "newton")  # the one-step influence updates this module computes
+# every update `AdapterJob.unlearn` offers: refine starts from first-order; path and rewind use the recorded
+# trajectory (`llmeraser.replay`); auto chooses among them (`llmeraser.job.choose_update`)
+METHODS = ("auto", *ONE_STEP, "refine", "path", "rewind")
 # λ = ρ · θ_max by default. On the embedded model's demo request the validation sweep was best at λ = 0.3 (0.1–1
 # helped, 0.03 and below overshot) where θ_max = 15.2 (cg, 8 curvature samples; woodbury's fitted Fisher: 14.9), so
 # ρ = 0.02 (docs/math.md#damping; bench/default_options.py checks the default on that request).
@@ -54,9 +57,14 @@ SCALE_PRODUCTS = 10  # Lanczos products that estimate θ_max for an iterative so
 class EraserArguments:
     """How an unlearning request is turned into Δθ."""
 
-    method: str = field(default="first-order", metadata={
-        "help": "first-order (the paper: removes the request's own effect) or newton (a Newton step on the edited "
-                "objective: exact for a converged fine-tune, but on an unconverged one it also finishes training)"})
+    method: str = field(default="auto", metadata={
+        "help": "auto: rewind or path when the adapter has a recorded trajectory (whichever replays less), else "
+                "first-order; the report says which and why. first-order (the paper: one influence step that "
+                "removes the request's own effect); newton (one Newton step on the edited objective: exact for a "
+                "converged fine-tune); refine (first-order, then damped Newton-CG steps on the edited objective "
+                "with a line search, reporting the gradient residual before and after); path (replay the recorded "
+                "fine-tune without the edited examples, most gradients predicted); rewind (exact: retraining, "
+                "replayed from the recorded state before the first step that saw an edited example)"})
     solver: str = field(default="auto", metadata={
         "help": "inverse-HVP solver. Iterative, on curvature products over the training set: dense, cg, lissa, sqp, "
                 "paper. Fitted once per adapter and reused (each request then costs about its own gradients): "
@@ -115,6 +123,8 @@ class Update:
     request: Request
     solve: SolveResult
     report: dict
+    theta: torch.Tensor | None = None  # the new θ itself, when known exactly (path updates): set, not θ̂ + Δθ
+    trajectory: object = None  # an exact recording of the new θ's fine-tune (rewind), saved beside it
 
 
 DENSE_WORK = 200_000  # p × N up to which `auto` builds the exact matrix (p curvature products over N examples)
@@ -231,6 +241,12 @@ class UnlearningProblem:
         if not effective:
             raise RequestError("the request removes every training example; there is nothing left to fit")
         model.eval()  # no dropout: every gradient sees the same function the curvature does
+        if args.method not in ONE_STEP:
+            if args.method in ("path", "rewind"):
+                raise ConfigError(f"method {args.method!r} replays the recorded trajectory: use llmeraser.job."
+                                  f"AdapterJob.unlearn or llmeraser.replay, not the one-step UnlearningProblem")
+            args = dataclasses.replace(args, method="first-order")  # auto and refine start from the first-order step
+            self.args = args
         if args.method == "first-order":
             old = [o for o, _ in pairs]
             new = [e for _, e in pairs if e is not None]
@@ -419,4 +435,5 @@ def save_unlearned(model, out: str, update: Update, *, input_adapter: str | None
     if input_adapter is not None:
         report["input_adapter_sha256"] = adapter_hash(input_adapter)
     save_adapter(model, out, protect=(input_adapter,) if input_adapter else (), report=report,
-                 files={"request.json": update.request.to_dict()}, before_rename=before_rename)
+                 files={"request.json": update.request.to_dict()}, before_rename=before_rename,
+                 write_more=update.trajectory.save if update.trajectory is not None else None)

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +31,7 @@ from llmeraser.data import Example
 from llmeraser.errors import ConfigError, LLMEraserRuntimeError
 from llmeraser.params import ParamView
 from llmeraser.task import Task, per_example_loss
+from llmeraser.trajectory import Adam, AdamConfig, Recorder, Trajectory, adam_meta, schedule
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,12 @@ class FinetuneArguments:
     max_iters: int = field(default=200, metadata={"help": "lbfgs: outer iterations"})
     grad_tol: float = field(default=1e-6, metadata={"help": "lbfgs: stop when ‖∇R‖₂ ≤ grad_tol"})
     seed: int = field(default=0, metadata={"help": "seed of the example order"})
+    record: bool = field(default=True, metadata={
+        "help": "adam: record the trajectory (θ₀ and every step's gradient, one parameter vector a step) so that "
+                "'unlearn' can rewind or replay the path; saved beside the adapter (trajectory.safetensors)"})
+    record_max_gib: float = field(default=4.0, metadata={
+        "help": "storage bound of the recording: beyond it only evenly spaced checkpoints are kept (exact rewind "
+                "still works; path replay needs every step)"})
     final_check: bool = field(default=True, metadata={
         "help": "measure R(θ) and ‖∇R(θ)‖ at the end (one more pass over the data; adam only, lbfgs always does)"})
     progress: bool = field(default=False, metadata={"help": "show a progress bar"})
@@ -59,7 +66,7 @@ class FinetuneArguments:
         for name in ("epochs", "batch_size", "max_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        for name in ("lr", "l2", "grad_tol"):
+        for name in ("lr", "l2", "grad_tol", "record_max_gib"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0) or (name == "lr" and v == 0):
                 raise ConfigError(f"{name} must be a finite number {'> 0' if name == 'lr' else '≥ 0'}, got {v}")
@@ -73,9 +80,13 @@ class FinetuneResult:
     converged: bool  # lbfgs: grad_norm ≤ grad_tol; adam: always True (it runs its epochs)
     steps: int
     seconds: float
+    trajectory: Trajectory | None = field(default=None, repr=False)  # adam with record: the recorded path
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "trajectory"}
+        if self.trajectory is not None:
+            out["trajectory"] = self.trajectory.describe()
+        return out
 
 
 def objective(model: torch.nn.Module, task: Task, examples: Sequence[Example], *, l2: float = 0.0,
@@ -129,12 +140,12 @@ def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
     view = ParamView(model)
     start = time.perf_counter()
     run = _adam if args.optimizer == "adam" else _lbfgs
-    losses, steps = run(model, task, examples, args, view)
+    losses, steps, trajectory = run(model, task, examples, args, view)
     if distributed.is_distributed():  # the ranks took the same steps; make θ bitwise identical all the same
         view.set_vector(distributed.broadcast(view.vector(), "fine-tuned parameters"))
     if args.optimizer == "adam" and not args.final_check:
         result = FinetuneResult(losses=losses, objective=float("nan"), grad_norm=float("nan"), converged=True,
-                                steps=steps, seconds=time.perf_counter() - start)
+                                steps=steps, seconds=time.perf_counter() - start, trajectory=trajectory)
         logger.info("fine-tuned %d steps: last epoch's mean loss %.6g", steps, losses[-1])
         return result
     gnorm = float(objective_gradient(model, task, examples, l2=args.l2, batch_size=args.batch_size).norm())
@@ -143,49 +154,82 @@ def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
         logger.warning("lbfgs stopped after %d iterations at ‖∇R‖ = %.3g > grad_tol %.1g", steps, gnorm, args.grad_tol)
     result = FinetuneResult(losses=losses, objective=objective(model, task, examples, l2=args.l2,
                                                                batch_size=args.batch_size),
-                            grad_norm=gnorm, converged=converged, steps=steps, seconds=time.perf_counter() - start)
+                            grad_norm=gnorm, converged=converged, steps=steps, seconds=time.perf_counter() - start,
+                            trajectory=trajectory)
     logger.info("fine-tuned %d steps: R = %.6g, ‖∇R‖ = %.3g", steps, result.objective, result.grad_norm)
     return result
 
 
 def _adam(model: torch.nn.Module, task: Task, examples: Sequence[Example], args: FinetuneArguments,
-          view: ParamView) -> tuple[list[float], int]:
-    """Mini-batch Adam for args.epochs in the id-hash order; (mean loss per epoch, steps)."""
+          view: ParamView) -> tuple[list[float], int, Trajectory | None]:
+    """Mini-batch Adam for args.epochs in the id-hash order; (mean loss per epoch, steps, the trajectory when
+    args.record)."""
+    steps = schedule(examples, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size)
+    config = adam_config(args)
+    theta = view.vector()
+    recorder = Recorder(adam_meta(config, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                                  train=examples), theta, len(steps), max_bytes=int(args.record_max_gib * 2**30)) \
+        if args.record else None
+    losses = run_steps(model, task, examples, steps, view, Adam(config, theta), start=0, recorder=recorder,
+                       progress=args.progress)
+    trajectory = recorder.finish(len(losses)) if recorder is not None else None
+    per_epoch = math.ceil(len(examples) / args.batch_size)
+    return ([_epoch_mean(losses, steps, e * per_epoch, (e + 1) * per_epoch) for e in range(args.epochs)],
+            len(losses), trajectory)
+
+
+def _epoch_mean(losses: list[float], steps: list[list[int]], lo: int, hi: int) -> float:
+    n = sum(len(b) for b in steps[lo:hi])
+    return sum(loss * len(b) for loss, b in zip(losses[lo:hi], steps[lo:hi], strict=True)) / n
+
+
+def adam_config(args: FinetuneArguments) -> AdamConfig:
+    return AdamConfig(lr=args.lr, l2=args.l2)
+
+
+def step_gradient(model: torch.nn.Module, task: Task, examples: Sequence[Example], batch: Sequence[int],
+                  view: ParamView) -> tuple[torch.Tensor, float]:
+    """(the mean data gradient of the mini-batch at θ, a flat vector; its mean loss), data-parallel under torchrun."""
+    mine = [batch[j] for j in distributed.shard(len(batch))]  # all of the step in a single process
+    for p in view.params:
+        p.grad = None
+    loss_sum = torch.zeros(())
+    if mine:
+        loss_sum = per_example_loss(task, model, task.collate([examples[j] for j in mine])).sum()
+        (loss_sum / len(batch)).backward()
+    data_loss = _reduce_gradients(view, loss_sum) / len(batch)
+    grad = view.flatten([p.grad for p in view.params])
+    for p in view.params:
+        p.grad = None
+    return grad, data_loss
+
+
+def run_steps(model: torch.nn.Module, task: Task, examples: Sequence[Example], steps: Sequence[Sequence[int]],
+              view: ParamView, adam: Adam, *, start: int = 0, recorder: Recorder | None = None,
+              progress: bool = False, desc: str = "fine-tune") -> list[float]:
+    """Adam steps `start`, …, len(steps) − 1 from the model's current θ and `adam`'s state (both updated in place);
+    the mean loss of each step. The one loop behind fine-tuning and exact rewind (`replay.rewind`), so that a
+    rewind replays bit for bit what retraining would compute."""
     losses: list[float] = []
-    steps = 0
-    opt = torch.optim.Adam(view.params, lr=args.lr)
-    bar = tqdm(total=args.epochs * math.ceil(len(examples) / args.batch_size), desc="fine-tune",
-               disable=not args.progress)
-    for epoch in range(args.epochs):
-        order = epoch_order(examples, args.seed, epoch)
-        epoch_loss = 0.0
-        for i in range(0, len(order), args.batch_size):
-            step = order[i:i + args.batch_size]
-            mine = [step[j] for j in distributed.shard(len(step))]  # all of the step in a single process
-            opt.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros(())
-            if mine:
-                loss_sum = per_example_loss(task, model, task.collate([examples[j] for j in mine])).sum()
-                (loss_sum / len(step)).backward()
-            data_loss = _reduce_gradients(view, loss_sum) / len(step)
-            if not math.isfinite(data_loss):
-                raise LLMEraserRuntimeError(f"fine-tuning loss became {data_loss} at step {steps}; lower --lr")
-            if args.l2:  # ∇ of (l2/2)‖θ‖², added once after the ranks' data gradients are summed
-                with torch.no_grad():
-                    for p in view.params:
-                        p.grad.add_(p, alpha=args.l2)
-            opt.step()
-            steps += 1
-            epoch_loss += data_loss * len(step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{data_loss:.4f}")
-        losses.append(epoch_loss / len(examples))
+    theta = view.vector()
+    bar = tqdm(total=len(steps) - start, desc=desc, disable=not progress)
+    for k in range(start, len(steps)):
+        grad, data_loss = step_gradient(model, task, examples, steps[k], view)
+        if not math.isfinite(data_loss):
+            raise LLMEraserRuntimeError(f"fine-tuning loss became {data_loss} at step {k}; lower --lr")
+        if recorder is not None:
+            recorder.step(k, theta, adam, grad)
+        theta = adam.step(theta, grad)
+        view.set_vector(theta)
+        losses.append(data_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{data_loss:.4f}")
     bar.close()
-    return losses, steps
+    return losses
 
 
 def _lbfgs(model: torch.nn.Module, task: Task, examples: Sequence[Example], args: FinetuneArguments,
-           view: ParamView) -> tuple[list[float], int]:
+           view: ParamView) -> tuple[list[float], int, None]:
     """Full-batch L-BFGS until ‖∇R‖ ≤ grad_tol or max_iters; (objective per iteration, iterations)."""
     losses: list[float] = []
     steps = 0
@@ -214,4 +258,4 @@ def _lbfgs(model: torch.nn.Module, task: Task, examples: Sequence[Example], args
         gnorm = float(objective_gradient(model, task, examples, l2=args.l2, batch_size=args.batch_size).norm())
         if gnorm <= args.grad_tol:
             break
-    return losses, steps
+    return losses, steps, None

@@ -36,8 +36,10 @@ from llmeraser.errors import UserInputError
 from llmeraser.factors import FactorArguments, Factors, FactorStore, default_store, fit_factors
 from llmeraser.params import ParamView, adapter_hash, check_adapter_dir
 from llmeraser.record import TrainingRecord
+from llmeraser.replay import PathArguments, RefineArguments, path_replay, refine, rewind
 from llmeraser.request import Request, apply_request, load_request, resolve
 from llmeraser.solvers.api import is_fitted, solver_arguments
+from llmeraser.trajectory import Trajectory, first_step_seeing
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +143,8 @@ class AdapterJob:
     def unlearn(self, request: Request | str | os.PathLike, out: str | os.PathLike,
                 args: EraserArguments | None = None, *, damping: str | None = None,
                 ledger: str | os.PathLike | None = None, refit_fraction: float = REFIT_FRACTION,
-                force: bool = False, solver_options: dict | None = None) -> UnlearnResult:
+                force: bool = False, solver_options: dict | None = None, path: PathArguments | None = None,
+                refine_args: RefineArguments | None = None) -> UnlearnResult:
         """Apply `request` to the adapter and write the new adapter, its report.json and request.json to `out`
         (atomically; the input is never touched).
 
@@ -157,6 +160,8 @@ class AdapterJob:
             force: write the update even when the damping choice declined (validation says it makes things worse).
             solver_options: SolverArguments fields for the iterative solver used (also the one `auto` picks), on top
                 of its preset; ignored by fitted solvers.
+            path, refine_args: options of the path replay and of the refinement (args.method path / refine, or what
+                auto picks).
         """
         from llmeraser.ledger import Ledger
 
@@ -168,6 +173,7 @@ class AdapterJob:
         args = self.eraser_arguments(args)
         if solver_options and args.solver != "auto" and not is_fitted(args.solver):
             args = dataclasses.replace(args, solver_args=solver_arguments(args.solver, **solver_options))
+        self._path, self._refine = path or PathArguments(), refine_args or RefineArguments()
         try:
             return self._unlearn(book, request, out, args, damping, ledger, refit_fraction, force,
                                  dict(solver_options or {}))
@@ -188,7 +194,9 @@ class AdapterJob:
         try:
             update, factors = self._update(train, request, args, damping, force, solver_options)
             model, _ = self.model_and_task()
-            if update.report.get("decision") != "declined":
+            if update.theta is not None:  # a path update knows the new θ itself (a rewind: bit for bit)
+                ParamView(model).set_vector(update.theta)
+            elif update.report.get("decision") != "declined":
                 ParamView(model).add_(update.delta)
 
             def write() -> None:  # rank 0 writes; the others wait for it, so every rank exits with its outcome
@@ -237,6 +245,22 @@ class AdapterJob:
         factors it was solved with, if fitted)."""
         model, task = self.model_and_task()
         extra: dict = {"task": self.record.to_dict()}
+        method = args.method
+        if method in ("auto", "path", "rewind"):
+            trajectory, why_not = self.trajectory(train)
+            if trajectory is None and method != "auto":
+                raise UserInputError(f"--method {method} needs the adapter's recorded trajectory: {why_not}")
+            if method == "auto":
+                method, extra["update_choice"] = choose_update(trajectory, why_not, train, request, self._path)
+                logger.info("%s", extra["update_choice"])
+            if method in ("path", "rewind"):
+                if method == "rewind":
+                    update = rewind(model, task, train, request, trajectory, progress=self.progress)
+                else:
+                    update = path_replay(model, task, train, request, trajectory, self._path, progress=self.progress)
+                update.report |= extra | {"trajectory": trajectory.describe()}
+                return update, None
+            args = dataclasses.replace(args, method=method)
         if damping == "auto":  # chosen earlier on validation data by tune-damping
             chosen = self.damping_record(train)
             extra["damping_choice"] = {k: chosen[k] for k in ("chosen", "declines", "scores", "trials",
@@ -255,7 +279,32 @@ class AdapterJob:
         factors, t_fit = self.factors(train, args) if is_fitted(args.solver) else (None, 0.0)
         update = UnlearningProblem(model, task, train, request, args, factors, fit_seconds=t_fit,
                                    report=extra).solve()
+        if method == "refine":
+            refined = refine(model, task, train, request, update.delta, self._refine, l2=args.l2,
+                             curvature_samples=args.curvature_samples, batch_size=args.batch_size, seed=args.seed,
+                             progress=self.progress)
+            refined.report |= extra | {"start": {k: update.report[k] for k in ("method", "solver", "damping",
+                                                                                "delta_norm", "seconds")}}
+            refined.report["seconds"]["total"] += update.report["seconds"]["total"]
+            return refined, factors
         return update, factors
+
+    def trajectory(self, train: Sequence[Example]) -> tuple[Trajectory | None, str]:
+        """(the adapter's recorded trajectory when it is the fine-tune of this adapter on `train`, else None; why
+        not). Loaded once."""
+        if not hasattr(self, "_trajectory"):
+            model, _ = self.model_and_task()
+            try:
+                found = Trajectory.load(self.adapter)
+                if found is None:
+                    self._trajectory = (None, f"{self.adapter} has no trajectory.safetensors (adapters fine-tuned "
+                                              f"with 'llmeraser finetune' record one)")
+                else:
+                    found.check(train, ParamView(model).vector())
+                    self._trajectory = (found, "")
+            except UserInputError as e:
+                self._trajectory = (None, str(e))
+        return self._trajectory
 
     def _hand_on(self, factors: Factors, train: list[Example], request: Request, out: str,
                  refit_fraction: float) -> str | None:
@@ -323,10 +372,56 @@ def _summary(update: Update, out: str, ledger, seq) -> str:
             + (f"\nledger:  {ledger} (request #{seq})" if ledger else ""))
     if r.get("decision") == "declined":
         return f"declined: {r['reason']}" + tail
+    choice = f"{r['update_choice']}\n" if "update_choice" in r else ""
+    if r["method"] == "rewind":
+        w = r["rewind"]
+        return (choice + f"rewound {sum(r['ops'].values())} edits {r['ops']}: replayed {w['replayed_steps']} of "
+                f"{w['steps']} steps from step {w['rewound_to']} (exact: this is retraining), ‖Δθ‖ = "
+                f"{r['delta_norm']:.4g}, {r['seconds']['total']:.1f} s" + tail)
+    if r["method"] == "path":
+        w = r["path"]
+        return (choice + f"replayed the path without {sum(r['ops'].values())} edits {r['ops']}: {w['exact_steps']} "
+                f"exact and {w['predicted_steps']} predicted of {w['replayed_steps']} replayed steps (~"
+                f"{w['gradient_cost_vs_retraining']:.2f} of retraining's gradients), ‖Δθ‖ = {r['delta_norm']:.4g}, "
+                f"{r['seconds']['total']:.1f} s" + tail)
+    if r["method"] == "refine":
+        w = r["refine"]
+        return (choice + f"refined {r['start']['method']}/{r['start']['solver']} with {len(w['history']) - 1} "
+                f"Newton-CG step(s): ‖∇R′‖ {w['residual_at_original']:.3g} at the original, "
+                f"{w['residual_at_start']:.3g} after the one step, {w['residual_final']:.3g} now, ‖Δθ‖ = "
+                f"{r['delta_norm']:.4g}, {r['seconds']['total']:.1f} s" + tail)
     status = "converged" if r["converged"] else "NOT converged (see report)"
     rule = r.get("damping_rule", {})
     how = (f" ({rule['relative_damping']:g} × curvature scale {rule['scale']:.3g})"
            if rule.get("rule") == "relative" else "")
-    return (f"unlearned {sum(r['ops'].values())} edits {r['ops']} with {r['method']}/{r['solver']}, damping "
+    return (choice + f"unlearned {sum(r['ops'].values())} edits {r['ops']} with {r['method']}/{r['solver']}, damping "
             f"{r['damping']:.3g}{how}: residual {r['solve']['residual']:.2e} ({status}), ‖Δθ‖ = "
             f"{r['delta_norm']:.4g}, {r['seconds']['total']:.1f} s" + tail)
+
+
+def choose_update(trajectory: Trajectory | None, why_not: str, train: Sequence[Example], request: Request,
+                  path: PathArguments) -> tuple[str, str]:
+    """The update `auto` stands for, and why. The one home of that choice:
+
+    - no usable recorded trajectory: first-order (the one-step influence update; the only one θ̂ alone allows);
+    - a trajectory with checkpoints only: rewind (exact);
+    - else rewind when it replays no more of the run than path replay would compute exactly (the forecast
+      `PathArguments.cost`), since it is then exact at no extra cost; otherwise path replay.
+    """
+    if trajectory is None:
+        return "first-order", f"auto chose first-order: {why_not}"
+    steps = trajectory.schedule(train)
+    first = first_step_seeing(train, steps, {old.id for old, _ in resolve(request, train)})
+    start = trajectory.start_before(first)
+    replay = (len(steps) - start) / len(steps)
+    if trajectory.grads is None:
+        return "rewind", (f"auto chose rewind: the trajectory kept checkpoints only; rewinding to step {start} "
+                          f"replays {replay:.0%} of fine-tuning exactly")
+    forecast = path.cost(len(steps), first)
+    if replay <= forecast:
+        return "rewind", (f"auto chose rewind: the first step that saw an edited example is {first} of {len(steps)}, "
+                          f"so retraining from there replays {replay:.0%} of fine-tuning, exactly — no more than path "
+                          f"replay's exact gradients ({forecast:.0%})")
+    return "path", (f"auto chose path: an edited example was seen at step {first} of {len(steps)}, so an exact rewind "
+                    f"would replay {replay:.0%} of fine-tuning; path replay computes about {forecast:.0%} of its "
+                    f"gradients exactly and predicts the rest")

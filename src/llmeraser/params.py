@@ -125,8 +125,10 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLike, *,
 
 def save_adapter(model, out: str | os.PathLike, *, protect: tuple[str | os.PathLike, ...] = (),
                  report: Mapping[str, object] | None = None, files: Mapping[str, object] | None = None,
-                 before_rename: Callable[[Path], None] | None = None) -> Path:
-    """Save a PEFT model's adapter (safetensors), `report.json` and other JSON `files` into `out`, atomically.
+                 before_rename: Callable[[Path], None] | None = None,
+                 write_more: Callable[[Path], object] | None = None) -> Path:
+    """Save a PEFT model's adapter (safetensors), `report.json` and other JSON `files` into `out`, atomically;
+    `write_more(folder)` adds further files (the recorded trajectory) inside the same atomic write.
 
     The folder is built under a temporary name and renamed into place, so `out` either does not exist or is
     complete. `protect` lists inputs (e.g. the input adapter) that `out` may not overwrite; `before_rename(tmp)`
@@ -144,6 +146,8 @@ def save_adapter(model, out: str | os.PathLike, *, protect: tuple[str | os.PathL
             atomic_write_json(tmp / "report.json", {**report, "adapter_sha256": adapter_hash(tmp)})
         for fname, obj in (files or {}).items():
             atomic_write_json(tmp / fname, obj)
+        if write_more is not None:
+            write_more(tmp)
     logger.info("saved adapter to %s", out)
     return Path(out)
 

@@ -1,0 +1,285 @@
+"""Fine-tuning's path, recorded: Adam on a flat vector, the step schedule, and the trajectory file (docs/path.md).
+
+Adam fine-tuning (`finetune`, optimizer adam) is a deterministic function of the initial θ₀, the step schedule
+(`schedule`: the id-hash order of each epoch cut into mini-batches) and each step's data gradient g_k (the batch
+mean of ∇ℓ at θ_k). The trajectory stores θ₀ and every g_k, so any step's state (θ_k, Adam's m_k, v_k) is
+rebuilt exactly, bit for bit, by replaying the elementwise Adam update (`Trajectory.states`) — no forward or
+backward pass. That is what the path-based updates need (`llmeraser.replay`): the state just before the first step
+that saw an edited example (exact rewind), and θ_k with g_k along the whole path (path-aware replay).
+
+Storage is one vector of the trainable parameters per step (the embedded demo: 921,600 floats, 3.7 MB a step,
+50 steps), bounded by `max_bytes`: beyond it only checkpoints (θ_k, m_k, v_k) at evenly spaced steps are kept,
+which still serve exact rewind (from the checkpoint at or before the first edited step) but not path-aware replay.
+The file lives beside the adapter (`trajectory.safetensors`: tensors plus a JSON header in the metadata; nothing is
+unpickled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from llmeraser.data import Example
+from llmeraser.errors import AdapterError, ConfigError
+
+TRAJECTORY = "trajectory.safetensors"
+FORMAT = 1
+DEFAULT_MAX_BYTES = 4 * 2**30  # per-step gradients beyond this size: checkpoints only
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """Adam's hyper-parameters as fine-tuning used them (torch's defaults for the betas and eps) and the L2 term
+    added to each step's data gradient."""
+
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    l2: float = 0.0
+
+
+class Adam:
+    """Adam on one flat parameter vector: the single implementation fine-tuning and every replay use, so a replay
+    fed the same gradients reproduces training bit for bit. torch.optim.Adam's arithmetic (non-fused):
+    m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², θ ← θ − (lr/(1−β₁ᵗ)) · m / (√v/√(1−β₂ᵗ) + ε), g = data gradient + l2·θ."""
+
+    def __init__(self, config: AdamConfig, theta: torch.Tensor, m: torch.Tensor | None = None,
+                 v: torch.Tensor | None = None, t: int = 0):
+        self.config = config
+        self.m = torch.zeros_like(theta) if m is None else m.clone()
+        self.v = torch.zeros_like(theta) if v is None else v.clone()
+        self.t = t
+
+    def step(self, theta: torch.Tensor, data_grad: torch.Tensor) -> torch.Tensor:
+        """θ after one step with the data gradient `data_grad` at θ (a new tensor; θ is not changed)."""
+        c = self.config
+        g = data_grad + c.l2 * theta if c.l2 else data_grad
+        self.t += 1
+        self.m.mul_(c.beta1).add_(g, alpha=1 - c.beta1)
+        self.v.mul_(c.beta2).addcmul_(g, g, value=1 - c.beta2)
+        bias1, bias2 = 1 - c.beta1 ** self.t, 1 - c.beta2 ** self.t
+        denom = (self.v.sqrt() / math.sqrt(bias2)).add_(c.eps)
+        return theta.addcdiv(self.m, denom, value=-c.lr / bias1)
+
+    def copy(self) -> Adam:
+        return Adam(self.config, self.m, m=self.m, v=self.v, t=self.t)
+
+
+def schedule(examples: Sequence[Example], *, seed: int, epochs: int, batch_size: int) -> list[list[int]]:
+    """The indices (into `examples`) of every Adam step's mini-batch: each epoch in the id-hash order
+    (`finetune.epoch_order`, stable under edits) cut into runs of `batch_size`."""
+    from llmeraser.finetune import epoch_order
+
+    steps = []
+    for epoch in range(epochs):
+        order = epoch_order(examples, seed, epoch)
+        steps += [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return steps
+
+
+def first_step_seeing(examples: Sequence[Example], steps: Sequence[Sequence[int]], ids: set[str]) -> int | None:
+    """The first step whose mini-batch holds one of `ids` (None if none does)."""
+    for k, batch in enumerate(steps):
+        if any(examples[i].id in ids for i in batch):
+            return k
+    return None
+
+
+class Recorder:
+    """Collects a fine-tune's trajectory step by step (`finetune` calls `step` before each Adam step)."""
+
+    def __init__(self, meta: dict, theta0: torch.Tensor, n_steps: int, *, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.meta, self.theta0, self.n_steps = dict(meta), theta0.detach().clone(), n_steps
+        per_step = theta0.numel() * theta0.element_size()
+        self.keep_grads = n_steps * per_step <= max_bytes
+        self.grads = torch.empty((n_steps, theta0.numel()), dtype=theta0.dtype) if self.keep_grads else None
+        # without per-step gradients: checkpoints (θ, m, v) at evenly spaced steps within the budget
+        n_ckpt = max(1, min(n_steps, int(max_bytes // (3 * per_step))))
+        self.every = math.ceil(n_steps / n_ckpt)
+        self.checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def resume(cls, trajectory: Trajectory, start: int, n_steps: int, *, examples: Sequence[Example]) -> Recorder:
+        """A recorder for a run that shares `trajectory`'s first `start` steps (a rewind) and has `n_steps` in all
+        on `examples`: the shared part is copied, in the same storage mode."""
+        meta = {k: v for k, v in trajectory.meta.items() if k not in ("steps", "checkpoint_every")}
+        meta |= adam_meta(trajectory.config, epochs=meta["epochs"], batch_size=meta["batch_size"], seed=meta["seed"],
+                          train=examples)
+        rec = cls(meta, trajectory.theta0, n_steps, max_bytes=0)
+        rec.keep_grads = trajectory.grads is not None
+        if rec.keep_grads:
+            rec.grads = torch.empty((n_steps, trajectory.theta0.numel()), dtype=trajectory.theta0.dtype)
+            rec.grads[:start].copy_(trajectory.grads[:start])
+        else:
+            rec.every = trajectory.meta["checkpoint_every"]
+            rec.checkpoints = {k: c for k, c in trajectory.checkpoints.items() if k < start}
+        return rec
+
+    def step(self, k: int, theta: torch.Tensor, adam: Adam, data_grad: torch.Tensor) -> None:
+        if self.keep_grads:
+            self.grads[k].copy_(data_grad)
+        elif k % self.every == 0:
+            self.checkpoints[k] = (theta.clone(), adam.m.clone(), adam.v.clone())
+
+    def finish(self, steps_taken: int) -> Trajectory:
+        if steps_taken != self.n_steps:
+            raise ConfigError(f"recorded {steps_taken} of {self.n_steps} steps")
+        meta = self.meta | {"steps": self.n_steps, "checkpoint_every": None if self.keep_grads else self.every}
+        return Trajectory(meta, self.theta0, self.grads, self.checkpoints)
+
+
+@dataclass
+class Trajectory:
+    """A recorded Adam fine-tune: `meta` (the recipe: lr, betas, eps, l2, epochs, batch_size, seed, n_train,
+    train_sha256, steps), θ₀, the per-step data gradients (steps, p) or, without them, checkpoints."""
+
+    meta: dict
+    theta0: torch.Tensor
+    grads: torch.Tensor | None
+    checkpoints: dict
+
+    @property
+    def config(self) -> AdamConfig:
+        m = self.meta
+        return AdamConfig(lr=m["lr"], beta1=m["beta1"], beta2=m["beta2"], eps=m["eps"], l2=m["l2"])
+
+    @property
+    def steps(self) -> int:
+        return int(self.meta["steps"])
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.theta0, *([self.grads] if self.grads is not None else []),
+                   *(t for c in self.checkpoints.values() for t in c)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def schedule(self, examples: Sequence[Example]) -> list[list[int]]:
+        m = self.meta
+        return schedule(examples, seed=m["seed"], epochs=m["epochs"], batch_size=m["batch_size"])
+
+    def start_before(self, k: int) -> int:
+        """The latest step ≤ k from which the state can be rebuilt (k itself with per-step gradients)."""
+        if self.grads is not None:
+            return k
+        return max([0, *(j for j in self.checkpoints if j <= k)])
+
+    def state(self, k: int) -> tuple[torch.Tensor, Adam]:
+        """(θ_k, Adam's state) just before step k, rebuilt exactly; k must be a step `start_before` returns."""
+        if self.grads is None:
+            if k == 0:
+                return self.theta0.clone(), Adam(self.config, self.theta0)
+            if k not in self.checkpoints:
+                raise ConfigError(f"no checkpoint at step {k} (checkpoints every {self.meta['checkpoint_every']})")
+            theta, m, v = self.checkpoints[k]
+            return theta.clone(), Adam(self.config, theta, m, v, t=k)
+        for j, theta, adam in self.states():
+            if j == k:
+                return theta, adam
+        raise ConfigError(f"step {k} is outside the recorded {self.steps} steps")
+
+    def states(self, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor, Adam]]:
+        """(k, θ_k, Adam state before step k) for k = 0 … stop (default: every step, then the final θ at k = steps),
+        rebuilt by replaying the recorded gradients: bit for bit the fine-tune's states. The yielded Adam is live:
+        copy it to keep it."""
+        if self.grads is None:
+            raise ConfigError("this trajectory kept checkpoints only (its per-step gradients exceeded the storage "
+                              "budget): it serves exact rewind, not path replay")
+        stop = self.steps if stop is None else stop
+        theta, adam = self.theta0.clone(), Adam(self.config, self.theta0)
+        for k in range(stop + 1):
+            yield k, theta, adam
+            if k == self.steps:
+                return
+            theta = adam.step(theta, self.grads[k])
+
+    def final(self) -> torch.Tensor:
+        """θ after the last step (per-step gradients only)."""
+        theta = None
+        for _, theta, _ in self.states():
+            pass
+        return theta
+
+    # --------------------------------------------------------------------------------------------------- disk
+    def save(self, folder: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        tensors = {"theta0": self.theta0.contiguous()}
+        if self.grads is not None:
+            tensors["grads"] = self.grads.contiguous()
+        for k, (theta, m, v) in self.checkpoints.items():
+            tensors |= {f"ckpt.{k}.theta": theta, f"ckpt.{k}.m": m, f"ckpt.{k}.v": v}
+        path = Path(folder) / TRAJECTORY
+        save_file(tensors, str(path), metadata={"llmeraser": json.dumps({"format": FORMAT, **self.meta})})
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Trajectory | None:
+        """The trajectory beside an adapter, or None when it has none.
+
+        Raises:
+            AdapterError: the file is unreadable or not a trajectory of this format.
+        """
+        from safetensors import safe_open
+
+        path = Path(folder) / TRAJECTORY
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("llmeraser", "null"))
+                if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                    raise AdapterError(f"{path} is not an llmeraser trajectory (format {FORMAT})")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as e:
+            raise AdapterError(f"{path} is unreadable: {e}") from e
+        meta.pop("format")
+        checkpoints = {}
+        for key in tensors:
+            if key.startswith("ckpt.") and key.endswith(".theta"):
+                k = int(key.split(".")[1])
+                checkpoints[k] = (tensors[key], tensors[f"ckpt.{k}.m"], tensors[f"ckpt.{k}.v"])
+        traj = cls(meta, tensors["theta0"], tensors.get("grads"), checkpoints)
+        if traj.grads is not None and tuple(traj.grads.shape) != (traj.steps, traj.theta0.numel()):
+            raise AdapterError(f"{path}: gradients of shape {tuple(traj.grads.shape)} for {traj.steps} steps of "
+                               f"{traj.theta0.numel()} parameters")
+        return traj
+
+    def check(self, train: Sequence[Example], theta: torch.Tensor) -> None:
+        """That this trajectory is the fine-tune of `theta` on `train`: the training set's hash, the parameter
+        count, and (with per-step gradients) the replayed final θ equal to `theta` bit for bit.
+
+        Raises:
+            AdapterError: naming what does not match.
+        """
+        from llmeraser.data import examples_hash
+
+        if self.meta.get("train_sha256") != examples_hash(train):
+            raise AdapterError(f"the adapter's trajectory was recorded on another training set ({self.meta.get('n_train')}"
+                               f" examples, sha256 {str(self.meta.get('train_sha256'))[:12]}…) than the {len(train)} "
+                               f"given (sha256 {examples_hash(train)[:12]}…)")
+        if self.theta0.numel() != theta.numel():
+            raise AdapterError(f"the trajectory has {self.theta0.numel():,} parameters, the adapter {theta.numel():,}")
+        if self.grads is not None and not torch.equal(self.final().to(theta.dtype), theta.detach().cpu()):
+            raise AdapterError("the trajectory does not reproduce the adapter's weights (replayed final θ differs): "
+                               "the adapter was changed after fine-tuning")
+
+    def describe(self) -> dict:
+        """What the report says of the recording."""
+        return {"steps": self.steps, "per_step_gradients": self.grads is not None,
+                "checkpoint_every": self.meta.get("checkpoint_every"), "mib": self.nbytes / 2**20,
+                "sha256": hashlib.sha256(self.theta0.numpy().tobytes()).hexdigest()[:16]}
+
+
+def adam_meta(config: AdamConfig, *, epochs: int, batch_size: int, seed: int, train: Sequence[Example]) -> dict:
+    from llmeraser.data import examples_hash
+
+    return {"optimizer": "adam", **asdict(config), "epochs": epochs, "batch_size": batch_size, "seed": seed,
+            "n_train": len(train), "train_sha256": examples_hash(train)}
