@@ -28,8 +28,8 @@ def lineage(tmp_path):
 
 def unlearn(root, adapter, out, request, *extra):
     return main(["unlearn", "--base-model", str(root / "base"), "--adapter", str(root / adapter), "--train",
-                 str(root / "train.jsonl"), "--request", str(root / request), "--out", str(root / out), *BASE, "--method", "first-order",
-                 *extra])
+                 str(root / "train.jsonl"), "--request", str(root / request), "--out", str(root / out), *BASE,
+                 "--method", "first-order", *extra])
 
 
 def report(root, out):

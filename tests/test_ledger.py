@@ -110,8 +110,8 @@ def unlearn(root, adapter: str, request: dict, out: str, *extra: str) -> int:
     path.write_text(json.dumps(request))
     return main(["unlearn", "--base-model", str(root / "base"), "--adapter", str(root / adapter), "--train",
                  str(root / "train.jsonl"), "--request", str(path), "--out", str(root / out), "--ledger",
-                 str(root / "ledger"), "--damping", "0.1", "--solver-max-iters", "10", "--method", "first-order", "--quiet",
-                 *extra])
+                 str(root / "ledger"), "--damping", "0.1", "--solver-max-iters", "10", "--method", "first-order",
+                 "--quiet", *extra])
 
 
 def test_ledger_records_sequential_requests_and_refuses_what_does_not_fit(lineage, capsys):

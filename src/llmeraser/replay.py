@@ -215,6 +215,8 @@ def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], re
     start_time = time.perf_counter()
     effective, edits = _edits(request, train)
     steps, first = _first_edited_step(trajectory, train, set(edits))
+    from llmeraser.finetune import step_gradient
+
     view = ParamView(model)
     theta_hat = view.vector()
     secant = Secant(args.history) if args.history else None
@@ -237,8 +239,11 @@ def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], re
         if n_new == 0:  # the whole batch was removed: retraining over these batches has no such step
             skipped_steps += 1
             continue
-        # the kept examples' mean gradient at θ_k: the recorded batch gradient less the edited examples' own
         kept = len(batch) - len(here)
+        # the step's batch in the edited set, in its recorded order (a corrected example in its old place)
+        new_batch = [train[i] if train[i].id not in edits else edits[train[i].id] for i in batch]
+        new_batch = [e for e in new_batch if e is not None]
+        # the kept examples' mean gradient at θ_k: the recorded batch gradient less the edited examples' own
         g_k = trajectory.grads[k]
         if here:
             view.set_vector(theta_k)
@@ -246,12 +251,13 @@ def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], re
             edited_grads += len(here)
         s = w - theta_k
         view.set_vector(w)
-        if kept == 0:
-            g_w = torch.zeros_like(w)
-        elif k - first < args.burn_in or k >= next_exact or k >= tail:
-            g_w = gradient(model, task, [train[i] for i in batch if train[i].id not in edits],
-                           batch_size=len(batch)) / kept
-            change = g_w - g_k  # how wrong "no change" would have been; the secant's prediction error below
+        news = gradient(model, task, new, batch_size=len(new)) if new else torch.zeros_like(w)  # exact at w_k
+        edited_grads += len(new)
+        if kept and (k - first < args.burn_in or k >= next_exact or k >= tail):
+            # fine-tuning's own step gradient on the edited batch: with every step exact this is, bit for bit,
+            # retraining over the recorded batches
+            g_w, _ = step_gradient(model, task, new_batch, range(len(new_batch)), view)
+            change = (n_new * g_w - news) / kept - g_k  # the kept part's change: "no change" is off by this
             predicted = secant.matvec(s) if secant is not None else torch.zeros_like(s)
             errors.append(float((predicted - change).norm()) / max(float(change.norm()), 1e-30))
             if secant is not None:
@@ -260,11 +266,9 @@ def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], re
                 next_exact = k + args.exact_every
             exact_steps += 1
         else:
-            g_w = g_k + secant.matvec(s) if secant is not None else g_k
+            g_kept = g_k + secant.matvec(s) if secant is not None and kept else g_k
+            g_w = (kept * g_kept + news) / n_new if kept else news / n_new
             predicted_steps += 1
-        if new:  # the corrected versions' gradients, exactly at w_k
-            g_w = (kept * g_w + gradient(model, task, new, batch_size=len(new))) / n_new
-            edited_grads += len(new)
         w = adam.step(w, g_w)
         if not torch.isfinite(w).all():
             view.set_vector(theta_hat)
@@ -275,7 +279,8 @@ def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], re
     cost = (exact_steps * trajectory.meta["batch_size"] + edited_grads) / total
     report = {"first_edited_step": first, "steps": len(steps), "replayed_steps": len(steps) - first,
               "exact_steps": exact_steps, "predicted_steps": predicted_steps, "skipped_empty_steps": skipped_steps,
-              "edited_gradients": edited_grads, "secant_pairs": len(secant.S) if secant else 0, "secant_skipped": secant.skipped if secant else 0,
+              "edited_gradients": edited_grads, "secant_pairs": len(secant.S) if secant else 0,
+              "secant_skipped": secant.skipped if secant else 0,
               "exact_from_step": tail,
               # ‖predicted − exact change of the kept gradient‖ / ‖exact change‖ on the exact steps (1 = no
               # better than predicting no change, which is what history = 0 does)

@@ -16,6 +16,7 @@ unpickled).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -202,10 +203,8 @@ class Trajectory:
 
     def final(self) -> torch.Tensor:
         """θ after the last step (per-step gradients only)."""
-        theta = None
-        for _, theta, _ in self.states():
-            pass
-        return theta
+        last = collections.deque(self.states(), maxlen=1)  # one state held at a time
+        return last[0][1]
 
     # --------------------------------------------------------------------------------------------------- disk
     def save(self, folder: str | os.PathLike) -> Path:
@@ -227,7 +226,7 @@ class Trajectory:
         Raises:
             AdapterError: the file is unreadable or not a trajectory of this format.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(folder) / TRAJECTORY
         if not path.is_file():
@@ -238,7 +237,7 @@ class Trajectory:
                 if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                     raise AdapterError(f"{path} is not an llmeraser trajectory (format {FORMAT})")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        except (OSError, ValueError, json.JSONDecodeError, RuntimeError) as e:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise AdapterError(f"{path} is unreadable: {e}") from e
         meta.pop("format")
         checkpoints = {}
@@ -262,8 +261,8 @@ class Trajectory:
         from llmeraser.data import examples_hash
 
         if self.meta.get("train_sha256") != examples_hash(train):
-            raise AdapterError(f"the adapter's trajectory was recorded on another training set ({self.meta.get('n_train')}"
-                               f" examples, sha256 {str(self.meta.get('train_sha256'))[:12]}…) than the {len(train)} "
+            raise AdapterError(f"the adapter's trajectory was recorded on another training set "
+                               f"({self.meta.get('n_train')} examples, sha256 {str(self.meta.get('train_sha256'))[:12]}…) than the {len(train)} "
                                f"given (sha256 {examples_hash(train)[:12]}…)")
         if self.theta0.numel() != theta.numel():
             raise AdapterError(f"the trajectory has {self.theta0.numel():,} parameters, the adapter {theta.numel():,}")

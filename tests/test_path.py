@@ -1,0 +1,286 @@
+"""Updates along the recorded path (docs/path.md): the recording, exact rewind, path replay, refine, auto.
+
+References: torch.optim.Adam (the flat Adam), fine-tuning itself (a rewind IS retraining: compared bit for bit; path
+replay with every step exact IS retraining over the recorded batches: bit for bit), the closed-form ridge
+leave-k-out solution (refine), the secant equations (Secant). The last test is the issue's goal on memorised
+facts: a person-level removal through the command line with default options.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fixtures.tabular import TabularTask, linear_model, make_examples, regression_data, ridge_solution
+from fixtures.tiny import fact_examples, tiny_llama, tiny_lora, tiny_tokenizer
+from safetensors.torch import load_file
+
+from llmeraser.cli import main
+from llmeraser.data import load_examples, save_examples
+from llmeraser.errors import AdapterError
+from llmeraser.finetune import FinetuneArguments, finetune, run_steps
+from llmeraser.job import choose_update
+from llmeraser.metrics import evaluate
+from llmeraser.params import ParamView
+from llmeraser.replay import PathArguments, RefineArguments, Secant, path_replay, refine, rewind
+from llmeraser.request import Request, apply_request, load_request
+from llmeraser.task import CausalLMTask
+from llmeraser.testing import PEOPLE_TARGETS, memorised_people
+from llmeraser.trajectory import Adam, AdamConfig, Trajectory
+
+ARGS = FinetuneArguments(epochs=3, lr=1e-2, batch_size=4, final_check=False)
+
+
+@pytest.fixture()
+def lm():
+    """A float64 tiny LoRA Llama at its init, the task, 22 facts (6 steps an epoch), and θ₀."""
+    tok = tiny_tokenizer()
+    model = tiny_lora(tiny_llama(len(tok), hidden=16, dtype=torch.float64, init_std=0.3), r=2)
+    return model, CausalLMTask(tok, max_length=24), fact_examples(22, seed=3), ParamView(model).vector()
+
+
+def fit(model, task, examples, theta0, args=ARGS):
+    ParamView(model).set_vector(theta0)
+    result = finetune(model, task, examples, args)
+    return ParamView(model).vector(), result.trajectory
+
+
+def test_flat_adam_is_torch_adam():
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(50, generator=gen, dtype=torch.float64)
+    p = torch.nn.Parameter(theta.clone())
+    opt = torch.optim.Adam([p], lr=1e-2, foreach=False)
+    adam = Adam(AdamConfig(lr=1e-2, l2=0.1), theta)
+    for _ in range(20):
+        g = torch.randn(50, generator=gen, dtype=torch.float64)
+        p.grad = g + 0.1 * p.detach()  # torch's Adam is given the l2 term in the gradient, as fine-tuning used to
+        opt.step()
+        theta = adam.step(theta, g)
+    # the same elementwise formula; torch adds l2·θ to the gradient before the step, as Adam.step does, so the
+    # only difference is whether that sum is formed inside or outside: one rounding of a float64 add per step
+    assert torch.allclose(theta, p.detach(), rtol=0, atol=1e-13)
+
+
+def test_the_trajectory_rebuilds_the_fine_tune_bit_for_bit(lm, tmp_path):
+    model, task, train, theta0 = lm
+    theta, traj = fit(model, task, train, theta0)
+    assert traj.steps == 18 and traj.grads.shape == (18, theta.numel())
+    assert torch.equal(traj.final(), theta)  # replaying the recorded gradients is the fine-tune itself
+    traj.save(tmp_path)
+    back = Trajectory.load(tmp_path)
+    assert back.meta == traj.meta and torch.equal(back.grads, traj.grads) and torch.equal(back.theta0, theta0)
+    back.check(train, theta)
+    with pytest.raises(AdapterError, match="another training set"):
+        back.check(train[:-1], theta)
+    with pytest.raises(AdapterError, match="changed after fine-tuning"):
+        back.check(train, theta + 1e-12)
+    (tmp_path / "trajectory.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError, match="unreadable"):
+        Trajectory.load(tmp_path)
+
+
+@pytest.mark.parametrize("request_", [
+    Request.remove("ex9", "ex14"),
+    Request.from_dict({"edits": [{"op": "correct_response", "id": "ex5", "response": " Maybe"},
+                                 {"op": "modify_query", "id": "ex11", "prompt": "Does the owl like gold?"},
+                                 {"op": "remove", "id": "ex2"}]}),
+], ids=["remove", "mixed"])
+@pytest.mark.parametrize("budget", [None, 2e-6], ids=["every-step", "checkpoints"])
+def test_rewind_is_retraining_bit_for_bit(lm, request_, budget):
+    model, task, train, theta0 = lm
+    args = ARGS if budget is None else FinetuneArguments(**{**vars(ARGS), "record_max_gib": budget})
+    theta, traj = fit(model, task, train, theta0, args)
+    assert (traj.grads is None) == (budget is not None)  # 2e-6 GiB holds a few checkpoints, not 18 gradients
+    ParamView(model).set_vector(theta)
+    update = rewind(model, task, train, request_, traj)
+    assert torch.equal(ParamView(model).vector(), theta)  # the model is left at θ̂
+    edited = apply_request(train, request_)
+    retrained, _ = fit(model, task, edited, theta0, args)
+    assert torch.equal(update.theta, retrained)
+    r = update.report["rewind"]
+    assert r["rewound_to"] <= r["first_edited_step"] and r["replayed_steps"] == r["steps"] - r["rewound_to"]
+    if budget is None:  # with checkpoints only: the latest checkpoint at or before it
+        assert r["rewound_to"] == r["first_edited_step"]
+    if request_.counts()["remove"] == 2:
+        assert r["first_edited_step"] > 0  # so the shared prefix is really skipped
+    # the rewound adapter carries its own exact recording: a second request rewinds from it, and equals
+    # retraining on the twice-edited set
+    if budget is None:
+        update.trajectory.check(edited, retrained)
+    second = Request.remove(edited[-1].id)
+    ParamView(model).set_vector(retrained)
+    again = rewind(model, task, edited, second, update.trajectory)
+    twice, _ = fit(model, task, apply_request(edited, second), theta0, args)
+    assert torch.equal(again.theta, twice)
+
+
+@pytest.mark.parametrize("request_", [
+    Request.remove("ex9", "ex14", "ex0"),
+    Request.from_dict({"edits": [{"op": "correct_response", "id": "ex5", "response": " Maybe"},
+                                 {"op": "modify_query", "id": "ex11", "prompt": "Does the owl like gold?"}]}),
+], ids=["remove", "correct"])
+def test_path_replay_with_every_step_exact_is_retraining_over_the_recorded_batches(lm, request_):
+    model, task, train, theta0 = lm
+    theta, traj = fit(model, task, train, theta0)
+    ParamView(model).set_vector(theta)
+    update = path_replay(model, task, train, request_, traj, PathArguments(exact_every=1, exact_tail=0))
+    # the reference: fine-tuning's own loop over the recorded batches, edited examples dropped or replaced in place
+    edits = {old.id: new for old, new in __import__("llmeraser.request").request.resolve(request_, train)}
+    rows = [e if e.id not in edits else edits[e.id] for e in train]
+    steps = [[i for i in b if rows[i] is not None] for b in traj.schedule(train)]
+    first = next(k for k, b in enumerate(traj.schedule(train)) if any(train[i].id in edits for i in b))
+    theta_first, adam = traj.state(first)
+    ParamView(model).set_vector(theta_first)
+    run_steps(model, task, rows, [s for s in steps if s], ParamView(model), adam, start=first)
+    assert torch.equal(update.theta, ParamView(model).vector())
+    r = update.report["path"]
+    assert r["exact_steps"] == r["replayed_steps"] and r["predicted_steps"] == 0
+    if request_.counts()["remove"] == 0:  # corrections keep the batches: this is retraining itself
+        retrained, _ = fit(model, task, apply_request(train, request_), theta0)
+        assert torch.equal(update.theta, retrained)
+
+
+def test_path_replay_predicts_between_exact_steps_and_reports_it(lm):
+    model, task, train, theta0 = lm
+    theta, traj = fit(model, task, train, theta0)
+    ParamView(model).set_vector(theta)
+    request_ = Request.remove("ex9", "ex14")
+    for args in (PathArguments(exact_every=3, exact_tail=0.25), PathArguments(exact_every=3, history=3)):
+        r = path_replay(model, task, train, request_, traj, args).report["path"]
+        assert r["exact_steps"] + r["predicted_steps"] + r["skipped_empty_steps"] == r["replayed_steps"]
+        assert r["predicted_steps"] > 0 and r["exact_steps"] >= r["steps"] - r["exact_from_step"]
+        assert 0 < r["gradient_cost_vs_retraining"] < 1 and r["prediction_error"]["checks"] == r["exact_steps"]
+    assert r["secant_pairs"] > 0
+
+
+def test_secant_satisfies_the_newest_secant_equation_and_stays_positive_definite():
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    h = a @ a.T + 0.5 * torch.eye(6, dtype=torch.float64)
+    sec = Secant(history=3)
+    assert torch.equal(sec.matvec(torch.ones(6, dtype=torch.float64)), torch.zeros(6, dtype=torch.float64))
+    for _ in range(5):
+        s = torch.randn(6, generator=gen, dtype=torch.float64)
+        assert sec.add(s, h @ s)
+    assert len(sec.S) == 3
+    assert torch.allclose(sec.matvec(sec.S[-1]), sec.Y[-1], atol=1e-10)  # B s = y for the newest pair (BFGS)
+    b = torch.stack([sec.matvec(e) for e in torch.eye(6, dtype=torch.float64)])
+    assert torch.allclose(b, b.T, atol=1e-10) and torch.linalg.eigvalsh((b + b.T) / 2)[0] > 0
+    assert not sec.add(torch.ones(6, dtype=torch.float64), -torch.ones(6, dtype=torch.float64))  # sᵀy < 0: skipped
+    assert sec.skipped == 1 and len(sec.S) == 3
+
+
+def test_refine_reaches_the_leave_k_out_ridge_solution_and_certifies_it():
+    x, y = regression_data(30, 4, seed=2)
+    train, l2 = make_examples(x, y), 0.1
+    model, task = linear_model(4), TabularTask()
+    ParamView(model).set_vector(ridge_solution(train, l2))
+    request_ = Request.remove("r3", "r17")
+    # R′ is quadratic, so one undamped Newton step (4 CG iterations span the 4-dim space) lands on its minimiser
+    update = refine(model, task, train, request_, torch.zeros(4, dtype=torch.float64),
+                    RefineArguments(steps=3, tol=1e-8, cg_iters=8), l2=l2, damping=0.0)
+    target = ridge_solution(apply_request(train, request_), l2)
+    assert torch.allclose(update.theta, target, atol=1e-10)
+    r = update.report["refine"]
+    assert r["residual_at_original"] > 1e-3 and r["residual_final"] < 1e-10 and len(r["history"]) == 2
+
+
+def test_auto_rewinds_late_edits_replays_early_ones_and_falls_back_without_a_recording(lm):
+    model, task, train, theta0 = lm
+    theta, traj = fit(model, task, train, theta0)
+    steps = traj.schedule(train)
+    last = train[steps[-1][0]].id  # seen last in the final epoch, but also in every earlier epoch
+    early = train[steps[0][0]].id
+    path = PathArguments()
+    assert choose_update(None, "no trajectory", train, Request.remove(early), path) == \
+        ("first-order", "auto chose first-order: no trajectory")
+    name, why = choose_update(traj, "", train, Request.remove(early), path)
+    assert name == "path" and "step 0 of 18" in why
+    one_epoch, traj1 = fit(model, task, train, theta0, FinetuneArguments(**{**vars(ARGS), "epochs": 1}))
+    order = traj1.schedule(train)
+    assert choose_update(traj1, "", train, Request.remove(train[order[-1][0]].id), path)[0] == "rewind"
+    assert choose_update(traj, "", train, Request.remove(last), path)[0] in ("path", "rewind")
+
+
+def test_methods_through_the_command_line_and_their_errors(tmp_path, capsys):
+    from fixtures.tiny import save_tiny_base
+
+    save_tiny_base(tmp_path / "base")
+    train = fact_examples(16, seed=1)
+    save_examples(train, tmp_path / "train.jsonl")
+    common = ["--base-model", str(tmp_path / "base"), "--dtype", "float64", "--quiet"]
+    ft = ["--epochs", "2", "--lr", "1e-2", "--batch-size", "4", "--lora-r", "1", "--max-length", "24"]
+    assert main(["finetune", *common, "--train", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "ft"),
+                 *ft]) == 0
+    assert (tmp_path / "ft" / "trajectory.safetensors").is_file()
+    request_ = Request.remove("ex3", "ex8")
+    (tmp_path / "r.json").write_text(json.dumps(request_.to_dict()))
+    save_examples(apply_request(train, request_), tmp_path / "edited.jsonl")
+    assert main(["finetune", *common, "--train", str(tmp_path / "edited.jsonl"), "--out", str(tmp_path / "re"),
+                 *ft]) == 0
+    un = ["unlearn", *common, "--adapter", str(tmp_path / "ft"), "--train", str(tmp_path / "train.jsonl"),
+          "--request", str(tmp_path / "r.json")]
+    assert main([*un, "--out", str(tmp_path / "rw"), "--method", "rewind"]) == 0
+    ours, theirs = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("rw", "re"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)  # bit for bit
+    report = json.loads((tmp_path / "rw" / "report.json").read_text())
+    assert report["method"] == "rewind" and report["trajectory"]["per_step_gradients"]
+    assert (tmp_path / "rw" / "trajectory.safetensors").is_file()  # exact: the next request can rewind too
+    for method in ("path", "refine"):
+        assert main([*un, "--out", str(tmp_path / method), "--method", method, "--refine-steps", "1"]) == 0
+        assert json.loads((tmp_path / method / "report.json").read_text())["method"] == method
+        assert not (tmp_path / method / "trajectory.safetensors").exists()  # approximate: no recording handed on
+    # an adapter without a recording: path / rewind refuse with the reason, auto falls back to first-order
+    (tmp_path / "bare").mkdir()
+    for f in (tmp_path / "ft").iterdir():
+        if f.name != "trajectory.safetensors":
+            (tmp_path / "bare" / f.name).write_bytes(f.read_bytes())
+    bare = [*un[:un.index("--adapter") + 1], str(tmp_path / "bare"), *un[un.index("--adapter") + 2:]]
+    capsys.readouterr()
+    assert main([*bare, "--out", str(tmp_path / "x"), "--method", "path"]) == 2
+    assert "no trajectory.safetensors" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main([*bare, "--out", str(tmp_path / "auto")]) == 0
+    report = json.loads((tmp_path / "auto" / "report.json").read_text())
+    assert report["method"] == "first-order" and "no trajectory" in report["update_choice"]
+    # a recording that is not this adapter's fine-tune (weights changed afterwards): refused by name
+    (tmp_path / "bare" / "trajectory.safetensors").write_bytes((tmp_path / "rw" / "trajectory.safetensors")
+                                                                .read_bytes())
+    assert main([*bare, "--out", str(tmp_path / "y"), "--method", "rewind"]) == 2
+    assert "another training set" in capsys.readouterr().err
+
+
+def test_memorised_person_removal_through_the_cli_with_default_options(tmp_path):
+    """The issue's goal: pre-train a tiny Llama on question templates, fine-tune LoRA until it memorises 5 facts
+    about each of 16 people, remove one whole person with `llmeraser unlearn` and no options. The forgotten facts'
+    loss must go at least 70% of the way to retraining's, the kept facts' rise no more than 10% over the original.
+    Measured (float64, this CPU): forgotten 0.10 → 2.10 retrained, → 2.60 unlearned (1.25 of the way: the path's
+    target keeps the recorded batches, whose boundaries differ from retraining's); kept 0.196 → 0.201 (1.02×).
+    The margins (0.7 vs 1.25, 1.1 vs 1.02) are far above what rounding across CPUs can move in float64."""
+    case = memorised_people(tmp_path)
+    common = ["--base-model", str(case["base"]), "--dtype", "float64", "--quiet"]
+    ft = ["--epochs", "30", "--lr", "1e-2", "--batch-size", "8", "--lora-r", "4", "--lora-alpha", "8",
+          "--lora-targets", ",".join(PEOPLE_TARGETS), "--max-length", "32"]
+    train = load_examples(case["train"])
+    edited = apply_request(train, load_request(case["request"]))
+    save_examples(edited, tmp_path / "edited.jsonl")
+    assert main(["finetune", *common, "--train", str(case["train"]), "--out", str(tmp_path / "ft"), *ft]) == 0
+    assert main(["finetune", *common, "--train", str(tmp_path / "edited.jsonl"), "--out", str(tmp_path / "re"),
+                 *ft]) == 0
+    assert main(["unlearn", *common, "--adapter", str(tmp_path / "ft"), "--train", str(case["train"]), "--request",
+                 str(case["request"]), "--out", str(tmp_path / "un")]) == 0
+    from llmeraser.models import load_base_model
+    from llmeraser.params import load_adapter
+
+    forget = [e for e in train if e.id in set(case["removed"])]
+    loss = {}
+    for name in ("ft", "re", "un"):
+        base, tok = load_base_model(str(case["base"]), dtype="float64")
+        model, task = load_adapter(base, tmp_path / name), CausalLMTask(tok, max_length=32)
+        loss[name] = (evaluate(model, task, forget)["loss"], evaluate(model, task, edited)["loss"])
+    (f0, k0), (f_re, _), (f_un, k_un) = loss["ft"], loss["re"], loss["un"]
+    assert f0 < 0.3 and f_re > 1.5  # memorised, and retraining forgets: the case is what it claims to be
+    assert (f_un - f0) / (f_re - f0) >= 0.7
+    assert k_un <= 1.1 * k0
+    report = json.loads((tmp_path / "un" / "report.json").read_text())
+    assert report["method"] == "path" and report["update_choice"].startswith("auto chose path")
