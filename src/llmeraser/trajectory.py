@@ -260,10 +260,11 @@ class Trajectory:
         """
         from llmeraser.data import examples_hash
 
-        if self.meta.get("train_sha256") != examples_hash(train):
+        recorded, given = str(self.meta.get("train_sha256")), examples_hash(train)
+        if recorded != given:
             raise AdapterError(f"the adapter's trajectory was recorded on another training set "
-                               f"({self.meta.get('n_train')} examples, sha256 {str(self.meta.get('train_sha256'))[:12]}…) than the {len(train)} "
-                               f"given (sha256 {examples_hash(train)[:12]}…)")
+                               f"({self.meta.get('n_train')} examples, sha256 {recorded[:12]}…) than the "
+                               f"{len(train)} given (sha256 {given[:12]}…)")
         if self.theta0.numel() != theta.numel():
             raise AdapterError(f"the trajectory has {self.theta0.numel():,} parameters, the adapter {theta.numel():,}")
         if self.grads is not None and not torch.equal(self.final().to(theta.dtype), theta.detach().cpu()):
