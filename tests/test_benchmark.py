@@ -40,7 +40,8 @@ def test_quick_bench_runs_every_method_and_writes_its_outputs(quick):
                                                  "first-order/cg", "newton/cg", "first-order/lissa", "newton/lissa",
                                                  "first-order/sqp", "newton/sqp", "first-order/ekfac",
                                                  "first-order/kfac", "first-order/woodbury", "first-order/datainf",
-                                                 "gradient-ascent", "npo", *peers}
+                                                 "gradient-ascent", "npo", "rewind", "path", "path/secant",
+                                                 "refine", *peers}
     for m in ("first-order/ekfac", "first-order/kfac", "first-order/woodbury", "first-order/datainf", *peers):
         row = by["IR-5", m]
         assert row["fit"] > 0 and row["fit_vs_epoch"] > 0 and row["grad_only"] > 0 and row["delta_norm"] > 0
@@ -57,6 +58,13 @@ def test_quick_bench_runs_every_method_and_writes_its_outputs(quick):
             assert math.isfinite(row["test_auc"]) and 0 <= row["mia_auc"] <= 1
             assert row["total"] >= row["gradients"] > 0
     assert "corrected_loss" in by["RC-10", "first-order/cg"] and "corrected_loss" not in by["IR-5", "original"]
+    for setting in ("IR-5", "RC-10"):
+        # exact rewind is retraining (bit for bit, tests/test_path.py); path replay and refine report their costs
+        rewound = by[setting, "rewind"]
+        assert rewound["test_kl"] == 0 and rewound["cosine"] == pytest.approx(1) and 0 < rewound["replayed_fraction"]
+        assert 0 < by[setting, "path"]["gradient_cost"] and by[setting, "path"]["exact_steps"] > 0
+        refined = by[setting, "refine"]
+        assert refined["residual_final"] <= refined["residual_at_start"] and refined["residual_at_original"] > 0
     assert result["commit"] and result["arguments"]["settings"] == ["IR-5", "RC-10"]
     text = (out / "tables.md").read_text()
     assert "### IR-5: instance removal, 5%" in text and "| newton/cg |" in text

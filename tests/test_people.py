@@ -202,8 +202,8 @@ def test_tiny_benchmark_end_to_end(tmp_path):
 
     from llmeraser.experiments.people_bench import PeopleBenchArguments, run_people_benchmark
 
-    methods = ("original", "retrain", "retrain@1", "first-order/ekfac", "cli-defaults", "gradient-ascent",
-               "fine-tune-corrected")
+    methods = ("original", "retrain", "retrain@1", "first-order/ekfac", "cli-defaults", "rewind", "path",
+               "gradient-ascent", "fine-tune-corrected")
     result = run_people_benchmark(PeopleBenchArguments.tiny(methods=methods), tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["complete"] and saved["commit"] and saved["rows"] == json.loads(json.dumps(result["rows"]))
@@ -222,6 +222,9 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     for split in ("forget10", "correct"):
         # the reference against itself: identical truth ratios, KS p-value 1; θ's own distance 0
         assert rows[split, "retrain"]["forget_quality"] == 1.0
+        # exact rewind is retraining itself (bit for bit: tests/test_path.py), so it scores exactly as retraining
+        assert rows[split, "rewind"]["forget_quality"] == 1.0 and rows[split, "rewind"]["cosine"] > 1 - 1e-6
+        assert 0 < rows[split, "path"]["gradient_cost"] < 1
         assert rows[split, "retrain"]["cosine"] == pytest.approx(1.0, abs=1e-6)  # cos(x, x) up to float32 rounding
         assert rows[split, "original"]["delta_norm"] == 0.0
         assert rows[split, "cli-defaults"]["status"] in ("applied", "declined")

@@ -63,10 +63,13 @@ INFLUENCE = ("first-order/cg", "newton/cg", "first-order/lissa", "newton/lissa",
 FITTED = ("first-order/ekfac", "first-order/kfac", "first-order/woodbury", "first-order/datainf")
 PEERS = ("kronfluence/ekfac",)  # kronfluence 1.0.1's EK-FAC factors, our gradients and damping (`peers.kronfluence`)
 BASELINES = ("gradient-ascent", "npo", "fine-tune-corrected")
+# along the recorded fine-tune (`llmeraser.replay`): exact rewind, path replay (secant: with 5 secant pairs), and
+# the refinement of the default one-step update by Newton-CG steps on the edited objective
+PATH = ("rewind", "path", "path/secant", "refine")
 # retrain@k: retraining the same clean set from another init (seed + k) — the spread of retraining itself
-METHODS = ("original", "retrain", "retrain@1", "retrain@2", "paper", *INFLUENCE, *FITTED, *PEERS, *BASELINES)
+METHODS = ("original", "retrain", "retrain@1", "retrain@2", "paper", *INFLUENCE, *FITTED, *PEERS, *BASELINES, *PATH)
 # every setting and seed: the reference points, the paper's preset, our default, the two classic baselines
-CORE = ("original", "retrain", "paper", "first-order/cg", "gradient-ascent", "fine-tune-corrected")
+CORE = ("original", "retrain", "paper", "first-order/cg", "gradient-ascent", "fine-tune-corrected", "rewind", "path")
 # the solver and baseline study, on the first seed of the study settings (newton/lissa and newton/sqp on request:
 # newton's step is known to be wrong here, lissa/sqp only add their residual to it)
 STUDY = ("newton/cg", "first-order/lissa", "first-order/sqp", "npo")
@@ -105,6 +108,7 @@ class BenchArguments:
     baseline_lrs: dict = field(default_factory=lambda: {"gradient-ascent": (3e-5, 1e-4), "npo": (3e-5, 1e-4),
                                                         "fine-tune-corrected": (1e-4, 1e-3)})
     npo_beta: float = 0.1
+    refine_steps: int = 2  # refine: Newton-CG steps at most (each a pass of gradients over the training set)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -249,6 +253,7 @@ class Bench:
         self.model.eval()
         self.view = ParamView(self.model)
         self._finetuned: dict[tuple, tuple[torch.Tensor, float, float]] = {}
+        self._trajectories: dict[tuple, object] = {}
         self._evaluated: dict[tuple, dict] = {}
 
     # ------------------------------------------------------------------------------------------- fine-tuning
@@ -260,18 +265,26 @@ class Bench:
                 module.reset_lora_parameters("default", True)
         return self.view.vector()
 
-    def fit(self, train: list[Example], seed: int) -> tuple[torch.Tensor, float, float]:
-        """θ fine-tuned on `train` from `seed`'s init, the seconds and the peak MiB it took (memoised in the run)."""
+    def fit(self, train: list[Example], seed: int, *, record: bool = False) -> tuple[torch.Tensor, float, float]:
+        """θ fine-tuned on `train` from `seed`'s init, the seconds and the peak MiB it took (memoised in the run);
+        with `record` its trajectory is kept too (`trajectory`): the originals, for the path methods."""
         key = (examples_hash(train), seed)
-        if key not in self._finetuned:
+        if key not in self._finetuned or (record and key not in self._trajectories):
             self.view.set_vector(self.init(seed))
             a = self.args
             with PeakMemory() as mem:
                 result = finetune(self.model, self.task, train, FinetuneArguments(
                     epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=seed, final_check=False,
-                    progress=a.progress))
+                    progress=a.progress, record=record))
             self._finetuned[key] = (self.view.vector(), result.seconds, mem.mib)
+            if record:
+                self._trajectories[key] = result.trajectory
         return self._finetuned[key]
+
+    def trajectory(self, train: list[Example], seed: int):
+        """The recorded trajectory of the fine-tune on `train` from `seed` (fitting it, recorded, if needed)."""
+        self.fit(train, seed, record=True)
+        return self._trajectories[(examples_hash(train), seed)]
 
     # ----------------------------------------------------------------------------------------------- scoring
     def evaluate(self, theta: torch.Tensor, examples: list[Example]) -> dict:
@@ -486,6 +499,39 @@ def _baseline(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
                    "lr": lrs[best], "tuning_kl": kls}
 
 
+def path_method(bench: Bench, theta: torch.Tensor, setting: Setting, name: str) -> tuple[torch.Tensor, dict]:
+    """A method of PATH from θ̂ = `theta`, the original fine-tuned (and recorded: `Bench.trajectory`) on
+    `setting.train`; shared by both benchmarks. Returns the new θ and what the report says of the run."""
+    from llmeraser.replay import PathArguments, RefineArguments, path_replay, refine, rewind
+
+    a, m, t, train, request = bench.args, bench.model, bench.task, setting.train, setting.request
+    trajectory = bench.trajectory(train, setting.seed)
+    bench.view.set_vector(theta)
+    if name == "rewind":
+        update = rewind(m, t, train, request, trajectory)
+    elif name.startswith("path"):
+        update = path_replay(m, t, train, request, trajectory, PathArguments(history=5 if name == "path/secant" else 0))
+    else:  # refine the default one-step update (first-order, cg at the relative damping) by Newton-CG steps
+        eraser = EraserArguments(method="first-order", solver="cg", curvature_samples=a.curvature_samples,
+                                 seed=setting.seed, batch_size=a.batch_size,
+                                 solver_args=solver_arguments("cg", max_iters=a.max_iters, tol=1e-3))
+        start = UnlearningProblem(m, t, train, request, eraser).solve()
+        update = refine(m, t, train, request, start.delta, RefineArguments(steps=a.refine_steps),
+                        curvature_samples=a.curvature_samples, batch_size=a.batch_size, seed=setting.seed)
+        update.report["seconds"]["total"] += start.report["seconds"]["total"]
+    r = update.report[name.split("/")[0]]
+    info = {"total": update.report["seconds"]["total"]}
+    if name == "rewind":
+        info["replayed_fraction"] = r["replayed_fraction"]
+    elif name == "refine":
+        info |= {"residual": r["relative_residual"], "residual_at_original": r["residual_at_original"],
+                 "residual_at_start": r["residual_at_start"], "residual_final": r["residual_final"]}
+    else:
+        info |= {"exact_steps": r["exact_steps"], "predicted_steps": r["predicted_steps"],
+                 "gradient_cost": r["gradient_cost_vs_retraining"], "prediction_error": r["prediction_error"]["mean"]}
+    return update.theta, info
+
+
 def run_method(bench: Bench, run: Run, name: str) -> dict | None:
     """Run `name` on `run` and measure it; None when it does not apply (fine-tune-corrected on removals)."""
     if name == "fine-tune-corrected" and not run.setting.corrected:
@@ -514,6 +560,8 @@ def _run(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
         return theta, {"gradients": seconds, "solve": 0.0, "total": seconds}
     if name in BASELINES:
         return _baseline(bench, run, name)
+    if name in PATH:
+        return path_method(bench, run.theta, run.setting, name)
     return _influence(bench, run, name)
 
 
@@ -533,7 +581,7 @@ def run_benchmark(args: BenchArguments, out: str | Path, *, base_model=None, tok
     result: dict = {}
     for i, (name, seed, methods) in enumerate(tqdm(jobs, desc="settings", disable=not args.progress)):
         setting = make_setting(name, seed, splits["train"])
-        theta, _, _ = bench.fit(setting.train, seed)
+        theta, _, _ = bench.fit(setting.train, seed, record=bool(set(methods) & set(PATH)))
         theta_retrain, retrain_seconds, retrain_mib = bench.fit(setting.clean, seed)
         run = Run(setting, theta, theta_retrain, retrain_seconds, retrain_mib,
                   list(bench.evaluate(theta_retrain, splits["valid"])["p_yes"].values()),
@@ -566,7 +614,7 @@ def git_commit() -> str:
 COLUMNS = [("test_auc", "test AUC", ".4f"), ("test_acc", "test acc", ".3f"), ("test_kl", "KL→retrain", ".4f"),
            ("edited_loss", "edited loss", ".3f"), ("corrected_loss", "corrected loss", ".3f"),
            ("mia_auc", "MIA AUC", ".3f"), ("delta_norm", "‖Δθ‖", ".3f"), ("cosine", "cos→retrain", ".3f"),
-           ("damping", "λ", ".2g"), ("residual", "residual", ".1e"),
+           ("damping", "λ", ".2g"), ("residual", "residual", ".1e"), ("gradient_cost", "exact grads", ".2f"),
            ("total", "seconds", ".1f"), ("time_ratio", "time/retrain", ".3f"), ("tuning", "tuning s", ".0f"),
            ("request_vs_grad", "request/grads", ".2f"), ("fit", "fit s", ".0f"), ("fit_vs_epoch", "fit/epoch", ".2f"),
            ("peak_mib", "peak MiB", ".0f")]

@@ -37,7 +37,17 @@ from llmeraser.data import Example
 from llmeraser.eraser import EraserArguments, UnlearningProblem, factor_arguments
 from llmeraser.errors import ConfigError, SolverError
 from llmeraser.experiments import forgetting as fg
-from llmeraser.experiments.benchmark import Bench, PeakMemory, Setting, _descend, _objective, git_commit, theta_key
+from llmeraser.experiments.benchmark import (
+    PATH,
+    Bench,
+    PeakMemory,
+    Setting,
+    _descend,
+    _objective,
+    git_commit,
+    path_method,
+    theta_key,
+)
 from llmeraser.experiments.people import PeopleData, build_people
 from llmeraser.factors import fit_factors
 from llmeraser.io import atomic_write_json, atomic_write_text
@@ -50,7 +60,7 @@ SPLITS = ("forget01", "forget05", "forget10", "correct")
 INFLUENCE = ("first-order/cg", "newton/cg", "first-order/kfac", "first-order/ekfac", "first-order/woodbury",
              "first-order/datainf", "newton/ekfac", "newton/woodbury")
 BASELINES = ("gradient-ascent", "npo", "fine-tune-corrected")
-METHODS = ("original", "retrain", "retrain@1", *INFLUENCE, "cli-defaults", *BASELINES)
+METHODS = ("original", "retrain", "retrain@1", *INFLUENCE, "cli-defaults", *BASELINES, *PATH)
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -84,6 +94,7 @@ class PeopleBenchArguments:
     baseline_lrs: dict = field(default_factory=lambda: {"gradient-ascent": (1e-4, 1e-3), "npo": (1e-4, 1e-3),
                                                         "fine-tune-corrected": (1e-4, 1e-3)})
     npo_beta: float = 0.1
+    refine_steps: int = 2  # refine: Newton-CG steps at most
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -302,6 +313,8 @@ def _run(bench, split, name, lr, fits, workdir) -> tuple[torch.Tensor, dict]:
         return _cli_defaults(bench, split, workdir)
     if name in BASELINES:
         return _baseline(bench, split, name, lr)
+    if name in PATH:
+        return path_method(bench, split.theta, split.setting, name)
     return _influence(bench, split, name, fits)
 
 
@@ -324,11 +337,13 @@ def run_people_benchmark(args: PeopleBenchArguments, out: str | Path) -> dict:
 
             (base, tokenizer), base_path = load_base_model(args.base_model), args.base_model
         bench = PeopleBench(args, data, base, tokenizer, base_path)
-        theta, seconds, _ = bench.fit(data.train, args.seed)
+        # recorded, like 'llmeraser finetune': the path methods and the CLI's defaults (auto) replay it
+        theta, seconds, _ = bench.fit(data.train, args.seed, record=True)
         bench.view.set_vector(theta)
         save_adapter(bench.model, workdir / "original", report={
             "kind": "finetune", "task": finetune_record(max_length=args.max_length, l2=0.0,
-                                                        lora=LoraSettings.from_peft(args.lora))})
+                                                        lora=LoraSettings.from_peft(args.lora))},
+            write_more=bench.trajectory(data.train, args.seed).save)
         ids, trained = [e.id for e in data.train], bench.scores(theta, data.train)
         memorised = {**fg.summarise(trained, ids), "value_recall": value_recall(trained, _values(data.train), ids)}
         logger.info("original: %s", memorised)
@@ -368,7 +383,8 @@ COLUMNS = (("forget_quality", "forget quality", ".2g"), ("forget.value_recall", 
            ("corrected.value_recall", "new facts said", ".2f"), ("model_utility", "utility", ".3f"),
            ("retain.value_recall", "retain facts said", ".2f"), ("general.value_recall", "general facts said", ".2f"),
            ("mia_loss_auc", "MIA loss", ".2f"), ("mia_mink_auc", "MIA min-k", ".2f"),
-           ("cosine", "cos→retrain", ".2f"), ("damping", "λ", ".2g"), ("time_ratio", "time/retrain", ".3f"),
+           ("cosine", "cos→retrain", ".2f"), ("damping", "λ", ".2g"), ("residual", "residual", ".2g"),
+           ("gradient_cost", "exact grads", ".2f"), ("time_ratio", "time/retrain", ".3f"),
            ("peak_mib", "peak MiB", ".0f"))
 
 
