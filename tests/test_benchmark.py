@@ -41,7 +41,7 @@ def test_quick_bench_runs_every_method_and_writes_its_outputs(quick):
                                                  "first-order/sqp", "newton/sqp", "first-order/ekfac",
                                                  "first-order/kfac", "first-order/woodbury", "first-order/datainf",
                                                  "gradient-ascent", "npo", "rewind", "path", "path/secant",
-                                                 "refine", *peers}
+                                                 "path/short", "refine", *peers}
     for m in ("first-order/ekfac", "first-order/kfac", "first-order/woodbury", "first-order/datainf", *peers):
         row = by["IR-5", m]
         assert row["fit"] > 0 and row["fit_vs_epoch"] > 0 and row["grad_only"] > 0 and row["delta_norm"] > 0

@@ -63,9 +63,11 @@ INFLUENCE = ("first-order/cg", "newton/cg", "first-order/lissa", "newton/lissa",
 FITTED = ("first-order/ekfac", "first-order/kfac", "first-order/woodbury", "first-order/datainf")
 PEERS = ("kronfluence/ekfac",)  # kronfluence 1.0.1's EK-FAC factors, our gradients and damping (`peers.kronfluence`)
 BASELINES = ("gradient-ascent", "npo", "fine-tune-corrected")
-# along the recorded fine-tune (`llmeraser.replay`): exact rewind, path replay (secant: with 5 secant pairs), and
-# the refinement of the default one-step update by Newton-CG steps on the edited objective
-PATH = ("rewind", "path", "path/secant", "refine")
+# along the recorded fine-tune (`llmeraser.replay`): exact rewind; path replay at its defaults, with 5 secant pairs
+# (secant), and within a fifth of retraining's gradients (short: exact every 16th step and the last 10%); the
+# refinement of the default one-step update by Newton-CG steps on the edited objective
+PATH = ("rewind", "path", "path/secant", "path/short", "refine")
+PATH_VARIANTS = {"path": {}, "path/secant": {"history": 5}, "path/short": {"exact_every": 16, "exact_tail": 0.1}}
 # retrain@k: retraining the same clean set from another init (seed + k) — the spread of retraining itself
 METHODS = ("original", "retrain", "retrain@1", "retrain@2", "paper", *INFLUENCE, *FITTED, *PEERS, *BASELINES, *PATH)
 # every setting and seed: the reference points, the paper's preset, our default, the two classic baselines
@@ -510,7 +512,7 @@ def path_method(bench: Bench, theta: torch.Tensor, setting: Setting, name: str) 
     if name == "rewind":
         update = rewind(m, t, train, request, trajectory)
     elif name.startswith("path"):
-        update = path_replay(m, t, train, request, trajectory, PathArguments(history=5 if name == "path/secant" else 0))
+        update = path_replay(m, t, train, request, trajectory, PathArguments(**PATH_VARIANTS[name]))
     else:  # refine the default one-step update (first-order, cg at the relative damping) by Newton-CG steps
         eraser = EraserArguments(method="first-order", solver="cg", curvature_samples=a.curvature_samples,
                                  seed=setting.seed, batch_size=a.batch_size,
