@@ -1,0 +1,115 @@
+"""Path replay's accuracy against its cost on memorised facts: the variants of `PathArguments`, in one run.
+
+    python bench/path_study.py                 # the table of docs/path.md#what-was-tried (about 2 minutes, 2 cores)
+    python bench/path_study.py --out DIR       # also results.json
+
+The case is the test suite's (`llmeraser.testing.memorised_people`: a tiny Llama pre-trained on the question
+templates, LoRA fine-tuned 30 epochs until it memorises 5 facts about each of 16 people; one whole person removed),
+in float64. Each row replays the recorded fine-tune with one setting and reports how far the removed person's loss
+moved toward retraining's ("moved": 1 = as far as retraining), the kept facts' loss against the original's, the
+cosine of Δθ to retraining's, and the share of retraining's gradients it computed ("cost"). Rewind is exact
+(moved 1, cost = the replayed share) and is listed for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from llmeraser.data import load_examples
+from llmeraser.finetune import FinetuneArguments, finetune
+from llmeraser.metrics import evaluate
+from llmeraser.models import load_base_model
+from llmeraser.params import ParamView
+from llmeraser.record import LoraSettings, lora_model
+from llmeraser.replay import PathArguments, path_replay, rewind
+from llmeraser.request import apply_request, load_request
+from llmeraser.table import format_table
+from llmeraser.task import CausalLMTask
+from llmeraser.testing import PEOPLE_TARGETS, memorised_people
+
+VARIANTS = {  # name → PathArguments overrides
+    "no prediction error at all: every step exact": {"exact_every": 1, "exact_tail": 0.0},
+    "frozen, no exact step": {"exact_every": 10**6, "exact_tail": 0.0},
+    "frozen, exact every 8th": {"exact_every": 8, "exact_tail": 0.0},
+    "frozen, exact last 20%": {"exact_every": 10**6, "exact_tail": 0.2},
+    "frozen, exact last 50%": {"exact_every": 10**6, "exact_tail": 0.5},
+    "frozen, exact every 16th + last 10% (path/short)": {"exact_every": 16, "exact_tail": 0.1},
+    "frozen, exact every 8th + last 34%": {"exact_every": 8, "exact_tail": 0.34},
+    "frozen, exact every 8th + last 50% (default)": {},
+    "secant (5 pairs), exact every 4th, 8 burn-in": {"exact_every": 4, "exact_tail": 0.0, "burn_in": 8,
+                                                     "history": 5},
+    "secant (5 pairs), exact every 8th + last 50%": {"history": 5},
+    "secant (20 pairs), exact every 8th + last 50%": {"history": 20},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="write results.json here (a new folder)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        case = memorised_people(Path(tmp))
+        base, tok = load_base_model(str(case["base"]), dtype="float64")
+        model = lora_model(base, LoraSettings(r=4, alpha=8, targets=PEOPLE_TARGETS), seed=0)
+    task, view = CausalLMTask(tok, max_length=32), ParamView(model)
+    train = load_examples(case["train"])
+    request = load_request(case["request"])
+    edited = apply_request(train, request)
+    forget = [e for e in train if e.id in set(case["removed"])]
+    args = FinetuneArguments(epochs=30, lr=1e-2, batch_size=8, final_check=False)
+    theta0 = view.vector()
+
+    def losses(theta: torch.Tensor) -> tuple[float, float]:
+        view.set_vector(theta)
+        return evaluate(model, task, forget)["loss"], evaluate(model, task, edited)["loss"]
+
+    result = finetune(model, task, train, args)
+    theta, trajectory = view.vector(), result.trajectory
+    view.set_vector(theta0)
+    start = time.perf_counter()
+    finetune(model, task, edited, args)
+    retrain_seconds = time.perf_counter() - start
+    theta_retrain = view.vector()
+    (f0, k0), (fr, kr) = losses(theta), losses(theta_retrain)
+    rows = [{"update": "original", "moved": 0.0, "kept": 1.0, "cosine": float("nan"), "cost": 0.0, "time": 0.0},
+            {"update": "retraining", "moved": 1.0, "kept": kr / k0, "cosine": 1.0, "cost": 1.0, "time": 1.0}]
+    target = theta_retrain - theta
+
+    def row(name: str, update, cost: float, seconds: float) -> dict:
+        f, k = losses(update.theta)
+        cos = float(torch.nn.functional.cosine_similarity(update.delta, target, dim=0))
+        return {"update": name, "moved": (f - f0) / (fr - f0), "kept": k / k0, "cosine": cos, "cost": cost,
+                "time": seconds / retrain_seconds}
+
+    view.set_vector(theta)
+    start = time.perf_counter()
+    up = rewind(model, task, train, request, trajectory)
+    rows.append(row("rewind (exact)", up, up.report["rewind"]["replayed_fraction"], time.perf_counter() - start))
+    for name, overrides in VARIANTS.items():
+        view.set_vector(theta)
+        start = time.perf_counter()
+        up = path_replay(model, task, train, request, trajectory, PathArguments(**overrides))
+        rows.append(row(name, up, up.report["path"]["gradient_cost_vs_retraining"], time.perf_counter() - start))
+    print(f"forgotten facts' loss: original {f0:.3f}, retrained {fr:.3f}; kept facts' loss: original {k0:.3f}, "
+          f"retrained {kr:.3f}\n")
+    print(format_table(rows, [("update", "update", "s"), ("moved", "moved (1 = retraining)", ".2f"),
+                              ("kept", "kept loss / original's", ".2f"), ("cosine", "cos(Δθ, retrain − θ̂)", ".2f"),
+                              ("cost", "exact gradients / retraining's", ".2f"), ("time", "time / retraining", ".2f")]))
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=False)
+        (out / "results.json").write_text(json.dumps({"losses": {"forget": [f0, fr], "kept": [k0, kr]},
+                                                      "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
