@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from llmeraser.cli import main
 from llmeraser.data import load_examples, save_examples
-from llmeraser.errors import AdapterError
+from llmeraser.errors import AdapterError, ConfigError
 from llmeraser.finetune import FinetuneArguments, finetune, run_steps
 from llmeraser.job import choose_update
 from llmeraser.metrics import evaluate
@@ -78,6 +78,21 @@ def test_the_trajectory_rebuilds_the_fine_tune_bit_for_bit(lm, tmp_path):
     (tmp_path / "trajectory.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(AdapterError, match="unreadable"):
         Trajectory.load(tmp_path)
+    # a readable file whose header lacks what a replay needs, or whose tensors do not fit together
+    Trajectory({k: v for k, v in traj.meta.items() if k != "lr"}, traj.theta0, traj.grads, {}).save(tmp_path)
+    with pytest.raises(AdapterError, match="lacks 'lr'"):
+        Trajectory.load(tmp_path)
+    Trajectory(traj.meta, traj.theta0, traj.grads[:-1], {}).save(tmp_path)
+    with pytest.raises(AdapterError, match="gradients of shape"):
+        Trajectory.load(tmp_path)
+    # checkpoints only: the adapter is still identified by the final θ's hash, and path replay refuses
+    small = fit(model, task, train, theta0, FinetuneArguments(**{**vars(ARGS), "record_max_gib": 2e-6}))[1]
+    small.check(train, theta)
+    with pytest.raises(AdapterError, match="changed after fine-tuning"):
+        small.check(train, theta + 1e-12)
+    ParamView(model).set_vector(theta)
+    with pytest.raises(ConfigError, match="checkpoints only"):
+        path_replay(model, task, train, Request.remove("ex1"), small)
 
 
 @pytest.mark.parametrize("request_", [

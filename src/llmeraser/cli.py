@@ -312,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a LoRA adapter (the objective the eraser assumes)",
                        description="Fine-tune LoRA on R(θ) = mean response NLL + (l2/2)‖θ‖², dropout off, "
-                                   "deterministic. Writes the adapter (safetensors) and report.json.",
+                                   "deterministic. Writes the adapter (safetensors), report.json and, with Adam, "
+                                   "the recorded trajectory (trajectory.safetensors: θ₀ and every step's gradient) "
+                                   "that lets 'unlearn' rewind exactly or replay the path (docs/path.md).",
                        epilog="example: llmeraser finetune --train data/train.jsonl --out adapters/original "
                               "--epochs 1 --lr 1e-3")
     _common(p)
@@ -327,9 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("unlearn", help="apply a request (remove / modify_query / correct_response) to an adapter",
-                       description="Compute Δθ with influence functions and write a new adapter plus report.json "
-                                   "(request hash, solver, damping, residual, timings, ‖Δθ‖). The input adapter is "
-                                   "never modified.",
+                       description="Write a new adapter that behaves as if fine-tuned without (or with corrected) "
+                                   "examples, plus report.json (request hash, method and why, solver, damping, "
+                                   "residual, timings, ‖Δθ‖). With the adapter's recorded trajectory the default "
+                                   "(--method auto) rewinds exactly or replays the path; without, one influence "
+                                   "step (LLMEraser). The input adapter is never modified.",
                        epilog="example: llmeraser unlearn --adapter adapters/original --train data/train.jsonl "
                               "--request request.json --out adapters/unlearned --solver auto")
     _common(p)

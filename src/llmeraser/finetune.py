@@ -172,7 +172,7 @@ def _adam(model: torch.nn.Module, task: Task, examples: Sequence[Example], args:
         if args.record else None
     losses = run_steps(model, task, examples, steps, view, Adam(config, theta), start=0, recorder=recorder,
                        progress=args.progress)
-    trajectory = recorder.finish(len(losses)) if recorder is not None else None
+    trajectory = recorder.finish(len(losses), view.vector()) if recorder is not None else None
     per_epoch = math.ceil(len(examples) / args.batch_size)
     return ([_epoch_mean(losses, steps, e * per_epoch, (e + 1) * per_epoch) for e in range(args.epochs)],
             len(losses), trajectory)

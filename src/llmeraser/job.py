@@ -36,10 +36,10 @@ from llmeraser.errors import UserInputError
 from llmeraser.factors import FactorArguments, Factors, FactorStore, default_store, fit_factors
 from llmeraser.params import ParamView, adapter_hash, check_adapter_dir
 from llmeraser.record import TrainingRecord
-from llmeraser.replay import PathArguments, RefineArguments, path_replay, refine, rewind
+from llmeraser.replay import PathArguments, RefineArguments, first_edited_step, path_replay, refine, rewind
 from llmeraser.request import Request, apply_request, load_request, resolve
 from llmeraser.solvers.api import is_fitted, solver_arguments
-from llmeraser.trajectory import Trajectory, first_step_seeing
+from llmeraser.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -304,6 +304,8 @@ class AdapterJob:
                     self._trajectory = (found, "")
             except UserInputError as e:
                 self._trajectory = (None, str(e))
+            # every rank read its own copy: they must agree, or they would take different updates
+            distributed.check_same({"trajectory": self._trajectory[1] or "usable"}, "reading the trajectory")
         return self._trajectory
 
     def _hand_on(self, factors: Factors, train: list[Example], request: Request, out: str,
@@ -410,8 +412,7 @@ def choose_update(trajectory: Trajectory | None, why_not: str, train: Sequence[E
     """
     if trajectory is None:
         return "first-order", f"auto chose first-order: {why_not}"
-    steps = trajectory.schedule(train)
-    first = first_step_seeing(train, steps, {old.id for old, _ in resolve(request, train)})
+    steps, first = first_edited_step(trajectory, train, {old.id for old, _ in resolve(request, train)})
     start = trajectory.start_before(first)
     replay = (len(steps) - start) / len(steps)
     if trajectory.grads is None:

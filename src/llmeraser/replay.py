@@ -75,7 +75,7 @@ class PathArguments:
     def cost(self, steps: int, first: int) -> float:
         """The share of the recorded steps whose kept gradients are exact (the rest cost only the edited
         examples' gradients): a forecast of the cost relative to retraining, before running."""
-        tail = math.ceil(self.exact_tail * steps)
+        tail = math.ceil(self.exact_tail * steps - 1e-9)  # as path_replay counts it
         head = max(0, steps - tail - first)
         return (tail + min(head, self.burn_in) + max(0, head - self.burn_in) / self.exact_every) / max(steps, 1)
 
@@ -104,7 +104,8 @@ def _edits(request: Request, train: Sequence[Example]) -> tuple[list[Example], d
     return effective, {old.id: new for old, new in pairs}
 
 
-def _first_edited_step(trajectory: Trajectory, train: Sequence[Example], edited: set[str]) -> tuple[list, int]:
+def first_edited_step(trajectory: Trajectory, train: Sequence[Example], edited: set[str]) -> tuple[list, int]:
+    """(the recorded schedule on `train`, the first step whose batch holds an edited example)."""
     steps = trajectory.schedule(train)
     k = first_step_seeing(train, steps, edited)
     if k is None:  # every example is in every epoch: only an empty request sees no step
@@ -139,21 +140,24 @@ def rewind(model: torch.nn.Module, task: Task, train: Sequence[Example], request
 
     start_time = time.perf_counter()
     effective, edits = _edits(request, train)
-    steps, first = _first_edited_step(trajectory, train, set(edits))
+    steps, first = first_edited_step(trajectory, train, set(edits))
     start = trajectory.start_before(first)
     new_steps = trajectory.schedule(effective)
     # the steps before `first` hold no edited example, so the edited set's schedule has the very same batches
-    assert [[effective[i].id for i in b] for b in new_steps[:first]] == \
-        [[train[i].id for i in b] for b in steps[:first]], "the id-hash schedule is not stable under this edit"
+    if [[effective[i].id for i in b] for b in new_steps[:first]] != [[train[i].id for i in b] for b in steps[:first]]:
+        raise ConfigError("the recorded schedule is not stable under this edit (not an id-hash order?)")
     view = ParamView(model)
     theta_hat = view.vector()
     theta, adam = trajectory.state(start)
     recorder = Recorder.resume(trajectory, start, len(new_steps), examples=effective)
-    view.set_vector(theta)
-    losses = run_steps(model, task, effective, new_steps, view, adam, start=start, recorder=recorder,
-                       progress=progress, desc="rewind")
-    theta_new = view.vector()
-    view.set_vector(theta_hat)
+    model.eval()
+    try:
+        view.set_vector(theta)
+        losses = run_steps(model, task, effective, new_steps, view, adam.to(view.device), start=start,
+                           recorder=recorder, progress=progress, desc="rewind")
+        theta_new = view.vector()
+    finally:
+        view.set_vector(theta_hat)
     seconds = time.perf_counter() - start_time
     report = {"first_edited_step": first, "rewound_to": start, "steps": len(new_steps),
               "replayed_steps": len(new_steps) - start,
@@ -162,7 +166,7 @@ def rewind(model: torch.nn.Module, task: Task, train: Sequence[Example], request
               "exact": "equal to retraining on the edited set with the recorded recipe, bit for bit"}
     logger.info("rewind: replayed %d of %d steps from step %d", len(new_steps) - start, len(new_steps), start)
     update = _update(request, train, theta_hat, theta_new, "rewind", report, seconds)
-    update.trajectory = recorder.finish(len(new_steps))
+    update.trajectory = recorder.finish(start + len(losses), theta_new)
     return update
 
 
@@ -210,79 +214,80 @@ class Secant:
 
 def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
                 trajectory: Trajectory, args: PathArguments | None = None, *, progress: bool = False):
-    """The edited trajectory over the recorded steps, with secant curvature between exact steps (module docstring).
-    θ is left at θ̂; the Update's `theta` is the end of the edited trajectory."""
+    """The edited trajectory over the recorded steps, kept gradients predicted between exact steps (module
+    docstring). θ is left at θ̂; the Update's `theta` is the end of the edited trajectory."""
+    from llmeraser.finetune import step_gradient
+
     args = args or PathArguments()
     start_time = time.perf_counter()
     effective, edits = _edits(request, train)
-    steps, first = _first_edited_step(trajectory, train, set(edits))
-    from llmeraser.finetune import step_gradient
-
+    steps, first = first_edited_step(trajectory, train, set(edits))
     view = ParamView(model)
-    theta_hat = view.vector()
+    theta_hat, dev = view.vector(), view.device
     secant = Secant(args.history) if args.history else None
-    exact_steps, predicted_steps, skipped_steps, edited_grads = 0, 0, 0, 0
+    n = {"exact": 0, "predicted": 0, "skipped": 0, "edited": 0}
     errors: list[float] = []
-    tail = len(steps) - math.ceil(args.exact_tail * len(steps))
+    tail = len(steps) - math.ceil(args.exact_tail * len(steps) - 1e-9)
     next_exact = first
     w = adam = None
+    model.eval()
     bar = tqdm(total=len(steps) - first, desc="path replay", disable=not progress)
-    for k, theta_k, adam_k in trajectory.states(stop=len(steps) - 1):
-        if k < first:
-            continue
-        if w is None:  # before the first edited step the edited trajectory is the recorded one
-            w, adam = theta_k.clone(), adam_k.copy()
-        batch = steps[k]
-        here = [train[i] for i in batch if train[i].id in edits]
-        new = [edits[e.id] for e in here if edits[e.id] is not None]
-        n_new = len(batch) - len(here) + len(new)
-        bar.update(1)
-        if n_new == 0:  # the whole batch was removed: retraining over these batches has no such step
-            skipped_steps += 1
-            continue
-        kept = len(batch) - len(here)
-        # the step's batch in the edited set, in its recorded order (a corrected example in its old place)
-        new_batch = [train[i] if train[i].id not in edits else edits[train[i].id] for i in batch]
-        new_batch = [e for e in new_batch if e is not None]
-        # the kept examples' mean gradient at θ_k: the recorded batch gradient less the edited examples' own
-        g_k = trajectory.grads[k]
-        if here:
-            view.set_vector(theta_k)
-            g_k = (len(batch) * g_k - gradient(model, task, here, batch_size=len(here))) / max(kept, 1)
-            edited_grads += len(here)
-        s = w - theta_k
-        view.set_vector(w)
-        news = gradient(model, task, new, batch_size=len(new)) if new else torch.zeros_like(w)  # exact at w_k
-        edited_grads += len(new)
-        if kept and (k - first < args.burn_in or k >= next_exact or k >= tail):
-            # fine-tuning's own step gradient on the edited batch: with every step exact this is, bit for bit,
-            # retraining over the recorded batches
-            g_w, _ = step_gradient(model, task, new_batch, range(len(new_batch)), view)
-            change = (n_new * g_w - news) / kept - g_k  # the kept part's change: "no change" is off by this
-            predicted = secant.matvec(s) if secant is not None else torch.zeros_like(s)
-            errors.append(float((predicted - change).norm()) / max(float(change.norm()), 1e-30))
-            if secant is not None:
-                secant.add(s, change)
-            if k >= next_exact:
-                next_exact = k + args.exact_every
-            exact_steps += 1
-        else:
-            g_kept = g_k + secant.matvec(s) if secant is not None and kept else g_k
-            g_w = (kept * g_kept + news) / n_new if kept else news / n_new
-            predicted_steps += 1
-        w = adam.step(w, g_w)
-        if not torch.isfinite(w).all():
-            view.set_vector(theta_hat)
-            raise SolverError(f"path replay diverged at step {k} (non-finite parameters)")
-    bar.close()
-    view.set_vector(theta_hat)
-    total = len(steps) * trajectory.meta["batch_size"]
-    cost = (exact_steps * trajectory.meta["batch_size"] + edited_grads) / total
+    try:
+        for k, theta_k, adam_k in trajectory.states(stop=len(steps) - 1):
+            if k < first:
+                continue
+            theta_k = theta_k.to(dev)
+            if w is None:  # before the first edited step the edited trajectory is the recorded one
+                w, adam = theta_k.clone(), adam_k.copy().to(dev)
+            batch = steps[k]
+            here = [train[i] for i in batch if train[i].id in edits]
+            new = [edits[e.id] for e in here if edits[e.id] is not None]
+            kept = len(batch) - len(here)
+            n_new = kept + len(new)
+            bar.update(1)
+            if n_new == 0:  # the whole batch was removed: retraining over these batches has no such step
+                n["skipped"] += 1
+                continue
+            # the step's batch in the edited set, in its recorded order (a corrected example in its old place)
+            new_batch = [e for e in (edits.get(train[i].id, train[i]) for i in batch) if e is not None]
+            # the kept examples' mean gradient at θ_k: the recorded batch gradient less the edited examples' own
+            g_k = trajectory.grads[k].to(dev)
+            if here and kept:
+                view.set_vector(theta_k)
+                g_k = (len(batch) * g_k - gradient(model, task, here, batch_size=len(here))) / kept
+                n["edited"] += len(here)
+            s = w - theta_k
+            view.set_vector(w)
+            news = gradient(model, task, new, batch_size=len(new)) if new else torch.zeros_like(w)  # exact at w_k
+            n["edited"] += len(new)
+            if kept and (k - first < args.burn_in or k >= next_exact or k >= tail):
+                # fine-tuning's own step gradient on the edited batch: with every step exact this is, bit for bit,
+                # retraining over the recorded batches
+                g_w, _ = step_gradient(model, task, new_batch, range(len(new_batch)), view)
+                change = (n_new * g_w - news) / kept - g_k  # the kept part's change: "no change" is off by this
+                predicted = secant.matvec(s) if secant is not None else torch.zeros_like(s)
+                errors.append(float((predicted - change).norm()) / max(float(change.norm()), 1e-30))
+                if secant is not None:
+                    secant.add(s, change)
+                if k >= next_exact:
+                    next_exact = k + args.exact_every
+                n["exact"] += 1
+            else:
+                g_kept = g_k + secant.matvec(s) if secant is not None and kept else g_k
+                g_w = (kept * g_kept + news) / n_new if kept else news / n_new
+                n["predicted"] += 1
+            w = adam.step(w, g_w)
+            if not torch.isfinite(w).all():
+                raise SolverError(f"path replay diverged at step {k} (non-finite parameters)")
+    finally:
+        bar.close()
+        view.set_vector(theta_hat)
+    batch_size = trajectory.meta["batch_size"]
+    cost = (n["exact"] * batch_size + n["edited"]) / (len(steps) * batch_size)
     report = {"first_edited_step": first, "steps": len(steps), "replayed_steps": len(steps) - first,
-              "exact_steps": exact_steps, "predicted_steps": predicted_steps, "skipped_empty_steps": skipped_steps,
-              "edited_gradients": edited_grads, "secant_pairs": len(secant.S) if secant else 0,
-              "secant_skipped": secant.skipped if secant else 0,
-              "exact_from_step": tail,
+              "exact_steps": n["exact"], "predicted_steps": n["predicted"], "skipped_empty_steps": n["skipped"],
+              "edited_gradients": n["edited"], "secant_pairs": len(secant.S) if secant else 0,
+              "secant_skipped": secant.skipped if secant else 0, "exact_from_step": tail,
               # ‖predicted − exact change of the kept gradient‖ / ‖exact change‖ on the exact steps (1 = no
               # better than predicting no change, which is what history = 0 does)
               "prediction_error": {"mean": sum(errors) / len(errors) if errors else None,
@@ -292,7 +297,7 @@ def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], re
               "target": "retraining over the recorded mini-batches without the removed examples (with the corrected "
                         "versions in place of the old)"}
     logger.info("path replay: %d exact / %d predicted steps from step %d, ~%.2f of retraining's gradients",
-                exact_steps, predicted_steps, first, cost)
+                n["exact"], n["predicted"], first, cost)
     return _update(request, train, theta_hat, w, "path", report, time.perf_counter() - start_time)
 
 

@@ -49,8 +49,9 @@ class AdamConfig:
 
 class Adam:
     """Adam on one flat parameter vector: the single implementation fine-tuning and every replay use, so a replay
-    fed the same gradients reproduces training bit for bit. torch.optim.Adam's arithmetic (non-fused):
-    m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², θ ← θ − (lr/(1−β₁ᵗ)) · m / (√v/√(1−β₂ᵗ) + ε), g = data gradient + l2·θ."""
+    fed the same gradients reproduces training bit for bit. torch.optim.Adam's formula (torch forms m by a lerp, so
+    the two agree to rounding): m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², θ ← θ − (lr/(1−β₁ᵗ)) · m / (√v/√(1−β₂ᵗ) + ε),
+    g = data gradient + l2·θ."""
 
     def __init__(self, config: AdamConfig, theta: torch.Tensor, m: torch.Tensor | None = None,
                  v: torch.Tensor | None = None, t: int = 0):
@@ -72,6 +73,11 @@ class Adam:
 
     def copy(self) -> Adam:
         return Adam(self.config, self.m, m=self.m, v=self.v, t=self.t)
+
+    def to(self, device) -> Adam:
+        """This state with m and v on `device` (the model's; a trajectory is kept on the CPU)."""
+        self.m, self.v = self.m.to(device), self.v.to(device)
+        return self
 
 
 def schedule(examples: Sequence[Example], *, seed: int, epochs: int, batch_size: int) -> list[list[int]]:
@@ -98,7 +104,7 @@ class Recorder:
     """Collects a fine-tune's trajectory step by step (`finetune` calls `step` before each Adam step)."""
 
     def __init__(self, meta: dict, theta0: torch.Tensor, n_steps: int, *, max_bytes: int = DEFAULT_MAX_BYTES):
-        self.meta, self.theta0, self.n_steps = dict(meta), theta0.detach().clone(), n_steps
+        self.meta, self.theta0, self.n_steps = dict(meta), theta0.detach().cpu().clone(), n_steps
         per_step = theta0.numel() * theta0.element_size()
         self.keep_grads = n_steps * per_step <= max_bytes
         self.grads = torch.empty((n_steps, theta0.numel()), dtype=theta0.dtype) if self.keep_grads else None
@@ -111,7 +117,7 @@ class Recorder:
     def resume(cls, trajectory: Trajectory, start: int, n_steps: int, *, examples: Sequence[Example]) -> Recorder:
         """A recorder for a run that shares `trajectory`'s first `start` steps (a rewind) and has `n_steps` in all
         on `examples`: the shared part is copied, in the same storage mode."""
-        meta = {k: v for k, v in trajectory.meta.items() if k not in ("steps", "checkpoint_every")}
+        meta = {k: v for k, v in trajectory.meta.items() if k not in ("steps", "checkpoint_every", "final_sha256")}
         meta |= adam_meta(trajectory.config, epochs=meta["epochs"], batch_size=meta["batch_size"], seed=meta["seed"],
                           train=examples)
         rec = cls(meta, trajectory.theta0, n_steps, max_bytes=0)
@@ -128,12 +134,15 @@ class Recorder:
         if self.keep_grads:
             self.grads[k].copy_(data_grad)
         elif k % self.every == 0:
-            self.checkpoints[k] = (theta.clone(), adam.m.clone(), adam.v.clone())
+            self.checkpoints[k] = (theta.cpu().clone(), adam.m.cpu().clone(), adam.v.cpu().clone())
 
-    def finish(self, steps_taken: int) -> Trajectory:
+    def finish(self, steps_taken: int, final: torch.Tensor) -> Trajectory:
+        """The trajectory of a run that took `steps_taken` steps and ended at θ = `final` (its hash is kept, so
+        `Trajectory.check` knows the adapter it belongs to without a replay)."""
         if steps_taken != self.n_steps:
             raise ConfigError(f"recorded {steps_taken} of {self.n_steps} steps")
-        meta = self.meta | {"steps": self.n_steps, "checkpoint_every": None if self.keep_grads else self.every}
+        meta = self.meta | {"steps": self.n_steps, "checkpoint_every": None if self.keep_grads else self.every,
+                            "final_sha256": tensor_sha256(final)}
         return Trajectory(meta, self.theta0, self.grads, self.checkpoints)
 
 
@@ -239,13 +248,26 @@ class Trajectory:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise AdapterError(f"{path} is unreadable: {e}") from e
-        meta.pop("format")
-        checkpoints = {}
-        for key in tensors:
-            if key.startswith("ckpt.") and key.endswith(".theta"):
-                k = int(key.split(".")[1])
-                checkpoints[k] = (tensors[key], tensors[f"ckpt.{k}.m"], tensors[f"ckpt.{k}.v"])
-        traj = cls(meta, tensors["theta0"], tensors.get("grads"), checkpoints)
+        try:
+            meta.pop("format")
+            for key in REQUIRED:
+                if key not in meta:
+                    raise AdapterError(f"{path} lacks '{key}' in its header")
+            checkpoints = {}
+            for key in tensors:
+                if key.startswith("ckpt.") and key.endswith(".theta"):
+                    k = int(key.split(".")[1])
+                    checkpoints[k] = (tensors[key], tensors[f"ckpt.{k}.m"], tensors[f"ckpt.{k}.v"])
+            traj = cls(meta, tensors["theta0"], tensors.get("grads"), checkpoints)
+            shapes = {tuple(t.shape) for c in checkpoints.values() for t in c} | {tuple(traj.theta0.shape)}
+            if len(shapes) != 1 or traj.theta0.dim() != 1:
+                raise AdapterError(f"{path}: its parameter vectors have different shapes {sorted(shapes)}")
+            if traj.grads is None and not checkpoints and traj.steps:
+                raise AdapterError(f"{path} holds neither per-step gradients nor checkpoints")
+        except (KeyError, ValueError, TypeError) as e:
+            if isinstance(e, AdapterError):
+                raise
+            raise AdapterError(f"{path} is not a complete trajectory: {type(e).__name__} {e}") from e
         if traj.grads is not None and tuple(traj.grads.shape) != (traj.steps, traj.theta0.numel()):
             raise AdapterError(f"{path}: gradients of shape {tuple(traj.grads.shape)} for {traj.steps} steps of "
                                f"{traj.theta0.numel()} parameters")
@@ -267,15 +289,27 @@ class Trajectory:
                                f"{len(train)} given (sha256 {given[:12]}…)")
         if self.theta0.numel() != theta.numel():
             raise AdapterError(f"the trajectory has {self.theta0.numel():,} parameters, the adapter {theta.numel():,}")
-        if self.grads is not None and not torch.equal(self.final().to(theta.dtype), theta.detach().cpu()):
-            raise AdapterError("the trajectory does not reproduce the adapter's weights (replayed final θ differs): "
-                               "the adapter was changed after fine-tuning")
+        if len(self.schedule(train)) != self.steps:
+            raise AdapterError(f"the trajectory's recipe gives {len(self.schedule(train))} steps on this training set, "
+                               f"but {self.steps} were recorded")
+        if tensor_sha256(theta) != self.meta["final_sha256"]:
+            raise AdapterError("the trajectory does not end at the adapter's weights (their hash differs): the "
+                               "adapter was changed after fine-tuning")
 
     def describe(self) -> dict:
         """What the report says of the recording."""
         return {"steps": self.steps, "per_step_gradients": self.grads is not None,
                 "checkpoint_every": self.meta.get("checkpoint_every"), "mib": self.nbytes / 2**20,
-                "sha256": hashlib.sha256(self.theta0.numpy().tobytes()).hexdigest()[:16]}
+                "final_sha256": self.meta["final_sha256"][:16]}
+
+
+REQUIRED = ("lr", "beta1", "beta2", "eps", "l2", "epochs", "batch_size", "seed", "train_sha256", "steps",
+            "checkpoint_every", "final_sha256")
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """The sha256 of a tensor's bytes (any dtype or device)."""
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def adam_meta(config: AdamConfig, *, epochs: int, batch_size: int, seed: int, train: Sequence[Example]) -> dict:
