@@ -166,6 +166,7 @@ def test_path_replay_predicts_between_exact_steps_and_reports_it(lm):
         assert r["exact_steps"] + r["predicted_steps"] + r["skipped_empty_steps"] == r["replayed_steps"]
         assert r["predicted_steps"] > 0 and r["exact_steps"] >= r["steps"] - r["exact_from_step"]
         assert 0 < r["gradient_cost_vs_retraining"] < 1 and r["prediction_error"]["checks"] == r["exact_steps"]
+        assert r["kept_loss_check"]["examples"] == 20 and r["kept_loss_check"]["ratio"] > 0  # every kept example
     assert r["secant_pairs"] > 0
 
 
@@ -299,3 +300,5 @@ def test_memorised_person_removal_through_the_cli_with_default_options(tmp_path)
     assert k_un <= 1.1 * k0
     report = json.loads((tmp_path / "un" / "report.json").read_text())
     assert report["method"] == "path" and report["update_choice"].startswith("auto chose path")
+    check = report["path"]["kept_loss_check"]  # the report's own evidence agrees: a sample of kept facts
+    assert check["examples"] == 64 and check["ratio"] < 1.1

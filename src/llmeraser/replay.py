@@ -279,6 +279,7 @@ def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], re
             w = adam.step(w, g_w)
             if not torch.isfinite(w).all():
                 raise SolverError(f"path replay diverged at step {k} (non-finite parameters)")
+        kept_check = _kept_loss_check(model, task, effective, edits, theta_hat, w, view)
     finally:
         bar.close()
         view.set_vector(theta_hat)
@@ -293,12 +294,38 @@ def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], re
               "prediction_error": {"mean": sum(errors) / len(errors) if errors else None,
                                    "max": max(errors) if errors else None, "checks": len(errors)},
               "gradient_cost_vs_retraining": cost, "drift_norm": float((w - theta_hat).norm()),
-              "arguments": dataclasses.asdict(args),
+              "kept_loss_check": kept_check, "arguments": dataclasses.asdict(args),
               "target": "retraining over the recorded mini-batches without the removed examples (with the corrected "
                         "versions in place of the old)"}
     logger.info("path replay: %d exact / %d predicted steps from step %d, ~%.2f of retraining's gradients",
                 n["exact"], n["predicted"], first, cost)
     return _update(request, train, theta_hat, w, "path", report, time.perf_counter() - start_time)
+
+
+KEPT_CHECK = 64  # kept examples whose loss is compared before and after a path replay
+KEPT_RISE_WARNING = 1.2  # warn when their mean loss rises above this multiple of the original's
+
+
+def _kept_loss_check(model, task, effective, edits, theta_hat, theta, view) -> dict:
+    """Evidence against an approximate replay gone wrong: the mean loss of up to KEPT_CHECK kept examples (evenly
+    spaced, never edited) at θ̂ and at the result. Retraining leaves examples it still trains on about where they
+    were; a large rise means the predicted steps drifted (then: more exact steps, or --method rewind)."""
+    from llmeraser.finetune import objective
+
+    kept = [e for e in effective if e.id not in edits]
+    sample = kept[:: max(1, len(kept) // KEPT_CHECK)][:KEPT_CHECK]
+    if not sample:
+        return {"examples": 0}
+    losses = []
+    for point in (theta_hat, theta):
+        view.set_vector(point)
+        losses.append(objective(model, task, sample))
+    ratio = losses[1] / max(losses[0], 1e-12)
+    if ratio > KEPT_RISE_WARNING:
+        logger.warning("path replay: the kept examples' loss rose %.2f× (%.4g → %.4g on %d of them); retraining "
+                       "keeps them about where they were, so the predicted steps may have drifted: consider more "
+                       "exact steps (--path-exact-tail) or --method rewind", ratio, losses[0], losses[1], len(sample))
+    return {"examples": len(sample), "original": losses[0], "result": losses[1], "ratio": ratio}
 
 
 # ------------------------------------------------------------------------------------------------------ refine
