@@ -1,14 +1,15 @@
 """The generative benchmark on fictitious people: TOFU's forget quality and model utility, for every method.
 
-    make bench-people   # python bench/people.py   the embedded model, 30 people: 107 min on 2 cores
+    make bench-people   # python bench/people.py   the embedded model, every split and method: ~3 h on 2 cores
     python bench/people.py --tiny                  a tiny random model, seconds (what the tests run)
     python bench/people.py --tofu-sized            200 people × 13 facts: for a GPU (hours on a CPU)
     python bench/people.py --splits forget05 --methods original retrain retrain@1 first-order/ekfac --out DIR
 
 Builds the people (`llmeraser data people` writes the same records), fine-tunes the embedded model on their facts
-until it has memorised them, and for forget01/05/10 and the correction runs every method from the original adapter
-with the options a user gets, next to retraining, a second retrain from another seed (the noise floor) and doing
-nothing. Writes OUT/results.json (every number, the git commit, all arguments), OUT/tables.md and
+until it has memorised them (recording its trajectory, as `llmeraser finetune` does), and for forget01/05/10 and the
+correction runs every method from the original adapter with the options a user gets — the one-step updates, the
+path updates (rewind, path replay and its variants, refine: docs/path.md) and the baselines — next to retraining,
+a second retrain from another seed (the noise floor) and doing nothing. Writes OUT/results.json (every number, the git commit, all arguments), OUT/tables.md and
 OUT/forget_quality.png. What the measures mean: `llmeraser.experiments.forgetting` and docs/people.md.
 """
 

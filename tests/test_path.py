@@ -24,7 +24,7 @@ from llmeraser.job import choose_update
 from llmeraser.metrics import evaluate
 from llmeraser.params import ParamView
 from llmeraser.replay import PathArguments, RefineArguments, Secant, path_replay, refine, rewind
-from llmeraser.request import Request, apply_request, load_request
+from llmeraser.request import Request, apply_request, load_request, resolve
 from llmeraser.task import CausalLMTask
 from llmeraser.testing import PEOPLE_TARGETS, memorised_people
 from llmeraser.trajectory import Adam, AdamConfig, Trajectory
@@ -141,7 +141,7 @@ def test_path_replay_with_every_step_exact_is_retraining_over_the_recorded_batch
     ParamView(model).set_vector(theta)
     update = path_replay(model, task, train, request_, traj, PathArguments(exact_every=1, exact_tail=0))
     # the reference: fine-tuning's own loop over the recorded batches, edited examples dropped or replaced in place
-    edits = {old.id: new for old, new in __import__("llmeraser.request").request.resolve(request_, train)}
+    edits = {old.id: new for old, new in resolve(request_, train)}
     rows = [e if e.id not in edits else edits[e.id] for e in train]
     steps = [[i for i in b if rows[i] is not None] for b in traj.schedule(train)]
     first = next(k for k, b in enumerate(traj.schedule(train)) if any(train[i].id in edits for i in b))
@@ -167,6 +167,10 @@ def test_path_replay_predicts_between_exact_steps_and_reports_it(lm):
         assert r["predicted_steps"] > 0 and r["exact_steps"] >= r["steps"] - r["exact_from_step"]
         assert 0 < r["gradient_cost_vs_retraining"] < 1 and r["prediction_error"]["checks"] == r["exact_steps"]
         assert r["kept_loss_check"]["examples"] == 20 and r["kept_loss_check"]["ratio"] > 0  # every kept example
+        # auto's forecast counts the gradients exactly as the run does
+        edits = {old.id: new for old, new in resolve(request_, train)}
+        assert args.cost(traj.schedule(train), r["first_edited_step"], train, edits, 4) == \
+            pytest.approx(r["gradient_cost_vs_retraining"], rel=1e-12)
     assert r["secant_pairs"] > 0
 
 
@@ -217,6 +221,11 @@ def test_auto_rewinds_late_edits_replays_early_ones_and_falls_back_without_a_rec
     order = traj1.schedule(train)
     assert choose_update(traj1, "", train, Request.remove(train[order[-1][0]].id), path)[0] == "rewind"
     assert choose_update(traj, "", train, Request.remove(last), path)[0] in ("path", "rewind")
+    # correcting many examples: their gradients are taken twice a step, so path replay would cost more than a rewind
+    many = Request.from_dict({"edits": [{"op": "correct_response", "id": e.id, "response": " Maybe"}
+                                        for e in train[:12]]})
+    name, why = choose_update(traj, "", train, many, path)
+    assert name == "rewind" and "no more than path replay" in why
 
 
 def test_methods_through_the_command_line_and_their_errors(tmp_path, capsys):

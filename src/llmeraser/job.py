@@ -407,22 +407,24 @@ def choose_update(trajectory: Trajectory | None, why_not: str, train: Sequence[E
 
     - no usable recorded trajectory: first-order (the one-step influence update; the only one θ̂ alone allows);
     - a trajectory with checkpoints only: rewind (exact);
-    - else rewind when it replays no more of the run than path replay would compute exactly (the forecast
-      `PathArguments.cost`), since it is then exact at no extra cost; otherwise path replay.
+    - else rewind when it replays no more of the run than path replay would compute gradients for (the forecast
+      `PathArguments.cost`: exact steps plus the edited examples' own gradients), since it is then exact at no extra
+      cost; otherwise path replay.
     """
     if trajectory is None:
         return "first-order", f"auto chose first-order: {why_not}"
-    steps, first = first_edited_step(trajectory, train, {old.id for old, _ in resolve(request, train)})
+    edits = {old.id: new for old, new in resolve(request, train)}
+    steps, first = first_edited_step(trajectory, train, set(edits))
     start = trajectory.start_before(first)
     replay = (len(steps) - start) / len(steps)
     if trajectory.grads is None:
         return "rewind", (f"auto chose rewind: the trajectory kept checkpoints only; rewinding to step {start} "
                           f"replays {replay:.0%} of fine-tuning exactly")
-    forecast = path.cost(len(steps), first)
+    forecast = path.cost(steps, first, train, edits, trajectory.meta["batch_size"])
     if replay <= forecast:
         return "rewind", (f"auto chose rewind: the first step that saw an edited example is {first} of {len(steps)}, "
                           f"so retraining from there replays {replay:.0%} of fine-tuning, exactly — no more than path "
-                          f"replay's exact gradients ({forecast:.0%})")
+                          f"replay's gradients would cost ({forecast:.0%} of retraining's)")
     return "path", (f"auto chose path: an edited example was seen at step {first} of {len(steps)}, so an exact rewind "
-                    f"would replay {replay:.0%} of fine-tuning; path replay computes about {forecast:.0%} of its "
-                    f"gradients exactly and predicts the rest")
+                    f"would replay {replay:.0%} of fine-tuning; path replay takes about {forecast:.0%} of retraining's "
+                    f"gradients and predicts the rest")
