@@ -9,8 +9,9 @@ Builds the people (`llmeraser data people` writes the same records), fine-tunes 
 until it has memorised them (recording its trajectory, as `llmeraser finetune` does), and for forget01/05/10 and the
 correction runs every method from the original adapter with the options a user gets — the one-step updates, the
 path updates (rewind, path replay and its variants, refine: docs/path.md) and the baselines — next to retraining,
-a second retrain from another seed (the noise floor) and doing nothing. Writes OUT/results.json (every number, the git commit, all arguments), OUT/tables.md and
-OUT/forget_quality.png. What the measures mean: `llmeraser.experiments.forgetting` and docs/people.md.
+a second retrain from another seed (the noise floor) and doing nothing. Writes OUT/results.json (every number, the
+git commit, all arguments), OUT/tables.md and OUT/forget_quality.png. What the measures mean:
+`llmeraser.experiments.forgetting` and docs/people.md.
 """
 
 from __future__ import annotations
