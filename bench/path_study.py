@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         case = memorised_people(Path(tmp))
         base, tok = load_base_model(str(case["base"]), dtype="float64")
         model = lora_model(base, LoraSettings(r=4, alpha=8, targets=PEOPLE_TARGETS), seed=0)
+        train = load_examples(case["train"])
+        request = load_request(case["request"])
     task, view = CausalLMTask(tok, max_length=32), ParamView(model)
-    train = load_examples(case["train"])
-    request = load_request(case["request"])
     edited = apply_request(train, request)
     forget = [e for e in train if e.id in set(case["removed"])]
     args = FinetuneArguments(epochs=30, lr=1e-2, batch_size=8, final_check=False)
