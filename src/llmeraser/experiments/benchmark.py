@@ -580,6 +580,7 @@ def run_benchmark(args: BenchArguments, out: str | Path, *, base_model=None, tok
     rows: list[dict] = []
     started = time.perf_counter()
     jobs = plan(args)
+    commit = git_commit()  # the code this run imported (HEAD may move while it runs)
     result: dict = {}
     for i, (name, seed, methods) in enumerate(tqdm(jobs, desc="settings", disable=not args.progress)):
         setting = make_setting(name, seed, splits["train"])
@@ -593,7 +594,7 @@ def run_benchmark(args: BenchArguments, out: str | Path, *, base_model=None, tok
             if row is not None:
                 rows.append(row)
         # written after every job, so a long run that stops keeps what it finished ("complete" says which)
-        result = {"commit": git_commit(), "arguments": dataclasses.asdict(args), "rows": rows,
+        result = {"commit": commit, "arguments": dataclasses.asdict(args), "rows": rows,
                   "complete": i + 1 == len(jobs), "jobs": [list(j[:2]) for j in jobs[:i + 1]],
                   "seconds": time.perf_counter() - started,
                   "sizes": {k: len(v) for k, v in splits.items()}, "n_params": bench.view.dim}

@@ -327,6 +327,7 @@ def run_people_benchmark(args: PeopleBenchArguments, out: str | Path) -> dict:
     out = Path(out)
     check_new_output(out)
     started = time.perf_counter()
+    commit = git_commit()  # the code this run imported (HEAD may move while it runs)
     data = build_people(args.n_people, facts=args.facts, n_heldout=args.n_heldout, seed=args.data_seed)
     with tempfile.TemporaryDirectory(prefix="llmeraser-people-") as tmp:
         workdir = Path(tmp)
@@ -363,7 +364,7 @@ def run_people_benchmark(args: PeopleBenchArguments, out: str | Path) -> dict:
             split.theta = theta
             split.theta_retrain, split.retrain_seconds, split.retrain_mib = bench.fit(split.setting.clean, args.seed)
             rows += run_methods(bench, split, args.methods, fits, workdir, retain)
-            result = {"commit": git_commit(), "arguments": dataclasses.asdict(args), "rows": rows,
+            result = {"commit": commit, "arguments": dataclasses.asdict(args), "rows": rows,
                       "complete": i + 1 == len(args.splits), "seconds": time.perf_counter() - started,
                       "finetune_seconds": seconds, "memorised": memorised, "n_params": bench.view.dim,
                       "sizes": {"train": len(data.train), "heldout": len(data.heldout), "general": len(data.general),
