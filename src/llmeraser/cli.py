@@ -335,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(--method auto) rewinds exactly or replays the path; without, one influence "
                                    "step (LLMEraser). The input adapter is never modified.",
                        epilog="example: llmeraser unlearn --adapter adapters/original --train data/train.jsonl "
-                              "--request request.json --out adapters/unlearned --solver auto")
+                              "--request request.json --out adapters/unlearned   (every default: --method auto "
+                              "rewinds or replays the recorded path, else one influence step; 'llmeraser unlearn "
+                              "... --method rewind' is exact retraining from the first edited step)")
     _common(p)
     p.add_argument("--adapter", required=True, help="the fine-tuned PEFT adapter folder")
     p.add_argument("--train", required=True, help="the training JSONL the adapter was fine-tuned on")
