@@ -219,6 +219,9 @@ def test_auto_rewinds_late_edits_replays_early_ones_and_falls_back_without_a_rec
     assert name == "path" and "step 0 of 18" in why
     one_epoch, traj1 = fit(model, task, train, theta0, FinetuneArguments(**{**vars(ARGS), "epochs": 1}))
     order = traj1.schedule(train)
+    # one epoch: the exact tail cannot revisit every kept example, so even an early edit is rewound
+    name, why = choose_update(traj1, "", train, Request.remove(train[order[0][0]].id), path)
+    assert name == "rewind" and "would not revisit every kept example" in why
     assert choose_update(traj1, "", train, Request.remove(train[order[-1][0]].id), path)[0] == "rewind"
     assert choose_update(traj, "", train, Request.remove(last), path)[0] in ("path", "rewind")
     # correcting many examples: their gradients are taken twice a step, so path replay would cost more than a rewind

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -407,6 +408,9 @@ def choose_update(trajectory: Trajectory | None, why_not: str, train: Sequence[E
 
     - no usable recorded trajectory: first-order (the one-step influence update; the only one θ̂ alone allows);
     - a trajectory with checkpoints only: rewind (exact);
+    - rewind when path replay's exact tail would not revisit every kept example (it covers less than one epoch):
+      the tail is what repairs the predicted steps, and on one-epoch MovieLens fine-tunes, where it cannot, path
+      replay was worse than doing nothing (IR-1, IR-10) or slower than retraining (RC-40; docs/path.md);
     - else rewind when it replays no more of the run than path replay would compute gradients for (the forecast
       `PathArguments.cost`: exact steps plus the edited examples' own gradients), since it is then exact at no extra
       cost; otherwise path replay.
@@ -420,6 +424,12 @@ def choose_update(trajectory: Trajectory | None, why_not: str, train: Sequence[E
     if trajectory.grads is None:
         return "rewind", (f"auto chose rewind: the trajectory kept checkpoints only; rewinding to step {start} "
                           f"replays {replay:.0%} of fine-tuning exactly")
+    per_epoch = len(steps) / trajectory.meta["epochs"]
+    tail = math.ceil(path.exact_tail * len(steps) - 1e-9)
+    if tail < per_epoch:
+        return "rewind", (f"auto chose rewind: path replay's exact tail ({tail} steps) would not revisit every kept "
+                          f"example (an epoch is {per_epoch:.0f} steps), so it could not repair its predicted steps; "
+                          f"rewinding to step {start} replays {replay:.0%} of fine-tuning, exactly")
     forecast = path.cost(steps, first, train, edits, trajectory.meta["batch_size"])
     if replay <= forecast:
         return "rewind", (f"auto chose rewind: the first step that saw an edited example is {first} of {len(steps)}, "
