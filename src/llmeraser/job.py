@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -376,23 +375,18 @@ def _summary(update: Update, out: str, ledger, seq) -> str:
     if r.get("decision") == "declined":
         return f"declined: {r['reason']}" + tail
     choice = f"{r['update_choice']}\n" if "update_choice" in r else ""
-    if r["method"] == "rewind":
-        w = r["rewind"]
-        return (choice + f"rewound {sum(r['ops'].values())} edits {r['ops']}: replayed {w['replayed_steps']} of "
-                f"{w['steps']} steps from step {w['rewound_to']} (exact: this is retraining), ‖Δθ‖ = "
-                f"{r['delta_norm']:.4g}, {r['seconds']['total']:.1f} s" + tail)
-    if r["method"] == "path":
-        w = r["path"]
-        return (choice + f"replayed the path without {sum(r['ops'].values())} edits {r['ops']}: {w['exact_steps']} "
-                f"exact and {w['predicted_steps']} predicted of {w['replayed_steps']} replayed steps (~"
-                f"{w['gradient_cost_vs_retraining']:.2f} of retraining's gradients), ‖Δθ‖ = {r['delta_norm']:.4g}, "
-                f"{r['seconds']['total']:.1f} s" + tail)
-    if r["method"] == "refine":
-        w = r["refine"]
-        return (choice + f"refined {r['start']['method']}/{r['start']['solver']} with {len(w['history']) - 1} "
-                f"Newton-CG step(s): ‖∇R′‖ {w['residual_at_original']:.3g} at the original, "
-                f"{w['residual_at_start']:.3g} after the one step, {w['residual_final']:.3g} now, ‖Δθ‖ = "
-                f"{r['delta_norm']:.4g}, {r['seconds']['total']:.1f} s" + tail)
+    w, edits = r.get(r["method"], {}), f"{sum(r['ops'].values())} edits {r['ops']}"
+    done = {"rewind": lambda: f"rewound {edits}: replayed {w['replayed_steps']} of {w['steps']} steps from step "
+                              f"{w['rewound_to']} (exact: this is retraining)",
+            "path": lambda: f"replayed the path without {edits}: {w['exact_steps']} exact and "
+                            f"{w['predicted_steps']} predicted of {w['replayed_steps']} replayed steps "
+                            f"(~{w['gradient_cost_vs_retraining']:.2f} of retraining's gradients)",
+            "refine": lambda: f"refined {r['start']['method']}/{r['start']['solver']} with {len(w['history']) - 1} "
+                              f"Newton-CG step(s): ‖∇R′‖ {w['residual_at_original']:.3g} at the original, "
+                              f"{w['residual_at_start']:.3g} after the one step, {w['residual_final']:.3g} now"}
+    if r["method"] in done:
+        return (choice + done[r["method"]]() + f", ‖Δθ‖ = {r['delta_norm']:.4g}, {r['seconds']['total']:.1f} s"
+                + tail)
     status = "converged" if r["converged"] else "NOT converged (see report)"
     rule = r.get("damping_rule", {})
     how = (f" ({rule['relative_damping']:g} × curvature scale {rule['scale']:.3g})"
@@ -425,7 +419,7 @@ def choose_update(trajectory: Trajectory | None, why_not: str, train: Sequence[E
         return "rewind", (f"auto chose rewind: the trajectory kept checkpoints only; rewinding to step {start} "
                           f"replays {replay:.0%} of fine-tuning exactly")
     per_epoch = len(steps) / trajectory.meta["epochs"]
-    tail = math.ceil(path.exact_tail * len(steps) - 1e-9)
+    tail = len(steps) - path.tail_start(len(steps))
     if tail < per_epoch:
         return "rewind", (f"auto chose rewind: path replay's exact tail ({tail} steps) would not revisit every kept "
                           f"example (an epoch is {per_epoch:.0f} steps), so it could not repair its predicted steps; "

@@ -72,13 +72,17 @@ class PathArguments:
         if not 0 <= self.exact_tail <= 1:
             raise ConfigError(f"exact_tail must be in [0, 1], got {self.exact_tail}")
 
+    def tail_start(self, n_steps: int) -> int:
+        """The first step of the exact tail (`exact_tail` of the steps, rounded up)."""
+        return n_steps - math.ceil(self.exact_tail * n_steps - 1e-9)
+
     def cost(self, steps: Sequence[Sequence[int]], first: int, train: Sequence[Example],
              edits: dict[str, Example | None], batch_size: int) -> float:
         """A forecast, before running, of the gradients `path_replay` takes relative to retraining's, counted step by
         step as it counts them: each exact step's batch, and the edited examples' own gradients (at θ_k, and for
         corrected versions at w_k). On MovieLens RC-40 the corrections' gradients alone were 0.8 of retraining's
         (docs/path.md), so they decide whether path replay is cheaper than a rewind."""
-        tail = len(steps) - math.ceil(self.exact_tail * len(steps) - 1e-9)
+        tail = self.tail_start(len(steps))
         units, next_exact = 0, first
         for k in range(first, len(steps)):
             here = [train[i].id for i in steps[k] if train[i].id in edits]
@@ -240,7 +244,7 @@ def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], re
     secant = Secant(args.history) if args.history else None
     n = {"exact": 0, "predicted": 0, "skipped": 0, "edited": 0}
     errors: list[float] = []
-    tail = len(steps) - math.ceil(args.exact_tail * len(steps) - 1e-9)
+    tail = args.tail_start(len(steps))
     next_exact = first
     w = adam = None
     model.eval()
