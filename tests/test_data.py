@@ -82,7 +82,7 @@ def test_crlf_and_bom_accepted(tmp_path):
         ('{"prompt": "p", "response": "r"}', ["line 2", "missing field 'id'"]),
         ('{"id": "b", "response": "r"}', ["line 2", "missing field 'prompt'"]),
         ('{"id": "b", "prompt": "p"}', ["line 2", "missing field 'response'"]),
-        ('{"id": 7, "prompt": "p", "response": "r"}', ["line 2", "field 'id' must be a string, found int"]),
+        ('{"id": 7.5, "prompt": "p", "response": "r"}', ["line 2", "field 'id' must be a string, found float"]),
         ('{"id": "b", "prompt": null, "response": "r"}', ["line 2", "field 'prompt' must be a string, found null"]),
         ('{"id": "b", "prompt": "p", "response": ["r"]}', ["line 2", "'response' must be a string, found list"]),
         ('{"id": "", "prompt": "p", "response": "r"}', ["line 2", "field 'id' is empty"]),

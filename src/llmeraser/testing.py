@@ -17,16 +17,48 @@ COLORS = ["red", "blue", "green", "black", "white", "gold"]
 ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "eel", "yak"]
 
 
-def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained here on `corpus` (default: the fact templates below)."""
+# ChatML, with the {% generation %} marks that let transformers return assistant-token masks (TRL's
+# assistant_only_loss needs them)
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' -}}{% endgeneration %}"
+    "{%- else -%}{{- message['content'] + '<|im_end|>' -}}{%- endif -%}"
+    "{{- '\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}")
+
+
+def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 300, *,
+                   chat: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained here on `corpus` (default: the fact templates below); with `chat`, ChatML
+    special tokens and `CHAT_TEMPLATE`."""
     corpus = corpus or [f"The {a} likes {c}. Does the {a} like {c}? Yes No" for a in ANIMALS for c in COLORS]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+    special = ["<pad>", "<s>", "</s>", *(["<|im_start|>", "<|im_end|>"] if chat else [])]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat:
+        out.chat_template = CHAT_TEMPLATE
+    return out
+
+
+def chat_records(n: int, seed: int = 0) -> list[dict]:
+    """n synthetic chat records {id, messages: [system?, user, assistant]} about the animals' colours."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, c = rng.choice(ANIMALS), rng.choice(COLORS)
+        messages = ([{"role": "system", "content": "Answer briefly."}] if i % 2 else []) + [
+            {"role": "user", "content": f"Which colour does the {a} like?"},
+            {"role": "assistant", "content": f"The {a} likes {c}."}]
+        out.append({"id": f"chat{i}", "messages": messages})
+    return out
 
 
 def _eager_attention_exact(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
