@@ -132,8 +132,8 @@ def test_errors_name_the_record_and_the_field(tmp_path, record, pattern):
 def test_file_level_errors(tmp_path):
     from datasets import Dataset, DatasetDict
 
-    (tmp_path / "obj.json").write_text('{"data": []}')
-    with pytest.raises(DataError, match="must hold a list of records, found dict"):
+    (tmp_path / "obj.json").write_text('"text"')
+    with pytest.raises(DataError, match="must hold a list of records \\(or JSON lines\\), found str"):
         load_examples(tmp_path / "obj.json")
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match="not a readable parquet file"):
@@ -174,7 +174,7 @@ def test_chat_requests_replace_the_final_assistant_message_or_the_user_turn():
     with pytest.raises(RequestError, match="example 't' is text; give its new response as a string"):
         resolve(Request.from_dict({"edits": [{"op": "correct_response", "id": "t",
                                               "response": [{"role": "assistant", "content": "x"}]}]}), text)
-    with pytest.raises(RequestError, match=r"edits\[0\].*messages\[0\]\.role must be a string"):
+    with pytest.raises(RequestError, match=r"edits\[0\].*response\[0\]\.role must be a string"):
         Request.from_dict({"edits": [{"op": "correct_response", "id": "t", "response": [{"content": "x"}]}]})
 
 

@@ -67,7 +67,9 @@ def test_every_peft_type_unlearns_like_the_dense_solve(tmp_path, setup, kind):
     view.set_vector(theta)
     save_adapter(model, tmp_path / "out")
     again = load_adapter(tiny_llama(len(tok), hidden=16, seed=0, init_std=0.2), tmp_path / "out")
-    assert torch.allclose(ParamView(again).vector(), theta, atol=1e-12, rtol=0)
+    # peft stores prompt learning's virtual tokens as float32 (its load makes them float32 too): a float32 rounding
+    tol = 1e-6 * theta.abs().max() if kind in ("prompt", "prefix") else 1e-12
+    assert torch.allclose(ParamView(again).vector(), theta, atol=tol, rtol=0)
 
 
 def test_prompt_tuning_scores_the_right_positions(setup):
@@ -81,3 +83,35 @@ def test_prompt_tuning_scores_the_right_positions(setup):
     assert full.shape[1] == batch["input_ids"].shape[1] + 2
     want = torch.take_along_dim(full, (batch["positions"] + 2)[..., None], dim=1)
     assert torch.allclose(got, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["dora", "ia3", "prompt"])
+def test_cli_finetunes_and_unlearns_each_kind(tmp_path, kind, capsys):
+    """`llmeraser finetune --peft KIND`, then `unlearn`: a fitted solver is refused with the tensor it cannot cover
+    named, auto solves (dense: the problem is tiny), and the output loads in peft."""
+    import json
+
+    from fixtures.tiny import save_tiny_base
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llmeraser.cli import main
+    from llmeraser.data import save_examples
+
+    save_tiny_base(tmp_path / "base")
+    save_examples(fact_examples(12, seed=1), tmp_path / "train.jsonl")
+    (tmp_path / "request.json").write_text(json.dumps({"edits": [{"op": "remove", "id": "ex0"}]}))
+    common = ["--base-model", str(tmp_path / "base"), "--train", str(tmp_path / "train.jsonl"), "--quiet"]
+    assert main(["finetune", *common, "--out", str(tmp_path / "a"), "--epochs", "2", "--peft", kind,
+                 "--virtual-tokens", "2", "--lora-r", "2", "--max-length", "24", "--no-record"]) == 0
+    record = json.loads((tmp_path / "a" / "report.json").read_text())["task"]
+    assert record["lora"]["kind"] == kind and record["train_sha256"]
+    unlearn = ["unlearn", *common, "--adapter", str(tmp_path / "a"), "--request", str(tmp_path / "request.json")]
+    capsys.readouterr()
+    assert main([*unlearn, "--out", str(tmp_path / "f"), "--solver", "ekfac"]) == 2
+    assert OUTSIDE_LINEAR[kind] in capsys.readouterr().err
+    assert main([*unlearn, "--out", str(tmp_path / "u"), "--curvature-samples", "4"]) == 0
+    report = json.loads((tmp_path / "u" / "report.json").read_text())
+    assert report["method"] == "first-order" and report["solver"] == "dense" and report["delta_norm"] > 0
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    PeftModel.from_pretrained(base, str(tmp_path / "u"))  # loads as any peft adapter does

@@ -289,10 +289,12 @@ def _records(path: Path, split: str | None) -> tuple[str, Iterable[tuple[str, ob
         except RecursionError:
             raise DataError(f"{source}: JSON nested too deeply") from None
         else:
-            if not isinstance(whole, list):
-                raise DataError(f"{source}: a .json training file must hold a list of records, found "
-                                f"{_type_name(whole)}")
-            return "JSON", ((f"record {i}", r) for i, r in enumerate(whole))
+            if isinstance(whole, list):
+                return "JSON", ((f"record {i}", r) for i, r in enumerate(whole))
+            if not isinstance(whole, dict):
+                raise DataError(f"{source}: a .json training file must hold a list of records (or JSON lines), "
+                                f"found {_type_name(whole)}")
+            # one object: JSON lines of a single record (a {"data": [...]} wrapper then fails on its fields)
     return "JSONL", _json_lines(text.split("\n"), source)
 
 

@@ -21,6 +21,7 @@ from llmeraser.io import atomic_dir, atomic_write_json, sha256_file
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING")
 
 
 class ParamView:
@@ -113,14 +114,26 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLike, *,
     from safetensors import SafetensorError
 
     path = check_adapter_dir(adapter_dir)
+    dtype = next(base_model.parameters()).dtype
+    config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    prompt_learning = str(config.get("peft_type", "")).upper() in PROMPT_LEARNING
     try:
-        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
+        # peft refuses is_trainable for prompt learning; its virtual-token encoder is made trainable below
+        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable and not prompt_learning)
+        if trainable and prompt_learning:
+            model.prompt_encoder.requires_grad_(True)
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError, SafetensorError) as e:
         raise AdapterError(f"adapter {str(path)!r} does not fit the base model: {_error_detail(e)}") from e
     for name, p in model.named_parameters():
         if p.requires_grad and not torch.isfinite(p).all():
             raise AdapterError(f"adapter {str(path)!r} holds non-finite values in {name}")
-    return model.eval()  # dropout off: the update differentiates the deterministic objective
+    return with_base_dtype(model, dtype).eval()  # dropout off: the update differentiates the deterministic objective
+
+
+def with_base_dtype(model, dtype: torch.dtype):
+    """peft makes some adapters (prompt tuning's embedding) in float32 whatever the base: a float64 base (the exact
+    tests) gets a float64 adapter; a half-precision base keeps peft's float32 adapter (float32 gradients)."""
+    return model.double() if dtype == torch.float64 else model
 
 
 def save_adapter(model, out: str | os.PathLike, *, protect: tuple[str | os.PathLike, ...] = (),

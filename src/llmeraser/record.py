@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from llmeraser.errors import UserInputError
+from llmeraser.params import with_base_dtype
 from llmeraser.task import Rendering
 
 logger = logging.getLogger(__name__)
@@ -100,10 +101,12 @@ def lora_model(base: torch.nn.Module, lora: LoraSettings | None = None, *, seed:
 
     lora = lora or LoraSettings()
     torch.manual_seed(seed)  # the adapter's random init
+    dtype = next(base.parameters()).dtype
     try:
-        return get_peft_model(base, lora.config())
+        model = get_peft_model(base, lora.config())
     except ValueError as e:
         raise UserInputError(f"{lora.kind} targets {','.join(lora.targets)!r}: {str(e).splitlines()[0]}") from e
+    return with_base_dtype(model, dtype)
 
 
 NO_LIMIT = 1 << 30  # the max length of a fine-tune that did not truncate (TRL's max_length=None)
