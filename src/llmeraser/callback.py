@@ -12,21 +12,30 @@ masked (TRL's completion-only / assistant-only loss, the chat template, EOS, tru
 max length, the optimiser (AdamW's decoupled weight decay, schedule, clipping, batch and accumulation), the adapter's
 dropout, the adapter layout, packing, and the training set's hash. It is written into the output folder when training
 ends and into every checkpoint; `write(folder)` writes it anywhere else (e.g. where `save_model` put the adapter).
+
+With AdamW (the Trainer's default) in one process, the callback also records the run itself (`trajectory.safetensors`,
+as `llmeraser finetune` does): θ₀, every step's gradient before clipping, its learning rate and which examples its
+batch held (matched by their token ids), so that `unlearn --method rewind` (what auto picks) replays the run from the
+step before the first edited example: retraining, without the cost of the steps before it (docs/data.md#replay).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from llmeraser.data import DataFields, Example, examples_hash, load_examples, parse_records
 from llmeraser.errors import UserInputError
 from llmeraser.io import atomic_write_json
+from llmeraser.params import ParamView
 from llmeraser.record import RECORD, TRL_LOSS, TrainingRecord
-from llmeraser.task import Rendering
+from llmeraser.task import CausalLMTask, Rendering
+from llmeraser.trajectory import DEFAULT_MAX_BYTES, Trajectory, names_sha256, tensor_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +63,47 @@ class LLMEraserCallback(TrainerCallback):
         rendering: how examples were tokenised and masked. Found by itself under SFTTrainer (from its config); with
             a plain `Trainer`, which takes already tokenised data, give it (e.g. `Rendering(format="trl")` when the
             collator follows TRL, or `Rendering(format="llmeraser", normalization="token")`).
+        trajectory: also record the run for exact rewind (AdamW, one process; see the module docstring).
+        max_gib: the recording's budget (θ₀ and one gradient per step); beyond it the recording is dropped.
     """
 
-    def __init__(self, train=None, *, fields: DataFields | None = None, rendering: Rendering | None = None):
+    def __init__(self, train=None, *, fields: DataFields | None = None, rendering: Rendering | None = None,
+                 trajectory: bool = True, max_gib: float = DEFAULT_MAX_BYTES / 2**30):
         self.fields = fields or DataFields()
         self.examples = _examples(train, self.fields) if train is not None else None
         self.rendering = rendering
         self.record: dict | None = None
+        self.want_trajectory, self.max_bytes = trajectory, int(max_gib * 2**30)
+        self.recording: dict | None = None  # the run being recorded (None: not recording)
 
     # ---------------------------------------------------------------------------------------------- events
-    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
-        self.record = self.build(args, model, processing_class or kwargs.get("tokenizer"))
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs):
+        tokenizer = processing_class or kwargs.get("tokenizer")
+        self.record = self.build(args, model, tokenizer)
+        if self.want_trajectory:
+            why = self._start(args, model, tokenizer, optimizer)
+            if why:
+                logger.warning("LLMEraserCallback records no trajectory: %s (unlearn then takes one influence step)",
+                               why)
+        return control
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.recording is not None:
+            self.recording["seen"] = set()
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        rec = self.recording
+        if rec is None:
+            return control
+        if not rec["batch"] or any(g is None for g in rec["pending"]):
+            return self._stop("a step whose batch or gradient the callback did not see")
+        rec["grads"].append(torch.cat([g.reshape(-1) for g in rec["pending"]]).cpu())
+        rec["lrs"].append(float(optimizer.param_groups[0]["lr"]) if optimizer is not None else float("nan"))
+        rec["batches"].append(rec["batch"])
+        rec["batch"], rec["pending"] = [], [None] * len(rec["pending"])
+        if (len(rec["grads"]) + 1) * rec["per_step"] > self.max_bytes:
+            return self._stop(f"the recording passed its budget of {self.max_bytes / 2**30:g} GiB (max_gib)")
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -76,7 +115,96 @@ class LLMEraserCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.record is not None and state.is_world_process_zero:
             self.write(args.output_dir)
+            if self.recording is not None:
+                self.trajectory().save(args.output_dir)
+        self._remove_hooks()
         return control
+
+    # ---------------------------------------------------------------------------------------------- trajectory
+    def _start(self, args, model, tokenizer, optimizer) -> str | None:
+        """Begin recording, or say why not."""
+        optim = _plain(getattr(args, "optim", ""))
+        if self.examples is None:
+            return "no training data was given to the callback (its batches cannot be matched to examples)"
+        if not optim.startswith("adamw_torch"):
+            return f"optimizer {optim!r} (only torch's AdamW is replayed)"
+        if getattr(args, "world_size", 1) > 1:
+            return "data-parallel training (record on one process)"
+        if self.record["task"].get("packing"):
+            return "packing"
+        groups = [g for g in (optimizer.param_groups if optimizer is not None else []) if g["params"]]
+        if len({(g["weight_decay"], g.get("betas"), g.get("eps")) for g in groups}) > 1:
+            return "parameter groups with different weight decay or betas"
+        view = ParamView(model)
+        task = CausalLMTask(tokenizer, max_length=TrainingRecord(max_length=self.record["task"]["max_length"]).length,
+                            rendering=Rendering.from_dict(self.record["task"].get("rendering") or {}))
+        index: dict[str, list[str]] = {}
+        for e in self.examples:
+            index.setdefault(_token_key(task.encode(e)[0]), []).append(e.id)
+        rec = {"view": view, "index": index, "theta0": view.vector().cpu(), "grads": [], "lrs": [], "batches": [],
+               "batch": [], "pending": [None] * len(view.params), "per_step": view.dim * 4, "args": args,
+               "group": groups[0] if groups else {}, "hooks": [], "seen": set()}
+        for i, p in enumerate(view.params):  # the step's gradient before clipping, summed over accumulation
+            rec["hooks"].append(p.register_post_accumulate_grad_hook(
+                lambda p, i=i: rec["pending"].__setitem__(i, p.grad.detach().clone())))
+        rec["hooks"].append(model.register_forward_pre_hook(self._see, with_kwargs=True))
+        self.recording = rec
+        return None
+
+    def _see(self, module, args, kwargs) -> None:
+        """Forward pre-hook: which examples a training forward holds, matched by their unpadded token ids."""
+        rec = self.recording
+        if rec is None or not module.training or not torch.is_grad_enabled():
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if ids is None:
+            self._stop("a training forward without input_ids")
+            return
+        for j, row in enumerate(ids.detach().cpu()):
+            tokens = row[mask[j].detach().cpu().bool()] if mask is not None else row
+            found = rec["index"].get(_token_key(tokens.tolist()))
+            if not found:
+                self._stop("a training sequence matches no example of the training data given to the callback "
+                           "(another rendering, a different max_length, or data the callback was not given)")
+                return
+            # examples of equal tokens are told apart by order: each is seen once an epoch (their gradients are
+            # equal, so which copy a step held changes nothing but the names)
+            ex_id = next((i for i in found if i not in rec["seen"]), found[0])
+            rec["seen"].add(ex_id)
+            rec["batch"].append(ex_id)
+
+    def _stop(self, why: str):
+        logger.warning("LLMEraserCallback stops recording the trajectory: %s", why)
+        self._remove_hooks()
+        self.recording = None
+        return None
+
+    def _remove_hooks(self) -> None:
+        for h in (self.recording or {}).get("hooks", []):
+            h.remove()
+
+    def trajectory(self) -> Trajectory:
+        """The recorded run as a `Trajectory` (rewind replays it; path replay does not model it)."""
+        rec = self.recording
+        if rec is None:
+            raise UserInputError("LLMEraserCallback: no trajectory was recorded")
+        args, group, view = rec["args"], rec["group"], rec["view"]
+        betas = group.get("betas", (args.adam_beta1, args.adam_beta2))
+        meta = {"optimizer": "adamw", "lr": args.learning_rate, "beta1": betas[0], "beta2": betas[1],
+                "eps": group.get("eps", args.adam_epsilon), "l2": 0.0,
+                "weight_decay": group.get("weight_decay", args.weight_decay),
+                "max_grad_norm": args.max_grad_norm or 0.0,
+                "epochs": args.num_train_epochs, "seed": args.seed,
+                "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+                "n_train": len(self.examples), "train_sha256": examples_hash(self.examples),
+                "normalization": self.record["task"].get("rendering", {}).get("normalization", "example"),
+                "batches": rec["batches"], "lrs": rec["lrs"], "steps": len(rec["grads"]), "checkpoint_every": None,
+                "final_sha256": tensor_sha256(view.vector()), "param_names_sha256": names_sha256(view.names),
+                "recorder": self.record["task"].get("source")}
+        grads = torch.stack(rec["grads"]) if rec["grads"] else torch.empty((0, view.dim))
+        return Trajectory(meta, rec["theta0"], grads.to(rec["theta0"].dtype), {})
+
 
     # ---------------------------------------------------------------------------------------------- record
     def write(self, folder: str | os.PathLike) -> Path:
@@ -152,7 +280,8 @@ def _peft_summary(model) -> dict:
         layout["targets"] = sorted(targets) if isinstance(targets, list | set | tuple) else targets
     if d.get("modules_to_save"):
         layout["modules_to_save"] = list(d["modules_to_save"])
-    return {"layout": layout, "dropout": d.get("lora_dropout") or d.get("module_dropout") or d.get("rank_dropout")}
+    dropout = next((d[k] for k in ("lora_dropout", "module_dropout", "rank_dropout") if d.get(k) is not None), None)
+    return {"layout": layout, "dropout": dropout}
 
 
 def _source(trl: bool) -> str:
@@ -167,6 +296,10 @@ def _source(trl: bool) -> str:
     except ImportError:
         return "an SFTTrainer-like trainer (LLMEraserCallback)"
 
+
+
+def _token_key(ids) -> str:
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
 
 
 def _plain(value) -> str:

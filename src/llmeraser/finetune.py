@@ -189,15 +189,19 @@ def adam_config(args: FinetuneArguments) -> AdamConfig:
 
 def step_gradient(model: torch.nn.Module, task: Task, examples: Sequence[Example], batch: Sequence[int],
                   view: ParamView) -> tuple[torch.Tensor, float]:
-    """(the mean data gradient of the mini-batch at θ, a flat vector; its mean loss), data-parallel under torchrun."""
+    """(the data gradient of the mini-batch at θ, a flat vector; its loss), data-parallel under torchrun: the batch
+    mean, or under a token-weighted task (`CausalLMTask.step_scale`) Σ token NLL / Σ tokens of the batch, as
+    transformers' Trainer forms a step's loss."""
     mine = [batch[j] for j in distributed.shard(len(batch))]  # all of the step in a single process
+    scale = getattr(task, "step_scale", lambda _: None)([examples[j] for j in batch])
     for p in view.params:
         p.grad = None
     loss_sum = torch.zeros(())
     if mine:
         loss_sum = per_example_loss(task, model, task.collate([examples[j] for j in mine])).sum()
-        (loss_sum / len(batch)).backward()
-    data_loss = _reduce_gradients(view, loss_sum) / len(batch)
+        (loss_sum / len(batch) if scale is None else loss_sum * scale).backward()
+    total = _reduce_gradients(view, loss_sum)
+    data_loss = total / len(batch) if scale is None else total * scale
     grad = view.flatten([p.grad for p in view.params])
     for p in view.params:
         p.grad = None
@@ -206,10 +210,11 @@ def step_gradient(model: torch.nn.Module, task: Task, examples: Sequence[Example
 
 def run_steps(model: torch.nn.Module, task: Task, examples: Sequence[Example], steps: Sequence[Sequence[int]],
               view: ParamView, adam: Adam, *, start: int = 0, recorder: Recorder | None = None,
-              progress: bool = False, desc: str = "fine-tune") -> list[float]:
-    """Adam steps `start`, …, len(steps) − 1 from the model's current θ and `adam`'s state (both updated in place);
-    the mean loss of each step. The one loop behind fine-tuning and exact rewind (`replay.rewind`), so that a
-    rewind replays bit for bit what retraining would compute."""
+              progress: bool = False, desc: str = "fine-tune", lrs: Sequence[float] | None = None) -> list[float]:
+    """Adam steps `start`, …, len(steps) − 1 from the model's current θ and `adam`'s state (both updated in place),
+    at learning rates `lrs` (one per step; default: Adam's own); the mean loss of each step. The one loop behind
+    fine-tuning and exact rewind (`replay.rewind`), so that a rewind replays bit for bit what retraining would
+    compute."""
     losses: list[float] = []
     theta = view.vector()
     bar = tqdm(total=len(steps) - start, desc=desc, disable=not progress)
@@ -219,7 +224,7 @@ def run_steps(model: torch.nn.Module, task: Task, examples: Sequence[Example], s
             raise LLMEraserRuntimeError(f"fine-tuning loss became {data_loss} at step {k}; lower --lr")
         if recorder is not None:
             recorder.step(k, theta, adam, grad)
-        theta = adam.step(theta, grad)
+        theta = adam.step(theta, grad, None if lrs is None else lrs[k])
         view.set_vector(theta)
         losses.append(data_loss)
         bar.update(1)

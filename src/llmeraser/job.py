@@ -323,7 +323,8 @@ class AdapterJob:
                     self._trajectory = (None, f"{self.adapter} has no trajectory.safetensors (adapters fine-tuned "
                                               f"with 'llmeraser finetune' record one)")
                 else:
-                    found.check(train, ParamView(model).vector())
+                    view = ParamView(model)
+                    found.check(train, view.vector(), view.names)
                     self._trajectory = (found, "")
             except UserInputError as e:
                 self._trajectory = (None, str(e))
@@ -442,6 +443,8 @@ def choose_update(trajectory: Trajectory | None, why_not: str, train: Sequence[E
     if trajectory.grads is None:
         return "rewind", (f"auto chose rewind: the trajectory kept checkpoints only; rewinding to step {start} "
                           f"replays {replay:.0%} of fine-tuning exactly")
+    if why := trajectory.path_ready:
+        return "rewind", f"auto chose rewind ({why}): rewinding to step {start} replays {replay:.0%} of fine-tuning"
     per_epoch = len(steps) / trajectory.meta["epochs"]
     tail = len(steps) - path.tail_start(len(steps))
     if tail < per_epoch:

@@ -171,7 +171,7 @@ def rewind(model: torch.nn.Module, task: Task, train: Sequence[Example], request
     try:
         view.set_vector(theta)
         losses = run_steps(model, task, effective, new_steps, view, adam.to(view.device), start=start,
-                           recorder=recorder, progress=progress, desc="rewind")
+                           recorder=recorder, progress=progress, desc="rewind", lrs=trajectory.lrs(effective))
         theta_new = view.vector()
     finally:
         view.set_vector(theta_hat)
@@ -180,7 +180,10 @@ def rewind(model: torch.nn.Module, task: Task, train: Sequence[Example], request
               "replayed_steps": len(new_steps) - start,
               "replayed_fraction": (len(new_steps) - start) / max(1, len(new_steps)),
               "last_loss": losses[-1] if losses else None,
-              "exact": "equal to retraining on the edited set with the recorded recipe, bit for bit"}
+              "exact": "equal to retraining on the edited set with the recorded recipe, bit for bit"
+              if "batches" not in trajectory.meta else
+              "the recorded Trainer run replayed over its recorded batches without the edited examples (with the "
+              "corrected versions in place), by llmeraser's AdamW: equal to that retraining up to float rounding"}
     logger.info("rewind: replayed %d of %d steps from step %d", len(new_steps) - start, len(new_steps), start)
     update = _update(request, train, theta_hat, theta_new, "rewind", report, seconds)
     update.trajectory = recorder.finish(start + len(losses), theta_new)
@@ -236,6 +239,8 @@ def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], re
     from llmeraser.finetune import step_gradient
 
     args = args or PathArguments()
+    if why := trajectory.path_ready:
+        raise ConfigError(f"--method path: {why}; use --method rewind")
     start_time = time.perf_counter()
     effective, edits = _edits(request, train)
     steps, first = first_edited_step(trajectory, train, set(edits))

@@ -199,6 +199,17 @@ class CausalLMTask:
         self.token_scale = max(sum(counts) / max(len(counts), 1), 1e-12)
         return self.token_scale
 
+    def step_scale(self, examples: Sequence[Example]) -> float | None:
+        """The factor c of a training step's gradient c · Σᵢ ∇ℓᵢ over its examples under the token-weighted mean:
+        t̄ / (the batch's loss tokens), so the step's loss is Σ token NLL / Σ tokens as the Trainer forms it; None under
+        the example mean (the batch mean, 1/|B|)."""
+        if self.rendering.normalization != "token":
+            return None
+        if self.token_scale is None:
+            raise ConfigError("a token-normalised task needs calibrate(training set) before it computes losses")
+        tokens = sum(sum(t != IGNORE_INDEX for t in self.encode(e)[1][1:]) for e in examples)
+        return self.token_scale / max(tokens, 1)
+
     def _divisor(self, valid: torch.Tensor) -> torch.Tensor:
         """Per example: its number of loss tokens (example mean) or t̄ (token-weighted mean)."""
         if self.rendering.normalization == "example":

@@ -37,21 +37,25 @@ DEFAULT_MAX_BYTES = 4 * 2**30  # per-step gradients beyond this size: checkpoint
 
 @dataclass(frozen=True)
 class AdamConfig:
-    """Adam's hyper-parameters as fine-tuning used them (torch's defaults for the betas and eps) and the L2 term
-    added to each step's data gradient."""
+    """Adam's hyper-parameters as fine-tuning used them (torch's defaults for the betas and eps), the L2 term added
+    to each step's data gradient, and for a run recorded from transformers' Trainer (`callback`): AdamW's decoupled
+    weight decay and the global gradient-norm clipping applied before each step."""
 
     lr: float
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
     l2: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0  # 0: no clipping
 
 
 class Adam:
     """Adam on one flat parameter vector: the single implementation fine-tuning and every replay use, so a replay
     fed the same gradients reproduces training bit for bit. torch.optim.Adam's formula (torch forms m by a lerp, so
     the two agree to rounding): m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², θ ← θ − (lr/(1−β₁ᵗ)) · m / (√v/√(1−β₂ᵗ) + ε),
-    g = data gradient + l2·θ."""
+    g = data gradient + l2·θ. With max_grad_norm the data gradient is first scaled by min(1, c / (‖g‖ + 1e-6)) (torch's
+    clip_grad_norm_), and with weight_decay θ is first shrunk by (1 − lr·wd) (torch.optim.AdamW)."""
 
     def __init__(self, config: AdamConfig, theta: torch.Tensor, m: torch.Tensor | None = None,
                  v: torch.Tensor | None = None, t: int = 0):
@@ -60,16 +64,22 @@ class Adam:
         self.v = torch.zeros_like(theta) if v is None else v.clone()
         self.t = t
 
-    def step(self, theta: torch.Tensor, data_grad: torch.Tensor) -> torch.Tensor:
-        """θ after one step with the data gradient `data_grad` at θ (a new tensor; θ is not changed)."""
+    def step(self, theta: torch.Tensor, data_grad: torch.Tensor, lr: float | None = None) -> torch.Tensor:
+        """θ after one step with the data gradient `data_grad` at θ (a new tensor; θ is not changed), at learning
+        rate `lr` (default: the config's; a recorded schedule gives each step's)."""
         c = self.config
+        lr = c.lr if lr is None else lr
+        if c.max_grad_norm:
+            data_grad = data_grad * min(1.0, c.max_grad_norm / (float(data_grad.norm()) + 1e-6))
         g = data_grad + c.l2 * theta if c.l2 else data_grad
+        if c.weight_decay:
+            theta = theta * (1 - lr * c.weight_decay)
         self.t += 1
         self.m.mul_(c.beta1).add_(g, alpha=1 - c.beta1)
         self.v.mul_(c.beta2).addcmul_(g, g, value=1 - c.beta2)
         bias1, bias2 = 1 - c.beta1 ** self.t, 1 - c.beta2 ** self.t
         denom = (self.v.sqrt() / math.sqrt(bias2)).add_(c.eps)
-        return theta.addcdiv(self.m, denom, value=-c.lr / bias1)
+        return theta.addcdiv(self.m, denom, value=-lr / bias1)
 
     def copy(self) -> Adam:
         return Adam(self.config, self.m, m=self.m, v=self.v, t=self.t)
@@ -120,6 +130,9 @@ class Recorder:
         meta = {k: v for k, v in trajectory.meta.items() if k not in ("steps", "checkpoint_every", "final_sha256")}
         meta |= adam_meta(trajectory.config, epochs=meta["epochs"], batch_size=meta["batch_size"], seed=meta["seed"],
                           train=examples)
+        if "batches" in meta:  # the recorded schedule, as the edited set takes it
+            meta["batches"] = [[examples[i].id for i in b] for b in trajectory.schedule(examples)]
+            meta["lrs"] = trajectory.lrs(examples)
         rec = cls(meta, trajectory.theta0, n_steps, max_bytes=0)
         rec.keep_grads = trajectory.grads is not None
         if rec.keep_grads:
@@ -159,7 +172,20 @@ class Trajectory:
     @property
     def config(self) -> AdamConfig:
         m = self.meta
-        return AdamConfig(lr=m["lr"], beta1=m["beta1"], beta2=m["beta2"], eps=m["eps"], l2=m["l2"])
+        return AdamConfig(lr=m["lr"], beta1=m["beta1"], beta2=m["beta2"], eps=m["eps"], l2=m["l2"],
+                          weight_decay=m.get("weight_decay", 0.0), max_grad_norm=m.get("max_grad_norm", 0.0))
+
+    @property
+    def path_ready(self) -> str | None:
+        """Why path replay cannot use this recording (None when it can): its kept-gradient algebra assumes the
+        batch-mean loss without clipping or decoupled decay, which a run recorded from transformers' Trainer has
+        not (rewind replays such a run all the same)."""
+        m = self.meta
+        if "batches" in m or m.get("normalization", "example") != "example" or m.get("max_grad_norm") or \
+                m.get("weight_decay"):
+            return ("path replay models llmeraser's own fine-tune (batch-mean loss, no clipping, no decoupled "
+                    "decay); this run was recorded from a transformers Trainer")
+        return None
 
     @property
     def steps(self) -> int:
@@ -172,8 +198,23 @@ class Trajectory:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def schedule(self, examples: Sequence[Example]) -> list[list[int]]:
+        """Each step's mini-batch as indices into `examples`: the id-hash schedule of llmeraser's fine-tune, or for a
+        run recorded from a Trainer its recorded batches (by id), less the examples `examples` lacks, empty steps
+        dropped (retraining over the recorded batches without them takes no such step)."""
         m = self.meta
-        return schedule(examples, seed=m["seed"], epochs=m["epochs"], batch_size=m["batch_size"])
+        if "batches" not in m:
+            return schedule(examples, seed=m["seed"], epochs=m["epochs"], batch_size=m["batch_size"])
+        at = {e.id: i for i, e in enumerate(examples)}
+        steps = [[at[i] for i in batch if i in at] for batch in m["batches"]]
+        return [b for b in steps if b]
+
+    def lrs(self, examples: Sequence[Example]) -> list[float] | None:
+        """Each step of `schedule(examples)`'s learning rate, for a run with a recorded schedule (else None)."""
+        m = self.meta
+        if "lrs" not in m:
+            return None
+        at = {e.id for e in examples}
+        return [lr for batch, lr in zip(m["batches"], m["lrs"], strict=True) if any(i in at for i in batch)]
 
     def start_before(self, k: int) -> int:
         """The latest step ≤ k from which the state can be rebuilt (k itself with per-step gradients)."""
@@ -204,11 +245,12 @@ class Trajectory:
                               "budget): it serves exact rewind, not path replay")
         stop = self.steps if stop is None else stop
         theta, adam = self.theta0.clone(), Adam(self.config, self.theta0)
+        lrs = self.meta.get("lrs")
         for k in range(stop + 1):
             yield k, theta, adam
             if k == self.steps:
                 return
-            theta = adam.step(theta, self.grads[k])
+            theta = adam.step(theta, self.grads[k], None if lrs is None else lrs[k])
 
     def final(self) -> torch.Tensor:
         """θ after the last step (per-step gradients only)."""
@@ -273,9 +315,10 @@ class Trajectory:
                                f"{traj.theta0.numel()} parameters")
         return traj
 
-    def check(self, train: Sequence[Example], theta: torch.Tensor) -> None:
+    def check(self, train: Sequence[Example], theta: torch.Tensor, names: Sequence[str] | None = None) -> None:
         """That this trajectory is the fine-tune of `theta` on `train`: the training set's hash, the parameter
-        count, and (with per-step gradients) the replayed final θ equal to `theta` bit for bit.
+        count (and, when both are known, the parameters' names in order), the schedule's length, and the final θ's
+        hash equal to `theta`'s.
 
         Raises:
             AdapterError: naming what does not match.
@@ -289,6 +332,8 @@ class Trajectory:
                                f"{len(train)} given (sha256 {given[:12]}…)")
         if self.theta0.numel() != theta.numel():
             raise AdapterError(f"the trajectory has {self.theta0.numel():,} parameters, the adapter {theta.numel():,}")
+        if names is not None and self.meta.get("param_names_sha256") not in (None, names_sha256(names)):
+            raise AdapterError("the trajectory's parameters are not the adapter's (their names or order differ)")
         if len(self.schedule(train)) != self.steps:
             raise AdapterError(f"the trajectory's recipe gives {len(self.schedule(train))} steps on this training set, "
                                f"but {self.steps} were recorded")
@@ -305,6 +350,11 @@ class Trajectory:
 
 REQUIRED = ("lr", "beta1", "beta2", "eps", "l2", "epochs", "batch_size", "seed", "train_sha256", "steps",
             "checkpoint_every", "final_sha256")
+
+
+def names_sha256(names: Sequence[str]) -> str:
+    """The hash of the trainable parameters' names in order (a recording and an adapter must flatten alike)."""
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
 def tensor_sha256(t: torch.Tensor) -> str:

@@ -1,0 +1,150 @@
+"""An adapter fine-tuned with TRL's SFTTrainer on a chat set, on the CPU, with `LLMEraserCallback`: its training record
+and recorded run, the objective `unlearn` differentiates (TRL's own loss), and `unlearn` through the CLI against an
+SFTTrainer retrain on the edited set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmeraser.cli import main
+from llmeraser.params import ParamView, load_adapter
+from llmeraser.record import TrainingRecord
+from llmeraser.testing import chat_records, tiny_llama, tiny_tokenizer
+
+N, BATCH, ACCUMULATION, EPOCHS = 24, 2, 2, 4
+STEP = BATCH * ACCUMULATION
+# the last step's examples of every epoch: with the sequential sampler, retraining without them takes the very batches
+# the recorded run took, less that step
+REMOVED = [f"chat{i}" for i in range(N - STEP, N)]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def sft(root, records, out, callback=None, **options):
+    """SFTTrainer as a user runs it: AdamW with weight decay, clipping, accumulation, a LoRA config; sequential
+    sampling and a constant lr so that a retrain on fewer examples sees the same batches at the same rates."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    set_seed(0)  # SFTTrainer draws LoRA's initial A before the Trainer seeds: seed it here, as a script would
+    model = AutoModelForCausalLM.from_pretrained(root / "base", attn_implementation="eager")
+    config = SFTConfig(output_dir=str(out), max_length=48, per_device_train_batch_size=BATCH,
+                       gradient_accumulation_steps=ACCUMULATION, num_train_epochs=EPOCHS, learning_rate=1e-2,
+                       lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0, bf16=False,
+                       gradient_checkpointing=False, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                       train_sampling_strategy="sequential", disable_tqdm=True, **options)
+    data = Dataset.from_list(records)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data,
+                         processing_class=AutoTokenizer.from_pretrained(root / "base"),
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0),
+                         callbacks=[callback] if callback else [])
+    trainer.train()
+    trainer.save_model(str(out))
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from llmeraser.callback import LLMEraserCallback
+
+    root = tmp_path_factory.mktemp("trl")
+    records = chat_records(N, seed=2)
+    tok = tiny_tokenizer([m["content"] for r in records for m in r["messages"]], vocab_size=400, chat=True)
+    base = tiny_llama(len(tok), hidden=32, layers=2, seed=0, dtype=torch.float32, init_std=0.1)
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (root / "request.json").write_text(json.dumps({"edits": [{"op": "remove", "id": i} for i in REMOVED]}))
+    trainer = sft(root, records, root / "adapter", LLMEraserCallback(root / "chat.jsonl"))
+    sft(root, [r for r in records if r["id"] not in REMOVED], root / "retrain")
+    return root, trainer
+
+
+def test_the_callback_writes_what_the_update_needs(run):
+    root, _ = run
+    record = TrainingRecord.read(root / "adapter")
+    assert not record.assumed and record.max_length == 48 and record.l2 == 0.0
+    r = record.rendering
+    assert (r.format, r.normalization, r.assistant_only, r.completion_only) == ("trl", "token", False, True)
+    assert r.chat_template and r.eos_token == "</s>"
+    assert record.optimizer["weight_decay"] == 0.01 and record.optimizer["gradient_accumulation_steps"] == 2
+    assert record.optimizer["name"].startswith("adamw_torch") and record.lora["kind"] == "lora"
+    assert record.source.startswith("trl ") and record.dropout == 0.0
+    assert any("decoupled weight decay" in n for n in record.notes())
+    assert (root / "adapter" / "trajectory.safetensors").is_file()
+
+
+def test_the_objective_is_trls_own_loss(run):
+    """Σᵢ ℓᵢ · t̄ / Σ tokens over a batch equals the token-mean loss transformers computes for it, on the records
+    as TRL prepared them: the rendering, masks and weighting are the ones the adapter was trained with."""
+    root, trainer = run
+    from llmeraser.job import AdapterJob
+    from llmeraser.task import IGNORE_INDEX, per_example_loss
+
+    job = AdapterJob(root / "adapter", root / "chat.jsonl", base_model=str(root / "base"))
+    model, task = job.model_and_task()
+    rows = [trainer.train_dataset[i] for i in range(6)]
+    inputs = trainer.data_collator(rows)
+    with torch.no_grad():
+        theirs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       labels=inputs["labels"]).loss
+        ours = per_example_loss(task, model, task.collate(job.train[:6]))
+    tokens = sum(int((torch.tensor(r["labels"][1:]) != IGNORE_INDEX).sum()) for r in rows)
+    assert task.step_scale(job.train[:6]) == pytest.approx(task.token_scale / tokens)
+    # float32 sums in a different order: a few ulps of the loss
+    assert float(ours.sum() * task.token_scale / tokens) == pytest.approx(float(theirs), rel=1e-5)
+
+
+def test_the_recorded_run_replays_to_the_adapter(run):
+    """The recording's per-step gradients (before clipping) match ours at the recorded states, and llmeraser's AdamW
+    replaying them (decay, clipping, accumulation, the lr of each step) ends at the adapter the Trainer saved."""
+    root, _ = run
+    from llmeraser.finetune import step_gradient
+    from llmeraser.job import AdapterJob
+
+    job = AdapterJob(root / "adapter", root / "chat.jsonl", base_model=str(root / "base"))
+    model, task = job.model_and_task()
+    trajectory, why = job.trajectory(job.train)
+    assert trajectory is not None, why
+    assert trajectory.steps == EPOCHS * N // STEP and trajectory.path_ready
+    view = ParamView(model)
+    theta_hat = view.vector()
+    steps = trajectory.schedule(job.train)
+    for k, theta, _ in trajectory.states(stop=8):
+        view.set_vector(theta)
+        g, _ = step_gradient(model, task, job.train, steps[k], view)
+        # float32 forward/backward in another order (padding, logits kept): relative rounding, ~1e-6
+        assert float((g - trajectory.grads[k]).norm() / trajectory.grads[k].norm()) < 1e-4, k
+    moved = float((theta_hat - trajectory.theta0).norm())
+    assert float((trajectory.final() - theta_hat).norm()) < 1e-4 * moved  # torch's fused AdamW vs ours: rounding
+
+
+def test_unlearn_rewinds_to_what_an_sfttrainer_retrain_gives(run, tmp_path, capsys):
+    root, _ = run
+    common = ["--base-model", str(root / "base"), "--adapter", str(root / "adapter"), "--train",
+              str(root / "chat.jsonl"), "--request", str(root / "request.json"), "--quiet"]
+    assert main(["unlearn", *common, "--out", str(tmp_path / "u")]) == 0
+    out = capsys.readouterr().out
+    assert "auto chose rewind" in out and "recorded from a transformers Trainer" in out
+    report = json.loads((tmp_path / "u" / "report.json").read_text())
+    assert report["method"] == "rewind" and report["task"]["rendering"]["format"] == "trl"
+
+    def theta(folder):
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(root / "base", attn_implementation="eager")
+        return ParamView(load_adapter(base, folder)).vector()
+
+    original, unlearned, retrained = theta(root / "adapter"), theta(tmp_path / "u"), theta(root / "retrain")
+    gap = float((original - retrained).norm())
+    assert gap > 0.1  # the removal matters
+    # the same batches and rates, float32 rounding in another order: the rewind is the SFTTrainer retrain
+    assert float((unlearned - retrained).norm()) < 1e-3 * gap
+    # and the one-step update runs on the same record (no trajectory needed): TRL's objective, the decay noted
+    assert main(["unlearn", *common, "--out", str(tmp_path / "f"), "--method", "first-order", "--solver", "cg"]) == 0
+    report = json.loads((tmp_path / "f" / "report.json").read_text())
+    assert report["method"] == "first-order" and any("weight decay" in n for n in report["record_notes"])
