@@ -426,7 +426,8 @@ def choose_update(trajectory: Trajectory | None, why_not: str, train: Sequence[E
     """The update `auto` stands for, and why. The one home of that choice:
 
     - no usable recorded trajectory: first-order (the one-step influence update; the only one θ̂ alone allows);
-    - a trajectory with checkpoints only: rewind (exact);
+    - a trajectory with checkpoints only, or one recorded from a transformers Trainer (path replay does not model its
+      clipping, decay and token-weighted steps): rewind;
     - rewind when path replay's exact tail would not revisit every kept example (it covers less than one epoch):
       the tail is what repairs the predicted steps, and on one-epoch MovieLens fine-tunes, where it cannot, path
       replay was worse than doing nothing (IR-1, IR-10) or slower than retraining (RC-40; docs/path.md);

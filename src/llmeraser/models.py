@@ -135,6 +135,7 @@ def load_base_model(name_or_dir: str = DEFAULT_NAME, *, dtype: str = "float32", 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserInputError(f"cannot load base model from {str(path)!r}: {first}") from e
     model.requires_grad_(False)
-    if getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()  # recomputation would drop the second derivatives the update needs
+    if getattr(model, "supports_gradient_checkpointing", False):  # recomputation can drop the gradients it needs
+        off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        off()
     return model.to(target).eval(), tokenizer

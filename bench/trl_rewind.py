@@ -1,0 +1,160 @@
+"""A chat adapter fine-tuned with TRL's SFTTrainer, unlearned by rewinding its recorded run: fidelity and cost against
+an SFTTrainer retrain, in one run (docs/data.md#replaying-the-run).
+
+    python bench/trl_rewind.py                 # the embedded SmolLM2-135M-Instruct on chat facts about people (minutes)
+    python bench/trl_rewind.py --tiny          # a tiny offline chat Llama (seconds)
+    python bench/trl_rewind.py --out DIR       # also results.json
+
+The data: the `people` facts as chats (user asks, assistant answers, the model's own chat template). SFTTrainer
+fine-tunes LoRA on every linear layer with its defaults where they matter (AdamW, weight decay 0.01, linear decay,
+clipping 1.0, random sampler) and `LLMEraserCallback` records the run. The request removes every fact of one
+person. Reported: how well the recording replays (our step gradients vs the recorded ones; the replayed end vs the
+saved adapter), then the rewind against an SFTTrainer retrain without the person: seconds (their ratio is the cost),
+the removed person's and the kept facts' loss (token-weighted, as trained), and the distance between the adapters
+(the retrain takes other batches: the rewind and it differ by SGD noise, which `noise` measures as the distance
+between two SFTTrainer runs on the full set, same init, another data order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def chats(n_people: int, seed: int = 0) -> tuple[list[dict], list[str]]:
+    """(chat records of the people facts, the ids of the last person's facts)."""
+    from llmeraser.experiments.people import build_people
+
+    data = build_people(n_people, facts=5, seed=seed)
+    records = [{"id": e.id, "messages": [{"role": "user", "content": e.prompt.strip()},
+                                         {"role": "assistant", "content": e.response.strip()}]} for e in data.train]
+    removed = [e.id for e in data.train if e.extra["person"] == data.people[-1]]
+    return records, removed
+
+
+def sft(base: Path, records: list[dict], out: Path, *, epochs: int, data_seed: int = 0, callback=None) -> float:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    set_seed(0)  # LoRA's initial A, drawn before the Trainer seeds: the same for every run
+    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager", dtype=torch.float32)
+    config = SFTConfig(output_dir=str(out), max_length=96, per_device_train_batch_size=8, num_train_epochs=epochs,
+                       learning_rate=2e-3, weight_decay=0.01, max_grad_norm=1.0, bf16=False,
+                       gradient_checkpointing=False, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                       data_seed=data_seed,
+                       disable_tqdm=True, logging_steps=10**6)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(records),
+                         processing_class=AutoTokenizer.from_pretrained(base),
+                         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0),
+                         callbacks=[callback] if callback else [])
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    trainer.save_model(str(out))
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="a tiny offline chat model instead of the embedded one")
+    p.add_argument("--people", type=int, default=20, help="people (5 facts each)")
+    p.add_argument("--epochs", type=int, default=3, help="SFTTrainer epochs")
+    p.add_argument("--out", default=None, help="write results.json here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(2)
+    from llmeraser.callback import LLMEraserCallback
+    from llmeraser.finetune import step_gradient
+    from llmeraser.job import AdapterJob
+    from llmeraser.params import ParamView, load_adapter
+    from llmeraser.request import Request
+    from llmeraser.table import format_table
+    from llmeraser.task import per_example_loss
+
+    root = Path(tempfile.mkdtemp(prefix="llmeraser-trl-"))
+    records, removed = chats(a.people)
+    if a.tiny:
+        from llmeraser.testing import tiny_llama, tiny_tokenizer
+
+        tok = tiny_tokenizer([m["content"] for r in records for m in r["messages"]], vocab_size=600, chat=True)
+        tiny_llama(len(tok), hidden=64, layers=2, dtype=torch.float32, init_std=0.1).save_pretrained(root / "base")
+        tok.save_pretrained(root / "base")
+        base = root / "base"
+    else:
+        from llmeraser.models import embedded_model_dir
+
+        base = embedded_model_dir()
+    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    kept = [r for r in records if r["id"] not in removed]
+    t_train = sft(base, records, root / "adapter", epochs=a.epochs, callback=LLMEraserCallback(root / "chat.jsonl"))
+    t_retrain = sft(base, kept, root / "retrain", epochs=a.epochs)
+    sft(base, records, root / "noise", epochs=a.epochs, data_seed=1)
+
+    job = AdapterJob(root / "adapter", root / "chat.jsonl", base_model=str(base))
+    model, task = job.model_and_task()
+    trajectory, why = job.trajectory(job.train)
+    if trajectory is None:
+        print(f"no usable recording: {why}", file=sys.stderr)
+        return 1
+    view = ParamView(model)
+    theta_hat = view.vector()
+    steps, errors = trajectory.schedule(job.train), []
+    for k, theta, _ in trajectory.states(stop=min(10, trajectory.steps - 1)):
+        view.set_vector(theta)
+        g, _ = step_gradient(model, task, job.train, steps[k], view)
+        errors.append(float((g - trajectory.grads[k]).norm() / trajectory.grads[k].norm()))
+    view.set_vector(theta_hat)
+    end = float((trajectory.final() - theta_hat).norm() / (theta_hat - trajectory.theta0).norm())
+    start = time.perf_counter()
+    result = job.unlearn(Request.remove(*removed), root / "rewound")
+    t_rewind = time.perf_counter() - start
+
+    def load(name: str):
+        from llmeraser.models import load_base_model
+
+        b, _ = load_base_model(str(base))
+        return load_adapter(b, root / name)
+
+    forget = [e for e in job.train if e.id in set(removed)]
+    keep = [e for e in job.train if e.id not in set(removed)][:64]
+    thetas, rows = {}, []
+    for name in ("adapter", "rewound", "retrain", "noise"):
+        m = load(name)
+        thetas[name] = ParamView(m).vector()
+        with torch.no_grad():
+            rows.append({"adapter": name, "forget": float(per_example_loss(task, m, task.collate(forget)).mean()),
+                         "kept": float(per_example_loss(task, m, task.collate(keep)).mean())})
+    for row in rows:
+        row["to_retrain"] = float((thetas[row["adapter"]] - thetas["retrain"]).norm())
+    noise = float((thetas["noise"] - thetas["adapter"]).norm())  # the same data and init, another order
+    r = result.update.report["rewind"]
+    summary = {"model": "tiny chat Llama" if a.tiny else "SmolLM2-135M-Instruct", "examples": len(records),
+               "removed": len(removed), "steps": trajectory.steps, "replayed_steps": r["replayed_steps"],
+               "step_gradient_error_max": max(errors), "replayed_end_error": end,
+               "seconds": {"sft_train": t_train, "sft_retrain": t_retrain, "rewind": t_rewind},
+               "rewind_vs_retrain_time": t_rewind / t_retrain, "noise_between_seeds": noise, "rows": rows}
+    print(format_table(rows, [("adapter", "adapter", ""), ("forget", "removed person's loss", ".4f"),
+                              ("kept", "kept facts' loss", ".4f"), ("to_retrain", "‖θ − θ_retrain‖", ".4f")]))
+    print(f"\n{summary['model']}, {len(records)} chats, {trajectory.steps} steps; rewind replayed "
+          f"{r['replayed_steps']} from step {r['rewound_to']}: {t_rewind:.1f} s vs SFTTrainer retrain "
+          f"{t_retrain:.1f} s (ratio {t_rewind / t_retrain:.2f}); step gradients vs recorded ≤ {max(errors):.1e}, "
+          f"replayed end vs saved adapter {end:.1e}; two data orders differ by {noise:.4f}")
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "results.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
