@@ -162,3 +162,13 @@ def test_the_prepared_device_script_runs_on_the_cpu(tmp_path, capsys):
     assert "unlearn: rewind" in out and "FAIL" not in out
     timings = json.loads((tmp_path / "timings.json").read_text())
     assert all(ok for _, ok in timings["checks"])
+
+
+def test_a_record_with_an_unknown_rendering_is_refused_by_name(tmp_path):
+    from llmeraser.record import RECORD, TrainingRecord
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / RECORD).write_text(json.dumps({"task": {"max_length": 64,
+                                                                    "rendering": {"format": "axolotl"}}}))
+    with pytest.raises(UserInputError, match=r"rendering is not understood: unknown format 'axolotl'"):
+        TrainingRecord.read(tmp_path / "adapter")

@@ -144,7 +144,23 @@ def test_unlearn_rewinds_to_what_an_sfttrainer_retrain_gives(run, tmp_path, caps
     assert gap > 0.1  # the removal matters
     # the same batches and rates, float32 rounding in another order: the rewind is the SFTTrainer retrain
     assert float((unlearned - retrained).norm()) < 1e-3 * gap
+    # the rewound adapter carries its own recording: a second request in a ledger lineage rewinds again
+    ledger = ["--ledger", str(tmp_path / "ledger")]
+    assert main(["unlearn", *common, "--out", str(tmp_path / "l1"), *ledger]) == 0
+    (tmp_path / "second.json").write_text(json.dumps({"edits": [{"op": "correct_response", "id": "chat3",
+                                                                 "response": "The owl likes blue."}]}))
+    second = [a if a != str(root / "request.json") else str(tmp_path / "second.json") for a in common]
+    second[second.index("--adapter") + 1] = str(tmp_path / "l1")
+    assert main(["unlearn", *second, "--out", str(tmp_path / "l2"), *ledger]) == 0
+    chained = json.loads((tmp_path / "l2" / "report.json").read_text())
+    assert chained["method"] == "rewind" and chained["rewind"]["steps"] == trajectory_steps(tmp_path / "l1")
     # and the one-step update runs on the same record (no trajectory needed): TRL's objective, the decay noted
     assert main(["unlearn", *common, "--out", str(tmp_path / "f"), "--method", "first-order", "--solver", "cg"]) == 0
     report = json.loads((tmp_path / "f" / "report.json").read_text())
     assert report["method"] == "first-order" and any("weight decay" in n for n in report["record_notes"])
+
+
+def trajectory_steps(adapter) -> int:
+    from llmeraser.trajectory import Trajectory
+
+    return Trajectory.load(adapter).steps

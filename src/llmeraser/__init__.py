@@ -1,8 +1,11 @@
-"""llmeraser: influence-function unlearning for PEFT-fine-tuned LLMs (LLMEraser, ICLR 2025, done carefully)."""
+"""llmeraser: influence-function unlearning for PEFT-fine-tuned LLMs (LLMEraser, ICLR 2025, done carefully).
+
+`llmeraser.callback.LLMEraserCallback` (a transformers TrainerCallback) is imported from its module, not here.
+"""
 
 from llmeraser.curvature import CurvatureOperator, gradient, objective_gradient, per_example_gradients
 from llmeraser.damping import DampingArguments, select_damping
-from llmeraser.data import Example, examples_hash, load_examples, save_examples
+from llmeraser.data import DataFields, Example, Message, examples_hash, load_examples, save_examples
 from llmeraser.eraser import (
     EraserArguments,
     UnlearningProblem,
@@ -33,13 +36,13 @@ from llmeraser.record import LoraSettings, TrainingRecord, lora_model
 from llmeraser.request import Edit, Request, apply_request, load_request, resolve
 from llmeraser.solvers.api import get_solver, is_fitted, solve, solver_arguments, solver_names
 from llmeraser.solvers.base import LinearOperator, MatrixOperator, SolverArguments, SolveResult
-from llmeraser.task import CausalLMTask, Task, per_example_loss
+from llmeraser.task import CausalLMTask, Rendering, Task, per_example_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterJob", "LoraSettings", "TrainingRecord", "UnlearnResult", "declined_update", "is_fitted", "lora_model",
-    "solver_names",
+    "solver_names", "DataFields", "Message", "Rendering",
     "AdapterError", "CausalLMTask", "ConfigError", "CurvatureOperator", "DataError", "Edit", "EraserArguments",
     "Example", "FinetuneArguments", "FinetuneResult", "LLMEraserError", "Ledger", "LedgerError", "LinearOperator",
     "MatrixOperator", "DampingArguments", "FactorArguments", "FactorStore", "Factors", "choose_solver",
