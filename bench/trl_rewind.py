@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                "removed": len(removed), "steps": trajectory.steps, "replayed_steps": r["replayed_steps"],
                "step_gradient_error_max": max(errors), "replayed_end_error": end,
                "seconds": {"sft_train": t_train, "sft_retrain": t_retrain, "rewind": t_rewind},
-               "rewind_vs_retrain_time": t_rewind / t_retrain, "noise_between_seeds": noise, "rows": rows}
+               "rewind_vs_retrain_time": t_rewind / t_retrain, "noise_between_orders": noise, "rows": rows}
     print(format_table(rows, [("adapter", "adapter", ""), ("forget", "removed person's loss", ".4f"),
                               ("kept", "kept facts' loss", ".4f"), ("to_retrain", "‖θ − θ_retrain‖", ".4f")]))
     print(f"\n{summary['model']}, {len(records)} chats, {trajectory.steps} steps; rewind replayed "

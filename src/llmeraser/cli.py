@@ -628,10 +628,13 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — for the life of the process
     _quiet_libraries(quiet=getattr(args, "quiet", False), debug=args.debug)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    completed = False
     try:
         if distributed.launched():
             distributed.init_from_env()
-        return args.func(args)
+        code = args.func(args)
+        completed = True
+        return code
     except distributed.Mirrored:  # rank 0's bad input: rank 0 reports it
         return 2
     except UserInputError as e:
@@ -652,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-        distributed.shutdown()
+        distributed.shutdown(completed=completed)
 
 
 if __name__ == "__main__":
