@@ -41,8 +41,11 @@ def write_all(tmp_path, records):
     return paths
 
 
-@pytest.mark.parametrize("records", [TEXT, COMPLETION + CONVERSATIONAL[:0], CONVERSATIONAL, chat_records(3)],
-                         ids=["prompt-response", "prompt-completion", "conversational", "messages"])
+DOCUMENTS = [{"id": "d0", "text": "The cat likes red."}, {"id": "d1", "text": "The dog likes blue."}]
+
+
+@pytest.mark.parametrize("records", [TEXT, COMPLETION, CONVERSATIONAL, chat_records(3), DOCUMENTS],
+                         ids=["prompt-response", "prompt-completion", "conversational", "messages", "text"])
 def test_every_file_format_reads_the_same_examples(tmp_path, records):
     paths = write_all(tmp_path, records)
     reference = load_examples(paths["jsonl"])
@@ -77,6 +80,19 @@ def test_shapes_and_what_they_hold():
     assert examples_hash([Example("a", "p", "r")]) == examples_hash([Example("a", "p", "r", {"k": 2})])
     other = Example(chat.id, chat.prompt, (Message("assistant", "other"),), shape="messages")
     assert examples_hash([chat]) != examples_hash([other])
+
+
+def test_documents_carry_the_loss_on_every_token_and_have_no_prompt_to_modify(chat_tok):
+    from llmeraser.data import parse_records
+
+    (doc,) = parse_records(enumerate_records(DOCUMENTS[:1]))
+    assert (doc.shape, doc.prompt, doc.response) == ("text", "", "The cat likes red.")
+    ids, labels = CausalLMTask(chat_tok, max_length=64).encode(doc)
+    assert ids[0] == chat_tok.bos_token_id and loss_text(chat_tok, ids, labels) == "The cat likes red."
+    with pytest.raises(RequestError, match="is a document .* no prompt to modify"):
+        resolve(Request.modify_query({"d0": "x"}), [doc])
+    (_, new), = resolve(Request.correct_response({"d0": "The cat likes nothing."}), [doc])
+    assert new.response == "The cat likes nothing." and new.shape == "text"
 
 
 def enumerate_records(records):
@@ -120,7 +136,8 @@ def test_content_ids_are_stable_and_unique(tmp_path):
     ({"id": "a", "prompt": "p", "completion": [{"role": "assistant", "content": "x"}]},
      r"record 0: 'prompt' and 'completion' must both be text or both be chat messages"),
     ({"id": "a", "prompt": "p"}, r"record 0: missing field 'response' \(or 'completion'\)"),
-    ({"id": "a", "text": "p"}, r"record 0: missing field 'prompt' \(or 'messages' for a chat\)"),
+    ({"id": "a", "body": "p"}, r"record 0: missing field 'prompt' \(or 'messages' for a chat, 'text' for a doc"),
+    ({"id": "a", "text": ""}, r"record 0: field 'text' must be a non-empty string, found an empty string"),
 ])
 def test_errors_name_the_record_and_the_field(tmp_path, record, pattern):
     path = tmp_path / "bad.json"
@@ -210,6 +227,8 @@ TRL_CASES = {  # name: (records, SFTConfig options, Rendering)
     "prompt-completion-full-loss": (CONVERSATIONAL, {"completion_only_loss": False},
                                     Rendering(format="trl", completion_only=False)),
     "truncated": (chat_records(4), {"max_length": 12}, Rendering(format="trl")),
+    "text": ([{"id": "t0", "text": "The cat likes red. The dog likes blue."},
+              {"id": "t1", "text": "The owl likes gold."}], {}, Rendering(format="trl")),
 }
 
 

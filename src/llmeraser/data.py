@@ -1,13 +1,14 @@
 """Training examples as people have them: loading with precise error messages, saving, hashing (docs/data.md).
 
 Files: JSONL (one record per line), JSON (a list of records; JSON lines under a .json name are read as JSONL too),
-parquet, and a folder written by `datasets`' `save_to_disk` (a DatasetDict needs `split`). Records come in three
+parquet, and a folder written by `datasets`' `save_to_disk` (a DatasetDict needs `split`). Records come in four
 shapes, told apart by their fields (names configurable with `DataFields`):
 
 - `{id, prompt, response}`: llmeraser's own (text);
 - `{id, prompt, completion}`: TRL's prompt-completion, text or conversational (lists of `{role, content}`);
 - `{id, messages}`: a chat, `[{role, content}, ...]`: the prompt is every message before the final assistant
-  message, the response that message (and any after it). It is rendered with the tokenizer's chat template.
+  message, the response that message (and any after it). It is rendered with the tokenizer's chat template;
+- `{id, text}`: a document (TRL's language-modelling records): an empty prompt, the loss on every token.
 
 Other keys are kept in `Example.extra` and written back on save, but play no part in equality or hashing. Without an
 id field in any record, each example gets a stable id from its content (`content_id`). Errors name the file, the
@@ -25,7 +26,7 @@ from pathlib import Path
 from llmeraser.errors import DataError
 from llmeraser.io import atomic_write_text, canonical_json, sha256_bytes
 
-SHAPES = ("prompt-response", "prompt-completion", "messages")  # how a record was written (and is written back)
+SHAPES = ("prompt-response", "prompt-completion", "messages", "text")  # how a record was written (and is written back)
 CONTENT_ID_PREFIX = "sha-"
 
 
@@ -78,6 +79,8 @@ class Example:
         head = {f.id_field or "id": self.id}
         if self.shape == "messages":
             body = {f.messages_field: self.messages()}
+        elif self.shape == "text":
+            body = {f.text_field: self.response}
         else:
             out = f.response_field or ("completion" if self.shape == "prompt-completion" else "response")
             body = {f.prompt_field: _plain(self.prompt), out: _plain(self.response)}
@@ -99,6 +102,8 @@ class DataFields:
     response_field: str | None = field(default=None, metadata={
         "help": "the field holding the response; default: 'response' or TRL's 'completion', whichever is there"})
     messages_field: str = field(default="messages", metadata={"help": "the field holding a chat's messages"})
+    text_field: str = field(default="text", metadata={
+        "help": "the field holding a document (records with neither prompt nor messages; the loss on every token)"})
     split: str | None = field(default=None, metadata={
         "help": "the split of a datasets DatasetDict folder (default: 'train' when there is one)"})
 
@@ -182,11 +187,19 @@ def _record(obj: object, where: str, f: DataFields) -> tuple[str | None, Example
             raise DataError(f"{where}: field {f.messages_field!r} has no assistant message (nothing to learn)")
         used.add(f.messages_field)
         example = Example("", chat[:last], chat[last:], shape="messages")
+    elif f.text_field in obj and f.prompt_field not in obj:
+        text = obj[f.text_field]
+        if not isinstance(text, str) or not text:
+            raise DataError(f"{where}: field {f.text_field!r} must be a non-empty string, found "
+                            f"{_type_name(text) if not isinstance(text, str) else 'an empty string'}")
+        used.add(f.text_field)
+        example = Example("", "", text, shape="text")
     else:
         names = [f.response_field] if f.response_field else ["response", "completion"]
         out = next((n for n in names if n in obj), None)
         if f.prompt_field not in obj:
-            raise DataError(f"{where}: missing field {f.prompt_field!r} (or {f.messages_field!r} for a chat)")
+            raise DataError(f"{where}: missing field {f.prompt_field!r} (or {f.messages_field!r} for a chat, "
+                            f"{f.text_field!r} for a document)")
         if out is None:
             raise DataError(f"{where}: missing field {' (or '.join(map(repr, names))}{')' if len(names) > 1 else ''}")
         prompt, response = _text(obj[f.prompt_field], where, f.prompt_field), _text(obj[out], where, out)

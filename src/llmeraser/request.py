@@ -273,6 +273,9 @@ def resolve(request: Request, examples: Sequence[Example]) -> list[tuple[Example
 def _new_text(old: Example, field: str, value: Text, where: str) -> Text:
     """The example's new prompt or response. For a chat, a string replaces the content of the final assistant
     message (response) or of the last user message (prompt); messages replace the whole part."""
+    if old.shape == "text" and field == "prompt":
+        raise RequestError(f"{where}: example {old.id!r} is a document (a text record): it has no prompt to modify; "
+                           f"correct its text with correct_response, or remove it")
     if not old.is_chat:
         if not isinstance(value, str):
             raise RequestError(f"{where}: example {old.id!r} is text; give its new {field} as a string")

@@ -40,7 +40,8 @@ class Rendering:
     - format `trl` (what TRL's SFTTrainer trains): text records are tokenised as `tokenizer(prompt + completion +
       EOS)`, chats with the chat template; prompt-completion records carry the loss on the completion when
       `completion_only` (TRL's default), `messages` records on every token unless `assistant_only` (the template's
-      `{% generation %}` marks); sequences are cut to max_length by `truncation`.
+      `{% generation %}` marks), a `text` record (a document) on every token; sequences are cut to max_length by
+      `truncation`.
     - normalization `example`: each example's loss is its mean token NLL, and R averages examples; `token` (TRL,
       transformers' Trainer): R = Σ token NLL / Σ tokens, i.e. ℓ(z) = Σ_t NLL / t̄, with t̄ the mean number of loss
       tokens per example of the training set (`CausalLMTask.calibrate`), kept fixed when examples are edited.
@@ -179,6 +180,11 @@ class CausalLMTask:
                 prompt = self._chat(example.prompt, add_generation_prompt=True)["input_ids"] if example.prompt else []
                 k = common_prefix(prompt, ids)
                 keep = [0] * k + keep[k:]
+        elif example.shape == "text":  # language modelling: the document and EOS, the loss on every token
+            eos = r.eos_token if r.eos_token is not None else (self.tokenizer.eos_token or "")
+            text = example.response if example.response.endswith(eos) else example.response + eos
+            ids = list(self.tokenizer(text=text)["input_ids"])
+            keep = [1] * len(ids)
         else:
             eos = r.eos_token if r.eos_token is not None else (self.tokenizer.eos_token or "")
             completion = example.response if example.response.endswith(eos) else example.response + eos
