@@ -9,7 +9,8 @@ The data: the `people` facts as chats (user asks, assistant answers, the model's
 fine-tunes LoRA on every linear layer with its defaults where they matter (AdamW, weight decay 0.01, linear decay,
 clipping 1.0, random sampler) and `LLMEraserCallback` records the run. The request removes every fact of one
 person. Reported: how well the recording replays (our step gradients vs the recorded ones; the replayed end vs the
-saved adapter), then the rewind against an SFTTrainer retrain without the person: seconds (their ratio is the cost),
+saved adapter), then rewind and path replay against an SFTTrainer retrain without the person: seconds (the ratios
+are the cost),
 the removed person's and the kept facts' loss (token-weighted, as trained), and the distance between the adapters
 (the retrain takes other batches: the rewind and it differ by SGD noise, which `noise` measures as the distance
 between two SFTTrainer runs on the full set, same init, another data order).
@@ -115,9 +116,18 @@ def main(argv: list[str] | None = None) -> int:
         errors.append(float((g - trajectory.grads[k]).norm() / trajectory.grads[k].norm()))
     view.set_vector(theta_hat)
     end = float((trajectory.final() - theta_hat).norm() / (theta_hat - trajectory.theta0).norm())
+    from llmeraser.eraser import EraserArguments
+    from llmeraser.job import choose_update
+    from llmeraser.replay import PathArguments
+
+    request = Request.remove(*removed)
+    _, choice = choose_update(trajectory, "", job.train, request, PathArguments())
     start = time.perf_counter()
-    result = job.unlearn(Request.remove(*removed), root / "rewound")
+    result = job.unlearn(request, root / "rewound", EraserArguments(method="rewind"))
     t_rewind = time.perf_counter() - start
+    start = time.perf_counter()
+    path = job.unlearn(request, root / "path", EraserArguments(method="path"))
+    t_path = time.perf_counter() - start
 
     def load(name: str):
         from llmeraser.models import load_base_model
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     forget = [e for e in job.train if e.id in set(removed)]
     keep = [e for e in job.train if e.id not in set(removed)][:64]
     thetas, rows = {}, []
-    for name in ("adapter", "rewound", "retrain", "noise"):
+    for name in ("adapter", "rewound", "path", "retrain", "noise"):
         m = load(name)
         thetas[name] = ParamView(m).vector()
         with torch.no_grad():
@@ -141,14 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"model": "tiny chat Llama" if a.tiny else "SmolLM2-135M-Instruct", "examples": len(records),
                "removed": len(removed), "steps": trajectory.steps, "replayed_steps": r["replayed_steps"],
                "step_gradient_error_max": max(errors), "replayed_end_error": end,
-               "seconds": {"sft_train": t_train, "sft_retrain": t_retrain, "rewind": t_rewind},
-               "rewind_vs_retrain_time": t_rewind / t_retrain, "noise_between_orders": noise, "rows": rows}
+               "seconds": {"sft_train": t_train, "sft_retrain": t_retrain, "rewind": t_rewind, "path": t_path},
+               "rewind_vs_retrain_time": t_rewind / t_retrain, "path_vs_retrain_time": t_path / t_retrain,
+               "path": {k: path.update.report["path"][k] for k in ("exact_steps", "predicted_steps",
+                                                                     "gradient_cost_vs_retraining")},
+               "auto": choice, "noise_between_orders": noise, "rows": rows}
     print(format_table(rows, [("adapter", "adapter", ""), ("forget", "removed person's loss", ".4f"),
                               ("kept", "kept facts' loss", ".4f"), ("to_retrain", "‖θ − θ_retrain‖", ".4f")]))
     print(f"\n{summary['model']}, {len(records)} chats, {trajectory.steps} steps; rewind replayed "
           f"{r['replayed_steps']} from step {r['rewound_to']}: {t_rewind:.1f} s vs SFTTrainer retrain "
           f"{t_retrain:.1f} s (ratio {t_rewind / t_retrain:.2f}); step gradients vs recorded ≤ {max(errors):.1e}, "
           f"replayed end vs saved adapter {end:.1e}; two data orders differ by {noise:.4f}")
+    print(f"path replay: {path.update.report['path']['exact_steps']} exact, "
+          f"{path.update.report['path']['predicted_steps']} predicted steps, {t_path:.1f} s (ratio "
+          f"{t_path / t_retrain:.2f}); {choice}")
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "results.json").write_text(json.dumps(summary, indent=2))

@@ -110,7 +110,7 @@ def test_the_recorded_run_replays_to_the_adapter(run):
     model, task = job.model_and_task()
     trajectory, why = job.trajectory(job.train)
     assert trajectory is not None, why
-    assert trajectory.steps == EPOCHS * N // STEP and trajectory.path_ready
+    assert trajectory.steps == EPOCHS * N // STEP
     view = ParamView(model)
     theta_hat = view.vector()
     steps = trajectory.schedule(job.train)
@@ -127,11 +127,10 @@ def test_unlearn_rewinds_to_what_an_sfttrainer_retrain_gives(run, tmp_path, caps
     root, _ = run
     common = ["--base-model", str(root / "base"), "--adapter", str(root / "adapter"), "--train",
               str(root / "chat.jsonl"), "--request", str(root / "request.json"), "--quiet"]
-    assert main(["unlearn", *common, "--out", str(tmp_path / "u")]) == 0
-    out = capsys.readouterr().out
-    assert "auto chose rewind" in out and "recorded from a transformers Trainer" in out
+    assert main(["unlearn", *common, "--out", str(tmp_path / "u"), "--method", "rewind"]) == 0
     report = json.loads((tmp_path / "u" / "report.json").read_text())
     assert report["method"] == "rewind" and report["task"]["rendering"]["format"] == "trl"
+    assert report["rewind"]["rewound_to"] == N // STEP - 1  # the first epoch's last step held the removed examples
 
     def theta(folder):
         from transformers import AutoModelForCausalLM
@@ -144,14 +143,23 @@ def test_unlearn_rewinds_to_what_an_sfttrainer_retrain_gives(run, tmp_path, caps
     assert gap > 0.1  # the removal matters
     # the same batches and rates, float32 rounding in another order: the rewind is the SFTTrainer retrain
     assert float((unlearned - retrained).norm()) < 1e-3 * gap
+    # path replay with every step exact is that same retraining (its kept-gradient algebra under the token-weighted
+    # step loss, clipping and decay adds nothing when nothing is predicted)
+    assert main(["unlearn", *common, "--out", str(tmp_path / "p"), "--method", "path", "--path-exact-every", "1",
+                 "--path-exact-tail", "0"]) == 0
+    assert float((theta(tmp_path / "p") - unlearned).norm()) < 1e-5 * gap
+    # with no options, auto picks one of the two and says why
+    capsys.readouterr()
+    assert main(["unlearn", *common, "--out", str(tmp_path / "a")]) == 0
+    assert "auto chose" in capsys.readouterr().out
     # the rewound adapter carries its own recording: a second request in a ledger lineage rewinds again
     ledger = ["--ledger", str(tmp_path / "ledger")]
-    assert main(["unlearn", *common, "--out", str(tmp_path / "l1"), *ledger]) == 0
+    assert main(["unlearn", *common, "--out", str(tmp_path / "l1"), "--method", "rewind", *ledger]) == 0
     (tmp_path / "second.json").write_text(json.dumps({"edits": [{"op": "correct_response", "id": "chat3",
                                                                  "response": "The owl likes blue."}]}))
     second = [a if a != str(root / "request.json") else str(tmp_path / "second.json") for a in common]
     second[second.index("--adapter") + 1] = str(tmp_path / "l1")
-    assert main(["unlearn", *second, "--out", str(tmp_path / "l2"), *ledger]) == 0
+    assert main(["unlearn", *second, "--out", str(tmp_path / "l2"), "--method", "rewind", *ledger]) == 0
     chained = json.loads((tmp_path / "l2" / "report.json").read_text())
     assert chained["method"] == "rewind" and chained["rewind"]["steps"] == trajectory_steps(tmp_path / "l1")
     # and the one-step update runs on the same record (no trajectory needed): TRL's objective, the decay noted

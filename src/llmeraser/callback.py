@@ -15,8 +15,8 @@ ends and into every checkpoint; `write(folder)` writes it anywhere else (e.g. wh
 
 With AdamW (the Trainer's default) in one process, the callback also records the run itself (`trajectory.safetensors`,
 as `llmeraser finetune` does): θ₀, every step's gradient before clipping, its learning rate and which examples its
-batch held (matched by their token ids), so that `unlearn --method rewind` (what auto picks) replays the run from the
-step before the first edited example: retraining, without the cost of the steps before it (docs/data.md#replay).
+batch held (matched by their token ids), so that `unlearn` can rewind the run (retrain from the step before the
+first edited example, without the cost of the steps before it) or replay its path (docs/data.md#replaying-the-run).
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ class LLMEraserCallback(TrainerCallback):
             h.remove()
 
     def trajectory(self) -> Trajectory:
-        """The recorded run as a `Trajectory` (rewind replays it; path replay does not model it)."""
+        """The recorded run as a `Trajectory` (rewind and path replay take it)."""
         rec = self.recording
         if rec is None:
             raise UserInputError("LLMEraserCallback: no trajectory was recorded")

@@ -426,8 +426,7 @@ def choose_update(trajectory: Trajectory | None, why_not: str, train: Sequence[E
     """The update `auto` stands for, and why. The one home of that choice:
 
     - no usable recorded trajectory: first-order (the one-step influence update; the only one θ̂ alone allows);
-    - a trajectory with checkpoints only, or one recorded from a transformers Trainer (path replay does not model its
-      clipping, decay and token-weighted steps): rewind;
+    - a trajectory with checkpoints only: rewind (exact);
     - rewind when path replay's exact tail would not revisit every kept example (it covers less than one epoch):
       the tail is what repairs the predicted steps, and on one-epoch MovieLens fine-tunes, where it cannot, path
       replay was worse than doing nothing (IR-1, IR-10) or slower than retraining (RC-40; docs/path.md);
@@ -444,8 +443,6 @@ def choose_update(trajectory: Trajectory | None, why_not: str, train: Sequence[E
     if trajectory.grads is None:
         return "rewind", (f"auto chose rewind: the trajectory kept checkpoints only; rewinding to step {start} "
                           f"replays {replay:.0%} of fine-tuning exactly")
-    if why := trajectory.path_ready:
-        return "rewind", f"auto chose rewind ({why}): rewinding to step {start} replays {replay:.0%} of fine-tuning"
     per_epoch = len(steps) / trajectory.meta["epochs"]
     tail = len(steps) - path.tail_start(len(steps))
     if tail < per_epoch:

@@ -239,8 +239,6 @@ def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], re
     from llmeraser.finetune import step_gradient
 
     args = args or PathArguments()
-    if why := trajectory.path_ready:
-        raise ConfigError(f"--method path: {why}; use --method rewind")
     start_time = time.perf_counter()
     effective, edits = _edits(request, train)
     steps, first = first_edited_step(trajectory, train, set(edits))
@@ -252,6 +250,15 @@ def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], re
     tail = args.tail_start(len(steps))
     next_exact = first
     w = adam = None
+    lrs = trajectory.meta.get("lrs")  # a Trainer run's recorded rate of each step (else Adam's own)
+    scale = getattr(task, "step_scale", lambda _: None)
+
+    def weight(examples: Sequence[Example]) -> float:
+        """The step gradient is (Σ ∇ℓ) / weight: the batch size, or under the Trainer's token-weighted step loss
+        the batch's tokens / t̄ (`CausalLMTask.step_scale`)."""
+        c = scale(examples)
+        return len(examples) if c is None else 1.0 / c
+
     model.eval()
     bar = tqdm(total=len(steps) - first, desc="path replay", disable=not progress)
     try:
@@ -274,10 +281,14 @@ def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], re
             new_batch = [e for e in (edits.get(train[i].id, train[i]) for i in batch) if e is not None]
             # the kept examples' mean gradient at θ_k: the recorded batch gradient less the edited examples' own
             g_k = trajectory.grads[k].to(dev)
+            old_weight = weight([train[i] for i in batch])
             if here and kept:
                 view.set_vector(theta_k)
-                g_k = (len(batch) * g_k - gradient(model, task, here, batch_size=len(here))) / kept
+                g_k = (old_weight * g_k - gradient(model, task, here, batch_size=len(here))) / kept
                 n["edited"] += len(here)
+            elif kept and old_weight != len(batch):  # token-weighted steps: the recorded gradient is not the kept mean
+                g_k = old_weight * g_k / kept
+            new_weight = weight(new_batch)
             s = w - theta_k
             view.set_vector(w)
             news = gradient(model, task, new, batch_size=len(new)) if new else torch.zeros_like(w)  # exact at w_k
@@ -286,7 +297,7 @@ def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], re
                 # fine-tuning's own step gradient on the edited batch: with every step exact this is, bit for bit,
                 # retraining over the recorded batches
                 g_w, _ = step_gradient(model, task, new_batch, range(len(new_batch)), view)
-                change = (n_new * g_w - news) / kept - g_k  # the kept part's change: "no change" is off by this
+                change = (new_weight * g_w - news) / kept - g_k  # the kept part's change: "no change" is off by this
                 predicted = secant.matvec(s) if secant is not None else torch.zeros_like(s)
                 errors.append(float((predicted - change).norm()) / max(float(change.norm()), 1e-30))
                 if secant is not None:
@@ -296,9 +307,9 @@ def path_replay(model: torch.nn.Module, task: Task, train: Sequence[Example], re
                 n["exact"] += 1
             else:
                 g_kept = g_k + secant.matvec(s) if secant is not None and kept else g_k
-                g_w = (kept * g_kept + news) / n_new if kept else news / n_new
+                g_w = (kept * g_kept + news) / new_weight if kept else news / new_weight
                 n["predicted"] += 1
-            w = adam.step(w, g_w)
+            w = adam.step(w, g_w, None if lrs is None else lrs[k])
             if not torch.isfinite(w).all():
                 raise SolverError(f"path replay diverged at step {k} (non-finite parameters)")
         kept_check = _kept_loss_check(model, task, effective, edits, theta_hat, w, view)

@@ -176,18 +176,6 @@ class Trajectory:
                           weight_decay=m.get("weight_decay", 0.0), max_grad_norm=m.get("max_grad_norm", 0.0))
 
     @property
-    def path_ready(self) -> str | None:
-        """Why path replay cannot use this recording (None when it can): its kept-gradient algebra assumes the
-        batch-mean loss without clipping or decoupled decay, which a run recorded from transformers' Trainer has
-        not (rewind replays such a run all the same)."""
-        m = self.meta
-        if "batches" in m or m.get("normalization", "example") != "example" or m.get("max_grad_norm") or \
-                m.get("weight_decay"):
-            return ("path replay models llmeraser's own fine-tune (batch-mean loss, no clipping, no decoupled "
-                    "decay); this run was recorded from a transformers Trainer")
-        return None
-
-    @property
     def steps(self) -> int:
         return int(self.meta["steps"])
 
