@@ -62,6 +62,29 @@ def test_flat_adam_is_torch_adam():
     assert torch.allclose(theta, p.detach(), rtol=0, atol=1e-13)
 
 
+def test_flat_adamw_with_clipping_and_a_schedule_is_torchs():
+    """The Trainer's step: clip_grad_norm_ to max_grad_norm, then AdamW (decoupled decay), at each step's lr."""
+    gen = torch.Generator().manual_seed(1)
+    theta = torch.randn(40, generator=gen, dtype=torch.float64)
+    p = torch.nn.Parameter(theta.clone())
+    opt = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.1, foreach=False)
+    adam = Adam(AdamConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=1.0), theta)
+    clipped = 0
+    for k in range(20):
+        lr = 1e-2 * (1 - k / 20)  # a linear schedule, as the Trainer's default
+        g = torch.randn(40, generator=gen, dtype=torch.float64) * (0.05 if k % 2 else 1.0)  # some steps clip
+        p.grad = g.clone()
+        clipped += float(torch.nn.utils.clip_grad_norm_([p], 1.0)) > 1.0
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        theta = adam.step(theta, g, lr)
+    assert clipped >= 5
+    # the same formulas; torch computes the clip coefficient from a norm of norms and multiplies in place: a few
+    # float64 roundings per step
+    assert torch.allclose(theta, p.detach(), rtol=0, atol=1e-12)
+
+
 def test_the_trajectory_rebuilds_the_fine_tune_bit_for_bit(lm, tmp_path):
     model, task, train, theta0 = lm
     theta, traj = fit(model, task, train, theta0)
