@@ -172,3 +172,78 @@ def trajectory_steps(adapter) -> int:
     from llmeraser.trajectory import Trajectory
 
     return Trajectory.load(adapter).steps
+
+
+def test_a_plain_trainer_with_its_own_tokenisation_is_recorded_and_rewound(run, tmp_path):
+    """transformers' Trainer on data the user tokenised (here llmeraser's rendering with the Trainer's token-mean
+    loss): the callback, told the rendering, records the run, and a rewind replays it to the adapter's state."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+    from llmeraser.callback import LLMEraserCallback
+    from llmeraser.data import load_examples
+    from llmeraser.job import AdapterJob
+    from llmeraser.task import IGNORE_INDEX, CausalLMTask, Rendering
+
+    root, _ = run
+    rendering = Rendering(format="llmeraser", normalization="token")
+    tok = AutoTokenizer.from_pretrained(root / "base")
+    train = load_examples(root / "chat.jsonl")
+    task = CausalLMTask(tok, max_length=48, rendering=rendering)
+    rows = [dict(zip(("input_ids", "labels"), task.encode(e), strict=True)) for e in train]
+
+    def collate(batch):
+        width = max(len(r["input_ids"]) for r in batch)
+        pad = lambda xs, v: [x + [v] * (width - len(x)) for x in xs]  # noqa: E731
+        return {"input_ids": torch.tensor(pad([r["input_ids"] for r in batch], tok.pad_token_id)),
+                "labels": torch.tensor(pad([r["labels"] for r in batch], IGNORE_INDEX)),
+                "attention_mask": torch.tensor(pad([[1] * len(r["input_ids"]) for r in batch], 0))}
+
+    set_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(root / "base", attn_implementation="eager")
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    args = TrainingArguments(output_dir=str(tmp_path / "plain"), per_device_train_batch_size=4, num_train_epochs=2,
+                             learning_rate=1e-2, weight_decay=0.01, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True, max_grad_norm=1.0)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=collate,
+                      callbacks=[LLMEraserCallback(train, rendering=rendering, max_length=48, tokenizer=tok)])
+    trainer.train()
+    trainer.save_model(str(tmp_path / "plain"))
+    record = TrainingRecord.read(tmp_path / "plain")
+    assert record.rendering == rendering and record.source.startswith("transformers ") and record.max_length == 48
+    job = AdapterJob(tmp_path / "plain", root / "chat.jsonl", base_model=str(root / "base"))
+    trajectory, why = job.trajectory(job.train)
+    assert trajectory is not None, why
+    assert trajectory.steps == 2 * N // 4
+    model, _ = job.model_and_task()
+    theta_hat = ParamView(model).vector()
+    assert float((trajectory.final() - theta_hat).norm()) < 1e-4 * float((theta_hat - trajectory.theta0).norm())
+
+
+def test_without_a_tokenizer_the_callback_records_no_run_but_never_stops_training(run, tmp_path, caplog):
+    import logging
+
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from llmeraser.callback import LLMEraserCallback
+    from llmeraser.data import parse_records
+    from llmeraser.task import CausalLMTask, Rendering
+
+    root, _ = run
+    tok = AutoTokenizer.from_pretrained(root / "base")
+    records = chat_records(4, seed=2)
+    task = CausalLMTask(tok, max_length=48)
+    examples = parse_records([(f"record {i}", r) for i, r in enumerate(records)])
+    rows = [dict(zip(("input_ids", "labels"), task.encode(e), strict=True)) for e in examples]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(root / "base"), LoraConfig(target_modules=["q_proj"]))
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=1, max_steps=2,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    with caplog.at_level(logging.WARNING):
+        Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                callbacks=[LLMEraserCallback(records, rendering=Rendering(), max_length=48)]).train()
+    assert any("records no trajectory: no tokenizer" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "o" / "training_record.json").is_file()
+    assert not (tmp_path / "o" / "trajectory.safetensors").exists()

@@ -63,25 +63,31 @@ class LLMEraserCallback(TrainerCallback):
         rendering: how examples were tokenised and masked. Found by itself under SFTTrainer (from its config); with
             a plain `Trainer`, which takes already tokenised data, give it (e.g. `Rendering(format="trl")` when the
             collator follows TRL, or `Rendering(format="llmeraser", normalization="token")`).
-        trajectory: also record the run for exact rewind (AdamW, one process; see the module docstring).
+        max_length, tokenizer: with a plain `Trainer`, the max length the examples were cut to and the tokenizer
+            they were tokenised with, when the Trainer is not given it (`processing_class`).
+        trajectory: also record the run for rewind and path replay (AdamW, one process; see the module docstring).
         max_gib: the recording's budget (θ₀ and one gradient per step); beyond it the recording is dropped.
     """
 
     def __init__(self, train=None, *, fields: DataFields | None = None, rendering: Rendering | None = None,
-                 trajectory: bool = True, max_gib: float = DEFAULT_MAX_BYTES / 2**30):
+                 max_length: int | None = None, tokenizer=None, trajectory: bool = True,
+                 max_gib: float = DEFAULT_MAX_BYTES / 2**30):
         self.fields = fields or DataFields()
         self.examples = _examples(train, self.fields) if train is not None else None
-        self.rendering = rendering
+        self.rendering, self.max_length, self.tokenizer = rendering, max_length, tokenizer
         self.record: dict | None = None
         self.want_trajectory, self.max_bytes = trajectory, int(max_gib * 2**30)
         self.recording: dict | None = None  # the run being recorded (None: not recording)
 
     # ---------------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs):
-        tokenizer = processing_class or kwargs.get("tokenizer")
+        tokenizer = processing_class or kwargs.get("tokenizer") or self.tokenizer
         self.record = self.build(args, model, tokenizer)
         if self.want_trajectory:
-            why = self._start(args, model, tokenizer, optimizer)
+            try:
+                why = self._start(args, model, tokenizer, optimizer)
+            except Exception as e:  # noqa: BLE001 — a recording problem must never stop the user's training
+                why = f"{type(e).__name__}: {e}"
             if why:
                 logger.warning("LLMEraserCallback records no trajectory: %s (unlearn then takes one influence step)",
                                why)
@@ -126,6 +132,8 @@ class LLMEraserCallback(TrainerCallback):
         optim = _plain(getattr(args, "optim", ""))
         if self.examples is None:
             return "no training data was given to the callback (its batches cannot be matched to examples)"
+        if tokenizer is None:
+            return "no tokenizer (give the Trainer processing_class=, or the callback tokenizer=)"
         if not optim.startswith("adamw_torch"):
             return f"optimizer {optim!r} (only torch's AdamW is replayed)"
         if getattr(args, "world_size", 1) > 1:
@@ -228,7 +236,7 @@ class LLMEraserCallback(TrainerCallback):
                 eos_token=getattr(args, "eos_token", None) or getattr(tokenizer, "eos_token", None))
             max_length = args.max_length
         elif self.rendering is not None:
-            rendering, max_length = self.rendering, getattr(args, "max_length", None)
+            rendering, max_length = self.rendering, self.max_length or getattr(args, "max_length", None)
         else:
             raise UserInputError("LLMEraserCallback with transformers' Trainer: the Trainer takes tokenised data, so "
                                  "the callback cannot see how examples were rendered and masked; pass "
