@@ -110,6 +110,11 @@ class DataFields:
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
+    @classmethod
+    def from_dict(cls, d: Mapping | None) -> DataFields:
+        """From a training record's `data_fields` (keys this version does not know are ignored)."""
+        return cls(**{k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__})
+
 
 def _is_unicode(text: str | None) -> bool:
     """False for a string Python holds but UTF-8 cannot encode (JSON escapes like \\ud800 produce them)."""
@@ -275,11 +280,11 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{str(path)!r}, line {line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def _records(path: Path, split: str | None) -> tuple[str, Iterable[tuple[str, object]]]:
-    """(how the file was read, its records)."""
+def _records(path: Path, split: str | None) -> Iterable[tuple[str, object]]:
+    """The file's (where, record) pairs."""
     source = repr(str(path))
     if path.is_dir():
-        return "datasets folder", _dataset_records(path, split, source)
+        return _dataset_records(path, split, source)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         try:
@@ -290,7 +295,7 @@ def _records(path: Path, split: str | None) -> tuple[str, Iterable[tuple[str, ob
             rows = pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises its own error types for a damaged file
             raise DataError(f"{source}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-        return "parquet", ((f"record {i}", r) for i, r in enumerate(rows))
+        return ((f"record {i}", r) for i, r in enumerate(rows))
     # split on "\n" only: str.splitlines would also split on U+2028 etc., which JSON strings may hold raw
     text = _read_text(path)
     if suffix == ".json":
@@ -303,12 +308,12 @@ def _records(path: Path, split: str | None) -> tuple[str, Iterable[tuple[str, ob
             raise DataError(f"{source}: JSON nested too deeply") from None
         else:
             if isinstance(whole, list):
-                return "JSON", ((f"record {i}", r) for i, r in enumerate(whole))
+                return ((f"record {i}", r) for i, r in enumerate(whole))
             if not isinstance(whole, dict):
                 raise DataError(f"{source}: a .json training file must hold a list of records (or JSON lines), "
                                 f"found {_type_name(whole)}")
             # one object: JSON lines of a single record (a {"data": [...]} wrapper then fails on its fields)
-    return "JSONL", _json_lines(text.split("\n"), source)
+    return _json_lines(text.split("\n"), source)
 
 
 def _dataset_records(path: Path, split: str | None, source: str) -> Iterable[tuple[str, object]]:
@@ -352,8 +357,7 @@ def load_examples(path: str | os.PathLike, fields: DataFields | None = None) -> 
     path, fields = Path(path), fields or DataFields()
     if not path.exists():
         raise DataError(f"{str(path)!r}: training file does not exist")
-    _, records = _records(path, fields.split)
-    return parse_records(records, repr(str(path)), fields)
+    return parse_records(_records(path, fields.split), repr(str(path)), fields)
 
 
 def save_examples(examples: Iterable[Example], path: str | os.PathLike, fields: DataFields | None = None) -> None:

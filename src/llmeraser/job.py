@@ -90,7 +90,7 @@ class AdapterJob:
         check_adapter_dir(adapter)
         self.adapter = str(adapter)
         self.record = TrainingRecord.read(adapter, max_length=max_length, l2=l2)
-        fields = fields or DataFields(**(self.record.data_fields or {}))
+        fields = fields or DataFields.from_dict(self.record.data_fields)
         self.train = load_examples(train, fields) if isinstance(train, str | os.PathLike) else list(train)
         self.base_model, self.dtype, self.device, self.progress = base_model, dtype, device, progress
         if distributed.rank() == 0:

@@ -236,9 +236,8 @@ def _stored(adapter: Path) -> tuple[dict, dict | None]:
 
 
 def finetune_record(*, max_length: int, l2: float, base_model: str | None = None, dtype: str | None = None,
-                    lora: LoraSettings | None = None, rendering: Rendering | None = None,
-                    train_sha256: str | None = None) -> dict:
-    """The `task` block a fine-tune writes into its adapter's report.json."""
+                    lora: LoraSettings | None = None, train_sha256: str | None = None) -> dict:
+    """The `task` block llmeraser's own fine-tune (its rendering) writes into its adapter's report.json."""
     return TrainingRecord(max_length=max_length, l2=l2, base_model=base_model, dtype=dtype,
-                          lora=lora.to_dict() if lora else None, rendering=rendering or Rendering(),
-                          train_sha256=train_sha256, source="llmeraser finetune").to_dict()
+                          lora=lora.to_dict() if lora else None, train_sha256=train_sha256,
+                          source="llmeraser finetune").to_dict()

@@ -129,6 +129,7 @@ class CausalLMTask:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad = 0 if pad is None else pad
         self.token_scale: float | None = None  # t̄ of the token-weighted mean (`calibrate`)
+        self._tokens: dict[Example, int] = {}  # loss tokens per example, counted once (every step needs them)
 
     def encode(self, example: Example) -> tuple[list[int], list[int]]:
         """(input_ids, labels) of one example; labels are -100 where no loss is taken."""
@@ -201,9 +202,15 @@ class CausalLMTask:
         token-weighted mean; returns it. A no-op under normalization 'example' (returns 1)."""
         if self.rendering.normalization != "token":
             return 1.0
-        counts = [sum(t != IGNORE_INDEX for t in self.encode(e)[1][1:]) for e in examples]
+        counts = [self.loss_tokens(e) for e in examples]
         self.token_scale = max(sum(counts) / max(len(counts), 1), 1e-12)
         return self.token_scale
+
+    def loss_tokens(self, example: Example) -> int:
+        """How many of the example's tokens carry the loss (the targets `collate` keeps), tokenised once."""
+        if example not in self._tokens:
+            self._tokens[example] = sum(t != IGNORE_INDEX for t in self.encode(example)[1][1:])
+        return self._tokens[example]
 
     def step_scale(self, examples: Sequence[Example]) -> float | None:
         """The factor c of a training step's gradient c · Σᵢ ∇ℓᵢ over its examples under the token-weighted mean:
@@ -213,8 +220,7 @@ class CausalLMTask:
             return None
         if self.token_scale is None:
             raise ConfigError("a token-normalised task needs calibrate(training set) before it computes losses")
-        tokens = sum(sum(t != IGNORE_INDEX for t in self.encode(e)[1][1:]) for e in examples)
-        return self.token_scale / max(tokens, 1)
+        return self.token_scale / max(sum(self.loss_tokens(e) for e in examples), 1)
 
     def _divisor(self, valid: torch.Tensor) -> torch.Tensor:
         """Per example: its number of loss tokens (example mean) or t̄ (token-weighted mean)."""
