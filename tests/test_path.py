@@ -103,7 +103,7 @@ def test_the_trajectory_rebuilds_the_fine_tune_bit_for_bit(lm, tmp_path):
         Trajectory.load(tmp_path)
     # a readable file whose header lacks what a replay needs, or whose tensors do not fit together
     Trajectory({k: v for k, v in traj.meta.items() if k != "lr"}, traj.theta0, traj.grads, {}).save(tmp_path)
-    with pytest.raises(AdapterError, match="lacks 'lr'"):
+    with pytest.raises(AdapterError, match="'lr' is missing"):
         Trajectory.load(tmp_path)
     Trajectory(traj.meta, traj.theta0, traj.grads[:-1], {}).save(tmp_path)
     with pytest.raises(AdapterError, match="gradients of shape"):

@@ -35,7 +35,7 @@ from llmeraser.io import atomic_write_json
 from llmeraser.params import ParamView
 from llmeraser.record import RECORD, TRL_LOSS, TrainingRecord
 from llmeraser.task import CausalLMTask, Rendering
-from llmeraser.trajectory import DEFAULT_MAX_BYTES, Trajectory, names_sha256, tensor_sha256
+from llmeraser.trajectory import DEFAULT_MAX_BYTES, Trajectory, names_sha256, task_recipe, tensor_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ class LLMEraserCallback(TrainerCallback):
         index: dict[str, list[str]] = {}
         for e in self.examples:
             index.setdefault(_token_key(task.encode(e)[0]), []).append(e.id)
-        rec = {"view": view, "index": index, "theta0": view.vector().cpu(), "grads": [], "lrs": [], "batches": [],
-               "batch": [], "pending": [None] * len(view.params), "per_step": view.dim * 4, "args": args,
+        rec = {"view": view, "index": index, "task": task, "theta0": view.vector().cpu(), "grads": [], "lrs": [],
+               "batches": [], "batch": [], "pending": [None] * len(view.params), "per_step": view.dim * 4, "args": args,
                "group": groups[0] if groups else {}, "hooks": [], "seen": set()}
         for i, p in enumerate(view.params):  # the step's gradient before clipping, summed over accumulation
             rec["hooks"].append(p.register_post_accumulate_grad_hook(
@@ -209,7 +209,7 @@ class LLMEraserCallback(TrainerCallback):
                 "normalization": self.record["task"].get("rendering", {}).get("normalization", "example"),
                 "batches": rec["batches"], "lrs": rec["lrs"], "steps": len(rec["grads"]), "checkpoint_every": None,
                 "final_sha256": tensor_sha256(view.vector()), "param_names_sha256": names_sha256(view.names),
-                "recorder": self.record["task"].get("source")}
+                "recorder": self.record["task"].get("source"), "recipe": task_recipe(rec["task"])}
         grads = torch.stack(rec["grads"]) if rec["grads"] else torch.empty((0, view.dim))
         return Trajectory(meta, rec["theta0"], grads.to(rec["theta0"].dtype), {})
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from llmeraser import distributed
 from llmeraser.curvature import objective_gradient
 from llmeraser.data import Example
-from llmeraser.errors import ConfigError, LLMEraserRuntimeError
+from llmeraser.errors import AdapterError, ConfigError, LLMEraserRuntimeError
 from llmeraser.params import ParamView
 from llmeraser.task import Task, per_example_loss
 from llmeraser.trajectory import Adam, AdamConfig, Recorder, Trajectory, adam_meta, schedule
@@ -168,7 +168,8 @@ def _adam(model: torch.nn.Module, task: Task, examples: Sequence[Example], args:
     config = adam_config(args)
     theta = view.vector()
     recorder = Recorder(adam_meta(config, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                                  train=examples), theta, len(steps), max_bytes=int(args.record_max_gib * 2**30)) \
+                                  train=examples, task=task), theta, len(steps),
+                        max_bytes=int(args.record_max_gib * 2**30)) \
         if args.record else None
     losses = run_steps(model, task, examples, steps, view, Adam(config, theta), start=0, recorder=recorder,
                        progress=args.progress)
@@ -221,7 +222,10 @@ def run_steps(model: torch.nn.Module, task: Task, examples: Sequence[Example], s
     for k in range(start, len(steps)):
         grad, data_loss = step_gradient(model, task, examples, steps[k], view)
         if not math.isfinite(data_loss):
-            raise LLMEraserRuntimeError(f"fine-tuning loss became {data_loss} at step {k}; lower --lr")
+            if desc == "fine-tune":
+                raise LLMEraserRuntimeError(f"fine-tuning loss became {data_loss} at step {k}; lower --lr")
+            raise AdapterError(f"the {desc} loss became {data_loss} at step {k}: the recorded state it starts from "
+                               f"holds values this model cannot take")
         if recorder is not None:
             recorder.step(k, theta, adam, grad)
         theta = adam.step(theta, grad, None if lrs is None else lrs[k])

@@ -36,7 +36,15 @@ from llmeraser.errors import UserInputError
 from llmeraser.factors import FactorArguments, Factors, FactorStore, default_store, fit_factors
 from llmeraser.params import ParamView, adapter_hash, check_adapter_dir
 from llmeraser.record import TrainingRecord
-from llmeraser.replay import PathArguments, RefineArguments, first_edited_step, path_replay, refine, rewind
+from llmeraser.replay import (
+    PathArguments,
+    RefineArguments,
+    first_edited_step,
+    path_replay,
+    refine,
+    rewind,
+    verify_recording,
+)
 from llmeraser.request import Request, apply_request, load_request, resolve
 from llmeraser.solvers.api import is_fitted, solver_arguments
 from llmeraser.trajectory import Trajectory
@@ -316,15 +324,16 @@ class AdapterJob:
         """(the adapter's recorded trajectory when it is the fine-tune of this adapter on `train`, else None; why
         not). Loaded once."""
         if not hasattr(self, "_trajectory"):
-            model, _ = self.model_and_task()
+            model, task = self.model_and_task()
             try:
                 found = Trajectory.load(self.adapter)
                 if found is None:
-                    self._trajectory = (None, f"{self.adapter} has no trajectory.safetensors (adapters fine-tuned "
-                                              f"with 'llmeraser finetune' record one)")
+                    why = _why_no_recording(self.adapter)
+                    self._trajectory = (None, f"{self.adapter} has no trajectory.safetensors ({why})")
                 else:
                     view = ParamView(model)
                     found.check(train, view.vector(), view.names)
+                    found.verification = verify_recording(model, task, train, found, dropout=self.record.dropout)
                     self._trajectory = (found, "")
             except UserInputError as e:
                 self._trajectory = (None, str(e))
@@ -419,6 +428,20 @@ def _summary(update: Update, out: str, ledger, seq) -> str:
     return (choice + f"unlearned {sum(r['ops'].values())} edits {r['ops']} with {r['method']}/{r['solver']}, damping "
             f"{r['damping']:.3g}{how}: residual {r['solve']['residual']:.2e} ({status}), ‖Δθ‖ = "
             f"{r['delta_norm']:.4g}, {r['seconds']['total']:.1f} s" + tail)
+
+
+def _why_no_recording(adapter: str) -> str:
+    """Why an adapter has no recording, as far as its report says (a path replay's output carries none)."""
+    from llmeraser.schema import read_json
+
+    try:
+        method = read_json(Path(adapter) / "report.json").get("method")
+    except (UserInputError, AttributeError):
+        method = None
+    if method == "path":
+        return ("it was written by a path replay, which predicts most steps and so carries no recording; a rewind's "
+                "output carries one")
+    return "adapters fine-tuned with 'llmeraser finetune' or LLMEraserCallback record one"
 
 
 def choose_update(trajectory: Trajectory | None, why_not: str, train: Sequence[Example], request: Request,
