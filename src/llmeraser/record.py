@@ -12,16 +12,17 @@ below are assumed, and a one-line warning names each value assumed and the flag 
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from llmeraser.errors import UserInputError
+from llmeraser.errors import ConfigError, UserInputError
 from llmeraser.params import with_base_dtype
+from llmeraser.schema import Fields, read_json
 from llmeraser.task import Rendering
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ def lora_model(base: torch.nn.Module, lora: LoraSettings | None = None, *, seed:
 
 
 NO_LIMIT = 1 << 30  # the max length of a fine-tune that did not truncate (TRL's max_length=None)
+MAX_TEMPLATE = 1 << 20  # characters of a chat template in a record
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,7 @@ class TrainingRecord:
     @property
     def length(self) -> int:
         """The max length to build the task with."""
-        return self.max_length or NO_LIMIT
+        return NO_LIMIT if self.max_length is None else self.max_length
 
     @classmethod
     def read(cls, adapter: str | os.PathLike, *, max_length: int | None = None,
@@ -170,6 +172,10 @@ class TrainingRecord:
         when given; a value neither recorded nor given is assumed (listed in `assumed`, see `warning`)."""
         stored, lora = _stored(Path(adapter))
         given = {"max_length": max_length, "l2": l2}
+        if max_length is not None and not 2 <= max_length <= NO_LIMIT:
+            raise ConfigError(f"--max-length must be ≥ 2 (one prompt and one response token), got {max_length}")
+        if l2 is not None and not (math.isfinite(l2) and l2 >= 0):
+            raise ConfigError(f"--l2 must be a finite number ≥ 0, got {l2}")
         values, assumed = {}, []
         for name, default in (("max_length", DEFAULT_MAX_LENGTH), ("l2", DEFAULT_L2)):
             values[name] = given[name] if given[name] is not None else stored.get(name, default)
@@ -217,22 +223,57 @@ class TrainingRecord:
 
 
 def _stored(adapter: Path) -> tuple[dict, dict | None]:
-    """(the `task` block, the `lora` block) of the adapter's training_record.json, else of its report.json;
-    ({}, None) when absent or unreadable."""
+    """(the `task` block, the `lora` block) of the adapter's training_record.json, else of its report.json, validated
+    (`_validate`); ({}, None) when neither exists or the report holds no `task` (another tool's report.json).
+
+    Raises:
+        ConfigError: the file is unreadable, not JSON, too deep, or a field is of the wrong type or out of range,
+            naming the file and the field.
+    """
     for name in (RECORD, REPORT):
         path = adapter / name
-        if not path.is_file():
+        if not path.exists():
             continue
-        try:
-            report = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            logger.warning("%s is unreadable; treating the adapter as having no training record", path)
+        report = read_json(path, ConfigError)
+        if not isinstance(report, dict) or report.get("task") is None:
+            if name == RECORD:
+                raise ConfigError(f"{path} must be a JSON object with a 'task' block (as LLMEraserCallback writes it)")
             return {}, None
-        if not isinstance(report, dict):
-            return {}, None
-        task, lora = report.get("task"), report.get("lora")
-        return (task if isinstance(task, dict) else {}), (lora if isinstance(lora, dict) else None)
+        f = Fields(report, str(path), ConfigError)
+        task, lora = f.mapping("task"), f.mapping("lora", optional=True)
+        _validate(task)
+        return task.data, (lora.data if lora else None)
     return {}, None
+
+
+def _validate(task: Fields) -> None:
+    """The training record's fields an update reads, by type and range."""
+    if task.has("max_length"):
+        task.number("max_length", lo=2, hi=NO_LIMIT, integer=True)
+    task.number("l2", lo=0, optional=True)
+    task.number("dropout", lo=0, hi=1, optional=True)
+    task.string("train_sha256", sha256=True, optional=True)
+    task.boolean("packing", optional=True)
+    for name in ("base_model", "dtype", "loss", "source"):
+        task.string(name, optional=True, max_len=4096)
+    rendering = task.mapping("rendering", optional=True)
+    if rendering is not None:
+        from llmeraser.task import FORMATS, NORMALIZATIONS, TRUNCATIONS
+
+        for name, choices in (("format", FORMATS), ("normalization", NORMALIZATIONS), ("truncation", TRUNCATIONS)):
+            rendering.string(name, optional=True, choices=choices)
+        for name in ("completion_only", "assistant_only"):
+            rendering.boolean(name, optional=True)
+        rendering.string("chat_template", optional=True, max_len=MAX_TEMPLATE)
+        rendering.string("eos_token", optional=True, max_len=1000)
+    optimizer = task.mapping("optimizer", optional=True)
+    if optimizer is not None:
+        optimizer.number("weight_decay", optional=True)
+        optimizer.string("name", optional=True, max_len=1000)
+    fields = task.mapping("data_fields", optional=True)
+    if fields is not None:
+        for name in fields.data:
+            fields.string(name, optional=True, max_len=1000)
 
 
 def finetune_record(*, max_length: int, l2: float, base_model: str | None = None, dtype: str | None = None,

@@ -316,6 +316,7 @@ class Trajectory:
         meta = dict(header)
         version, checksums, digest = meta.pop("format"), meta.pop("checksums", None), meta.pop("header_sha256", None)
         _validate(meta, str(path))
+        meta = {k: v for k, v in meta.items() if v is not None or k == "checkpoint_every"}  # null: absent
         if version == FORMAT:
             if not isinstance(digest, str) or digest != _header_sha256({k: v for k, v in header.items()
                                                                          if k != "header_sha256"}):
@@ -386,7 +387,8 @@ class Trajectory:
         if recorded is None:
             return "recorded before recipes were kept: the rendering, max length and tokenizer are not compared"
         now = task_recipe(task)
-        for key in sorted(set(recorded) | set(now)):
+        for key in sorted(set(recorded) | set(now), key=lambda k: (list(RECIPE_NAMES).index(k) if k in RECIPE_NAMES
+                                                                   else len(RECIPE_NAMES), k)):
             if recorded.get(key) != now.get(key):
                 what = RECIPE_NAMES.get(key, key)
                 raise AdapterError(f"the recording was made with {what} {_show(recorded.get(key))}, but this request "
@@ -428,9 +430,9 @@ class Trajectory:
                 "integrity": self.integrity, **({"verified": self.verification} if self.verification else {})}
 
 
-RECIPE_NAMES = {"max_length": "max length", "rendering": "rendering", "bos": "BOS token id",
+RECIPE_NAMES = {"max_length": "max length", "rendering": "rendering",  # in the order a refusal names them
                 "tokenizer_sha256": "the tokenizer whose vocabulary hashes to",
-                "chat_template_sha256": "the chat template hashing to", "task": "task"}
+                "chat_template_sha256": "the chat template hashing to", "bos": "BOS token id", "task": "task"}
 
 
 def _show(value) -> str:
