@@ -256,7 +256,12 @@ def test_store_round_trip_keys_and_invalidation(tmp_path):
     store.save(f, "C" * 64, "T" * 64)  # a refit replaces the old one atomically
     assert store.load("ekfac", "C" * 64, "T" * 64)[0] is not None
     assert sorted(p.name for p in store.root.iterdir()) == ["ekfac"]
-    (store.root / "ekfac" / "factors.safetensors").write_bytes(b"garbage")
+    stored = store.root / "ekfac" / "factors.safetensors"
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 1  # one bit of a factor: still a readable file, caught by the checksum in meta.json
+    stored.write_bytes(bytes(data))
+    assert "fail their checksum" in store.load("ekfac", "C" * 64, "T" * 64)[1]
+    (store.root / "ekfac" / "meta.json").write_text("[" * 100_000 + "]" * 100_000)
     assert "unreadable" in store.load("ekfac", "C" * 64, "T" * 64)[1]
     other = tiny_lora(tiny_llama(300, hidden=8, dtype=torch.float64), r=1)
     with pytest.raises(AdapterError, match="refit"):

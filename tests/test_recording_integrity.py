@@ -297,3 +297,26 @@ def test_a_checkpoint_only_recording_is_checksummed(capsys, world, tmp_path):
     tensors[key][0] += 1.0
     save_file(tensors, str(path), metadata=header)
     refused(capsys, world, root / "adapter", f"checkpoint at step {key.split('.')[1]} fails its checksum")
+
+
+# ------------------------------------------------------------------------------------------------ the ledger
+def test_ledger_verify_covers_every_file_of_an_applied_output(capsys, world, tmp_path):
+    """A rewind's output carries its own recording (the next request rewinds from it): `ledger verify` holds that
+    file to its staged hash too, and the next rewind in the lineage refuses the flipped file."""
+    ledger, out = tmp_path / "ledger", tmp_path / "unlearned"
+    assert main(["unlearn", "--base-model", str(world / "base"), "--adapter", str(world / "adapter"), "--train",
+                 str(world / "train.jsonl"), "--request", str(world / "request.json"), "--out", str(out),
+                 "--method", "rewind", "--ledger", str(ledger), "--quiet"]) == 0
+    assert main(["ledger", "verify", str(ledger)]) == 0
+    path = out / TRAJECTORY
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["ledger", "verify", str(ledger)]) == 1
+    assert f"{TRAJECTORY} in {str(out)!r} has sha256" in capsys.readouterr().out
+    (tmp_path / "next.json").write_text(json.dumps({"edits": [{"op": "remove", "id": "ex5"}]}))
+    code = main(["unlearn", "--base-model", str(world / "base"), "--adapter", str(out), "--train",
+                 str(world / "train.jsonl"), "--request", str(tmp_path / "next.json"), "--out",
+                 str(tmp_path / "next"), "--method", "rewind", "--ledger", str(ledger), "--quiet"])
+    assert code == 2 and "fails its checksum" in capsys.readouterr().err

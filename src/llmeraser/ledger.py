@@ -15,7 +15,8 @@ Writing an output takes two steps that cannot be one atomic act: the adapter fol
 name, its hash recorded as *staged*, the folder renamed into place, and the request marked applied. A crash between
 the rename and the last step leaves a complete folder whose hash the ledger staged; the next run of the same request
 sees that and finishes the record (`Ledger.recover`) instead of redoing the work. Running a request that is already
-applied is a no-op (keyed by the request hash). `verify` recomputes every adapter's hash against the record.
+applied is a no-op (keyed by the request hash). `verify` recomputes every adapter's hash against the record, and the
+hash of every file an applied output carries (adapter, report, request, recording) against those staged.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from llmeraser.data import Example, examples_hash
 from llmeraser.errors import LLMEraserRuntimeError, UserInputError
-from llmeraser.io import canonical_json, sha256_bytes
+from llmeraser.io import canonical_json, sha256_bytes, sha256_file
 from llmeraser.params import ADAPTER_WEIGHTS, adapter_hash
 from llmeraser.request import Request, apply_request, resolve
 
@@ -59,7 +60,8 @@ CREATE TABLE IF NOT EXISTS requests (
     staged_sha256 TEXT,
     output_sha256 TEXT,
     report TEXT,
-    error TEXT
+    error TEXT,
+    files TEXT
 );
 """
 
@@ -100,6 +102,7 @@ class Entry:
     output_sha256: str | None
     report: dict | None
     error: str | None
+    files: dict | None = None  # the output folder's files (relative path → sha256), recorded when staged
 
 
 class Ledger:
@@ -127,6 +130,9 @@ class Ledger:
             with self._transaction():
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     self.db.execute(statement)
+                columns = {row[1] for row in self.db.execute("PRAGMA table_info(requests)")}
+                if "files" not in columns:  # a ledger written before outputs' files were recorded
+                    self.db.execute("ALTER TABLE requests ADD COLUMN files TEXT")
         except sqlite3.DatabaseError as e:
             raise LedgerError(f"{str(path)!r} is not a readable ledger database: {e}") from e
 
@@ -245,8 +251,8 @@ class Ledger:
     def stage(self, seq: int, folder: str | Path) -> None:
         """Record the hash of the finished output, still under its temporary name, before it is renamed."""
         with self._transaction():
-            self.db.execute("UPDATE requests SET staged_sha256 = ?, updated = ? WHERE seq = ? AND status = 'pending'",
-                            (adapter_hash(folder), _now(), seq))
+            self.db.execute("UPDATE requests SET staged_sha256 = ?, files = ?, updated = ? WHERE seq = ? AND "
+                            "status = 'pending'", (adapter_hash(folder), json.dumps(folder_files(folder)), _now(), seq))
 
     def finish(self, seq: int, report: dict | None = None) -> Entry:
         """Mark `seq` applied: its output folder exists and holds the staged weights (else LedgerMismatch)."""
@@ -311,6 +317,13 @@ class Ledger:
                 problems.append(f"request #{entry.seq}: its input {entry.input_sha256[:12]}… is not the previous "
                                 f"adapter {previous[:12]}… (the chain is broken)")
             check(f"request #{entry.seq}", entry.output_adapter, entry.output_sha256 or "")
+            if entry.files is not None and Path(entry.output_adapter).is_dir():
+                now = folder_files(entry.output_adapter)
+                for name in sorted(set(entry.files) | set(now)):
+                    if entry.files.get(name) != now.get(name):
+                        state = "is missing" if name not in now else "was added" if name not in entry.files \
+                            else f"has sha256 {now[name][:12]}…, the ledger recorded {entry.files[name][:12]}…"
+                        problems.append(f"request #{entry.seq}: {name} in {entry.output_adapter!r} {state}")
             previous = entry.output_sha256 or ""
         return problems
 
@@ -322,5 +335,13 @@ def _entry(row: sqlite3.Row) -> Entry:
                  updated=d["updated"], attempts=d["attempts"], status=d["status"], input_adapter=d["input_adapter"],
                  input_sha256=d["input_sha256"], output_adapter=d["output_adapter"],
                  staged_sha256=d["staged_sha256"], output_sha256=d["output_sha256"],
-                 report=json.loads(d["report"]) if d["report"] else None, error=d["error"])
+                 report=json.loads(d["report"]) if d["report"] else None, error=d["error"],
+                 files=json.loads(d["files"]) if d.get("files") else None)
+
+
+def folder_files(folder: str | Path) -> dict[str, str]:
+    """Every regular file under `folder` (relative path → sha256): what `verify` holds an applied output to — the
+    adapter, its report, request and recording alike."""
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): sha256_file(f) for f in sorted(folder.rglob("*")) if f.is_file()}
 

@@ -14,9 +14,11 @@ import os
 import shutil
 from pathlib import Path
 
+from llmeraser.errors import UserInputError
 from llmeraser.factors.capture import Block
 from llmeraser.factors.fit import FORMAT, Factors
-from llmeraser.io import atomic_dir
+from llmeraser.io import atomic_dir, sha256_file
+from llmeraser.schema import read_json
 
 FACTORS_FILE, META_FILE, DAMPING_FILE = "factors.safetensors", "meta.json", "damping.json"
 
@@ -41,18 +43,23 @@ class FactorStore:
         from safetensors import SafetensorError
 
         try:
-            meta = json.loads((folder / META_FILE).read_text())
+            meta = read_json(folder / META_FILE)
+            if not isinstance(meta, dict):
+                raise TypeError(f"{META_FILE} is not a JSON object")
             if meta.get("format") != FORMAT:
                 return None, f"stored {kind} factors have format {meta.get('format')}, this version reads {FORMAT}"
             if meta.get("adapter_sha256") != adapter_sha256:
                 return None, f"stored {kind} factors were fitted for another adapter (its weights changed)"
             if meta.get("train_sha256") != train_sha256:
                 return None, f"stored {kind} factors were fitted on another training set"
+            if meta.get("factors_sha256") not in (None, sha256_file(folder / FACTORS_FILE)):
+                return None, (f"stored {kind} factors in {folder} fail their checksum (the file changed after it was "
+                              f"fitted)")
             from safetensors.torch import load_file
 
             tensors = load_file(str(folder / FACTORS_FILE))
             blocks = [Block(**b) for b in meta["blocks"]]
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError, UserInputError) as e:
             return None, f"stored {kind} factors in {folder} are unreadable ({type(e).__name__}: {e})"
         return Factors(kind, blocks, tensors, meta), f"loaded from {folder}"
 
@@ -69,6 +76,7 @@ class FactorStore:
             target.rename(old)
         with atomic_dir(target) as tmp:
             save_file(factors.tensors, str(tmp / FACTORS_FILE))
+            meta["factors_sha256"] = sha256_file(tmp / FACTORS_FILE)  # verified when loaded
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
