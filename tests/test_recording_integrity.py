@@ -320,3 +320,21 @@ def test_ledger_verify_covers_every_file_of_an_applied_output(capsys, world, tmp
                  str(world / "train.jsonl"), "--request", str(tmp_path / "next.json"), "--out",
                  str(tmp_path / "next"), "--method", "rewind", "--ledger", str(ledger), "--quiet"])
     assert code == 2 and "fails its checksum" in capsys.readouterr().err
+
+
+def test_a_recording_from_before_checksums_is_read_and_says_so(capsys, world, tmp_path):
+    """Format 1 (no checksums, digest or recipe) still rewinds: the replay and gradient checks still run, and the
+    report says what could not be verified."""
+    adapter = copy_adapter(world, tmp_path)
+
+    def old(h):
+        for key in ("checksums", "header_sha256", "recipe"):
+            h.pop(key)
+        h["format"] = 1
+
+    edit_header(adapter, old, reseal=False)
+    code, err, out = unlearn(capsys, world, adapter, "rewind")
+    assert code == 0, err
+    trajectory = json.loads((out / "report.json").read_text())["trajectory"]
+    assert trajectory["integrity"] == "format 1: no checksums recorded"
+    assert "not compared" in trajectory["verified"]["recipe"] and "as recorded" in trajectory["verified"]["gradients"]
