@@ -228,6 +228,28 @@ def test_damping_path_with_fitted_factors_and_auto_choice():
     assert choose_solver(model)[0] == "ekfac"
 
 
+def test_auto_builds_the_exact_matrix_only_when_its_products_are_cheap_on_this_model():
+    """p × N small is not enough for dense: each of its p products runs the model over N examples, and on a deep
+    model or a big vocabulary that is minutes (TRL's tiny 2-layer chat model, LoRA on every linear layer: dense
+    ~260 s, cg 2 s). Those take cg; a tiny one-layer model keeps dense."""
+    model, task, examples = tiny_lm(n=20)
+    name, why = choose_solver(model, 20, tokens=task.mean_tokens(examples))
+    assert name == "dense" and "128 curvature products of ≈ 6 × 7,536 model parameters × 11 tokens" in why
+    tok = tiny_tokenizer()
+    every = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    trl_like = tiny_lora(tiny_llama(400, hidden=32, layers=2, dtype=torch.float32), r=6, targets=every)
+    deep = tiny_lora(tiny_llama(len(tok), hidden=32, layers=12, dtype=torch.float32), r=1)
+    wide = tiny_lora(tiny_llama(32_000, hidden=16, dtype=torch.float32), r=1)  # the output projection dominates
+    for model, n in ((trl_like, 24), (deep, 20), (wide, 20)):
+        p = ParamView(model).dim
+        assert p * n <= 200_000  # what used to pick dense
+        name, why = choose_solver(model, n)
+        assert name == "cg" and f"auto chose cg: {p:,} parameters × {n} examples is small, but" in why
+        assert "over the 1e+10 budget" in why
+    assert choose_solver(wide, 20, tokens=1)[0] == "dense"  # one token an example is cheap enough
+    assert choose_solver(wide, 20, tokens=1, need_path=True)[0] == "cg"
+
+
 def test_parameters_outside_linear_layers_are_refused_and_auto_falls_back_to_cg():
     model, task, examples = linear_setup()
     model.register_parameter("extra", torch.nn.Parameter(torch.zeros(1, dtype=torch.float64)))

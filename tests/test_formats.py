@@ -135,6 +135,8 @@ def test_content_ids_are_stable_and_unique(tmp_path):
     ({"id": "a", "messages": ["hi"]}, r"record 0: messages\[0\] must be an object"),
     ({"id": "a", "prompt": "p", "completion": [{"role": "assistant", "content": "x"}]},
      r"record 0: 'prompt' and 'completion' must both be text or both be chat messages"),
+    ({"id": "a", "prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "x"}]},
+     r"record 0: completion\[0\] has role 'user'; the response of a chat must start with an assistant message"),
     ({"id": "a", "prompt": "p"}, r"record 0: missing field 'response' \(or 'completion'\)"),
     ({"id": "a", "body": "p"}, r"record 0: missing field 'prompt' \(or 'messages' for a chat, 'text' for a doc"),
     ({"id": "a", "text": ""}, r"record 0: field 'text' must be a non-empty string, found an empty string"),
@@ -193,6 +195,32 @@ def test_chat_requests_replace_the_final_assistant_message_or_the_user_turn():
                                               "response": [{"role": "assistant", "content": "x"}]}]}), text)
     with pytest.raises(RequestError, match=r"edits\[0\].*response\[0\]\.role must be a string"):
         Request.from_dict({"edits": [{"op": "correct_response", "id": "t", "response": [{"content": "x"}]}]})
+
+
+def test_a_chat_response_given_in_a_request_has_the_roles_a_training_file_needs():
+    from llmeraser.data import parse_records
+
+    train = parse_records(enumerate_records(chat_records(2) + CONVERSATIONAL))
+    assistant, user = {"role": "assistant", "content": "The cat likes gold."}, {"role": "user", "content": "And?"}
+
+    def edit(example_id, response):
+        return Request.from_dict({"edits": [{"op": "correct_response", "id": example_id, "response": response}]})
+
+    for example_id in ("chat1", "d"):  # a messages record, a conversational prompt-completion record
+        with pytest.raises(RequestError, match=r"edits\[0\] \(0-based\): response\[0\] has role 'user'; the "
+                                               r"response of a chat must start with an assistant message"):
+            resolve(edit(example_id, [user]), train)
+        (_, new), = resolve(edit(example_id, [assistant, user]), train)
+        assert [m.role for m in new.response] == ["assistant", "user"]
+    # a messages record's response is its final assistant message: a second one would move the split on reading back
+    with pytest.raises(RequestError, match="response holds more than one assistant message"):
+        resolve(edit("chat1", [assistant, user, assistant]), train)
+    (_, new), = resolve(edit("d", [assistant, user, assistant]), train)
+    assert len(new.response) == 3
+    # a new prompt may hold any turns
+    (_, new), = resolve(Request.from_dict({"edits": [{"op": "modify_query", "id": "chat1",
+                                                       "prompt": [user, assistant, user]}]}), train)
+    assert [m.role for m in new.prompt] == ["user", "assistant", "user"]
 
 
 # ------------------------------------------------------------------------------------------------------ rendering

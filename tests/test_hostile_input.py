@@ -200,3 +200,23 @@ def test_resource_guard_refuses_what_cannot_fit(world, capsys, monkeypatch):
         per_example_gradients(model, task, examples)
     err = refused(capsys, world, request=b'{"edits": [{"op": "remove", "id": "ex0"}]}', extra=["--solver", "dense"])
     assert "solver 'dense'" in err and "available" in err and "--solver cg" in err
+
+
+def test_a_recorded_chat_template_that_never_ends_is_refused(world, capsys, tmp_path, monkeypatch):
+    """A training record is untrusted input, its chat template code: one that loops for hours ends in exit 2."""
+    import llmeraser.task
+    from llmeraser.testing import chat_records
+
+    monkeypatch.setattr(llmeraser.task, "TEMPLATE_SECONDS", 1.0)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(world / "adapter", adapter)
+    (adapter / "trajectory.safetensors").unlink(missing_ok=True)
+    report = json.loads((adapter / "report.json").read_text())
+    report["task"].pop("train_sha256", None)
+    report["task"]["rendering"] = {"chat_template": "{% for i in range(100000) %}{% for j in range(100000) %}"
+                                                    "{% endfor %}{% endfor %}"}
+    (adapter / "report.json").write_text(json.dumps(report))
+    train = "".join(json.dumps(r) + "\n" for r in chat_records(4)).encode()
+    err = refused(capsys, world, request=b'{"edits": [{"op": "remove", "id": "chat0"}]}', train=train,
+                  adapter=adapter)
+    assert "the chat template took longer than 1 s" in err and "rendering.chat_template" in err

@@ -73,3 +73,150 @@ def test_empty_response_and_tiny_max_length_refused(setup) -> None:
         task.encode(Example("x", "prompt", ""))
     with pytest.raises(ConfigError, match="max_length"):
         CausalLMTask(tok, max_length=1)
+
+
+# ----------------------------------------------------------------------------------- untrusted text, bounded work
+def test_max_length_below_two_is_refused_not_unlimited(setup) -> None:
+    tok, _, _ = setup
+    for n in (0, 1, -5):
+        with pytest.raises(ConfigError, match="max_length must be ≥ 2"):
+            CausalLMTask(tok, max_length=n)
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    """Texts of a little more than n characters: sentences, one unbroken word, and non-ASCII runs."""
+    import random
+
+    from llmeraser.testing import ANIMALS, COLORS
+
+    rng = random.Random(seed)
+    words = [*ANIMALS, *COLORS, "likes", "The", "Does", "?", ".", "é", "日本", "🙂", "\n"]
+    out = []
+    for extra in (1, 7, 60):
+        sentence = ""
+        while len(sentence) < n + extra:
+            sentence += rng.choice(words) + rng.choice([" ", " ", "", ", "])
+        out.append(sentence[: n + extra])
+    out.append(("redbluegold" * (n // 11 + 2))[: n + 3])  # one pre-token, BPE across the cut
+    out.append(("é日🙂" * n)[: n + 2])
+    return out
+
+
+def _chat_tok():
+    from llmeraser.testing import chat_records
+
+    return tiny_tokenizer([m["content"] for r in chat_records(40) for m in r["messages"]], vocab_size=400, chat=True)
+
+
+def _examples(n: int, seed: int) -> list[Example]:
+    """Text and chat examples in every shape, with parts just over n characters of content."""
+    from llmeraser.data import Message
+
+    long, short = _texts(n, seed), "Does the cat like red?"
+    out = []
+    for i, text in enumerate(long):
+        out += [Example(f"p{i}", text, " Yes"), Example(f"r{i}", short, text), Example(f"b{i}", text, text[::-1]),
+                Example(f"c{i}", text, text, shape="prompt-completion"), Example(f"d{i}", "", text, shape="text")]
+        system, user, answer = Message("system", "Answer briefly."), Message("user", short), Message("assistant", "No")
+        half = Message("user", text[: n // 2])
+        out += [Example(f"m{i}", (system, Message("user", text)), (answer,), shape="messages"),
+                Example(f"n{i}", (system, user), (Message("assistant", text),), shape="messages"),
+                Example(f"o{i}", (Message("system", text), user, answer, half), (Message("assistant", text),),
+                        shape="messages"),
+                Example(f"q{i}", (half, answer, half), (Message("assistant", text[: n // 2]), user), shape="messages"),
+                Example(f"s{i}", (Message("user", text),), (Message("assistant", text),), shape="prompt-completion")]
+    return out
+
+
+@pytest.mark.parametrize("rendering", [
+    {}, {"format": "trl"}, {"format": "trl", "truncation": "keep_end"}, {"format": "trl", "assistant_only": True},
+    {"format": "trl", "truncation": "keep_end", "completion_only": False}])
+def test_cutting_long_text_before_tokenising_keeps_the_same_tokens(rendering) -> None:
+    """Texts a little longer than `max_chars` are cut before they are tokenised; the ids and labels are the ones
+    the whole text gives."""
+    from llmeraser.task import Rendering
+
+    for tok in (tiny_tokenizer(), _chat_tok()):
+        for max_length in (3, 24):
+            cut = CausalLMTask(tok, max_length=max_length, rendering=Rendering(**rendering))
+            whole = CausalLMTask(tok, max_length=max_length, rendering=Rendering(**rendering))
+            whole.max_chars = None
+            if tok.chat_template is None:
+                cut.rendering = whole.rendering = Rendering(**rendering, chat_template=_chat_tok().chat_template)
+            for ex in _examples(cut.max_chars, seed=max_length):
+                if rendering.get("assistant_only") and not ex.is_chat:
+                    continue
+                assert cut.encode(ex) == whole.encode(ex), (ex.id, tok.vocab_size, max_length)
+
+
+class _Spy:
+    """Wraps a tokenizer's `_encode_plus` (what `encode`, `__call__` and `apply_chat_template` tokenise through),
+    recording the length of every text it is given."""
+
+    def __init__(self, tok):
+        seen = self.seen = []
+
+        class Spy(type(tok)):
+            def _encode_plus(self, text, *args, **kwargs):
+                seen.append(len(text))
+                return super()._encode_plus(text, *args, **kwargs)
+
+        tok.__class__ = Spy
+
+
+def test_megabytes_of_text_are_cut_before_they_are_tokenised() -> None:
+    import time
+
+    from llmeraser.data import Message
+    from llmeraser.task import Rendering
+
+    big = "The cat likes red. " * 1_100_000  # 20 MB
+    chat = (Message("system", big), Message("user", big)), (Message("assistant", big), Message("user", big))
+    for rendering in (Rendering(), Rendering(format="trl"), Rendering(format="trl", truncation="keep_end")):
+        task = CausalLMTask(_chat_tok(), max_length=32, rendering=rendering)
+        spy = _Spy(task.tokenizer)
+        start = time.perf_counter()
+        for ex in (Example("t", big, big), Example("c", big, big, shape="prompt-completion"),
+                   Example("d", "", big, shape="text"), Example("m", *chat, shape="messages")):
+            assert len(task.encode(ex)[0]) == 32
+        assert time.perf_counter() - start < 10  # in full: ~30 s and gigabytes each
+        assert spy.seen and max(spy.seen) <= 2 * task.max_chars + 200, (max(spy.seen), task.max_chars)
+
+
+def test_a_chat_template_that_never_ends_or_floods_is_stopped(monkeypatch) -> None:
+    """A template from a training record is untrusted code: one that loops for hours is stopped at the deadline,
+    on the main thread by a timer and elsewhere when it next writes; one that writes gigabytes at the size limit."""
+    import threading
+    import time
+
+    import llmeraser.task as task_module
+    from llmeraser.data import Message
+    from llmeraser.task import Rendering
+
+    monkeypatch.setattr(task_module, "TEMPLATE_SECONDS", 0.5)
+    ex = Example("c", (Message("user", "hi"),), (Message("assistant", "yes"),), shape="messages")
+    loops = "{% for i in range(100000) %}{% for j in range(100000) %}{{ inner }}{% endfor %}{% endfor %}"
+    errors = []
+
+    def encode(template):
+        task = CausalLMTask(_chat_tok(), max_length=32, rendering=Rendering(chat_template=template))
+        start = time.perf_counter()
+        try:
+            task.encode(ex)
+        except ConfigError as e:
+            errors.append((str(e), time.perf_counter() - start))
+
+    encode(loops.replace("{{ inner }}", ""))  # writes nothing: the timer stops it
+    worker = threading.Thread(target=encode, args=(loops.replace("inner", "''"),))
+    worker.start()
+    worker.join(timeout=30)
+    encode("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}")
+    assert not worker.is_alive() and len(errors) == 3
+    for (message, seconds), what in zip(errors, ["took longer than 0.5 s", "took longer than 0.5 s",
+                                                 "rendered more than 1,000,002 characters"], strict=True):
+        assert what in message and "training record's rendering.chat_template" in message and seconds < 5
+    # an ordinary template is unaffected, and the signal handler is restored
+    assert CausalLMTask(_chat_tok(), max_length=32).encode(ex)[0]
+    import signal
+
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL

@@ -236,7 +236,8 @@ class LLMEraserCallback(TrainerCallback):
                 eos_token=getattr(args, "eos_token", None) or getattr(tokenizer, "eos_token", None))
             max_length = args.max_length
         elif self.rendering is not None:
-            rendering, max_length = self.rendering, self.max_length or getattr(args, "max_length", None)
+            rendering = self.rendering
+            max_length = self.max_length if self.max_length is not None else getattr(args, "max_length", None)
         else:
             raise UserInputError("LLMEraserCallback with transformers' Trainer: the Trainer takes tokenised data, so "
                                  "the callback cannot see how examples were rendered and masked; pass "

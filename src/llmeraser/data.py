@@ -159,6 +159,22 @@ def _messages(value: object, where: str, name: str) -> tuple[Message, ...]:
     return tuple(out)
 
 
+def check_response(response: tuple[Message, ...], where: str, name: str, shape: str) -> None:
+    """The one rule for the messages of a chat's response: it starts with an assistant message (what the model learns
+    to write); in a `messages` record, where the response is the final assistant message and any after it, it holds no
+    other assistant message (the record would split elsewhere when read back).
+
+    Raises:
+        DataError: naming `where` and the field `name`.
+    """
+    if response[0].role != "assistant":
+        raise DataError(f"{where}: {name}[0] has role {response[0].role!r}; the response of a chat must start with an "
+                        f"assistant message (the turns before it belong to the prompt)")
+    if shape == "messages" and any(m.role == "assistant" for m in response[1:]):
+        raise DataError(f"{where}: {name} holds more than one assistant message; a chat's response is its final "
+                        f"assistant message (and any message after it): the earlier turns belong to the prompt")
+
+
 def _text(value: object, where: str, name: str) -> Text:
     if isinstance(value, str):
         return value
@@ -210,6 +226,8 @@ def _record(obj: object, where: str, f: DataFields) -> tuple[str | None, Example
         prompt, response = _text(obj[f.prompt_field], where, f.prompt_field), _text(obj[out], where, out)
         if isinstance(prompt, str) != isinstance(response, str):
             raise DataError(f"{where}: {f.prompt_field!r} and {out!r} must both be text or both be chat messages")
+        if not isinstance(response, str):
+            check_response(response, where, out, "prompt-completion")
         used |= {f.prompt_field, out}
         example = Example("", prompt, response,
                           shape="prompt-completion" if out == "completion" else "prompt-response")

@@ -8,8 +8,8 @@ A request file is a JSON object::
 
 For a chat example, a string `response` replaces the content of its final assistant message and a string `prompt`
 that of the last user message in its prompt; a list of messages `[{role, content}, ...]` replaces the whole
-response (or prompt). Error messages name edits as ``edits[i]`` with a 0-based index ``i``, the position in the
-``edits`` list.
+response (or prompt), a response starting with an assistant message as in a training file. Error messages name
+edits as ``edits[i]`` with a 0-based index ``i``, the position in the ``edits`` list.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmeraser.data import Example, Message, Text, _check_unicode, _messages
+from llmeraser.data import Example, Message, Text, _check_unicode, _messages, check_response
 from llmeraser.errors import DataError, RequestError
 from llmeraser.io import canonical_json, sha256_bytes
 
@@ -239,8 +239,9 @@ def resolve(request: Request, examples: Sequence[Example]) -> list[tuple[Example
         extra keys), or None when it is removed.
 
     Raises:
-        RequestError: If an id is not in the training set, an id is edited more than once, or an edit
-            changes nothing (same prompt or same response).
+        RequestError: If an id is not in the training set, an id is edited more than once, an edit changes
+            nothing (same prompt or same response), or a chat's new response has roles a training file may not
+            give it (`data.check_response`).
     """
     by_id = {ex.id: ex for ex in examples}
     first_edit: dict[str, int] = {}
@@ -272,7 +273,8 @@ def resolve(request: Request, examples: Sequence[Example]) -> list[tuple[Example
 
 def _new_text(old: Example, field: str, value: Text, where: str) -> Text:
     """The example's new prompt or response. For a chat, a string replaces the content of the final assistant
-    message (response) or of the last user message (prompt); messages replace the whole part."""
+    message (response) or of the last user message (prompt); messages replace the whole part, a response's with the
+    roles the data loader requires of it (`data.check_response`)."""
     if old.shape == "text" and field == "prompt":
         raise RequestError(f"{where}: example {old.id!r} is a document (a text record): it has no prompt to modify; "
                            f"correct its text with correct_response, or remove it")
@@ -281,6 +283,11 @@ def _new_text(old: Example, field: str, value: Text, where: str) -> Text:
             raise RequestError(f"{where}: example {old.id!r} is text; give its new {field} as a string")
         return value
     if not isinstance(value, str):
+        if field == "response":
+            try:
+                check_response(value, where, "response", old.shape)
+            except DataError as e:
+                raise RequestError(str(e)) from None
         return value
     part = list(getattr(old, field))
     at = 0 if field == "response" else max((j for j, m in enumerate(part) if m.role == "user"), default=None)

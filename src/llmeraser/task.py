@@ -13,14 +13,20 @@ tokens, which tokens carry the loss and how the losses are averaged is its `Rend
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import functools
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
-from llmeraser.data import Example
+from llmeraser.data import Example, Message
 from llmeraser.errors import ConfigError
 
 Batch = dict[str, torch.Tensor]
@@ -28,6 +34,8 @@ IGNORE_INDEX = -100
 FORMATS = ("llmeraser", "trl")
 NORMALIZATIONS = ("example", "token")
 TRUNCATIONS = ("keep_start", "keep_end")
+TEMPLATE_SECONDS = 5.0  # the longest a chat template may take to render one example
+TEMPLATE_MARKUP = 1_000_000  # characters a chat template may add to the messages' contents when rendering them
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,9 @@ class CausalLMTask:
 
     llmeraser's text is `prompt + response`, each encoded without special tokens (a BOS token is prepended when the
     tokenizer has one and `add_bos` is set). When too long, the prompt is cut from the left so the response and
-    the end of the prompt survive; a response longer than `max_length - 1` tokens is cut at the right.
+    the end of the prompt survive; a response longer than `max_length - 1` tokens is cut at the right. Text beyond
+    `max_chars` characters is cut before it is tokenised, and chat templates render under a time and a size limit
+    (`TEMPLATE_SECONDS`, `TEMPLATE_MARKUP`): examples, requests and training records are untrusted input.
 
     Args:
         tokenizer: a Hugging Face tokenizer.
@@ -131,45 +141,83 @@ class CausalLMTask:
         self.token_scale: float | None = None  # t̄ of the token-weighted mean (`calibrate`)
         self._tokens: dict[Example, int] = {}  # loss tokens per example, counted once (every step needs them)
 
+    @functools.cached_property
+    def max_chars(self) -> int | None:
+        """How many characters of a text can matter: twice the vocabulary's longest token (in characters) times
+        max_length, plus a margin. A text longer than this is cut, at the end whose tokens are not kept, before it is
+        tokenised (untrusted text can be megabytes, and tokenising it whole costs seconds and gigabytes to keep a few
+        tokens). A token covers at most `longest` characters, so what is left holds at least 2 · max_length tokens
+        and the cut lies at least max_length tokens beyond any token kept: those come out the same as without it.
+        None (no cut) when the tokenizer lists no vocabulary."""
+        try:
+            longest = max(map(len, self.tokenizer.get_vocab()), default=1)
+        except (AttributeError, NotImplementedError, TypeError):
+            return None
+        return 2 * longest * self.max_length + 1024
+
     def encode(self, example: Example) -> tuple[list[int], list[int]]:
         """(input_ids, labels) of one example; labels are -100 where no loss is taken."""
         if self.rendering.format == "trl":
             return self._encode_trl(example)
+        n = self.max_chars  # the prompt keeps its end, the response its start
         if example.is_chat:
-            prompt_ids = self._chat(example.prompt, add_generation_prompt=True)["input_ids"] if example.prompt else []
-            ids = self._chat((*example.prompt, *example.response))["input_ids"]
+            before = _cut_messages(example.prompt, n, keep_end=True)
+            prompt_ids = self._chat(before, add_generation_prompt=True)["input_ids"] if before else []
+            ids = self._chat((*before, *_cut_messages(example.response, n, keep_end=False)))["input_ids"]
             k = common_prefix(prompt_ids, ids)
             prompt, response = ids[:k], ids[k:]
         else:
-            prompt = list(self.tokenizer.encode(example.prompt, add_special_tokens=False))
+            prompt = list(self.tokenizer.encode(_tail(example.prompt, n), add_special_tokens=False))
             if self.bos is not None:
                 prompt = [self.bos, *prompt]
-            response = list(self.tokenizer.encode(example.response, add_special_tokens=False))
+            response = list(self.tokenizer.encode(_head(example.response, n), add_special_tokens=False))
         if not response:
             raise ConfigError(f"example {example.id!r}: the response encodes to no tokens; nothing to learn")
         response = response[: self.max_length - 1]
         prompt = prompt[-(self.max_length - len(response)) :] if prompt else prompt
         return prompt + response, [IGNORE_INDEX] * len(prompt) + response
 
-    def _chat(self, messages: Sequence, **kwargs) -> dict:
-        """The tokenizer's chat template applied to messages, tokenised (TRL's call: no extra special tokens)."""
+    def _chat(self, messages: Sequence[Message], **kwargs) -> dict:
+        """The chat template applied to messages, tokenised (TRL's call: no extra special tokens). A template can come
+        from a training record, so it is rendered first on its own under a time limit and a size limit
+        (`_render_checked`), then by the tokenizer under the same time limit."""
         template = self.rendering.chat_template or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise ConfigError("chat examples need a chat template, and the tokenizer has none (set "
                               "tokenizer.chat_template, or give the template in the training record)")
+        source = ("the training record's rendering.chat_template" if self.rendering.chat_template
+                  else "the tokenizer's chat template")
+        chat = [m.to_dict() for m in messages]
+        limit = TEMPLATE_MARKUP + sum(len(m.content) for m in messages)
+        variables = {**getattr(self.tokenizer, "special_tokens_map", {}),  # what apply_chat_template passes
+                     "add_generation_prompt": bool(kwargs.get("add_generation_prompt"))}
+        from transformers.utils.chat_template_utils import _compile_jinja_template  # its sandbox, compiled once
+
         try:
-            out = self.tokenizer.apply_chat_template([m.to_dict() for m in messages], tokenize=True,
-                                                     return_dict=True, chat_template=template, **kwargs)
+            with _deadline(TEMPLATE_SECONDS) as end:
+                _render_checked(_compile_jinja_template(template), chat, limit, end, source, **variables)
+                out = self.tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True,
+                                                         chat_template=template, **kwargs)
+        except _Timeout:
+            raise ConfigError(f"the chat template took longer than {TEMPLATE_SECONDS:g} s to render one example "
+                              f"({source}); does it loop without end?") from None
+        except ConfigError:
+            raise
         except Exception as e:  # jinja2 raises its own errors on a template that does not fit the messages
             raise ConfigError(f"the chat template failed on these messages: {str(e).splitlines()[0]}") from e
         ids = out["input_ids"]
         return {**out, "input_ids": list(ids[0] if ids and isinstance(ids[0], list) else ids)}
 
     def _encode_trl(self, example: Example) -> tuple[list[int], list[int]]:
-        """TRL SFTTrainer's tokenisation and masking (trl 1.16 `SFTTrainer._prepare_dataset`)."""
+        """TRL SFTTrainer's tokenisation and masking (trl 1.16 `SFTTrainer._prepare_dataset`). Texts are cut to
+        `max_chars` at the end `truncation` drops."""
         r = self.rendering
+        keep_end = r.truncation == "keep_end"
+        cut = functools.partial(_tail if keep_end else _head, n=self.max_chars)
         if example.is_chat:
-            out = self._chat((*example.prompt, *example.response), return_assistant_tokens_mask=r.assistant_only)
+            chat = _cut_messages((*example.prompt, *example.response), self.max_chars, keep_end=keep_end)
+            before = chat[: len(example.prompt)]
+            out = self._chat(chat, return_assistant_tokens_mask=r.assistant_only)
             ids = out["input_ids"]
             keep = [1] * len(ids)
             if r.assistant_only:
@@ -178,24 +226,31 @@ class CausalLMTask:
                     raise ConfigError(f"example {example.id!r}: assistant_only loss, but the chat template marks no "
                                       f"assistant tokens (it needs {{% generation %}} blocks)")
             if example.shape != "messages" and r.completion_only:
-                prompt = self._chat(example.prompt, add_generation_prompt=True)["input_ids"] if example.prompt else []
+                prompt = self._chat(before, add_generation_prompt=True)["input_ids"] if before else []
                 k = common_prefix(prompt, ids)
                 keep = [0] * k + keep[k:]
         elif example.shape == "text":  # language modelling: the document and EOS, the loss on every token
             eos = r.eos_token if r.eos_token is not None else (self.tokenizer.eos_token or "")
             text = example.response if example.response.endswith(eos) else example.response + eos
-            ids = list(self.tokenizer(text=text)["input_ids"])
+            ids = list(self.tokenizer(text=cut(text))["input_ids"])
             keep = [1] * len(ids)
         else:
             eos = r.eos_token if r.eos_token is not None else (self.tokenizer.eos_token or "")
-            completion = example.response if example.response.endswith(eos) else example.response + eos
-            prompt = list(self.tokenizer(text=example.prompt)["input_ids"])
-            ids = list(self.tokenizer(text=example.prompt + completion)["input_ids"])
+            completion = cut(example.response if example.response.endswith(eos) else example.response + eos)
+            prompt_text = cut(example.prompt)
+            prompt = list(self.tokenizer(text=prompt_text)["input_ids"])
+            ids = list(self.tokenizer(text=prompt_text + completion)["input_ids"])
             k = common_prefix(prompt, ids) if r.completion_only else 0
             keep = [0] * k + [1] * (len(ids) - k)
         labels = [t if m else IGNORE_INDEX for t, m in zip(ids, keep, strict=True)]
-        cut = slice(None, self.max_length) if r.truncation == "keep_start" else slice(-self.max_length, None)
-        return ids[cut], labels[cut]
+        kept = slice(-self.max_length, None) if keep_end else slice(None, self.max_length)
+        return ids[kept], labels[kept]
+
+    def mean_tokens(self, examples: Sequence[Example], sample: int = 64) -> float:
+        """The mean number of tokens of an example, over up to `sample` examples spread through `examples` (what a
+        forward pass costs, for `eraser.choose_solver`'s estimate)."""
+        picked = list(examples[:: max(len(examples) // sample, 1)])[:sample]
+        return sum(len(self.encode(e)[0]) for e in picked) / max(len(picked), 1)
 
     def calibrate(self, examples: Sequence[Example]) -> float:
         """Set t̄, the mean number of loss tokens per example of `examples` (the training set), for the
@@ -287,6 +342,75 @@ class CausalLMTask:
         sampled = torch.where(valid, draws, torch.full_like(targets, IGNORE_INDEX))
         nll = F.cross_entropy(outputs.transpose(1, 2), sampled, ignore_index=IGNORE_INDEX, reduction="none")
         return nll.sum(1) / self._divisor(valid).to(nll.dtype).sqrt()
+
+
+def _head(text: str, n: int | None) -> str:
+    """The first n characters of text (all of it when n is None)."""
+    return text if n is None or len(text) <= n else text[:n]
+
+
+def _tail(text: str, n: int | None) -> str:
+    """The last n characters of text (all of it when n is None)."""
+    return text if n is None or len(text) <= n else text[len(text) - n :]
+
+
+def _cut_messages(messages: Sequence[Message], n: int | None, *, keep_end: bool) -> tuple[Message, ...]:
+    """The messages with at most n characters of content in all, kept from the end (`keep_end`) or the start: the
+    messages there whole, the one that crosses n cut, those beyond it empty. Every message keeps its role and other
+    keys, so the template renders the same turns."""
+    if n is None or sum(len(m.content) for m in messages) <= n:
+        return tuple(messages)
+    out, left = [], n
+    for m in reversed(messages) if keep_end else messages:
+        text = _tail(m.content, left) if keep_end else _head(m.content, left)
+        left -= len(text)
+        out.append(m if len(text) == len(m.content) else dataclasses.replace(m, content=text))
+    return tuple(reversed(out)) if keep_end else tuple(out)
+
+
+class _Timeout(BaseException):
+    """Raised into a chat template's rendering at its deadline (a BaseException, so that no `except Exception` in
+    jinja2 or transformers turns it into another error)."""
+
+
+@contextmanager
+def _deadline(seconds: float) -> Iterator[float]:
+    """Yield the time (`time.monotonic`) by which the block must end. On the main thread a SIGALRM timer interrupts
+    the block then with `_Timeout` (the previous handler, and a timer already running, are restored after); signals
+    reach only the main thread, so elsewhere the block's own checks of the time are all there is."""
+    start = time.monotonic()
+    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer")
+            or signal.getsignal(signal.SIGALRM) is None):  # None: a handler set outside Python, not restorable
+        yield start + seconds
+        return
+
+    def fire(signum, frame):
+        raise _Timeout
+
+    old = signal.signal(signal.SIGALRM, fire)
+    left, interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield start + seconds
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        if left:
+            signal.setitimer(signal.ITIMER_REAL, max(left - (time.monotonic() - start), 1e-3), interval)
+
+
+def _render_checked(template: Any, chat: list[dict], limit: int, end: float, source: str, **variables) -> None:
+    """Render the compiled `template` (transformers' sandboxed jinja2 template) on `chat` piece by piece: refused
+    (ConfigError) once it has produced more than `limit` characters, stopped (`_Timeout`) when a piece comes after
+    `end`. Nothing is kept: this bounds what the tokenizer's own rendering will do."""
+    size = 0
+    for piece in template.generate(messages=chat, tools=None, documents=None, **variables):
+        size += len(piece)
+        if size > limit:
+            raise ConfigError(f"the chat template rendered more than {limit:,} characters for one example ({source}; "
+                              f"at most {TEMPLATE_MARKUP:,} beyond the messages' contents, their other keys such as "
+                              f"tool calls included)")
+        if time.monotonic() > end:
+            raise _Timeout
 
 
 def _virtual_tokens(model: torch.nn.Module) -> int:
