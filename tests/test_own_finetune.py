@@ -170,5 +170,6 @@ def test_a_record_with_an_unknown_rendering_is_refused_by_name(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / RECORD).write_text(json.dumps({"task": {"max_length": 64,
                                                                     "rendering": {"format": "axolotl"}}}))
-    with pytest.raises(UserInputError, match=r"rendering is not understood: unknown format 'axolotl'"):
+    with pytest.raises(UserInputError, match=r"training_record.json: 'task': 'rendering': 'format' must be one of "
+                                             r"llmeraser, trl, got 'axolotl'"):
         TrainingRecord.read(tmp_path / "adapter")

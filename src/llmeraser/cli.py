@@ -60,6 +60,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from llmeraser.record import LoraSettings, finetune_record, lora_model
     from llmeraser.task import CausalLMTask
 
+    _check_outputs(args, args.out)
     fields = _fields(args)
     train = load_examples(args.train, fields)
     distributed.check_same({"training set": examples_hash(train)}, "checking the inputs")
@@ -84,6 +85,25 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_outputs(args: argparse.Namespace, out: str | os.PathLike, **kwargs) -> None:
+    """`io.check_output_paths` on `out` (and kwargs: ledger, new, what) against every input path the command was given,
+    before any work."""
+    from llmeraser.io import check_output_paths
+
+    base = getattr(args, "base_model", "default")
+    inputs = {"adapter": getattr(args, "adapter", None), "training set": getattr(args, "train", None),
+              "request": getattr(args, "request", None), "validation set": getattr(args, "valid", None),
+              "base model": None if base == "default" else base}
+    check_output_paths(out, inputs=inputs, **kwargs)
+
+
+def _store(args: argparse.Namespace) -> None:
+    """Check the factor store that fit-curvature and tune-damping write (--factors, default ADAPTER.factors)."""
+    from llmeraser.factors import default_store
+
+    _check_outputs(args, args.factors or default_store(args.adapter), new=False, what="factor store")
+
+
 def _fields(args: argparse.Namespace):
     """The DataFields given on the command line, or None when none was (then: the record's, else the defaults)."""
     from llmeraser.data import DataFields
@@ -106,6 +126,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from llmeraser.eraser import EraserArguments
     from llmeraser.replay import PathArguments, RefineArguments
 
+    _check_outputs(args, args.out, ledger=args.ledger)
     damping = None if args.damping in (None, "auto") else _float_arg("--damping", args.damping)
     given = pick(args, EraserArguments, skip=("solver_args", "progress", "damping", "l2"))
     eraser = EraserArguments(**given, damping=damping, progress=not args.quiet)
@@ -135,6 +156,7 @@ def cmd_fit_curvature(args: argparse.Namespace) -> int:
     from llmeraser.factors import FactorArguments
     from llmeraser.table import format_table
 
+    _store(args)
     fa = FactorArguments(**pick(args, FactorArguments, skip=("progress",)), progress=not args.quiet)
     rows = _job(args).fit_curvature(args.kind, fa)
     print(format_table(rows, [("kind", "kind", ""), ("n", "examples", "d"), ("tokens", "tokens", "d"),
@@ -149,6 +171,7 @@ def cmd_tune_damping(args: argparse.Namespace) -> int:
     from llmeraser.damping import DampingArguments
     from llmeraser.table import format_table
 
+    _store(args)
     damping_args = DampingArguments(**{k: tuple(v) if k == "dampings" else v
                                        for k, v in pick(args, DampingArguments).items()})
     result, path = _job(args).tune_damping(args.valid, damping_args, solver=args.solver, fisher=args.fisher,
@@ -207,7 +230,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from llmeraser.task import CausalLMTask
 
     data = load_examples(args.data, _fields(args))
-    record = TrainingRecord(max_length=args.max_length or DEFAULT_MAX_LENGTH)
+    record = TrainingRecord(max_length=DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length)
     if args.adapter:
         record = TrainingRecord.read(args.adapter, max_length=args.max_length)
         if record.warning(args.adapter) and "max_length" in record.assumed:
@@ -601,7 +624,19 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated("terminated by SIGTERM")
 
 
+def _offline() -> None:
+    """No network, ever: the Hugging Face libraries' offline mode, set before they are imported (huggingface_hub reads
+    it at import; peft's hub lookups read the environment when called)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if "huggingface_hub" in sys.modules:  # imported already (in process, by the caller): tell it too
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
 def main(argv: list[str] | None = None) -> int:
+    _offline()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -29,6 +29,7 @@ from llmeraser.eraser import (
     Update,
     choose_solver,
     declined_update,
+    example_tokens,
     fit_for_solver,
     save_unlearned,
 )
@@ -190,8 +191,12 @@ class AdapterJob:
             path, refine_args: options of the path replay and of the refinement (args.method path / refine, or what
                 auto picks).
         """
+        from llmeraser.io import check_output_paths
         from llmeraser.ledger import Ledger
 
+        check_output_paths(out, ledger=ledger, inputs={  # before anything is written, the ledger included
+            "adapter": self.adapter, "request": request if isinstance(request, str | os.PathLike) else None,
+            "base model": None if self.base_model == "default" else self.base_model})
         request = load_request(request) if isinstance(request, str | os.PathLike) else request
         out = str(out)
         distributed.check_same({"adapter": self.adapter_sha256, "training set": examples_hash(self.train),
@@ -304,7 +309,7 @@ class AdapterJob:
                 return declined_update(model, train, request, reason, extra), None
             args = dataclasses.replace(args, damping=chosen["chosen"])
         if args.solver == "auto":
-            solver, why = choose_solver(model, len(train))
+            solver, why = choose_solver(model, len(train), tokens=example_tokens(task, train))
             args = dataclasses.replace(args, solver=solver, solver_args=solver_arguments(solver, **solver_options))
             extra["solver_choice"] = why
         factors, t_fit = self.factors(train, args) if is_fitted(args.solver) else (None, 0.0)
@@ -390,7 +395,7 @@ class AdapterJob:
                                  f"validation examples must be held out")
         model, task = self.model_and_task()
         if solver == "auto":
-            solver = choose_solver(model, len(self.train), need_path=True)[0]
+            solver = choose_solver(model, len(self.train), need_path=True, tokens=example_tokens(task, self.train))[0]
         eraser = self.eraser_arguments(EraserArguments(solver=solver, fisher=fisher, seed=seed,
                                                        progress=self.progress))
         factors = self.factors(self.train, eraser)[0] if is_fitted(solver) else None

@@ -154,7 +154,7 @@ def save_adapter(model, out: str | os.PathLike, *, protect: tuple[str | os.PathL
         if p.requires_grad and not torch.isfinite(p).all():
             raise AdapterError(f"refusing to save: parameter {name} holds non-finite values")
     with atomic_dir(out, protect=protect, before_rename=before_rename) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        save_peft(model, tmp)
         if report is not None:
             atomic_write_json(tmp / "report.json", {**report, "adapter_sha256": adapter_hash(tmp)})
         for fname, obj in (files or {}).items():
@@ -163,6 +163,21 @@ def save_adapter(model, out: str | os.PathLike, *, protect: tuple[str | os.PathL
             write_more(tmp)
     logger.info("saved adapter to %s", out)
     return Path(out)
+
+
+def save_peft(model, folder: str | os.PathLike) -> None:
+    """`model.save_pretrained(folder)` in safetensors, never reaching the network.
+
+    peft's default `save_embedding_layers="auto"` looks the recorded base model up on the Hugging Face Hub when it is
+    not a local folder (to compare vocabularies); here the base embeddings are saved exactly when the adapter targets
+    an embedding layer (what "auto" decides for those without asking), else never: llmeraser never resizes them.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    embeddings = any(isinstance(m, BaseTunerLayer) and name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES
+                     for name, m in model.named_modules())
+    model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=embeddings)
 
 
 def adapter_hash(adapter_dir: str | os.PathLike) -> str:

@@ -20,7 +20,7 @@ import torch
 from llmeraser.eraser import EraserArguments, compute_update, save_unlearned
 from llmeraser.finetune import FinetuneArguments, finetune
 from llmeraser.io import check_new_output
-from llmeraser.params import ParamView
+from llmeraser.params import ParamView, save_peft
 from llmeraser.record import DEFAULT_MAX_LENGTH, LoraSettings, finetune_record, lora_model
 from llmeraser.request import Request, apply_request
 from llmeraser.solvers.api import solver_arguments
@@ -63,7 +63,7 @@ def run_tiny_demo(out: str | Path, *, n: int = 60, remove: int = 2, l2: float = 
     fit = finetune(model, task, train, ft_args)
     t_finetune = time.perf_counter() - t
     theta = ParamView(model).vector()
-    model.save_pretrained(str(out / "original"))
+    save_peft(model, out / "original")
 
     rows = [{"method": "original", "forget_loss": _mean_loss(model, task, forget),
              "retain_loss": _mean_loss(model, task, retain), "delta_norm": 0.0, "cosine": float("nan"),
