@@ -220,3 +220,35 @@ def test_a_recorded_chat_template_that_never_ends_is_refused(world, capsys, tmp_
     err = refused(capsys, world, request=b'{"edits": [{"op": "remove", "id": "chat0"}]}', train=train,
                   adapter=adapter)
     assert "the chat template took longer than 1 s" in err and "rendering.chat_template" in err
+
+
+role = st.one_of(st.sampled_from(["user", "assistant", "system", "tool"]), st.text(max_size=6), st.integers(),
+                 st.none())
+message = st.one_of(st.fixed_dictionaries({"role": role, "content": any_text}),
+                    st.dictionaries(st.sampled_from(["role", "content", "name", "tool_calls"]), json_value, max_size=3))
+chat_record = st.fixed_dictionaries({"id": st.sampled_from(["c0", "c1", "c2"]),
+                                     "messages": st.one_of(st.lists(message, max_size=4), json_value)})
+
+
+@SETTINGS
+@given(records=st.lists(chat_record, min_size=1, max_size=3),
+       response=st.one_of(any_text, st.lists(message, min_size=1, max_size=2)))
+def test_random_chat_data_and_chat_requests_never_fail_unnamed(world, capsys, records, response):
+    """Chat records and a correct_response on one, any shapes: exit 0, or exit 2 with one named error line; never
+    exit 1, and the inputs are unchanged."""
+    work = Path(tempfile.mkdtemp(dir=world))
+    try:
+        train, req = work / "chat.jsonl", work / "request.json"
+        train.write_bytes(b"\n".join(_dumps(r) for r in records))
+        req.write_bytes(_dumps({"edits": [{"op": "correct_response", "id": records[0]["id"], "response": response}]}))
+        before = _files([train, req, world / "adapter"])
+        capsys.readouterr()
+        code = main(["unlearn", "--base-model", str(world / "base"), "--adapter", str(world / "adapter"), "--train",
+                     str(train), "--request", str(req), "--out", str(work / "out"), "--method", "first-order",
+                     "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code in (0, 2), err
+        assert code == 0 or (len(err.splitlines()) == 1 and err.startswith("llmeraser: error:")), err
+        assert _files([train, req, world / "adapter"]) == before
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

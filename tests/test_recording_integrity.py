@@ -338,3 +338,24 @@ def test_a_recording_from_before_checksums_is_read_and_says_so(capsys, world, tm
     trajectory = json.loads((out / "report.json").read_text())["trajectory"]
     assert trajectory["integrity"] == "format 1: no checksums recorded"
     assert "not compared" in trajectory["verified"]["recipe"] and "as recorded" in trajectory["verified"]["gradients"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(name=st.sampled_from(["max_length", "l2", "dropout", "train_sha256", "packing", "base_model", "dtype", "loss",
+                             "source", "rendering", "optimizer", "data_fields", "lora"]),
+       value=st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(), st.text(max_size=8),
+                       st.lists(st.integers(0, 3), max_size=3),
+                       st.dictionaries(st.sampled_from(["format", "normalization", "weight_decay", "id_field", "x"]),
+                                       st.one_of(st.integers(), st.text(max_size=5), st.none()), max_size=2)),
+       method=st.sampled_from(["rewind", "auto"]))
+def test_any_record_value_is_refused_or_used_as_recorded(capsys, world, tmp_path_factory, name, value, method):
+    """Whatever one field of report.json's task block is set to: exit 2 naming the file, or the update runs — and
+    a rewind that runs was verified against the recording's recipe (so an edit that would change the objective is
+    refused); never exit 1."""
+    adapter = copy_adapter(world, tmp_path_factory.mktemp("record"))
+    _edit_record(adapter, lambda t: t.update({name: value}))
+    code, err, out = unlearn(capsys, world, adapter, method)
+    assert code in (0, 2), err
+    assert code == 0 or (len(err.splitlines()) == 1 and err.startswith("llmeraser: error:")), err
+    if code == 0 and json.loads((out / "report.json").read_text())["method"] == "rewind":
+        assert "as recorded" in json.loads((out / "report.json").read_text())["trajectory"]["verified"]["recipe"]

@@ -171,6 +171,7 @@ class TrainingRecord:
         """The record of `adapter` (training_record.json, else report.json), with `max_length` / `l2` overriding it
         when given; a value neither recorded nor given is assumed (listed in `assumed`, see `warning`)."""
         stored, lora = _stored(Path(adapter))
+        stored = {k: v for k, v in stored.items() if v is not None or k == "max_length"}  # null max_length: no limit
         given = {"max_length": max_length, "l2": l2}
         if max_length is not None and not 2 <= max_length <= NO_LIMIT:
             raise ConfigError(f"--max-length must be ≥ 2 (one prompt and one response token), got {max_length}")
