@@ -32,6 +32,7 @@ from llmeraser.record import LoraSettings, finetune_record, lora_model
 from llmeraser.request import Request
 from llmeraser.table import format_table
 from llmeraser.task import CausalLMTask
+from llmeraser.updates import UnlearnOptions
 
 
 def _sync(device: torch.device) -> None:
@@ -85,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     removed = [e.id for e in train[:: max(1, len(train) // max(2, len(train) // 50))]][: max(2, len(train) // 50)]
     request = Request.remove(*removed)
     (root / "request.json").write_text(json.dumps(request.to_dict()))
-    for method, args in (("rewind", EraserArguments(method="rewind")),
-                         ("first-order", EraserArguments(method="first-order", solver="cg", curvature_samples=32))):
+    for method, args in (("rewind", UnlearnOptions(method="rewind")),
+                         ("first-order", UnlearnOptions(method="first-order", eraser=EraserArguments(
+                             solver="cg", curvature_samples=32)))):
         job = AdapterJob(root / "adapter", root / "train.jsonl", base_model=base_name, dtype=a.dtype,
                          device=str(device))
         out = root / f"unlearned-{method}"

@@ -28,11 +28,13 @@ from llmeraser.metrics import evaluate
 from llmeraser.models import load_base_model
 from llmeraser.params import ParamView
 from llmeraser.record import LoraSettings, lora_model
-from llmeraser.replay import PathArguments, path_replay, rewind
+from llmeraser.replay import PathArguments
 from llmeraser.request import apply_request, load_request
 from llmeraser.table import format_table
 from llmeraser.task import CausalLMTask
 from llmeraser.testing import PEOPLE_TARGETS, memorised_people
+from llmeraser.updates import RequestContext
+from llmeraser.updates.along_path import path_replay, rewind
 
 VARIANTS = {  # name → PathArguments overrides
     "no prediction error at all: every step exact": {"exact_every": 1, "exact_tail": 0.0},
@@ -90,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
                 "time": seconds / retrain_seconds}
 
     view.set_vector(theta)
+    ctx = RequestContext.build(model, task, train, request)
     start = time.perf_counter()
-    up = rewind(model, task, train, request, trajectory)
+    up = rewind(ctx, trajectory)
     rows.append(row("rewind (exact)", up, up.report["rewind"]["replayed_fraction"], time.perf_counter() - start))
     for name, overrides in VARIANTS.items():
         view.set_vector(theta)
         start = time.perf_counter()
-        up = path_replay(model, task, train, request, trajectory, PathArguments(**overrides))
+        up = path_replay(ctx, trajectory, PathArguments(**overrides))
         rows.append(row(name, up, up.report["path"]["gradient_cost_vs_retraining"], time.perf_counter() - start))
     print(f"forgotten facts' loss: original {f0:.3f}, retrained {fr:.3f}; kept facts' loss: original {k0:.3f}, "
           f"retrained {kr:.3f}\n")

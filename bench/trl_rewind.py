@@ -116,17 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         errors.append(float((g - trajectory.grads[k]).norm() / trajectory.grads[k].norm()))
     view.set_vector(theta_hat)
     end = float((trajectory.final() - theta_hat).norm() / (theta_hat - trajectory.theta0).norm())
-    from llmeraser.eraser import EraserArguments
-    from llmeraser.job import choose_update
     from llmeraser.replay import PathArguments
+    from llmeraser.updates import RequestContext, UnlearnOptions
+    from llmeraser.updates.choose import choose_update
 
     request = Request.remove(*removed)
-    _, choice = choose_update(trajectory, "", job.train, request, PathArguments())
+    _, choice = choose_update(trajectory, "", RequestContext.build(model, task, job.train, request), PathArguments())
     start = time.perf_counter()
-    result = job.unlearn(request, root / "rewound", EraserArguments(method="rewind"))
+    result = job.unlearn(request, root / "rewound", UnlearnOptions(method="rewind"))
     t_rewind = time.perf_counter() - start
     start = time.perf_counter()
-    path = job.unlearn(request, root / "path", EraserArguments(method="path"))
+    path = job.unlearn(request, root / "path", UnlearnOptions(method="path"))
     t_path = time.perf_counter() - start
 
     def load(name: str):

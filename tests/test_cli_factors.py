@@ -64,7 +64,7 @@ def test_missing_or_stale_factors_are_fitted_and_auto_picks_by_size(lineage, cap
     root = lineage
     assert unlearn(root, "in", "out0", "r1.json", "--solver", "auto", "--damping", "0.1") == 0
     assert "auto chose dense" in report(root, "out0")["solver_choice"]  # 12 examples × 32 parameters: exact
-    monkeypatch.setattr("llmeraser.eraser.EXACT_WORK", 0)
+    monkeypatch.setattr("llmeraser.solvers.choose.EXACT_WORK", 0)
     assert unlearn(root, "in", "out1", "r1.json", "--solver", "auto", "--damping", "0.1") == 0
     r = report(root, "out1")
     assert r["solver"] == "woodbury" and "auto chose woodbury" in r["solver_choice"]

@@ -248,3 +248,16 @@ def test_damping_path_equals_one_dense_solve_per_damping(method):
     assert rel(path[0].delta, path[2].delta) > 0.1  # the dampings do differ
     with pytest.raises(ConfigError, match="needs solver 'cg'"):
         damping_path(model, TASK, examples, request, EraserArguments(solver="dense", l2=L2), dampings)
+
+
+def test_update_methods_are_registered_with_what_they_need():
+    from llmeraser.updates import METHODS, UnlearnOptions, method_names
+
+    assert method_names() == ("auto", "first-order", "newton", "refine", "path", "rewind")
+    assert METHODS["rewind"].needs == ("recording",) and METHODS["rewind"].exact
+    assert METHODS["first-order"].needs == ("curvature",) and not METHODS["path"].exact
+    with pytest.raises(ConfigError, match="unknown method 'second-order'"):
+        UnlearnOptions(method="second-order")
+    with pytest.raises(ConfigError, match="damping must be"):
+        UnlearnOptions(damping="sometimes")
+    assert UnlearnOptions(damping=0.5).eraser.damping == 0.5  # one place: the options set the one-step λ

@@ -4,6 +4,7 @@ and a declined request. The same paths through the command line (exit codes, mes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -19,12 +20,14 @@ from llmeraser.job import AdapterJob
 from llmeraser.ledger import Ledger
 from llmeraser.record import DEFAULT_L2, DEFAULT_MAX_LENGTH, TrainingRecord
 from llmeraser.request import Request, apply_request
+from llmeraser.updates import UnlearnOptions
 
 
-def one_step(**kw) -> EraserArguments:
+def one_step(**kw) -> UnlearnOptions:
     """The one-step update (these tests are about it; with no method a recorded adapter would be rewound or
-    replayed, tests/test_path.py)."""
-    return EraserArguments(method="first-order", **kw)
+    replayed, tests/test_path.py), with `kw` split between the options and their one-step arguments."""
+    mine = {k: kw.pop(k) for k in list(kw) if k in {f.name for f in dataclasses.fields(UnlearnOptions)}}
+    return UnlearnOptions(method="first-order", eraser=EraserArguments(**kw), **mine)
 
 
 @pytest.fixture
@@ -74,15 +77,15 @@ def test_the_record_is_read_and_an_adapter_without_one_is_warned_about(root, cap
 def test_unlearn_with_a_ledger_replays_chains_and_is_idempotent(root):
     j = job(root)
     r1, r2 = Request.remove("ex0", "ex3"), Request.correct_response({"ex5": " Maybe"})
-    first = j.unlearn(r1, root / "a1", one_step(solver="cg", damping=0.1), ledger=root / "ledger")
+    first = j.unlearn(r1, root / "a1", one_step(solver="cg", damping=0.1, ledger=root / "ledger"))
     assert first.status == "applied" and first.seq == 1 and (root / "a1" / "report.json").is_file()
     report = first.report
     assert report["task"]["max_length"] == 24 and report["damping"] == 0.1 and report["damping_rule"]["rule"] == \
         "absolute"
-    again = j.unlearn(r1, root / "elsewhere", ledger=root / "ledger")
+    again = j.unlearn(r1, root / "elsewhere", UnlearnOptions(ledger=root / "ledger"))
     assert again.status == "done" and again.update is None and not (root / "elsewhere").exists()
-    second = job(root, "a1").unlearn(r2, root / "a2", one_step(solver="cg", damping=0.1),
-                                     ledger=root / "ledger")
+    second = job(root, "a1").unlearn(r2, root / "a2", one_step(solver="cg", damping=0.1,
+                                                                  ledger=root / "ledger"))
     assert second.seq == 2 and second.report["n_train"] == 10  # the replayed set: 12 minus r1's two removals
     with Ledger(root / "ledger") as book:
         assert [e.status for e in book.entries()] == ["applied", "applied"]
@@ -99,8 +102,8 @@ def test_auto_and_the_relative_default_damping(root):
     assert rule["rule"] == "relative" and rule["relative_damping"] == RELATIVE_DAMPING
     assert r["damping"] == pytest.approx(RELATIVE_DAMPING * rule["scale"], rel=1e-12) and rule["scale"] > 0
     assert r["delta_norm"] > 0 and r["converged"]
-    cg = job(root).unlearn(Request.remove("ex2"), root / "o2", one_step(solver="cg"),
-                           solver_options={"tol": 1e-10, "max_iters": 50})
+    cg = job(root).unlearn(Request.remove("ex2"), root / "o2",
+                           one_step(solver="cg", solver_options={"tol": 1e-10, "max_iters": 50}))
     c = cg.report
     assert c["solver_args"]["tol"] == 1e-10 and c["damping_rule"]["scale"] == pytest.approx(c["solve"]["ritz"][1])
     # the same λ through dense and cg's Lanczos: the Krylov estimate of θ_max is within the true spectrum, so the two
@@ -112,8 +115,8 @@ def test_fitted_solver_fits_once_reuses_and_hands_on(root):
     j = job(root)
     rows = j.fit_curvature(["ekfac"])
     assert rows[0]["kind"] == "ekfac" and (root / "in.factors" / "ekfac" / "meta.json").is_file()
-    result = j.unlearn(Request.remove("ex3"), root / "o", one_step(solver="ekfac", damping=0.1),
-                       refit_fraction=0.2)  # 1 of 12 edited: within 20%, so the fit is handed on
+    # 1 of 12 edited: within 20%, so the fit is handed on
+    result = j.unlearn(Request.remove("ex3"), root / "o", one_step(solver="ekfac", damping=0.1, refit_fraction=0.2))
     f = result.report["factors"]
     assert f["source"].startswith("loaded from") and result.report["seconds"]["fit"] == 0.0
     assert "reused for the new adapter" in result.factors_note
@@ -133,16 +136,16 @@ def test_a_declined_choice_writes_the_adapter_unchanged_unless_forced(root):
     record = {"chosen": 0.1, "declines": True, "scores": [{"damping": 0.1, "score": 1.7, "pearson": -0.2}],
               "trials": 1, "removal_size": 1, "valid_sha256": "x"}
     j.store.save_damping(record, key["adapter_sha256"], examples_hash(j.train))
-    result = j.unlearn(Request.remove("ex3"), root / "o", one_step(solver="cg"), damping="auto",
-                       ledger=root / "ledger")
+    result = j.unlearn(Request.remove("ex3"), root / "o",
+                       one_step(solver="cg", damping="auto", ledger=root / "ledger"))
     assert result.status == "declined" and result.report["decision"] == "declined" and "1.7" in result.report["reason"]
     before, after = weights(root / "in"), weights(root / "o")
     assert all(torch.equal(before[k], after[k]) for k in before)
     with Ledger(root / "ledger") as book:
         (entry,) = book.entries()
         assert entry.status == "applied" and entry.report["decision"] == "declined"
-    forced = job(root).unlearn(Request.remove("ex3"), root / "o2", one_step(solver="cg"), damping="auto",
-                               force=True)
+    forced = job(root).unlearn(Request.remove("ex3"), root / "o2",
+                               one_step(solver="cg", damping="auto", force=True))
     assert forced.status == "applied" and forced.report["damping"] == 0.1 and forced.report["delta_norm"] > 0
 
 
@@ -150,10 +153,10 @@ def test_relative_cg_falls_back_to_a_short_probe_when_the_basis_does_not_fit(roo
     import llmeraser.resources as resources
     from llmeraser.eraser import SCALE_PRODUCTS
 
-    args = one_step(solver="cg")
-    one_run = job(root).unlearn(Request.remove("ex2"), root / "a", args, solver_options={"tol": 1e-10}).report
+    args = one_step(solver="cg", solver_options={"tol": 1e-10})
+    one_run = job(root).unlearn(Request.remove("ex2"), root / "a", args).report
     monkeypatch.setattr(resources, "available_bytes", lambda: 1)  # no room for the Lanczos basis
-    probed = job(root).unlearn(Request.remove("ex2"), root / "b", args, solver_options={"tol": 1e-10}).report
+    probed = job(root).unlearn(Request.remove("ex2"), root / "b", args).report
     assert probed["solve"]["solver"] == "cg" and one_run["solve"]["solver"] == "cg (shifted)"
     assert probed["solve"]["hvps"] >= SCALE_PRODUCTS + probed["solve"]["iterations"] - 1
     # both estimate θ_max by Lanczos from the same b; the probe stops at 10 steps, so its λ is at most the full run's

@@ -103,6 +103,7 @@ def test_a_bf16_base_keeps_float32_adapter_gradients_and_solves(tmp_path):
     from llmeraser.eraser import EraserArguments
     from llmeraser.job import AdapterJob
     from llmeraser.request import Request
+    from llmeraser.updates import UnlearnOptions
 
     tiny_lineage(tmp_path, "a")
     deltas = {}
@@ -111,7 +112,7 @@ def test_a_bf16_base_keeps_float32_adapter_gradients_and_solves(tmp_path):
         model, _ = job.model_and_task()
         assert next(model.base_model.model.model.embed_tokens.parameters()).dtype == getattr(torch, dtype)
         result = job.unlearn(Request.remove("ex0", "ex3"), tmp_path / f"u-{dtype}",
-                             EraserArguments(method="first-order", solver="cg", damping=0.1))
+                             UnlearnOptions(method="first-order", eraser=EraserArguments(solver="cg", damping=0.1)))
         deltas[dtype] = result.update.delta
         assert result.update.delta.dtype == torch.float32
     cosine = torch.nn.functional.cosine_similarity(deltas["float32"], deltas["bfloat16"], dim=0)

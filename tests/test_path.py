@@ -18,18 +18,29 @@ from safetensors.torch import load_file
 
 from llmeraser.cli import main
 from llmeraser.data import load_examples, save_examples
+from llmeraser.eraser import EraserArguments
 from llmeraser.errors import AdapterError, ConfigError
 from llmeraser.finetune import FinetuneArguments, finetune, run_steps
-from llmeraser.job import choose_update
 from llmeraser.metrics import evaluate
 from llmeraser.params import ParamView
-from llmeraser.replay import PathArguments, RefineArguments, Secant, path_replay, refine, rewind
+from llmeraser.replay import PathArguments, RefineArguments, Secant
 from llmeraser.request import Request, apply_request, load_request, resolve
 from llmeraser.task import CausalLMTask
 from llmeraser.testing import PEOPLE_TARGETS, memorised_people
 from llmeraser.trajectory import Adam, AdamConfig, Trajectory
+from llmeraser.updates import RequestContext
+from llmeraser.updates.along_path import path_replay, refine, rewind
+from llmeraser.updates.choose import choose_update as choose
 
 ARGS = FinetuneArguments(epochs=3, lr=1e-2, batch_size=4, final_check=False)
+
+
+def ctx_of(model, task, train, request_) -> RequestContext:
+    return RequestContext.build(model, task, train, request_)
+
+
+def choose_update(trajectory, why_not, train, request_, path):
+    return choose(trajectory, why_not, ctx_of(None, None, train, request_), path)
 
 
 @pytest.fixture()
@@ -115,7 +126,7 @@ def test_the_trajectory_rebuilds_the_fine_tune_bit_for_bit(lm, tmp_path):
         small.check(train, theta + 1e-12)
     ParamView(model).set_vector(theta)
     with pytest.raises(ConfigError, match="checkpoints only"):
-        path_replay(model, task, train, Request.remove("ex1"), small)
+        path_replay(ctx_of(model, task, train, Request.remove("ex1")), small)
 
 
 @pytest.mark.parametrize("request_", [
@@ -131,7 +142,7 @@ def test_rewind_is_retraining_bit_for_bit(lm, request_, budget):
     theta, traj = fit(model, task, train, theta0, args)
     assert (traj.grads is None) == (budget is not None)  # 2e-6 GiB holds a few checkpoints, not 18 gradients
     ParamView(model).set_vector(theta)
-    update = rewind(model, task, train, request_, traj)
+    update = rewind(ctx_of(model, task, train, request_), traj)
     assert torch.equal(ParamView(model).vector(), theta)  # the model is left at θ̂
     edited = apply_request(train, request_)
     retrained, _ = fit(model, task, edited, theta0, args)
@@ -148,7 +159,7 @@ def test_rewind_is_retraining_bit_for_bit(lm, request_, budget):
         update.trajectory.check(edited, retrained)
     second = Request.remove(edited[-1].id)
     ParamView(model).set_vector(retrained)
-    again = rewind(model, task, edited, second, update.trajectory)
+    again = rewind(ctx_of(model, task, edited, second), update.trajectory)
     twice, _ = fit(model, task, apply_request(edited, second), theta0, args)
     assert torch.equal(again.theta, twice)
 
@@ -162,7 +173,7 @@ def test_path_replay_with_every_step_exact_is_retraining_over_the_recorded_batch
     model, task, train, theta0 = lm
     theta, traj = fit(model, task, train, theta0)
     ParamView(model).set_vector(theta)
-    update = path_replay(model, task, train, request_, traj, PathArguments(exact_every=1, exact_tail=0))
+    update = path_replay(ctx_of(model, task, train, request_), traj, PathArguments(exact_every=1, exact_tail=0))
     # the reference: fine-tuning's own loop over the recorded batches, edited examples dropped or replaced in place
     edits = {old.id: new for old, new in resolve(request_, train)}
     rows = [e if e.id not in edits else edits[e.id] for e in train]
@@ -185,7 +196,7 @@ def test_path_replay_predicts_between_exact_steps_and_reports_it(lm):
     ParamView(model).set_vector(theta)
     request_ = Request.remove("ex9", "ex14")
     for args in (PathArguments(exact_every=3, exact_tail=0.25), PathArguments(exact_every=3, history=3)):
-        r = path_replay(model, task, train, request_, traj, args).report["path"]
+        r = path_replay(ctx_of(model, task, train, request_), traj, args).report["path"]
         assert r["exact_steps"] + r["predicted_steps"] + r["skipped_empty_steps"] == r["replayed_steps"]
         assert r["predicted_steps"] > 0 and r["exact_steps"] >= r["steps"] - r["exact_from_step"]
         assert 0 < r["gradient_cost_vs_retraining"] < 1 and r["prediction_error"]["checks"] == r["exact_steps"]
@@ -221,8 +232,8 @@ def test_refine_reaches_the_leave_k_out_ridge_solution_and_certifies_it():
     ParamView(model).set_vector(ridge_solution(train, l2))
     request_ = Request.remove("r3", "r17")
     # R′ is quadratic, so one undamped Newton step (4 CG iterations span the 4-dim space) lands on its minimiser
-    update = refine(model, task, train, request_, torch.zeros(4, dtype=torch.float64),
-                    RefineArguments(steps=3, tol=1e-8, cg_iters=8), l2=l2, damping=0.0)
+    update = refine(ctx_of(model, task, train, request_), torch.zeros(4, dtype=torch.float64),
+                    RefineArguments(steps=3, tol=1e-8, cg_iters=8), EraserArguments(l2=l2), damping=0.0)
     target = ridge_solution(apply_request(train, request_), l2)
     assert torch.allclose(update.theta, target, atol=1e-10)
     r = update.report["refine"]

@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 
 from llmeraser.cli import main
 from llmeraser.data import save_examples
-from llmeraser.trajectory import TRAJECTORY, _header_sha256
+from llmeraser.recording import _header_sha256
+from llmeraser.trajectory import TRAJECTORY
 
 
 @pytest.fixture(scope="module")

@@ -37,12 +37,14 @@ from llmeraser.request import Edit, Request, apply_request, load_request, resolv
 from llmeraser.solvers.api import get_solver, is_fitted, solve, solver_arguments, solver_names
 from llmeraser.solvers.base import LinearOperator, MatrixOperator, SolverArguments, SolveResult
 from llmeraser.task import CausalLMTask, Rendering, Task, per_example_loss
+from llmeraser.updates import RequestContext, UnlearnOptions, get_method, method_names
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterJob", "LoraSettings", "TrainingRecord", "UnlearnResult", "declined_update", "is_fitted", "lora_model",
-    "solver_names", "DataFields", "Message", "Rendering",
+    "solver_names", "DataFields", "Message", "Rendering", "RequestContext", "UnlearnOptions", "get_method",
+    "method_names",
     "AdapterError", "CausalLMTask", "ConfigError", "CurvatureOperator", "DataError", "Edit", "EraserArguments",
     "Example", "FinetuneArguments", "FinetuneResult", "LLMEraserError", "Ledger", "LedgerError", "LinearOperator",
     "MatrixOperator", "DampingArguments", "FactorArguments", "FactorStore", "Factors", "choose_solver",

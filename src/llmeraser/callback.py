@@ -34,8 +34,9 @@ from llmeraser.errors import UserInputError
 from llmeraser.io import atomic_write_json
 from llmeraser.params import ParamView
 from llmeraser.record import RECORD, TRL_LOSS, TrainingRecord
+from llmeraser.recording import task_recipe
 from llmeraser.task import CausalLMTask, Rendering
-from llmeraser.trajectory import DEFAULT_MAX_BYTES, Trajectory, names_sha256, task_recipe, tensor_sha256
+from llmeraser.trajectory import DEFAULT_MAX_BYTES, Trajectory, names_sha256, tensor_sha256
 
 logger = logging.getLogger(__name__)
 

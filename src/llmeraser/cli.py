@@ -125,17 +125,18 @@ def _job(args: argparse.Namespace, **record):
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from llmeraser.eraser import EraserArguments
     from llmeraser.replay import PathArguments, RefineArguments
+    from llmeraser.updates import UnlearnOptions
 
     _check_outputs(args, args.out, ledger=args.ledger)
-    damping = None if args.damping in (None, "auto") else _float_arg("--damping", args.damping)
-    given = pick(args, EraserArguments, skip=("solver_args", "progress", "damping", "l2"))
-    eraser = EraserArguments(**given, damping=damping, progress=not args.quiet)
-    result = _job(args, l2=args.l2).unlearn(
-        args.request, args.out, eraser, damping="auto" if args.damping == "auto" else None, ledger=args.ledger,
-        refit_fraction=args.refit_fraction, force=args.force,
+    damping = args.damping if args.damping in (None, "auto") else _float_arg("--damping", args.damping)
+    given = pick(args, EraserArguments, skip=("solver_args", "progress", "damping", "l2", "method"))
+    options = UnlearnOptions(
+        method=args.method, eraser=EraserArguments(**given, progress=not args.quiet), damping=damping,
+        force=args.force, refit_fraction=args.refit_fraction, ledger=args.ledger,
         solver_options=pick(args, _solver_cls(), prefix="solver-"),
         path=PathArguments(**pick(args, PathArguments, prefix="path-")),
-        refine_args=RefineArguments(**pick(args, RefineArguments, prefix="refine-")))
+        refine=RefineArguments(**pick(args, RefineArguments, prefix="refine-")))
+    result = _job(args, l2=args.l2).unlearn(args.request, args.out, options)
     print(result.message)
     if result.factors_note:
         print(f"factors: {result.factors_note}")
@@ -363,10 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     from llmeraser.eraser import EraserArguments
     from llmeraser.factors import FactorArguments
     from llmeraser.finetune import FinetuneArguments
-    from llmeraser.job import REFIT_FRACTION
     from llmeraser.record import DEFAULT_MAX_LENGTH, PEFT_KINDS, LoraSettings
     from llmeraser.replay import PathArguments, RefineArguments
     from llmeraser.solvers.api import solver_names
+    from llmeraser.updates import method_names, methods_help
+    from llmeraser.updates.base import REFIT_FRACTION
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -422,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request", required=True, help='request JSON: {"edits": [{"op": "remove", "id": ...}, ...]}')
     p.add_argument("--out", required=True, help="new adapter folder (must not exist or be empty)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
-    add_fields(p, EraserArguments, skip=("solver_args", "progress", "l2", "damping"), keep_default=False)
+    p.add_argument("--method", default="auto", choices=method_names(), help=methods_help())
+    add_fields(p, EraserArguments, skip=("solver_args", "progress", "l2", "damping", "method"), keep_default=False)
     p.add_argument("--damping", default=None, metavar="λ|auto",
                    help="λ in (H + λI)⁻¹, absolute; larger is safer but shrinks Δθ. Default: --relative-damping × "
                         "the curvature's largest eigenvalue (the same meaning on any model). 'auto': the λ that "

@@ -33,19 +33,18 @@ from llmeraser import distributed
 from llmeraser.curvature import CURVATURES, CurvatureOperator, gradient, objective_gradient
 from llmeraser.data import Example, examples_hash
 from llmeraser.errors import ConfigError, RequestError, SolverError
-from llmeraser.factors import FISHERS, FactorArguments, Factors, fit_factors, linear_blocks
+from llmeraser.factors import FISHERS, FactorArguments, Factors, fit_factors
 from llmeraser.params import ParamView, adapter_hash, save_adapter
 from llmeraser.request import Request, apply_request, resolve
 from llmeraser.solvers.api import get_solver, is_fitted, solver_arguments, solver_names
 from llmeraser.solvers.base import SolverArguments, SolveResult, zero_result
+from llmeraser.solvers.choose import choose_solver, example_tokens  # noqa: F401 (the eraser's auto; re-exported)
 from llmeraser.task import Task
 
 logger = logging.getLogger(__name__)
 
-ONE_STEP = ("first-order", "newton")  # the one-step influence updates this module computes
-# every update `AdapterJob.unlearn` offers: refine starts from first-order; path and rewind use the recorded
-# trajectory (`llmeraser.replay`); auto chooses among them (`llmeraser.job.choose_update`)
-METHODS = ("auto", *ONE_STEP, "refine", "path", "rewind")
+ONE_STEP = ("first-order", "newton")  # the one-step influence updates this module computes (every update method,
+# these and the ones along the path, is registered in `llmeraser.updates`)
 # λ = ρ · θ_max by default. On the embedded model's demo request the validation sweep was best at λ = 0.3 (0.1–1
 # helped, 0.03 and below overshot) where θ_max = 15.2 (cg, 8 curvature samples; woodbury's fitted Fisher: 14.9), so
 # ρ = 0.02 (docs/math.md#damping; bench/default_options.py checks the default on that request).
@@ -57,14 +56,9 @@ SCALE_PRODUCTS = 10  # Lanczos products that estimate θ_max for an iterative so
 class EraserArguments:
     """How an unlearning request is turned into Δθ."""
 
-    method: str = field(default="auto", metadata={
-        "help": "auto: rewind or path when the adapter has a recorded trajectory (whichever replays less), else "
-                "first-order; the report says which and why. first-order (the paper: one influence step that "
-                "removes the request's own effect); newton (one Newton step on the edited objective: exact for a "
-                "converged fine-tune); refine (first-order, then damped Newton-CG steps on the edited objective "
-                "with a line search, reporting the gradient residual before and after); path (replay the recorded "
-                "fine-tune without the edited examples, most gradients predicted); rewind (exact: retraining, "
-                "replayed from the recorded state before the first step that saw an edited example)"})
+    method: str = field(default="first-order", metadata={
+        "help": "the one-step update: first-order (the paper) or newton (the update methods, these and the others, "
+                "are `llmeraser.updates`' and `UnlearnOptions.method`)"})
     solver: str = field(default="auto", metadata={
         "help": "inverse-HVP solver. Iterative, on curvature products over the training set: dense, cg, lissa, sqp, "
                 "paper. Fitted once per adapter and reused (each request then costs about its own gradients): "
@@ -90,8 +84,9 @@ class EraserArguments:
     progress: bool = field(default=False, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.method not in ONE_STEP:
+            raise ConfigError(f"unknown method {self.method!r} for EraserArguments, which computes the one-step "
+                              f"updates {', '.join(ONE_STEP)}; other update methods: UnlearnOptions(method=...)")
         if self.curvature not in CURVATURES:
             raise ConfigError(f"unknown curvature {self.curvature!r}; expected one of {', '.join(CURVATURES)}")
         if (self.solver == "auto" or get_solver(self.solver).fitted) and self.curvature != "ggn":
@@ -124,97 +119,8 @@ class Update:
     solve: SolveResult
     report: dict
     theta: torch.Tensor | None = None  # the new θ itself, when known exactly (path updates): set, not θ̂ + Δθ
+    factors: object = None  # the fitted factors a fitted solver used (the job hands them on to the new adapter)
     trajectory: object = None  # an exact recording of the new θ's fine-tune (rewind), saved beside it
-
-
-EXACT_WORK = 200_000  # p × N up to which `auto` solves with the exact curvature (dense, or cg)
-DENSE_FLOPS = 1e10  # estimated floating-point operations up to which `auto` builds the exact matrix (dense)
-DEFAULT_TOKENS = 64  # tokens per example assumed when the caller does not say (CausalLMTask's default max_length)
-WOODBURY_MAX_N = 20_000  # N above which `auto` avoids woodbury's N × N system
-
-
-def choose_solver(model: torch.nn.Module, n_train: int | None = None, *, need_path: bool = False,
-                  tokens: float | None = None) -> tuple[str, str]:
-    """The solver `auto` stands for, from the sizes and the model's structure, and why. The one home of `auto`.
-
-    `tokens`: the tokens of an example (`CausalLMTask.mean_tokens` of the training set, or its max_length), for the
-    cost of a curvature product; DEFAULT_TOKENS when not given.
-
-    - the exact curvature when p × N ≤ EXACT_WORK: dense when its p curvature products over N examples, at about
-      6 · P · t operations an example (P the model's parameters that a token meets, the output projection included,
-      t its tokens), cost at most DENSE_FLOPS (seconds on a CPU: tiny models run at a few GFLOP/s), and no
-      approximation is then worth its error; cg otherwise (a deep model, a big vocabulary: a Krylov solve needs far
-      fewer products), and when `need_path` (dense has no damping path);
-    - otherwise a fitted solver when every trainable parameter is in a linear layer (fitted once, about an epoch,
-      reused by every request): woodbury while its N × p per-example gradients take at most a quarter of the
-      available memory and N ≤ WOODBURY_MAX_N, else ekfac (memory independent of N). On the embedded benchmark
-      woodbury was never far from the best fitted solver and was the only one that helped on RC-10, where the
-      Kronecker ones overshot at every λ (docs/fitted-curvature.md#where-the-update-does-help-qm-5-and-rc-10);
-    - cg otherwise (products over the training set per request).
-    """
-    name, why = _choose_solver(model, n_train, need_path, DEFAULT_TOKENS if tokens is None else tokens)
-    name, why = distributed.broadcast_json([name, why], "choosing the solver")  # free memory differs by rank
-    return name, why
-
-
-def example_tokens(task: Task, train: Sequence[Example]) -> float | None:
-    """Tokens of an example of `train` as `task` renders it (a sample's mean), for `choose_solver`; None for a task
-    that cannot say."""
-    mean = getattr(task, "mean_tokens", None)
-    return mean(train) if mean is not None and train else None
-
-
-def _forward_parameters(model: torch.nn.Module) -> int:
-    """The parameters a token's forward pass multiplies by: all of them but the input embedding (a lookup), with
-    the output projection counted even when it is tied to the embedding (on a tiny model with a big vocabulary it is
-    most of the work)."""
-    def weight(getter: str) -> int:
-        try:
-            module = getattr(model, getter)()
-        except (AttributeError, NotImplementedError):
-            return 0
-        w = getattr(module, "weight", None)
-        return w.numel() if isinstance(w, torch.Tensor) else 0
-
-    total = sum(p.numel() for p in model.parameters())  # a tied tensor once
-    return max(total - weight("get_input_embeddings") + weight("get_output_embeddings"), 1)
-
-
-def _choose_solver(model: torch.nn.Module, n_train: int | None, need_path: bool,
-                   tokens: float) -> tuple[str, str]:
-    from llmeraser.resources import available_bytes
-
-    view = ParamView(model)
-    p = view.dim
-    if n_train is not None and p * n_train <= EXACT_WORK:
-        size = f"{p:,} parameters × {n_train:,} examples"
-        if need_path:
-            return "cg", (f"auto chose cg: {size} is small (dense would do for one λ, but one Krylov run serves "
-                          f"every λ)")
-        forward = _forward_parameters(model)
-        flops = p * n_train * 6 * forward * max(tokens, 1)
-        cost = (f"{p:,} curvature products of ≈ 6 × {forward:,} model parameters × {tokens:,.0f} tokens × {n_train:,} "
-                f"examples each, ≈ {flops:.1e} floating-point operations")
-        if p > SolverArguments().max_dense_dim:
-            over = f"its {p:,} parameters are more than dense's max_dense_dim"
-        elif flops > DENSE_FLOPS:
-            over = f"the exact matrix would take {cost}, over the {DENSE_FLOPS:.0e} budget"
-        else:
-            return "dense", f"auto chose dense: {size} is small enough for the exact matrix ({cost})"
-        return "cg", f"auto chose cg: {size} is small, but {over}; a Krylov solve needs far fewer products"
-    try:
-        linear_blocks(model)
-    except ConfigError as e:
-        return "cg", f"auto chose cg: {e}"
-    free = available_bytes()
-    need = (n_train or 0) * p * view.params[0].element_size()
-    if n_train and n_train <= WOODBURY_MAX_N and (free is None or need <= free / 4):
-        return "woodbury", (f"auto chose woodbury: every trainable parameter is in a linear layer and the "
-                            f"{n_train:,} × {p:,} per-example gradients ({need / 2**30:.2f} GiB) fit, so the exact "
-                            f"inverse of the fitted Fisher serves every request at about the cost of its gradients")
-    return "ekfac", (f"auto chose ekfac: every trainable parameter is in a linear layer, and {n_train or 0:,} "
-                     f"examples × {p:,} parameters are too many for woodbury's per-example gradients, so Kronecker "
-                     f"factors fitted once serve every request at about the cost of its own gradients")
 
 
 def check_reach(model: torch.nn.Module, g: torch.Tensor, source: str) -> None:
@@ -278,11 +184,13 @@ class UnlearningProblem:
 
     `factors` (with `fit_seconds`, the time their fit took, when it was made for this request): the fit of a fitted
     solver; without them one is fitted here (`fit_for_solver`). `report`: entries the caller adds to every update's
-    report (the adapter's training record, how the damping was chosen), so the report is built once, complete."""
+    report (the adapter's training record, how the damping was chosen), so the report is built once, complete.
+    `resolved`: (the request's resolved edits, the edited set) when the caller resolved them already
+    (`updates.RequestContext`)."""
 
     def __init__(self, model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
                  args: EraserArguments, factors: Factors | None = None, *, fit_seconds: float = 0.0,
-                 report: dict | None = None):
+                 report: dict | None = None, resolved: tuple[list, list[Example]] | None = None):
         self.start = time.perf_counter()
         self.model, self.task, self.train, self.request = model, task, train, request
         self.extra = dict(report or {})
@@ -292,17 +200,10 @@ class UnlearningProblem:
             logger.info("%s", self.choice)
             args = dataclasses.replace(args, solver=solver, solver_args=None)
         self.args = args
-        pairs = resolve(request, train)
-        effective = apply_request(train, request)
+        pairs, effective = resolved or (resolve(request, train), apply_request(train, request))
         if not effective:
             raise RequestError("the request removes every training example; there is nothing left to fit")
         model.eval()  # no dropout: every gradient sees the same function the curvature does
-        if args.method not in ONE_STEP:
-            if args.method in ("path", "rewind"):
-                raise ConfigError(f"method {args.method!r} replays the recorded trajectory: use llmeraser.job."
-                                  f"AdapterJob.unlearn or llmeraser.replay, not the one-step UnlearningProblem")
-            args = dataclasses.replace(args, method="first-order")  # auto and refine start from the first-order step
-            self.args = args
         if args.method == "first-order":
             old = [o for o, _ in pairs]
             new = [e for _, e in pairs if e is not None]

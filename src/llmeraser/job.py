@@ -1,7 +1,7 @@
 """The jobs on an adapter folder, as one library API: unlearn a request, fit curvature, choose the damping.
 
     job = AdapterJob("adapters/original", "data/train.jsonl", base_model="default")
-    result = job.unlearn("request.json", "adapters/unlearned", EraserArguments(solver="auto"), ledger="runs/ledger")
+    result = job.unlearn("request.json", "adapters/unlearned", UnlearnOptions(ledger="runs/ledger"))
     print(result.message)
 
 `AdapterJob` owns what the command line, the benchmarks and a notebook would otherwise each redo: the adapter's
@@ -23,36 +23,18 @@ from pathlib import Path
 
 from llmeraser import distributed
 from llmeraser.data import DataFields, Example, examples_hash, load_examples
-from llmeraser.eraser import (
-    EraserArguments,
-    UnlearningProblem,
-    Update,
-    choose_solver,
-    declined_update,
-    example_tokens,
-    fit_for_solver,
-    save_unlearned,
-)
+from llmeraser.eraser import EraserArguments, Update, choose_solver, example_tokens, fit_for_solver, save_unlearned
 from llmeraser.errors import UserInputError
 from llmeraser.factors import FactorArguments, Factors, FactorStore, default_store, fit_factors
 from llmeraser.params import ParamView, adapter_hash, check_adapter_dir
 from llmeraser.record import TrainingRecord
-from llmeraser.replay import (
-    PathArguments,
-    RefineArguments,
-    first_edited_step,
-    path_replay,
-    refine,
-    rewind,
-    verify_recording,
-)
+from llmeraser.replay import verify_recording
 from llmeraser.request import Request, apply_request, load_request, resolve
-from llmeraser.solvers.api import is_fitted, solver_arguments
+from llmeraser.solvers.api import is_fitted
 from llmeraser.trajectory import Trajectory
+from llmeraser.updates import RequestContext, UnlearnOptions, get_method
 
 logger = logging.getLogger(__name__)
-
-REFIT_FRACTION = 0.05  # edits since the last real fit, as a fraction of N, beyond which the next request refits
 
 
 @dataclass
@@ -169,52 +151,35 @@ class AdapterJob:
 
     # ------------------------------------------------------------------------------------------------ unlearn
     def unlearn(self, request: Request | str | os.PathLike, out: str | os.PathLike,
-                args: EraserArguments | None = None, *, damping: str | None = None,
-                ledger: str | os.PathLike | None = None, refit_fraction: float = REFIT_FRACTION,
-                force: bool = False, solver_options: dict | None = None, path: PathArguments | None = None,
-                refine_args: RefineArguments | None = None) -> UnlearnResult:
+                options: UnlearnOptions | None = None) -> UnlearnResult:
         """Apply `request` to the adapter and write the new adapter, its report.json and request.json to `out`
         (atomically; the input is never touched).
 
         Args:
             request: a Request or a request JSON path.
             out: the new adapter folder (must not exist, or be empty).
-            args: how Δθ is computed (default EraserArguments(): first-order, cg, damping relative to the curvature's
-                scale). l2 comes from the adapter's record unless set.
-            damping: 'auto' = the λ `tune-damping` chose on validation data (args.damping is then ignored).
-            ledger: record the request in this ledger folder (module docstring of `llmeraser.ledger`).
-            refit_fraction: fitted solvers hand their fit on to the new adapter until the edits since the fit
-                exceed this fraction of the training set.
-            force: write the update even when the damping choice declined (validation says it makes things worse).
-            solver_options: SolverArguments fields for the iterative solver used (also the one `auto` picks), on top
-                of its preset; ignored by fitted solvers.
-            path, refine_args: options of the path replay and of the refinement (args.method path / refine, or what
-                auto picks).
+            options: the update method and all it can be told (`updates.UnlearnOptions`: method, one-step, path and
+                refine arguments, damping, force, refit fraction, ledger, solver options); default: auto.
         """
         from llmeraser.io import check_output_paths
         from llmeraser.ledger import Ledger
 
-        check_output_paths(out, ledger=ledger, inputs={  # before anything is written, the ledger included
+        options = options or UnlearnOptions()
+        check_output_paths(out, ledger=options.ledger, inputs={  # before anything is written, the ledger included
             "adapter": self.adapter, "request": request if isinstance(request, str | os.PathLike) else None,
             "base model": None if self.base_model == "default" else self.base_model})
         request = load_request(request) if isinstance(request, str | os.PathLike) else request
         out = str(out)
         distributed.check_same({"adapter": self.adapter_sha256, "training set": examples_hash(self.train),
                                 "request": request.hash}, "checking the inputs")
-        book = Ledger(ledger) if ledger and distributed.rank() == 0 else None  # state: rank 0's alone
-        args = self.eraser_arguments(args)
-        if solver_options and args.solver != "auto" and not is_fitted(args.solver):
-            args = dataclasses.replace(args, solver_args=solver_arguments(args.solver, **solver_options))
-        self._path, self._refine = path or PathArguments(), refine_args or RefineArguments()
+        book = Ledger(options.ledger) if options.ledger and distributed.rank() == 0 else None  # rank 0's state
         try:
-            return self._unlearn(book, request, out, args, damping, ledger, refit_fraction, force,
-                                 dict(solver_options or {}))
+            return self._unlearn(book, request, out, options)
         finally:
             if book:
                 book.close()
 
-    def _unlearn(self, book, request: Request, out: str, args: EraserArguments, damping: str | None, ledger,
-                 refit_fraction: float, force: bool, solver_options: dict) -> UnlearnResult:
+    def _unlearn(self, book, request: Request, out: str, options: UnlearnOptions) -> UnlearnResult:
         decision = distributed.on_rank0(lambda: self._preamble(book, request, out), "checking the request")
         if "done" in decision:
             return UnlearnResult(status=decision["status"], message=decision["done"], out=decision.get("out"))
@@ -225,7 +190,8 @@ class AdapterJob:
         seq = distributed.on_rank0(lambda: book.begin(request, train, self.adapter, out) if book else None,
                                    "recording the request")
         try:
-            update, factors = self._update(train, request, args, damping, force, solver_options)
+            ctx = self.context(train, request)
+            update = get_method(options.method).run(ctx, options)
             model, _ = self.model_and_task()
             if update.theta is not None:  # a path update knows the new θ itself (a rewind: bit for bit)
                 ParamView(model).set_vector(update.theta)
@@ -244,11 +210,24 @@ class AdapterJob:
                 book.fail(seq, e)
             raise
         note = None
-        if factors is not None and distributed.rank() == 0:
-            note = self._hand_on(factors, train, request, out, refit_fraction)
+        if update.factors is not None and distributed.rank() == 0:
+            note = self._hand_on(update.factors, ctx, out, options.refit_fraction)
         status = "declined" if update.report.get("decision") == "declined" else "applied"
-        return UnlearnResult(status=status, message=_summary(update, out, ledger, seq), out=out, update=update,
-                             seq=seq, factors_note=note)
+        return UnlearnResult(status=status, message=_summary(update, out, options.ledger, seq), out=out,
+                             update=update, seq=seq, factors_note=note)
+
+    def context(self, train: list[Example], request: Request) -> RequestContext:
+        """The request's context on this adapter: its model and task, the record's l2 and the report's record
+        entries (the objective the output was trained on, over the set it now stands for), the verified recording,
+        the factor store and the damping `tune-damping` stored."""
+        model, task = self.model_and_task()
+        ctx = RequestContext.build(model, task, train, request, l2=self.record.l2, progress=self.progress,
+                                   recording=lambda: self.trajectory(train), fit=lambda a: self.factors(train, a),
+                                   damping_choice=lambda: self.damping_record(train))
+        ctx.report["task"] = self.record.to_dict() | {"train_sha256": examples_hash(ctx.effective)}
+        if notes := self.record.notes():
+            ctx.report["record_notes"] = notes
+        return ctx
 
     def _preamble(self, book, request: Request, out: str) -> dict:
         """Rank 0: the ledger's say (already done, or the requests applied before this one) and the output check."""
@@ -272,59 +251,6 @@ class AdapterJob:
         check_new_output(out)  # an output folder that is taken fails before any model is loaded
         return {"applied": [e.request.to_dict() for e in book.entries("applied")] if book else []}
 
-    def _update(self, train: list[Example], request: Request, args: EraserArguments, damping: str | None,
-                force: bool, solver_options: dict) -> tuple[Update, Factors | None]:
-        """(Δθ with the report complete: the record, the solver and damping choices, the factors' source; the
-        factors it was solved with, if fitted)."""
-        model, task = self.model_and_task()
-        # the output's record: the objective it was trained on, over the set it now stands for
-        extra: dict = {"task": self.record.to_dict() | {"train_sha256": examples_hash(apply_request(train, request))}}
-        if notes := self.record.notes():
-            extra["record_notes"] = notes
-        method = args.method
-        if method in ("auto", "path", "rewind"):
-            trajectory, why_not = self.trajectory(train)
-            if trajectory is None and method != "auto":
-                raise UserInputError(f"--method {method} needs the adapter's recorded trajectory: {why_not}")
-            if method == "auto":
-                method, extra["update_choice"] = choose_update(trajectory, why_not, train, request, self._path)
-                logger.info("%s", extra["update_choice"])
-            if method in ("path", "rewind"):
-                if method == "rewind":
-                    update = rewind(model, task, train, request, trajectory, progress=self.progress)
-                else:
-                    update = path_replay(model, task, train, request, trajectory, self._path, progress=self.progress)
-                update.report |= extra | {"trajectory": trajectory.describe()}
-                return update, None
-            args = dataclasses.replace(args, method=method)
-        if damping == "auto":  # chosen earlier on validation data by tune-damping
-            chosen = self.damping_record(train)
-            extra["damping_choice"] = {k: chosen[k] for k in ("chosen", "declines", "scores", "trials",
-                                                              "removal_size", "valid_sha256") if k in chosen}
-            if chosen["declines"] and not force:
-                best = min(r["score"] for r in chosen["scores"])
-                reason = (f"tune-damping found no λ whose update beat no update on held-out removals (best score "
-                          f"{best:.3g} ≥ 1): the adapter is written unchanged; pass force to write the update anyway")
-                logger.warning("%s", reason)
-                return declined_update(model, train, request, reason, extra), None
-            args = dataclasses.replace(args, damping=chosen["chosen"])
-        if args.solver == "auto":
-            solver, why = choose_solver(model, len(train), tokens=example_tokens(task, train))
-            args = dataclasses.replace(args, solver=solver, solver_args=solver_arguments(solver, **solver_options))
-            extra["solver_choice"] = why
-        factors, t_fit = self.factors(train, args) if is_fitted(args.solver) else (None, 0.0)
-        update = UnlearningProblem(model, task, train, request, args, factors, fit_seconds=t_fit,
-                                   report=extra).solve()
-        if method == "refine":
-            refined = refine(model, task, train, request, update.delta, self._refine, l2=args.l2,
-                             curvature_samples=args.curvature_samples, batch_size=args.batch_size, seed=args.seed,
-                             progress=self.progress)
-            refined.report |= extra | {"start": {k: update.report[k] for k in ("method", "solver", "damping",
-                                                                                "delta_norm", "seconds")}}
-            refined.report["seconds"]["total"] += update.report["seconds"]["total"]
-            return refined, factors
-        return update, factors
-
     def trajectory(self, train: Sequence[Example]) -> tuple[Trajectory | None, str]:
         """(the adapter's recorded trajectory when it is the fine-tune of this adapter on `train`, else None; why
         not). Loaded once."""
@@ -346,13 +272,12 @@ class AdapterJob:
             distributed.check_same({"trajectory": self._trajectory[1] or "usable"}, "reading the trajectory")
         return self._trajectory
 
-    def _hand_on(self, factors: Factors, train: list[Example], request: Request, out: str,
-                 refit_fraction: float) -> str | None:
+    def _hand_on(self, factors: Factors, ctx: RequestContext, out: str, refit_fraction: float) -> str | None:
         """Hand the fit on to the new adapter (or say why the next request refits); a cache: failures only warn."""
         try:
             _, why = FactorStore(default_store(out)).derive(
-                factors, self.store, adapter_hash(out), examples_hash(apply_request(train, request)),
-                edited=len(request.edits), refit_fraction=refit_fraction, request_sha256=request.hash)
+                factors, self.store, adapter_hash(out), examples_hash(ctx.effective), edited=len(ctx.request.edits),
+                refit_fraction=refit_fraction, request_sha256=ctx.request.hash)
             return why
         except OSError as e:
             logger.warning("could not record the factors for %s: %s", out, e)
@@ -447,41 +372,3 @@ def _why_no_recording(adapter: str) -> str:
         return ("it was written by a path replay, which predicts most steps and so carries no recording; a rewind's "
                 "output carries one")
     return "adapters fine-tuned with 'llmeraser finetune' or LLMEraserCallback record one"
-
-
-def choose_update(trajectory: Trajectory | None, why_not: str, train: Sequence[Example], request: Request,
-                  path: PathArguments) -> tuple[str, str]:
-    """The update `auto` stands for, and why. The one home of that choice:
-
-    - no usable recorded trajectory: first-order (the one-step influence update; the only one θ̂ alone allows);
-    - a trajectory with checkpoints only: rewind (exact);
-    - rewind when path replay's exact tail would not revisit every kept example (it covers less than one epoch):
-      the tail is what repairs the predicted steps, and on one-epoch MovieLens fine-tunes, where it cannot, path
-      replay was worse than doing nothing (IR-1, IR-10) or slower than retraining (RC-40; docs/path.md);
-    - else rewind when it replays no more of the run than path replay would compute gradients for (the forecast
-      `PathArguments.cost`: exact steps plus the edited examples' own gradients), since it is then exact at no extra
-      cost; otherwise path replay.
-    """
-    if trajectory is None:
-        return "first-order", f"auto chose first-order: {why_not}"
-    edits = {old.id: new for old, new in resolve(request, train)}
-    steps, first = first_edited_step(trajectory, train, set(edits))
-    start = trajectory.start_before(first)
-    replay = (len(steps) - start) / len(steps)
-    if trajectory.grads is None:
-        return "rewind", (f"auto chose rewind: the trajectory kept checkpoints only; rewinding to step {start} "
-                          f"replays {replay:.0%} of fine-tuning exactly")
-    per_epoch = len(steps) / trajectory.meta["epochs"]
-    tail = len(steps) - path.tail_start(len(steps))
-    if tail < per_epoch:
-        return "rewind", (f"auto chose rewind: path replay's exact tail ({tail} steps) would not revisit every kept "
-                          f"example (an epoch is {per_epoch:.0f} steps), so it could not repair its predicted steps; "
-                          f"rewinding to step {start} replays {replay:.0%} of fine-tuning, exactly")
-    forecast = path.cost(steps, first, train, edits, trajectory.meta["batch_size"])
-    if replay <= forecast:
-        return "rewind", (f"auto chose rewind: the first step that saw an edited example is {first} of {len(steps)}, "
-                          f"so retraining from there replays {replay:.0%} of fine-tuning, exactly — no more than path "
-                          f"replay's gradients would cost ({forecast:.0%} of retraining's)")
-    return "path", (f"auto chose path: an edited example was seen at step {first} of {len(steps)}, so an exact rewind "
-                    f"would replay {replay:.0%} of fine-tuning; path replay takes about {forecast:.0%} of retraining's "
-                    f"gradients and predicts the rest")

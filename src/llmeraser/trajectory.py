@@ -10,23 +10,17 @@ that saw an edited example (exact rewind), and θ_k with g_k along the whole pat
 Storage is one vector of the trainable parameters per step (the embedded demo: 921,600 floats, 3.7 MB a step,
 50 steps), bounded by `max_bytes`: beyond it only checkpoints (θ_k, m_k, v_k) at evenly spaced steps are kept,
 which still serve exact rewind (from the checkpoint at or before the first edited step) but not path-aware replay.
-The file lives beside the adapter (`trajectory.safetensors`: tensors plus a JSON header in the metadata; nothing is
-unpickled).
-
-A replay is only as exact as the recording it reads, so nothing in the file is trusted unchecked (docs/path.md#
-what-is-verified): the header is validated field by field (`llmeraser.schema`) and carries a sha256 of itself and of
-every tensor (θ₀, each step's gradient, each checkpoint), verified on load, naming the first bad step; it holds the
-recipe its gradients depend on besides θ and the data (`task_recipe`: max length, rendering, tokenizer, chat
-template), compared with the request's before any replay (`check_recipe`); and replaying the recorded gradients with
-the recorded optimiser must end at the adapter (`replay_check`), which pins the learning rates, betas, ε, L2, decay
-and clipping to the ones that trained it.
+The file lives beside the adapter (`trajectory.safetensors`, written and read back by `llmeraser.recording`, which
+validates its header and verifies every tensor's checksum). A replay is only as exact as the recording it reads, so
+before one (docs/path.md#what-is-verified) the recipe is compared with the request's (`check_recipe`), and replaying
+the recorded gradients with the recorded optimiser must end at the adapter (`replay_check`), which pins the learning
+rates, betas, ε, L2, decay and clipping to the ones that trained it.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -37,13 +31,9 @@ import torch
 
 from llmeraser.data import Example
 from llmeraser.errors import AdapterError, ConfigError
-from llmeraser.io import canonical_json, sha256_bytes
-from llmeraser.schema import Fields, is_number, parse_json
 
 TRAJECTORY = "trajectory.safetensors"
-FORMAT = 2  # 2: checksums, header digest and recipe; 1 (read, reported as unverified): neither
 DEFAULT_MAX_BYTES = 4 * 2**30  # per-step gradients beyond this size: checkpoints only
-MAX_EPOCHS = 1000  # a header asking for more is refused before any schedule is built
 # Replaying the recorded gradients must end this close to the adapter, relative to the distance fine-tuning moved it.
 # The replay applies the same elementwise AdamW formula to the same gradients, so it differs from training only by
 # rounding (another device's fused multiply-adds; torch's lerp for m under a Trainer): measured < 1e-4 of the distance
@@ -266,86 +256,17 @@ class Trajectory:
 
     # --------------------------------------------------------------------------------------------------- disk
     def save(self, folder: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
+        """Write `trajectory.safetensors` into `folder`, with its checksums (`recording.write`)."""
+        from llmeraser.recording import write
 
-        tensors = {"theta0": self.theta0.contiguous()}
-        if self.grads is not None:
-            tensors["grads"] = self.grads.contiguous()
-        for k, (theta, m, v) in self.checkpoints.items():
-            tensors |= {f"ckpt.{k}.theta": theta, f"ckpt.{k}.m": m, f"ckpt.{k}.v": v}
-        path = Path(folder) / TRAJECTORY
-        header = {"format": FORMAT, **self.meta, "checksums": self.checksums()}
-        header["header_sha256"] = _header_sha256(header)
-        save_file(tensors, str(path), metadata={"llmeraser": json.dumps(header)})
-        return path
-
-    def checksums(self) -> dict:
-        """sha256 of θ₀, of each step's gradient and of each checkpoint's tensors (verified on load)."""
-        out: dict = {"theta0": tensor_sha256(self.theta0)}
-        if self.grads is not None:
-            out["grads"] = [tensor_sha256(g) for g in self.grads]
-        out["checkpoints"] = {str(k): [tensor_sha256(t) for t in c] for k, c in sorted(self.checkpoints.items())}
-        return out
+        return write(self, folder)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Trajectory | None:
-        """The trajectory beside an adapter, or None when it has none; its header validated and every tensor checked
-        against its recorded sha256.
+        """The trajectory beside an adapter, validated and verified (`recording.read`), or None when it has none."""
+        from llmeraser.recording import read
 
-        Raises:
-            AdapterError: the file is unreadable, not a trajectory of a format this version reads, a header field is
-                out of its range, or a tensor or the header differs from what was recorded (naming the first).
-        """
-        from safetensors import SafetensorError, safe_open
-
-        path = Path(folder) / TRAJECTORY
-        if not path.exists() and not path.is_symlink():
-            return None
-        if not path.is_file():
-            raise AdapterError(f"{path} is not a regular file")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = parse_json((f.metadata() or {}).get("llmeraser", "null"), f"{path}'s header", AdapterError)
-                if not isinstance(header, dict) or header.get("format") not in (1, FORMAT):
-                    raise AdapterError(f"{path} is not an llmeraser trajectory (formats 1 and {FORMAT})")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-            if isinstance(e, AdapterError):
-                raise
-            raise AdapterError(f"{path} is unreadable: {e}") from e
-        meta = dict(header)
-        version, checksums, digest = meta.pop("format"), meta.pop("checksums", None), meta.pop("header_sha256", None)
-        _validate(meta, str(path))
-        meta = {k: v for k, v in meta.items() if v is not None or k == "checkpoint_every"}  # null: absent
-        if version == FORMAT:
-            if not isinstance(digest, str) or digest != _header_sha256({k: v for k, v in header.items()
-                                                                         if k != "header_sha256"}):
-                raise AdapterError(f"{path}: its header does not match its recorded sha256 (the header was edited "
-                                   f"after the recording was written)")
-        traj = cls(meta, *_tensors(tensors, meta, str(path)), integrity="format 1: no checksums recorded")
-        if version == FORMAT:
-            traj._verify_checksums(checksums, str(path))
-        return traj
-
-    def _verify_checksums(self, checksums: object, where: str) -> None:
-        """Every tensor's sha256 against the header's (AdapterError naming the first that differs)."""
-        sums = Fields(checksums, f"{where}: 'checksums'", AdapterError)
-        if tensor_sha256(self.theta0) != sums.string("theta0", sha256=True):
-            raise AdapterError(f"{where}: θ₀ (the adapter before fine-tuning) fails its checksum: the recording was "
-                               f"changed after it was written")
-        if self.grads is not None:
-            recorded = sums.sequence("grads", lambda x: isinstance(x, str), "a sha256", length=self.steps)
-            for k, (g, sha) in enumerate(zip(self.grads, recorded, strict=True)):
-                if tensor_sha256(g) != sha:
-                    raise AdapterError(f"{where}: step {k}'s recorded gradient fails its checksum: the recording was "
-                                       f"changed after it was written")
-        ckpts = sums.mapping("checkpoints")
-        for k, c in sorted(self.checkpoints.items()):
-            recorded = ckpts.sequence(str(k), lambda x: isinstance(x, str), "a sha256", length=3)
-            if [tensor_sha256(t) for t in c] != recorded:
-                raise AdapterError(f"{where}: the checkpoint at step {k} fails its checksum: the recording was "
-                                   f"changed after it was written")
-        self.integrity = "header and every tensor verified against their sha256"
+        return read(folder)
 
     def check(self, train: Sequence[Example], theta: torch.Tensor, names: Sequence[str] | None = None) -> None:
         """That this trajectory is the fine-tune of `theta` on `train`: the training set's hash, the parameter
@@ -378,24 +299,10 @@ class Trajectory:
 
     def check_recipe(self, task) -> str | None:
         """That the task a replay would compute gradients with renders, cuts and tokenises examples as fine-tuning
-        did (`task_recipe`); returns a note when the recording predates recipes (format 1), else None.
+        did (`recording.check_recipe`); a note when the recording predates recipes, else None."""
+        from llmeraser.recording import check_recipe
 
-        Raises:
-            AdapterError: naming the first part of the recipe that differs.
-        """
-        recorded = self.meta.get("recipe")
-        if recorded is None:
-            return "recorded before recipes were kept: the rendering, max length and tokenizer are not compared"
-        now = task_recipe(task)
-        for key in sorted(set(recorded) | set(now), key=lambda k: (list(RECIPE_NAMES).index(k) if k in RECIPE_NAMES
-                                                                   else len(RECIPE_NAMES), k)):
-            if recorded.get(key) != now.get(key):
-                what = RECIPE_NAMES.get(key, key)
-                raise AdapterError(f"the recording was made with {what} {_show(recorded.get(key))}, but this request "
-                                   f"would replay it with {_show(now.get(key))}: a replay would not be the "
-                                   f"retraining it claims to be (use the training record's values: drop "
-                                   f"--max-length/--l2 overrides, and the base model and tokenizer it was trained on)")
-        return None
+        return check_recipe(self, task)
 
     def replay_check(self, theta: torch.Tensor, keep: Sequence[int] = ()) -> dict[int, torch.Tensor]:
         """Replay θ₀ and the recorded gradients with the recorded optimiser (no forward or backward pass) and check
@@ -430,103 +337,6 @@ class Trajectory:
                 "integrity": self.integrity, **({"verified": self.verification} if self.verification else {})}
 
 
-RECIPE_NAMES = {"max_length": "max length", "rendering": "rendering",  # in the order a refusal names them
-                "tokenizer_sha256": "the tokenizer whose vocabulary hashes to",
-                "chat_template_sha256": "the chat template hashing to", "bos": "BOS token id", "task": "task"}
-
-
-def _show(value) -> str:
-    return "none" if value is None else (value[:12] + "…") if isinstance(value, str) and len(value) == 64 \
-        else json.dumps(value, sort_keys=True)
-
-
-def task_recipe(task) -> dict:
-    """What a step's gradient depends on besides θ and the examples: for `task.CausalLMTask`, how examples are
-    rendered and masked, the max length, the BOS token, and hashes of the tokenizer's vocabulary and of the chat
-    template in use; another task is named by its class."""
-    from llmeraser.task import CausalLMTask
-
-    if not isinstance(task, CausalLMTask):
-        return {"task": type(task).__qualname__}
-    tokenizer = task.tokenizer
-    rendering = {k: v for k, v in task.rendering.to_dict().items() if k != "chat_template"}
-    template = task.rendering.chat_template or getattr(tokenizer, "chat_template", None)
-    try:
-        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
-        vocab_sha = sha256_bytes(canonical_json(vocab).encode())
-    except (AttributeError, NotImplementedError, TypeError):
-        vocab_sha = None
-    return {"max_length": task.max_length, "rendering": rendering, "bos": task.bos, "tokenizer_sha256": vocab_sha,
-            "chat_template_sha256": sha256_bytes(template.encode()) if isinstance(template, str) else None}
-
-
-def _header_sha256(header: dict) -> str:
-    return sha256_bytes(canonical_json(header).encode())
-
-
-def _validate(meta: dict, where: str) -> None:
-    """Every header field the replay reads, by type and range, before anything is built from it (AdapterError
-    naming the file and the field)."""
-    f = Fields(meta, where, AdapterError)
-    f.number("lr", lo=0)
-    for name in ("beta1", "beta2"):
-        f.number(name, lo=0, hi=1, hi_open=True)
-    f.number("eps", lo=0, lo_open=True)
-    f.number("l2", lo=0)
-    for name in ("weight_decay", "max_grad_norm"):
-        f.number(name, lo=0, optional=True)
-    steps = f.number("steps", lo=0, integer=True)
-    f.number("batch_size", lo=1, integer=True)
-    f.number("seed", lo=-2**63, hi=2**64, integer=True)
-    f.number("n_train", lo=0, integer=True, optional=True)
-    f.number("checkpoint_every", lo=1, integer=True, optional=True)
-    for name in ("train_sha256", "final_sha256"):
-        f.string(name, sha256=True)
-    f.string("param_names_sha256", sha256=True, optional=True)
-    for name in ("optimizer", "recorder"):
-        f.string(name, optional=True, max_len=1000)
-    f.mapping("recipe", optional=True)
-    batches = f.sequence("batches", lambda b: isinstance(b, list) and b and all(isinstance(i, str) for i in b),
-                         "a non-empty list of example ids", length=steps, optional=True)
-    lrs = f.sequence("lrs", lambda x: is_number(x) and x >= 0, "a finite learning rate ≥ 0", length=steps,
-                     optional=True)
-    if (batches is None) != (lrs is None):
-        raise AdapterError(f"{where}: a recorded schedule needs both 'batches' and 'lrs' (one of them is missing)")
-    if batches is None:  # llmeraser's id-hash schedule: epochs × ⌈N / batch⌉ steps
-        f.number("epochs", lo=1, hi=MAX_EPOCHS, integer=True)
-    else:  # a Trainer's run may stop inside an epoch
-        f.number("epochs", lo=0, hi=MAX_EPOCHS, lo_open=True)
-
-
-def _tensors(tensors: dict, meta: dict, where: str) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """(θ₀, the per-step gradients or None, the checkpoints) from the file's tensors, their names, shapes and
-    dtypes checked against the header."""
-    theta0, grads = tensors.get("theta0"), tensors.get("grads")
-    if theta0 is None or theta0.dim() != 1 or not theta0.is_floating_point():
-        raise AdapterError(f"{where}: 'theta0' must be a floating-point vector")
-    p, steps, every = theta0.numel(), meta["steps"], meta.get("checkpoint_every")
-    if grads is not None and (tuple(grads.shape) != (steps, p) or grads.dtype != theta0.dtype):
-        raise AdapterError(f"{where}: gradients of shape {tuple(grads.shape)} ({grads.dtype}) for {steps} steps of "
-                           f"{p} parameters ({theta0.dtype})")
-    checkpoints, names = {}, {"theta0", "grads"}
-    if grads is None and steps:
-        stored = sum(k.startswith("ckpt.") and k.endswith(".theta") for k in tensors)
-        if not every or math.ceil(steps / every) != stored:  # checked before a loop over the header's numbers
-            raise AdapterError(f"{where}: {steps} steps with a checkpoint every {every} need "
-                               f"{math.ceil(steps / every) if every else '?'} checkpoints; the file has {stored}")
-    for k in range(0, steps, every) if grads is None and every else ():
-        parts = [tensors.get(f"ckpt.{k}.{x}") for x in ("theta", "m", "v")]
-        if any(t is None or tuple(t.shape) != (p,) or t.dtype != theta0.dtype for t in parts):
-            raise AdapterError(f"{where}: the checkpoint at step {k} is missing or not a vector of {p} parameters")
-        checkpoints[k] = tuple(parts)
-        names |= {f"ckpt.{k}.{x}" for x in ("theta", "m", "v")}
-    if grads is None and steps and not checkpoints:
-        raise AdapterError(f"{where} holds neither per-step gradients nor checkpoints")
-    if set(tensors) - names:
-        raise AdapterError(f"{where}: tensors the header does not account for: {sorted(set(tensors) - names)[:3]}")
-    return theta0, grads, checkpoints
-
-
 def names_sha256(names: Sequence[str]) -> str:
     """The hash of the trainable parameters' names in order (a recording and an adapter must flatten alike)."""
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
@@ -541,6 +351,7 @@ def adam_meta(config: AdamConfig, *, epochs: int, batch_size: int, seed: int, tr
               task=None) -> dict:
     """The header of a recording of llmeraser's Adam fine-tune (with the task's recipe when `task` is given)."""
     from llmeraser.data import examples_hash
+    from llmeraser.recording import task_recipe
 
     meta = {"optimizer": "adam", **asdict(config), "epochs": epochs, "batch_size": batch_size, "seed": seed,
             "n_train": len(train), "train_sha256": examples_hash(train)}

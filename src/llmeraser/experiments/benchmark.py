@@ -503,24 +503,24 @@ def _baseline(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
 
 def path_method(bench: Bench, theta: torch.Tensor, setting: Setting, name: str) -> tuple[torch.Tensor, dict]:
     """A method of PATH from θ̂ = `theta`, the original fine-tuned (and recorded: `Bench.trajectory`) on
-    `setting.train`; shared by both benchmarks. Returns the new θ and what the report says of the run."""
-    from llmeraser.replay import PathArguments, RefineArguments, path_replay, refine, rewind
+    `setting.train`; shared by both benchmarks, dispatched through the update registry (`llmeraser.updates`).
+    refine starts from the default one-step update (first-order, cg at the relative damping). Returns the new θ and
+    what the report says of the run."""
+    from llmeraser.replay import PathArguments, RefineArguments
+    from llmeraser.updates import RequestContext, UnlearnOptions, get_method
 
-    a, m, t, train, request = bench.args, bench.model, bench.task, setting.train, setting.request
-    trajectory = bench.trajectory(train, setting.seed)
+    a = bench.args
+    trajectory = bench.trajectory(setting.train, setting.seed)
     bench.view.set_vector(theta)
-    if name == "rewind":
-        update = rewind(m, t, train, request, trajectory)
-    elif name.startswith("path"):
-        update = path_replay(m, t, train, request, trajectory, PathArguments(**PATH_VARIANTS[name]))
-    else:  # refine the default one-step update (first-order, cg at the relative damping) by Newton-CG steps
-        eraser = EraserArguments(method="first-order", solver="cg", curvature_samples=a.curvature_samples,
-                                 seed=setting.seed, batch_size=a.batch_size,
-                                 solver_args=solver_arguments("cg", max_iters=a.max_iters, tol=1e-3))
-        start = UnlearningProblem(m, t, train, request, eraser).solve()
-        update = refine(m, t, train, request, start.delta, RefineArguments(steps=a.refine_steps),
-                        curvature_samples=a.curvature_samples, batch_size=a.batch_size, seed=setting.seed)
-        update.report["seconds"]["total"] += start.report["seconds"]["total"]
+    ctx = RequestContext.build(bench.model, bench.task, setting.train, setting.request,
+                               recording=lambda: (trajectory, ""))
+    eraser = EraserArguments(method="first-order", solver="cg", curvature_samples=a.curvature_samples,
+                             seed=setting.seed, batch_size=a.batch_size,
+                             solver_args=solver_arguments("cg", max_iters=a.max_iters, tol=1e-3))
+    options = UnlearnOptions(method=name.split("/")[0], eraser=eraser,
+                             path=PathArguments(**PATH_VARIANTS.get(name, {})),
+                             refine=RefineArguments(steps=a.refine_steps))
+    update = get_method(options.method).run(ctx, options)
     r = update.report[name.split("/")[0]]
     info = {"total": update.report["seconds"]["total"]}
     if name == "rewind":
