@@ -23,15 +23,13 @@ import torch
 
 from llmeraser.data import save_examples
 from llmeraser.eraser import EraserArguments
-from llmeraser.finetune import FinetuneArguments, finetune
+from llmeraser.finetune import FinetuneArguments, finetune_adapter
 from llmeraser.job import AdapterJob
 from llmeraser.metrics import evaluate
 from llmeraser.models import load_base_model, resolve_device
-from llmeraser.params import ParamView, load_adapter, save_adapter
-from llmeraser.record import LoraSettings, finetune_record, lora_model
+from llmeraser.params import ParamView, load_adapter
 from llmeraser.request import Request
 from llmeraser.table import format_table
-from llmeraser.task import CausalLMTask
 from llmeraser.updates import UnlearnOptions
 
 
@@ -72,17 +70,12 @@ def main(argv: list[str] | None = None) -> int:
 
         base_name, train, max_length = "default", build_splits(n_train=a.n_train)["train"], 64
     save_examples(train, root / "train.jsonl")
-    base, tokenizer = timed("load base", lambda: load_base_model(base_name, dtype=a.dtype, device=str(device)))
-    model = lora_model(base, LoraSettings(), seed=0)
-    view = ParamView(model)
-    checks.append(("adapter is float32 on the device", view.dtype == torch.float32 and view.device.type == device.type))
-    task = CausalLMTask(tokenizer, max_length=max_length)
+    labels = {"fine-tune": "fine-tune (1 epoch, recorded)", "write adapter": "write adapter + trajectory"}
     ft = FinetuneArguments(epochs=1, lr=1e-3, batch_size=8, record=True, final_check=False)
-    result = timed("fine-tune (1 epoch, recorded)", lambda: finetune(model, task, train, ft))
-    report = {"kind": "finetune", "task": finetune_record(max_length=max_length, l2=0.0, base_model=base_name,
-                                                          dtype=a.dtype, lora=LoraSettings())}
-    timed("write adapter + trajectory", lambda: save_adapter(model, root / "adapter", report=report,
-                                                             write_more=result.trajectory.save))
+    made = finetune_adapter(train, root / "adapter", base_model=base_name, dtype=a.dtype, device=str(device),
+                            args=ft, max_length=max_length, step=lambda name, fn: timed(labels.get(name, name), fn))
+    view, task = ParamView(made.model), made.task
+    checks.append(("adapter is float32 on the device", view.dtype == torch.float32 and view.device.type == device.type))
     removed = [e.id for e in train[:: max(1, len(train) // max(2, len(train) // 50))]][: max(2, len(train) // 50)]
     request = Request.remove(*removed)
     (root / "request.json").write_text(json.dumps(request.to_dict()))

@@ -24,6 +24,28 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert report["input_adapter_sha256"] == adapter_hash(tmp_path / "demo" / "original")
 
 
+def test_every_command_has_its_module_and_its_help(capsys):
+    """One module per command (llmeraser.cli.<command>: add_parser and run), in the order --help lists them; every
+    command's --help (and each dataset's) exits 0; `python -m llmeraser` reaches the same main."""
+    import argparse
+    import importlib
+    import subprocess
+    import sys
+
+    from llmeraser.cli import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == [name.replace("_", "-") for name in COMMANDS]
+    for name in COMMANDS:
+        module = importlib.import_module(f"llmeraser.cli.{name}")
+        assert callable(module.add_parser) and callable(module.run)
+    for argv in ([], *([c] for c in sub.choices), ["data", "ids"], ["data", "movielens"], ["data", "people"]):
+        assert main([*argv, "--help"]) == 0, argv
+        assert capsys.readouterr().out.startswith(f"usage: {' '.join(['llmeraser', *argv])} ")
+    done = subprocess.run([sys.executable, "-m", "llmeraser", "demo", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: llmeraser demo ")
+
+
 def test_exit_codes(tmp_path, capsys):
     assert main([]) == 2  # no command: help, usage error
     (tmp_path / "x").mkdir()

@@ -28,7 +28,14 @@ from llmeraser.errors import (
     UserInputError,
 )
 from llmeraser.factors import FactorArguments, Factors, FactorStore, default_store, fit_factors
-from llmeraser.finetune import FinetuneArguments, FinetuneResult, finetune
+from llmeraser.finetune import (
+    FinetuneArguments,
+    FinetunedAdapter,
+    FinetuneResult,
+    finetune,
+    finetune_adapter,
+    save_finetuned,
+)
 from llmeraser.job import AdapterJob, UnlearnResult
 from llmeraser.ledger import Ledger, LedgerError
 from llmeraser.params import ParamView, adapter_hash, load_adapter, save_adapter
@@ -51,7 +58,7 @@ __all__ = [
     "default_store", "fit_factors", "select_damping",
     "ParamView", "Request", "RequestError", "ResourceError", "SolveResult", "SolverArguments", "SolverError", "Task",
     "UnlearningProblem", "Update", "UserInputError", "adapter_hash", "apply_request", "compute_update",
-    "damping_path", "examples_hash", "finetune",
+    "damping_path", "examples_hash", "finetune", "FinetunedAdapter", "finetune_adapter", "save_finetuned",
     "get_solver", "gradient", "load_adapter", "load_examples", "load_request", "objective_gradient",
     "per_example_gradients", "per_example_loss", "resolve", "save_adapter", "save_examples", "save_unlearned",
     "solve", "solver_arguments", "unlearn",

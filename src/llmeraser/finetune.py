@@ -6,7 +6,9 @@ The model runs in eval mode (dropout off) so the optimised function is R itself,
 L2 term is part of the loss (not AdamW's decoupled decay), so the eraser's Hessian contains the same l2·I.
 `adam` takes mini-batch steps in a seeded order that is stable under edits (`epoch_order`; the demo and real
 models); `lbfgs` minimises R with full-batch L-BFGS until ‖∇R‖ ≤ grad_tol (tests use it to reach a stationary point
-in float64). Retraining baselines call this same routine on the cleaned set.
+in float64). Retraining baselines call this same routine on the cleaned set. `finetune_adapter` is the whole
+pipeline of `llmeraser finetune` (base model, fresh adapter, fine-tune, record, save) as one call; the command line,
+the demo, the benchmarks and bench/device_check.py all go through it (or, fine-tuning themselves, `save_finetuned`).
 
 Under torch.distributed (`llmeraser.distributed`) every step is data-parallel: each rank takes a slice of the
 step's examples (Adam's mini-batch, L-BFGS's full batch), and one all-reduce adds up their gradients and losses, so
@@ -18,18 +20,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from llmeraser import distributed
 from llmeraser.curvature import objective_gradient
-from llmeraser.data import Example
+from llmeraser.data import Example, examples_hash
 from llmeraser.errors import AdapterError, ConfigError, LLMEraserRuntimeError
 from llmeraser.params import ParamView
+from llmeraser.record import DEFAULT_MAX_LENGTH
 from llmeraser.task import Task, per_example_loss
 from llmeraser.trajectory import Adam, AdamConfig, Recorder, Trajectory, adam_meta, schedule
 
@@ -268,3 +273,70 @@ def _lbfgs(model: torch.nn.Module, task: Task, examples: Sequence[Example], args
         if gnorm <= args.grad_tol:
             break
     return losses, steps, None
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+@dataclass
+class FinetunedAdapter:
+    """What `finetune_adapter` made: the fine-tuned PEFT model and its task (still loaded), the result, the folder."""
+
+    model: torch.nn.Module
+    task: Task
+    result: FinetuneResult
+    path: str
+
+
+def finetune_adapter(train: Sequence[Example], out: str | os.PathLike, *, base_model: str = "default",
+                     dtype: str = "float32", device: str = "auto", lora=None, args: FinetuneArguments | None = None,
+                     max_length: int = DEFAULT_MAX_LENGTH, fields=None, report: dict | None = None,
+                     keep_trajectory: bool = True,
+                     step: Callable[[str, Callable], object] | None = None) -> FinetunedAdapter:
+    """`llmeraser finetune` as one call: load `base_model` (in `dtype`, on `device`), wrap it in a fresh adapter
+    (`lora`: `record.LoraSettings`, default LoRA; drawn with `args.seed`), fine-tune it on `train` (`finetune`, the
+    `CausalLMTask` of `max_length`) and write it to `out` with its report.json and, when recorded and
+    `keep_trajectory`, its trajectory (`save_finetuned`). Under torch.distributed every rank fine-tunes, rank 0 writes.
+
+    Args:
+        fields: the `data.DataFields` `train` was read with (recorded: later reads default to them).
+        report: further report.json keys (the demo's cache key).
+        step: `step(name, fn)` runs each stage ("load base", "fine-tune", "write adapter") and returns `fn()`: a
+            hook for timings (default: `fn()`).
+    """
+    from llmeraser.models import load_base_model
+    from llmeraser.record import LoraSettings, lora_model
+    from llmeraser.task import CausalLMTask
+
+    step = step or (lambda name, fn: fn())
+    args, lora = args or FinetuneArguments(), lora or LoraSettings()
+    distributed.check_same({"training set": examples_hash(train)}, "checking the inputs")
+    base, tokenizer = step("load base", lambda: load_base_model(base_model, dtype=dtype, device=device))
+    model = lora_model(base, lora, seed=args.seed)
+    task = CausalLMTask(tokenizer, max_length=max_length)
+    result = step("fine-tune", lambda: finetune(model, task, train, args))
+    trajectory = result.trajectory if keep_trajectory else None
+    path = step("write adapter", lambda: distributed.on_rank0(lambda: str(save_finetuned(
+        model, out, train, lora=lora, max_length=max_length, args=args, result=result, trajectory=trajectory,
+        base_model=base_model, dtype=dtype, fields=fields, report=report)), "writing the adapter"))
+    return FinetunedAdapter(model=model, task=task, result=result, path=path)
+
+
+def save_finetuned(model: torch.nn.Module, out: str | os.PathLike, train: Sequence[Example], *, lora,
+                   max_length: int, args: FinetuneArguments | None = None, result: FinetuneResult | None = None,
+                   trajectory: Trajectory | None = None, base_model: str | None = None, dtype: str | None = None,
+                   fields=None, report: dict | None = None) -> Path:
+    """Write a fine-tuned adapter as `llmeraser finetune` does, in one atomic write: the weights; report.json with the
+    training record `unlearn` reads (`record.finetune_record`: max length, the l2 of `args`, `lora`, base model,
+    dtype, the training set's hash, `fields`), the arguments and `result` when given, the adapter settings, the
+    training set's hash and size, and `report`'s further keys; and the recorded `trajectory` when given."""
+    from llmeraser.params import save_adapter
+    from llmeraser.record import finetune_record
+
+    sha = examples_hash(train)
+    record = finetune_record(max_length=max_length, l2=(args or FinetuneArguments()).l2, lora=lora,
+                             base_model=base_model, dtype=dtype, train_sha256=sha)
+    if fields is not None:
+        record["data_fields"] = fields.to_dict()
+    body = {"kind": "finetune", "task": record, **({"arguments": asdict(args)} if args is not None else {}),
+            "lora": lora.to_dict(), "train_sha256": sha, "n_train": len(train),
+            **({"result": result.to_dict()} if result is not None else {}), **(report or {})}
+    return save_adapter(model, out, report=body, write_more=trajectory.save if trajectory is not None else None)

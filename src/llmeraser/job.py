@@ -306,6 +306,34 @@ class AdapterJob:
 
         return distributed.on_rank0(save, "saving the factors")
 
+    # ---------------------------------------------------------------------------------------------- evaluate
+    @classmethod
+    def evaluate(cls, adapter: str | os.PathLike | None, data: str | os.PathLike | Sequence[Example], *,
+                 base_model: str = "default", dtype: str = "float32", device: str = "auto",
+                 max_length: int | None = None, fields: DataFields | None = None, batch_size: int = 8,
+                 progress: bool = False) -> dict:
+        """`metrics.evaluate` of `adapter` (None: the base model alone) on `data` (a path or examples): the base model
+        with the adapter loaded frozen, the task as the adapter's training record says it was trained (`max_length`
+        overrides it), t̄ calibrated on `data`. A classmethod: evaluating needs no training set, so no job is built
+        (and none of its warnings about the update's objective are given; only an assumed max length is named)."""
+        from llmeraser.metrics import evaluate
+        from llmeraser.models import load_base_model
+        from llmeraser.params import load_adapter
+        from llmeraser.record import DEFAULT_MAX_LENGTH
+        from llmeraser.task import CausalLMTask
+
+        data = load_examples(data, fields) if isinstance(data, str | os.PathLike) else list(data)
+        record = TrainingRecord(max_length=DEFAULT_MAX_LENGTH if max_length is None else max_length)
+        if adapter:
+            record = TrainingRecord.read(adapter, max_length=max_length)
+            if record.warning(adapter) and "max_length" in record.assumed:
+                logger.warning("%s", record.warning(adapter))
+        base, tokenizer = load_base_model(base_model, dtype=dtype, device=device)
+        model = load_adapter(base, adapter, trainable=False) if adapter else base
+        task = CausalLMTask(tokenizer, max_length=record.length, rendering=record.rendering)
+        task.calibrate(data)
+        return evaluate(model, task, data, batch_size=batch_size, progress=progress)
+
     # ------------------------------------------------------------------------------------------ tune damping
     def tune_damping(self, valid: str | os.PathLike | Sequence[Example], args=None, *, solver: str = "auto",
                      fisher: str = "mc", seed: int = 0) -> tuple[dict, str]:

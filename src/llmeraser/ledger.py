@@ -165,6 +165,19 @@ class Ledger:
         query = "SELECT * FROM requests" + (" WHERE status = ?" if status else "") + " ORDER BY seq"
         return [_entry(r) for r in self.db.execute(query, (status,) if status else ())]
 
+    def rows(self) -> list[dict]:
+        """One row per request, in order, as `llmeraser ledger show` lists them: seq, time (last update, UTC), status,
+        request (hash, 12 hex digits), edits (op=count), input and output (hashes; output: the staged one until
+        applied), solver (method/solver), residual (of the solve; NaN without a report) and note (the error, else
+        the output folder of an applied request)."""
+        return [{"seq": e.seq, "time": e.updated, "status": e.status, "request": e.request_sha256[:12],
+                 "edits": " ".join(f"{k}={v}" for k, v in e.request.counts().items() if v),
+                 "input": e.input_sha256[:12], "output": (e.output_sha256 or e.staged_sha256 or "")[:12],
+                 "solver": f"{e.report['method']}/{e.report['solver']}" if e.report else "",
+                 "residual": e.report["solve"]["residual"] if e.report else float("nan"),
+                 "note": e.error or (e.output_adapter if e.status == "applied" else "")}
+                for e in self.entries()]
+
     def find(self, request: Request) -> Entry | None:
         row = self.db.execute("SELECT * FROM requests WHERE request_sha256 = ?", (request.hash,)).fetchone()
         return _entry(row) if row else None

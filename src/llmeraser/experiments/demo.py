@@ -21,7 +21,7 @@ from llmeraser.eraser import EraserArguments, compute_update, save_unlearned
 from llmeraser.finetune import FinetuneArguments, finetune
 from llmeraser.io import check_new_output
 from llmeraser.params import ParamView, save_peft
-from llmeraser.record import DEFAULT_MAX_LENGTH, LoraSettings, finetune_record, lora_model
+from llmeraser.record import DEFAULT_MAX_LENGTH, LoraSettings
 from llmeraser.request import Request, apply_request
 from llmeraser.solvers.api import solver_arguments
 from llmeraser.task import CausalLMTask, per_example_loss
@@ -107,9 +107,9 @@ def finetuned_adapter(base_model: str, train, ft_args: FinetuneArguments, lora: 
     fine-tuning cost.
     """
     from llmeraser.data import examples_hash
+    from llmeraser.finetune import finetune_adapter
     from llmeraser.io import canonical_json, sha256_bytes
-    from llmeraser.models import cache_dir, load_base_model
-    from llmeraser.params import save_adapter
+    from llmeraser.models import cache_dir
 
     key = {"recipe": 2, "base": base_model, "train": examples_hash(train),  # 2: data order by id hash
            "finetune": {**{k: v for k, v in vars(ft_args).items() if k != "final_check"}, "progress": None},
@@ -118,13 +118,8 @@ def finetuned_adapter(base_model: str, train, ft_args: FinetuneArguments, lora: 
     if (folder / "adapter_model.safetensors").is_file():
         logger.warning("using the cached fine-tuned adapter %s", folder)
         return folder
-    base, tokenizer = load_base_model(base_model)
-    settings = LoraSettings.from_peft(lora)
-    model = lora_model(base, settings, seed=ft_args.seed)
-    result = finetune(model, CausalLMTask(tokenizer, max_length=max_length), train, ft_args)
-    save_adapter(model, folder, report={"kind": "finetune", "task": finetune_record(max_length=max_length,
-                                                                                  l2=ft_args.l2, lora=settings),
-                                        "key": key, "result": result.to_dict()})
+    finetune_adapter(train, folder, base_model=base_model, lora=LoraSettings.from_peft(lora), args=ft_args,
+                     max_length=max_length, report={"key": key}, keep_trajectory=False)
     return folder
 
 

@@ -51,7 +51,7 @@ from llmeraser.experiments.benchmark import (
 from llmeraser.experiments.people import PeopleData, build_people
 from llmeraser.factors import fit_factors
 from llmeraser.io import atomic_write_json, atomic_write_text
-from llmeraser.record import DEFAULT_MAX_LENGTH, LoraSettings, finetune_record
+from llmeraser.record import DEFAULT_MAX_LENGTH, LoraSettings
 from llmeraser.solvers.api import is_fitted, solver_arguments, solver_names
 
 logger = logging.getLogger(__name__)
@@ -321,8 +321,8 @@ def _run(bench, split, name, lr, fits, workdir) -> tuple[torch.Tensor, dict]:
 # ------------------------------------------------------------------------------------------------------- run
 def run_people_benchmark(args: PeopleBenchArguments, out: str | Path) -> dict:
     """Run every split × method; write results.json, tables.md and forget_quality.png under `out`."""
+    from llmeraser.finetune import save_finetuned
     from llmeraser.io import check_new_output
-    from llmeraser.params import save_adapter
 
     out = Path(out)
     check_new_output(out)
@@ -341,10 +341,8 @@ def run_people_benchmark(args: PeopleBenchArguments, out: str | Path) -> dict:
         # recorded, like 'llmeraser finetune': the path methods and the CLI's defaults (auto) replay it
         theta, seconds, _ = bench.fit(data.train, args.seed, record=True)
         bench.view.set_vector(theta)
-        save_adapter(bench.model, workdir / "original", report={
-            "kind": "finetune", "task": finetune_record(max_length=args.max_length, l2=0.0,
-                                                        lora=LoraSettings.from_peft(args.lora))},
-            write_more=bench.trajectory(data.train, args.seed).save)
+        save_finetuned(bench.model, workdir / "original", data.train, lora=LoraSettings.from_peft(args.lora),
+                       max_length=args.max_length, trajectory=bench.trajectory(data.train, args.seed))
         ids, trained = [e.id for e in data.train], bench.scores(theta, data.train)
         memorised = {**fg.summarise(trained, ids), "value_recall": value_recall(trained, _values(data.train), ids)}
         logger.info("original: %s", memorised)

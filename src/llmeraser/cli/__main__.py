@@ -1,0 +1,5 @@
+import sys
+
+from llmeraser.cli import main
+
+sys.exit(main())

@@ -1,0 +1,38 @@
+"""`llmeraser evaluate`: response loss per example, and AUC/accuracy for Yes/No data (`job.AdapterJob.evaluate`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from llmeraser.cli.common import add_common, add_data_flags, fields
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("evaluate", help="response loss per example, and AUC/accuracy for Yes/No data",
+                       description="Evaluate a base model (+ adapter) on a JSONL file.",
+                       epilog="example: llmeraser evaluate --adapter adapters/unlearned --data data/test.jsonl "
+                              "--out eval.json")
+    add_common(p)
+    p.add_argument("--adapter", default=None, help="PEFT adapter folder (default: the base model alone)")
+    p.add_argument("--data", required=True, help="data to evaluate on (the formats of --train elsewhere)")
+    add_data_flags(p)
+    p.add_argument("--out", default=None, help="write the full JSON (with per-example losses) here")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmeraser.io import atomic_write_json
+    from llmeraser.job import AdapterJob
+
+    result = AdapterJob.evaluate(args.adapter, args.data, base_model=args.base_model, dtype=args.dtype,
+                                 device=args.device, max_length=args.max_length, fields=fields(args),
+                                 batch_size=args.batch_size, progress=not args.quiet)
+    if args.out:
+        atomic_write_json(args.out, result)
+    summary = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,89 @@
+"""`llmeraser unlearn`: apply a request to an adapter (`job.AdapterJob.unlearn` with `updates.UnlearnOptions`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from llmeraser.cli.common import (
+    TRAIN_HELP,
+    add_common,
+    add_data_flags,
+    add_fields,
+    check_outputs,
+    float_arg,
+    job,
+    pick,
+    solver_cls,
+)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from llmeraser.eraser import EraserArguments
+    from llmeraser.replay import PathArguments, RefineArguments
+    from llmeraser.updates import method_names, methods_help
+    from llmeraser.updates.base import REFIT_FRACTION
+
+    p = sub.add_parser("unlearn", help="apply a request (remove / modify_query / correct_response) to an adapter",
+                       description="Write a new adapter that behaves as if fine-tuned without (or with corrected) "
+                                   "examples, plus report.json (request hash, method and why, solver, damping, "
+                                   "residual, timings, ‖Δθ‖). With the adapter's recorded trajectory the default "
+                                   "(--method auto) rewinds exactly or replays the path; without, one influence "
+                                   "step (LLMEraser). The input adapter is never modified.",
+                       epilog="example: llmeraser unlearn --adapter adapters/original --train data/train.jsonl "
+                              "--request request.json --out adapters/unlearned   (every default: --method auto "
+                              "rewinds or replays the recorded path, else one influence step; 'llmeraser unlearn "
+                              "... --method rewind' is exact retraining from the first edited step)")
+    add_common(p)
+    p.add_argument("--adapter", required=True, help="the fine-tuned PEFT adapter folder")
+    p.add_argument("--train", required=True, help=TRAIN_HELP)
+    add_data_flags(p)
+    p.add_argument("--request", required=True, help='request JSON: {"edits": [{"op": "remove", "id": ...}, ...]}')
+    p.add_argument("--out", required=True, help="new adapter folder (must not exist or be empty)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
+    p.add_argument("--method", default="auto", choices=method_names(), help=methods_help())
+    add_fields(p, EraserArguments, skip=("solver_args", "progress", "l2", "damping", "method"), keep_default=False)
+    p.add_argument("--damping", default=None, metavar="λ|auto",
+                   help="λ in (H + λI)⁻¹, absolute; larger is safer but shrinks Δθ. Default: --relative-damping × "
+                        "the curvature's largest eigenvalue (the same meaning on any model). 'auto': the λ that "
+                        "'llmeraser tune-damping' chose on validation data for this adapter; when it found that no "
+                        "λ beats no update, the adapter is written unchanged and the report says so (see --force)")
+    p.add_argument("--force", action="store_true",
+                   help="with --damping auto: write the update even when validation said it makes things worse")
+    p.add_argument("--l2", type=float, default=None, help="the L2 coefficient of the fine-tuning objective "
+                                                              "(default: the adapter's report.json, else 0)")
+    p.add_argument("--factors", default=None, metavar="DIR",
+                   help="fitted solvers: the factor store (default: ADAPTER.factors beside the adapter); fitted "
+                        "there on first use, reused while the adapter's and the training set's hashes match")
+    p.add_argument("--refit-fraction", type=float, default=REFIT_FRACTION,
+                   help="fitted solvers: the new adapter inherits the factors (OUT.factors) until the examples "
+                        "edited since the fit exceed this fraction of the training set; then the next request refits")
+    add_fields(p, solver_cls(), prefix="solver-", keep_default=False)
+    add_fields(p, PathArguments, prefix="path-", keep_default=False)
+    add_fields(p, RefineArguments, prefix="refine-", keep_default=False)
+    p.add_argument("--ledger", default=None, metavar="DIR",
+                   help="record the request in the ledger in DIR (created on first use; its root is --adapter). "
+                        "With a ledger, --train is the ORIGINAL training set: the applied requests are replayed "
+                        "on it, --adapter must be the lineage's head, an applied request is a no-op")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmeraser.eraser import EraserArguments
+    from llmeraser.replay import PathArguments, RefineArguments
+    from llmeraser.updates import UnlearnOptions
+
+    check_outputs(args, args.out, ledger=args.ledger)
+    damping = args.damping if args.damping in (None, "auto") else float_arg("--damping", args.damping)
+    given = pick(args, EraserArguments, skip=("solver_args", "progress", "damping", "l2", "method"))
+    options = UnlearnOptions(
+        method=args.method, eraser=EraserArguments(**given, progress=not args.quiet), damping=damping,
+        force=args.force, refit_fraction=args.refit_fraction, ledger=args.ledger,
+        solver_options=pick(args, solver_cls(), prefix="solver-"),
+        path=PathArguments(**pick(args, PathArguments, prefix="path-")),
+        refine=RefineArguments(**pick(args, RefineArguments, prefix="refine-")))
+    result = job(args, l2=args.l2).unlearn(args.request, args.out, options)
+    print(result.message)
+    if result.factors_note:
+        print(f"factors: {result.factors_note}")
+    return 0
