@@ -142,27 +142,29 @@ def test_internal_failure_is_exit_1(tiny_dirs, tmp_path, capsys, monkeypatch):
 
 
 def test_movielens_demo_on_a_local_model_folder(tiny_dirs, tmp_path, monkeypatch, capsys):
-    """The main job's own path (MovieLens data, cached fine-tune, unlearning, cached retrain, table), with a tiny
-    local model standing in for the embedded one."""
+    """The main job's own path (MovieLens data, cached recorded fine-tune, `unlearn` with no options beside the
+    paper's one-step update, cached retrain, table), with a tiny local model standing in for the embedded one."""
     pytest.importorskip("recbole")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    argv = ["demo", "--base-model", str(tiny_dirs / "base"), "--n-train", "40", "--users", "2", "--with-retrain",
-            "--quiet"]
+    argv = ["demo", "--base-model", str(tiny_dirs / "base"), "--n-train", "40", "--users", "2", "--quiet"]
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
-    first = capsys.readouterr().out
-    for row in ("original", "llmeraser first-order + cg", "retrain (same init and recipe)", "remove all"):
-        assert row in first
+    first = capsys.readouterr()
+    for row in ("original", "llmeraser unlearn, no options (", "paper's one step (first-order + cg)",
+                "retrain (same init and recipe)", "remove all", "unlearn with no options: auto chose"):
+        assert row in first.out
+    assert "WARNING" not in first.err  # nothing a user could not act on
     report = json.loads((tmp_path / "a" / "unlearned" / "report.json").read_text())
-    assert report["damping"] == 0.3 and report["method"] == "first-order" and report["curvature_examples"] == 8
+    assert report["method"] in ("rewind", "path") and report["update_choice"].startswith("auto chose")
     assert report["n_train"] == 40 and report["ops"]["remove"] >= 2
     cached = sorted((tmp_path / "cache" / "llmeraser" / "demo").iterdir())
     assert len(cached) == 2  # the fine-tune and the retrain
-    # A rerun uses both caches and prints the same table; --damping changes the solve.
+    # A rerun uses both caches and prints the same table; --damping changes the paper's row alone.
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0
     def numbers(out: str) -> list[list[str]]:  # the table without its seconds column (timings vary)
         return [line.split()[:-1] for line in out.split("unlearned adapter")[0].splitlines()]
 
-    assert numbers(capsys.readouterr().out) == numbers(first)
+    assert numbers(capsys.readouterr().out) == numbers(first.out)
     assert sorted((tmp_path / "cache" / "llmeraser" / "demo").iterdir()) == cached
     assert main([*argv, "--out", str(tmp_path / "c"), "--damping", "1.0"]) == 0
-    assert json.loads((tmp_path / "c" / "unlearned" / "report.json").read_text())["damping"] == 1.0
+    changed = [a != b for a, b in zip(numbers(capsys.readouterr().out), numbers(first.out), strict=True)]
+    assert sum(changed) == 1  # the paper's row

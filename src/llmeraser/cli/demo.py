@@ -10,18 +10,23 @@ from llmeraser.cli.common import FMT
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", formatter_class=FMT, help="the main job, end to end on the embedded model and data",
-                       description="MovieLens-100k data, a LoRA fine-tune of SmolLM2-135M-Instruct (cached after the "
-                                   "first run), a removal request for the users with the most examples, unlearning, "
-                                   "and a table of original vs unlearned (vs retrained with --with-retrain). "
-                                   "--tiny runs the same path on a tiny model built offline, in seconds.",
-                       epilog="example: llmeraser demo --out runs/demo --with-retrain")
+                       description="MovieLens-100k data, a recorded LoRA fine-tune of SmolLM2-135M-Instruct "
+                                   "(cached after the first run), a removal request for the users with the most "
+                                   "examples, 'llmeraser unlearn' with no options beside the paper's one-step "
+                                   "update, and a table of original vs unlearned vs retrained (without the "
+                                   "retraining: --no-with-retrain). --tiny runs the same path on a tiny model built "
+                                   "offline, in seconds.",
+                       epilog="example: llmeraser demo --out runs/demo")
     p.add_argument("--out", help="folder for the unlearned adapter and report (default: a new temporary folder)")
     p.add_argument("--base-model", default="default", help="'default' or a local Hugging Face model folder")
     p.add_argument("--n-train", type=int, default=None, help="training examples (default 400; tiny: 60)")
     p.add_argument("--users", type=int, default=3, help="users whose examples are removed")
-    p.add_argument("--with-retrain", action="store_true", help="also retrain without them (minutes)")
+    p.add_argument("--with-retrain", action=argparse.BooleanOptionalAction, default=True,
+                   help="also retrain without them (cached after the first run), the reference the table compares "
+                        "with; --no-with-retrain skips it")
     p.add_argument("--damping", type=float, default=None,
-                   help="λ of the unlearning solve (default: 0.3, chosen on validation data by bench/tune_damping.py)")
+                   help="λ of the paper's one-step row (default: 0.3, chosen on validation data by "
+                        "bench/tune_damping.py); the unlearn row takes every default")
     p.add_argument("--curvature-samples", type=int, default=8, help="training examples the curvature is estimated on")
     p.add_argument("--tiny", action="store_true", help="the tiny offline model instead of the embedded one")
     p.add_argument("--remove", type=int, default=2, help="--tiny: examples to remove")
@@ -55,5 +60,7 @@ def run(args: argparse.Namespace) -> int:
                    ("forget_loss", "forget loss", ".4f"), ("delta_norm", "‖Δθ‖", ".4f"),
                    ("residual", "residual", ".1e"), ("seconds", "seconds", ".1f")]
     print(format_table(result["rows"], columns))
+    if result.get("choice"):
+        print(f"\nunlearn with no options: {result['choice']}")
     print(f"\nunlearned adapter: {result['adapter']}\nreport:            {result['report']}")
     return 0
