@@ -22,14 +22,14 @@ from pathlib import Path
 
 from llmeraser.cli import main as cli
 from llmeraser.data import save_examples
-from llmeraser.experiments.benchmark import git_commit
-from llmeraser.experiments.demo import MovieLensJob
 from llmeraser.io import atomic_write_json
 from llmeraser.metrics import binary_kl, yes_no_probabilities
 from llmeraser.models import load_base_model
 from llmeraser.params import load_adapter
 from llmeraser.table import format_table
 from llmeraser.task import CausalLMTask
+from llmeraser_experiments.benchmark import git_commit
+from llmeraser_experiments.demo import MovieLensJob
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {  # name → extra flags (the first is the default: no flags at all)

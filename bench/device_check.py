@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         tok.save_pretrained(root / "base")
         base_name, train, max_length = str(root / "base"), fact_examples(min(a.n_train, 60), seed=1), 24
     else:
-        from llmeraser.experiments.movielens import build_splits
+        from llmeraser_experiments.movielens import build_splits
 
         base_name, train, max_length = "default", build_splits(n_train=a.n_train)["train"], 64
     save_examples(train, root / "train.jsonl")

@@ -50,7 +50,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from llmeraser.data import save_examples
-    from llmeraser.experiments.demo import MovieLensJob
+    from llmeraser_experiments.demo import MovieLensJob
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

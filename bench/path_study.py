@@ -3,12 +3,12 @@
     python bench/path_study.py                 # the table of docs/path.md#what-was-tried (about 2 minutes, 2 cores)
     python bench/path_study.py --out DIR       # also results.json
 
-The case is the test suite's (`llmeraser.testing.memorised_people`: a tiny Llama pre-trained on the question
-templates, LoRA fine-tuned 30 epochs until it memorises 5 facts about each of 16 people; one whole person removed),
-in float64. Each row replays the recorded fine-tune with one setting and reports how far the removed person's loss
-moved toward retraining's ("moved": 1 = as far as retraining), the kept facts' loss against the original's, the
-cosine of Δθ to retraining's, and the share of retraining's gradients it computed ("cost"). Rewind is exact
-(moved 1, cost = the replayed share) and is listed for reference.
+The case is the test suite's (`llmeraser_experiments.memorised.memorised_people`: a tiny Llama pre-trained on the
+question templates, LoRA fine-tuned 30 epochs until it memorises 5 facts about each of 16 people; one whole person
+removed), in float64. Each row replays the recorded fine-tune with one setting and reports how far the removed person's
+loss moved toward retraining's ("moved": 1 = as far as retraining), the kept facts' loss against the original's, the
+cosine of Δθ to retraining's, and the share of retraining's gradients it computed ("cost"). Rewind is exact (moved 1,
+cost = the replayed share) and is listed for reference.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from llmeraser.replay import PathArguments
 from llmeraser.request import apply_request, load_request
 from llmeraser.table import format_table
 from llmeraser.task import CausalLMTask
-from llmeraser.testing import PEOPLE_TARGETS, memorised_people
 from llmeraser.updates import RequestContext
 from llmeraser.updates.along_path import path_replay, rewind
+from llmeraser_experiments.memorised import PEOPLE_TARGETS, memorised_people
 
 VARIANTS = {  # name → PathArguments overrides
     "no prediction error at all: every step exact": {"exact_every": 1, "exact_tail": 0.0},

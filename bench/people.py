@@ -11,7 +11,7 @@ correction runs every method from the original adapter with the options a user g
 path updates (rewind, path replay and its variants, refine: docs/path.md) and the baselines — next to retraining,
 a second retrain from another seed (the noise floor) and doing nothing. Writes OUT/results.json (every number, the
 git commit, all arguments), OUT/tables.md and OUT/forget_quality.png. What the measures mean:
-`llmeraser.experiments.forgetting` and docs/people.md.
+`llmeraser_experiments.forgetting` and docs/people.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from llmeraser.errors import ConfigError
-from llmeraser.experiments.people_bench import (
+from llmeraser.record import LoraSettings
+from llmeraser_experiments.people_bench import (
     METHODS,
     SPLITS,
     PeopleBenchArguments,
@@ -34,7 +35,6 @@ from llmeraser.experiments.people_bench import (
     run_people_benchmark,
     tables,
 )
-from llmeraser.record import LoraSettings
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -64,10 +64,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_general() -> int:
     """The embedded base model's greedy answers to the general probes: it must know them before any fine-tune."""
-    from llmeraser.experiments import forgetting as fg
-    from llmeraser.experiments.people import general_probes
     from llmeraser.models import load_base_model
     from llmeraser.task import CausalLMTask
+    from llmeraser_experiments import forgetting as fg
+    from llmeraser_experiments.people import general_probes
 
     model, tokenizer = load_base_model("default")
     probes = general_probes()

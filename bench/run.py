@@ -11,7 +11,7 @@ the solver/baseline study (newton, lissa, sqp, NPO) on IR-1 seed 0. Results are 
 Writes OUT/results.json (every number, the git commit, all arguments), OUT/tables.md (one table per setting,
 mean ± std over seeds) and OUT/utility_vs_time.png, OUT/mia.png. Hyper-parameters (damping, baseline learning
 rates) are chosen on the validation split by KL to the retrained model; every reported metric is on the test split
-or on the edited examples. What the columns mean: `llmeraser.experiments.benchmark` and docs/benchmarks.md#columns.
+or on the edited examples. What the columns mean: `llmeraser_experiments.benchmark` and docs/benchmarks.md#columns.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from llmeraser.errors import ConfigError
-from llmeraser.experiments.benchmark import CORE, METHODS, PEERS, SETTINGS, STUDY, BenchArguments, run_benchmark
+from llmeraser_experiments.benchmark import CORE, METHODS, PEERS, SETTINGS, STUDY, BenchArguments, run_benchmark
 
 RESULTS = Path(__file__).parent / "results"
 

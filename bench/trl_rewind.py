@@ -33,7 +33,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def chats(n_people: int, seed: int = 0) -> tuple[list[dict], list[str]]:
     """(chat records of the people facts, the ids of the last person's facts)."""
-    from llmeraser.experiments.people import build_people
+    from llmeraser_experiments.people import build_people
 
     data = build_people(n_people, facts=5, seed=seed)
     records = [{"id": e.id, "messages": [{"role": "user", "content": e.prompt.strip()},

@@ -20,8 +20,6 @@ from pathlib import Path
 import torch
 
 from llmeraser.eraser import EraserArguments, damping_path
-from llmeraser.experiments.benchmark import git_commit
-from llmeraser.experiments.demo import MovieLensJob
 from llmeraser.io import atomic_write_json
 from llmeraser.metrics import binary_kl, evaluate
 from llmeraser.models import load_base_model
@@ -29,6 +27,8 @@ from llmeraser.params import ParamView, load_adapter
 from llmeraser.solvers.api import solver_arguments
 from llmeraser.table import format_table
 from llmeraser.task import CausalLMTask
+from llmeraser_experiments.benchmark import git_commit
+from llmeraser_experiments.demo import MovieLensJob
 
 RESULTS = Path(__file__).parent / "results"
 

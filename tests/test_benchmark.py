@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llmeraser.errors import ConfigError
-from llmeraser.experiments.benchmark import BenchArguments, PeakMemory, make_setting, parse_setting, tables
+from llmeraser_experiments.benchmark import BenchArguments, PeakMemory, make_setting, parse_setting, tables
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -90,7 +90,7 @@ def test_settings():
         BenchArguments(methods=("original",))
     with pytest.raises(ConfigError, match="unknown method"):
         BenchArguments(methods=("retrain", "magic"))
-    from llmeraser.experiments.movielens import build_splits
+    from llmeraser_experiments.movielens import build_splits
 
     pytest.importorskip("recbole")
     train = build_splits(n_train=60, n_valid=10, n_test=10, seed=0)["train"]
@@ -122,8 +122,8 @@ def test_peak_memory_sees_an_allocation():
 
 
 def _tiny_bench(**overrides):
-    from llmeraser.experiments.benchmark import Bench
     from llmeraser.testing import tiny_llama, tiny_tokenizer
+    from llmeraser_experiments.benchmark import Bench
 
     tok = tiny_tokenizer()
     args = BenchArguments(max_length=24, progress=False,
@@ -133,10 +133,10 @@ def _tiny_bench(**overrides):
 
 def test_baseline_is_adam_over_minibatches_in_epoch_order():
     """_descend = `baseline_epochs` passes of Adam on mean objective over mini-batches in id-hash order (float64)."""
-    from llmeraser.experiments.benchmark import _descend
-    from llmeraser.finetune import epoch_order
     from llmeraser.task import per_example_loss
     from llmeraser.testing import fact_examples
+    from llmeraser.trajectory import epoch_order
+    from llmeraser_experiments.benchmark import _descend
 
     bench = _tiny_bench(batch_size=2, baseline_epochs=2)
     examples = fact_examples(5, seed=1)
@@ -156,9 +156,9 @@ def test_baseline_is_adam_over_minibatches_in_epoch_order():
 
 def test_npo_starts_as_gradient_ascent_then_fades():
     """NPO's gradient at θ̂ is gradient ascent's (one Adam step agrees); later steps are damped, so it moves less."""
-    from llmeraser.experiments.benchmark import Run, Setting, _baseline, _descend, _objective
     from llmeraser.request import Request
     from llmeraser.testing import fact_examples
+    from llmeraser_experiments.benchmark import Run, Setting, _baseline, _descend, _objective
 
     train = fact_examples(8, seed=2)
     bench = _tiny_bench(batch_size=4, baseline_epochs=1, npo_beta=0.5)
@@ -188,7 +188,7 @@ def test_npo_starts_as_gradient_ascent_then_fades():
 
 
 def test_plan_core_everywhere_study_and_more_seeds_once():
-    from llmeraser.experiments.benchmark import CORE, STUDY, plan
+    from llmeraser_experiments.benchmark import CORE, STUDY, plan
 
     jobs = plan(BenchArguments(settings=("IR-1", "RC-10"), seeds=(0,)))
     assert [j[:2] for j in jobs] == [("IR-1", 0), ("RC-10", 0), ("IR-1", 1), ("IR-1", 2)]

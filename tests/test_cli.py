@@ -25,19 +25,21 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 
 def test_every_command_has_its_module_and_its_help(capsys):
-    """One module per command (llmeraser.cli.<command>: add_parser and run), in the order --help lists them; every
-    command's --help (and each dataset's) exits 0; `python -m llmeraser` reaches the same main."""
+    """One module per command (llmeraser.cli.<command>: add_parser and run; the experiments' plug-in commands in
+    llmeraser_experiments.commands), in the order --help lists them; every command's --help (and each dataset's)
+    exits 0; `python -m llmeraser` reaches the same main."""
     import argparse
     import importlib
     import subprocess
     import sys
 
     from llmeraser.cli import COMMANDS, build_parser
+    from llmeraser_experiments import commands as plugin
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(sub.choices) == [name.replace("_", "-") for name in COMMANDS]
-    for name in COMMANDS:
-        module = importlib.import_module(f"llmeraser.cli.{name}")
+    assert list(sub.choices) == [name.replace("_", "-") for name in (*COMMANDS, *plugin.COMMANDS)]
+    for module in [f"llmeraser.cli.{name}" for name in COMMANDS] + [f"{plugin.__name__}.{n}" for n in plugin.COMMANDS]:
+        module = importlib.import_module(module)
         assert callable(module.add_parser) and callable(module.run)
     for argv in ([], *([c] for c in sub.choices), ["data", "ids"], ["data", "movielens"], ["data", "people"]):
         assert main([*argv, "--help"]) == 0, argv

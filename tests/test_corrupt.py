@@ -7,9 +7,9 @@ from test_movielens import write_synthetic_ml100k
 
 from llmeraser.data import Example, load_examples
 from llmeraser.errors import ConfigError, DataError
-from llmeraser.experiments.corrupt import corrupt, write_corruption
-from llmeraser.experiments.movielens import NO, YES, build_splits, format_prompt
 from llmeraser.request import apply_request, load_request
+from llmeraser_experiments.corrupt import corrupt, write_corruption
+from llmeraser_experiments.movielens import NO, YES, build_splits, format_prompt
 
 
 @pytest.fixture(scope="module")

@@ -208,7 +208,7 @@ def test_no_examples_raise(tok, task) -> None:
 
 
 def test_epoch_order_is_seeded_and_stable_under_removal() -> None:
-    from llmeraser.finetune import epoch_order
+    from llmeraser.trajectory import epoch_order
 
     examples = fact_examples(30, seed=0)
     order = [examples[j].id for j in epoch_order(examples, seed=3, epoch=0)]

@@ -1,4 +1,4 @@
-"""llmeraser.experiments.peers.kronfluence: kronfluence 1.0.1's EK-FAC on a tiny LoRA causal LM, against our exact
+"""llmeraser_experiments.peers.kronfluence: kronfluence 1.0.1's EK-FAC on a tiny LoRA causal LM, against our exact
 dense GGN solve.
 
 Setting: `tiny_llama(hidden=16, layers=1, init_std=0.3)` in float64, LoRA r=2 on q_proj/v_proj (p = 128: four
@@ -42,7 +42,7 @@ from llmeraser.task import CausalLMTask
 from llmeraser.testing import ANIMALS, COLORS, tiny_llama, tiny_lora, tiny_tokenizer
 
 pytest.importorskip("kronfluence")
-from llmeraser.experiments.peers import kronfluence as kp  # noqa: E402
+from llmeraser_experiments.peers import kronfluence as kp  # noqa: E402
 
 N = 24
 LABEL_SAMPLES = 8

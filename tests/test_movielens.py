@@ -12,7 +12,7 @@ import pytest
 
 from llmeraser.data import load_examples
 from llmeraser.errors import ConfigError, DataError, UserInputError
-from llmeraser.experiments.movielens import (
+from llmeraser_experiments.movielens import (
     INSTALL_HINT,
     NO,
     YES,

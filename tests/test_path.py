@@ -23,14 +23,15 @@ from llmeraser.errors import AdapterError, ConfigError
 from llmeraser.finetune import FinetuneArguments, finetune, run_steps
 from llmeraser.metrics import evaluate
 from llmeraser.params import ParamView
+from llmeraser.recording import read, write
 from llmeraser.replay import PathArguments, RefineArguments, Secant
 from llmeraser.request import Request, apply_request, load_request, resolve
 from llmeraser.task import CausalLMTask
-from llmeraser.testing import PEOPLE_TARGETS, memorised_people
 from llmeraser.trajectory import Adam, AdamConfig, Trajectory
 from llmeraser.updates import RequestContext
 from llmeraser.updates.along_path import path_replay, refine, rewind
 from llmeraser.updates.choose import choose_update as choose
+from llmeraser_experiments.memorised import PEOPLE_TARGETS, memorised_people
 
 ARGS = FinetuneArguments(epochs=3, lr=1e-2, batch_size=4, final_check=False)
 
@@ -101,8 +102,8 @@ def test_the_trajectory_rebuilds_the_fine_tune_bit_for_bit(lm, tmp_path):
     theta, traj = fit(model, task, train, theta0)
     assert traj.steps == 18 and traj.grads.shape == (18, theta.numel())
     assert torch.equal(traj.final(), theta)  # replaying the recorded gradients is the fine-tune itself
-    traj.save(tmp_path)
-    back = Trajectory.load(tmp_path)
+    write(traj, tmp_path)
+    back = read(tmp_path)
     assert back.meta == traj.meta and torch.equal(back.grads, traj.grads) and torch.equal(back.theta0, theta0)
     back.check(train, theta)
     with pytest.raises(AdapterError, match="another training set"):
@@ -111,14 +112,14 @@ def test_the_trajectory_rebuilds_the_fine_tune_bit_for_bit(lm, tmp_path):
         back.check(train, theta + 1e-12)
     (tmp_path / "trajectory.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(AdapterError, match="unreadable"):
-        Trajectory.load(tmp_path)
+        read(tmp_path)
     # a readable file whose header lacks what a replay needs, or whose tensors do not fit together
-    Trajectory({k: v for k, v in traj.meta.items() if k != "lr"}, traj.theta0, traj.grads, {}).save(tmp_path)
+    write(Trajectory({k: v for k, v in traj.meta.items() if k != "lr"}, traj.theta0, traj.grads, {}), tmp_path)
     with pytest.raises(AdapterError, match="'lr' is missing"):
-        Trajectory.load(tmp_path)
-    Trajectory(traj.meta, traj.theta0, traj.grads[:-1], {}).save(tmp_path)
+        read(tmp_path)
+    write(Trajectory(traj.meta, traj.theta0, traj.grads[:-1], {}), tmp_path)
     with pytest.raises(AdapterError, match="gradients of shape"):
-        Trajectory.load(tmp_path)
+        read(tmp_path)
     # checkpoints only: the adapter is still identified by the final θ's hash, and path replay refuses
     small = fit(model, task, train, theta0, FinetuneArguments(**{**vars(ARGS), "record_max_gib": 2e-6}))[1]
     small.check(train, theta)

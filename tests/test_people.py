@@ -10,11 +10,11 @@ import torch
 
 from llmeraser.data import load_examples
 from llmeraser.errors import ConfigError
-from llmeraser.experiments import forgetting as fg
-from llmeraser.experiments.people import ATTRIBUTES, build_people, write_people
 from llmeraser.request import apply_request, load_request
 from llmeraser.task import CausalLMTask, per_example_loss
 from llmeraser.testing import tiny_llama, tiny_lora, tiny_tokenizer
+from llmeraser_experiments import forgetting as fg
+from llmeraser_experiments.people import ATTRIBUTES, build_people, write_people
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -185,7 +185,7 @@ def test_greedy_answers_in_a_left_padded_batch_are_the_one_at_a_time_answers():
 
 # -------------------------------------------------------------------------------------- the benchmark, tiny
 def test_benchmark_arguments_refuse_what_cannot_run():
-    from llmeraser.experiments.people_bench import PeopleBenchArguments
+    from llmeraser_experiments.people_bench import PeopleBenchArguments
 
     with pytest.raises(ConfigError, match="unknown method"):
         PeopleBenchArguments(methods=("original", "retrain", "magic"))
@@ -200,7 +200,7 @@ def test_benchmark_arguments_refuse_what_cannot_run():
 def test_tiny_benchmark_end_to_end(tmp_path):
     import importlib.util
 
-    from llmeraser.experiments.people_bench import PeopleBenchArguments, run_people_benchmark
+    from llmeraser_experiments.people_bench import PeopleBenchArguments, run_people_benchmark
 
     methods = ("original", "retrain", "retrain@1", "first-order/ekfac", "cli-defaults", "rewind", "path",
                "gradient-ascent", "fine-tune-corrected")

@@ -169,9 +169,9 @@ def test_unlearn_rewinds_to_what_an_sfttrainer_retrain_gives(run, tmp_path, caps
 
 
 def trajectory_steps(adapter) -> int:
-    from llmeraser.trajectory import Trajectory
+    from llmeraser.recording import read
 
-    return Trajectory.load(adapter).steps
+    return read(adapter).steps
 
 
 def test_a_plain_trainer_with_its_own_tokenisation_is_recorded_and_rewound(run, tmp_path):

@@ -34,9 +34,9 @@ from llmeraser.errors import UserInputError
 from llmeraser.io import atomic_write_json
 from llmeraser.params import ParamView
 from llmeraser.record import RECORD, TRL_LOSS, TrainingRecord
-from llmeraser.recording import task_recipe
+from llmeraser.recording import write
 from llmeraser.task import CausalLMTask, Rendering
-from llmeraser.trajectory import DEFAULT_MAX_BYTES, Trajectory, names_sha256, tensor_sha256
+from llmeraser.trajectory import DEFAULT_MAX_BYTES, Trajectory, names_sha256, task_recipe, tensor_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class LLMEraserCallback(TrainerCallback):
         if self.record is not None and state.is_world_process_zero:
             self.write(args.output_dir)
             if self.recording is not None:
-                self.trajectory().save(args.output_dir)
+                write(self.trajectory(), args.output_dir)
         self._remove_hooks()
         return control
 

@@ -3,7 +3,7 @@
 Never the test split. For each of `trials` random removal sets R_j of `size` training examples:
 
 - actual_j = ℓ_val(θ_{D∖R_j}) − ℓ_val(θ_D): both are warm-started fine-tunes from θ̂ with the same recipe, seed and
-  (id-hash, `finetune.epoch_order`) example order, so the control θ_D cancels what further training alone would
+  (id-hash, `trajectory.epoch_order`) example order, so the control θ_D cancels what further training alone would
   change and what is left is the effect of R_j on each validation example's loss;
 - pred_j(λ) = ℓ_val(θ̂ + Δθ_λ(R_j)) − ℓ_val(θ̂), with Δθ_λ the eraser's update for "remove R_j" at damping λ.
 

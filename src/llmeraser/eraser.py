@@ -35,6 +35,7 @@ from llmeraser.data import Example, examples_hash
 from llmeraser.errors import ConfigError, RequestError, SolverError
 from llmeraser.factors import FISHERS, FactorArguments, Factors, fit_factors
 from llmeraser.params import ParamView, adapter_hash, save_adapter
+from llmeraser.recording import write
 from llmeraser.request import Request, apply_request, resolve
 from llmeraser.solvers.api import get_solver, is_fitted, solver_arguments, solver_names
 from llmeraser.solvers.base import SolverArguments, SolveResult, zero_result
@@ -394,4 +395,4 @@ def save_unlearned(model, out: str, update: Update, *, input_adapter: str | None
         report["input_adapter_sha256"] = adapter_hash(input_adapter)
     save_adapter(model, out, protect=(input_adapter,) if input_adapter else (), report=report,
                  files={"request.json": update.request.to_dict()}, before_rename=before_rename,
-                 write_more=update.trajectory.save if update.trajectory is not None else None)
+                 write_more=(lambda tmp: write(update.trajectory, tmp)) if update.trajectory is not None else None)

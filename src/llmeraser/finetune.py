@@ -4,7 +4,7 @@ R(θ) = (1/N) Σᵢ ℓ(zᵢ; θ) + (l2/2) ‖θ‖²   (docs/math.md#the-object
 
 The model runs in eval mode (dropout off) so the optimised function is R itself, not a noisy version of it; the
 L2 term is part of the loss (not AdamW's decoupled decay), so the eraser's Hessian contains the same l2·I.
-`adam` takes mini-batch steps in a seeded order that is stable under edits (`epoch_order`; the demo and real
+`adam` takes mini-batch steps in a seeded order that is stable under edits (`trajectory.epoch_order`; the demo and real
 models); `lbfgs` minimises R with full-batch L-BFGS until ‖∇R‖ ≤ grad_tol (tests use it to reach a stationary point
 in float64). Retraining baselines call this same routine on the cleaned set. `finetune_adapter` is the whole
 pipeline of `llmeraser finetune` (base model, fresh adapter, fine-tune, record, save) as one call; the command line,
@@ -17,7 +17,6 @@ every rank takes the same step as a single process would.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -35,6 +34,7 @@ from llmeraser.data import Example, examples_hash
 from llmeraser.errors import AdapterError, ConfigError, LLMEraserRuntimeError
 from llmeraser.params import ParamView
 from llmeraser.record import DEFAULT_MAX_LENGTH
+from llmeraser.recording import write
 from llmeraser.task import Task, per_example_loss
 from llmeraser.trajectory import Adam, AdamConfig, Recorder, Trajectory, adam_meta, schedule
 
@@ -116,19 +116,6 @@ def _reduce_gradients(view: ParamView, loss_sum: torch.Tensor) -> float:
     for p, g in zip(view.params, view.unflatten(flat[:-1]), strict=True):
         p.grad = g.clone()
     return float(flat[-1])
-
-
-def epoch_order(examples: Sequence[Example], seed: int, epoch: int) -> list[int]:
-    """The order of one Adam epoch: examples sorted by a seeded hash of their id.
-
-    Unlike a random permutation of positions, this order is stable under edits: retraining on the set without some
-    examples (or with some corrected) visits the others in the same relative order, so the retrain differs from the
-    original by the request, not by a reshuffled data order.
-    """
-    def key(j: int) -> str:
-        return hashlib.sha256(f"{seed}\x00{epoch}\x00{examples[j].id}".encode()).hexdigest()
-
-    return sorted(range(len(examples)), key=key)
 
 
 def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
@@ -339,4 +326,5 @@ def save_finetuned(model: torch.nn.Module, out: str | os.PathLike, train: Sequen
     body = {"kind": "finetune", "task": record, **({"arguments": asdict(args)} if args is not None else {}),
             "lora": lora.to_dict(), "train_sha256": sha, "n_train": len(train),
             **({"result": result.to_dict()} if result is not None else {}), **(report or {})}
-    return save_adapter(model, out, report=body, write_more=trajectory.save if trajectory is not None else None)
+    keep = (lambda tmp: write(trajectory, tmp)) if trajectory is not None else None
+    return save_adapter(model, out, report=body, write_more=keep)

@@ -24,6 +24,7 @@ from llmeraser.errors import UserInputError
 
 _HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
 TEMP_ROOM = 32  # bytes a temporary's name adds to its target's: '.', '.', host, '-', pid (≤ 7 digits), random, '.tmp'
+LEDGER_FILE = "ledger.sqlite"  # a ledger folder's database (`llmeraser.ledger`); its presence makes a re-run
 
 
 def _fsync_dir(path: Path) -> None:
@@ -164,8 +165,6 @@ def check_output_paths(out: str | os.PathLike, *, ledger: str | os.PathLike | No
     re-run: the ledger decides); without, `out` is a folder written into (a store) and may exist. Read-only, so every
     rank under torchrun may run it. Raises UserInputError naming the path and the problem.
     """
-    from llmeraser.ledger import FILE
-
     out = Path(out).resolve()  # resolve: '..' and symlinks must not hide an input
     book = Path(ledger).resolve() if ledger else None
     for label, given in (inputs or {}).items():
@@ -182,7 +181,7 @@ def check_output_paths(out: str | os.PathLike, *, ledger: str | os.PathLike | No
     _check_place(out, what, room=TEMP_ROOM, into=not new)
     if book is not None:
         _check_place(book, "ledger", room=0, into=True)
-    if new and not (book is not None and os.path.isfile(book / FILE)):
+    if new and not (book is not None and os.path.isfile(book / LEDGER_FILE)):
         check_new_output(out)
 
 

@@ -28,6 +28,7 @@ from llmeraser.errors import UserInputError
 from llmeraser.factors import FactorArguments, Factors, FactorStore, default_store, fit_factors
 from llmeraser.params import ParamView, adapter_hash, check_adapter_dir
 from llmeraser.record import TrainingRecord
+from llmeraser.recording import read
 from llmeraser.replay import verify_recording
 from llmeraser.request import Request, apply_request, load_request, resolve
 from llmeraser.solvers.api import is_fitted
@@ -257,7 +258,7 @@ class AdapterJob:
         if not hasattr(self, "_trajectory"):
             model, task = self.model_and_task()
             try:
-                found = Trajectory.load(self.adapter)
+                found = read(self.adapter)
                 if found is None:
                     why = _why_no_recording(self.adapter)
                     self._trajectory = (None, f"{self.adapter} has no trajectory.safetensors ({why})")

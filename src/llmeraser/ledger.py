@@ -31,11 +31,11 @@ from pathlib import Path
 
 from llmeraser.data import Example, examples_hash
 from llmeraser.errors import LLMEraserRuntimeError, UserInputError
-from llmeraser.io import canonical_json, sha256_bytes, sha256_file
+from llmeraser.io import LEDGER_FILE, canonical_json, sha256_bytes, sha256_file
 from llmeraser.params import ADAPTER_WEIGHTS, adapter_hash
 from llmeraser.request import Request, apply_request, resolve
 
-FILE = "ledger.sqlite"
+FILE = LEDGER_FILE  # the database, in the ledger's folder
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS lineage (
     id INTEGER PRIMARY KEY CHECK (id = 1),

@@ -5,9 +5,8 @@ The file holds tensors (θ₀, each step's gradient or evenly spaced checkpoints
 run: optimiser constants, schedule, seed, the task's recipe) in the safetensors metadata; nothing is unpickled. The
 header carries the sha256 of every tensor and of itself. `read` validates every header field by type and range
 (`llmeraser.schema`) before anything is built from it, checks the header's digest and every tensor's checksum
-(naming the first bad step), and returns a `trajectory.Trajectory`. `task_recipe` is what a step's gradient depends
-on besides θ and the data, kept in the header and compared with the request's before a replay
-(`Trajectory.check_recipe`).
+(naming the first bad step), and returns a `trajectory.Trajectory` (whose `task_recipe`, kept in the header, is
+compared with the request's before a replay: `Trajectory.check_recipe`).
 """
 
 from __future__ import annotations
@@ -113,36 +112,6 @@ def _verify_checksums(t: Trajectory, sums: object, where: str) -> None:
     t.integrity = "header and every tensor verified against their sha256"
 
 
-RECIPE_NAMES = {"max_length": "max length", "rendering": "rendering",  # in the order a refusal names them
-                "tokenizer_sha256": "the tokenizer whose vocabulary hashes to",
-                "chat_template_sha256": "the chat template hashing to", "bos": "BOS token id", "task": "task"}
-
-
-def _show(value) -> str:
-    return "none" if value is None else (value[:12] + "…") if isinstance(value, str) and len(value) == 64 \
-        else json.dumps(value, sort_keys=True)
-
-
-def task_recipe(task) -> dict:
-    """What a step's gradient depends on besides θ and the examples: for `task.CausalLMTask`, how examples are
-    rendered and masked, the max length, the BOS token, and hashes of the tokenizer's vocabulary and of the chat
-    template in use; another task is named by its class."""
-    from llmeraser.task import CausalLMTask
-
-    if not isinstance(task, CausalLMTask):
-        return {"task": type(task).__qualname__}
-    tokenizer = task.tokenizer
-    rendering = {k: v for k, v in task.rendering.to_dict().items() if k != "chat_template"}
-    template = task.rendering.chat_template or getattr(tokenizer, "chat_template", None)
-    try:
-        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
-        vocab_sha = sha256_bytes(canonical_json(vocab).encode())
-    except (AttributeError, NotImplementedError, TypeError):
-        vocab_sha = None
-    return {"max_length": task.max_length, "rendering": rendering, "bos": task.bos, "tokenizer_sha256": vocab_sha,
-            "chat_template_sha256": sha256_bytes(template.encode()) if isinstance(template, str) else None}
-
-
 def _header_sha256(header: dict) -> str:
     return sha256_bytes(canonical_json(header).encode())
 
@@ -208,25 +177,3 @@ def _tensors(tensors: dict, meta: dict, where: str) -> tuple[torch.Tensor, torch
     if set(tensors) - names:
         raise AdapterError(f"{where}: tensors the header does not account for: {sorted(set(tensors) - names)[:3]}")
     return theta0, grads, checkpoints
-
-
-def check_recipe(trajectory: Trajectory, task) -> str | None:
-        """That the task a replay would compute gradients with renders, cuts and tokenises examples as fine-tuning
-        did (`task_recipe`); returns a note when the recording predates recipes (format 1), else None.
-
-        Raises:
-            AdapterError: naming the first part of the recipe that differs.
-        """
-        recorded = trajectory.meta.get("recipe")
-        if recorded is None:
-            return "recorded before recipes were kept: the rendering, max length and tokenizer are not compared"
-        now = task_recipe(task)
-        for key in sorted(set(recorded) | set(now), key=lambda k: (list(RECIPE_NAMES).index(k) if k in RECIPE_NAMES
-                                                                   else len(RECIPE_NAMES), k)):
-            if recorded.get(key) != now.get(key):
-                what = RECIPE_NAMES.get(key, key)
-                raise AdapterError(f"the recording was made with {what} {_show(recorded.get(key))}, but this request "
-                                   f"would replay it with {_show(now.get(key))}: a replay would not be the "
-                                   f"retraining it claims to be (use the training record's values: drop "
-                                   f"--max-length/--l2 overrides, and the base model and tokenizer it was trained on)")
-        return None

@@ -1,7 +1,7 @@
 """The validated schema of what llmeraser reads back from disk: every value is checked for its type and range
 before anything is built from it, and a violation names the file and the field.
 
-What is read: a recording's header (`trajectory.safetensors`, `trajectory.Trajectory.load`), an adapter's training
+What is read: a recording's header (`trajectory.safetensors`, `recording.read`), an adapter's training
 record (`report.json`'s `task` block or `training_record.json`, `record.TrainingRecord.read`). These files may have
 been edited, truncated or forged, so a value that is out of range (β₁ = 1, batch size 0, epochs 3.5, a string lr,
 JSON nested 200,000 deep) is refused here, with exit code 2 in the command line, rather than failing later inside

@@ -10,27 +10,27 @@ that saw an edited example (exact rewind), and θ_k with g_k along the whole pat
 Storage is one vector of the trainable parameters per step (the embedded demo: 921,600 floats, 3.7 MB a step,
 50 steps), bounded by `max_bytes`: beyond it only checkpoints (θ_k, m_k, v_k) at evenly spaced steps are kept,
 which still serve exact rewind (from the checkpoint at or before the first edited step) but not path-aware replay.
-The file lives beside the adapter (`trajectory.safetensors`, written and read back by `llmeraser.recording`, which
-validates its header and verifies every tensor's checksum). A replay is only as exact as the recording it reads, so
-before one (docs/path.md#what-is-verified) the recipe is compared with the request's (`check_recipe`), and replaying
-the recorded gradients with the recorded optimiser must end at the adapter (`replay_check`), which pins the learning
-rates, betas, ε, L2, decay and clipping to the ones that trained it.
+The file lives beside the adapter (`trajectory.safetensors`, written and read back by `llmeraser.recording.write` /
+`read`, which validate its header and verify every tensor's checksum). A replay is only as exact as the recording it
+reads, so before one (docs/path.md#what-is-verified) the recipe is compared with the request's (`check_recipe`), and
+replaying the recorded gradients with the recorded optimiser must end at the adapter (`replay_check`), which pins the
+learning rates, betas, ε, L2, decay and clipping to the ones that trained it.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
 from llmeraser.data import Example
 from llmeraser.errors import AdapterError, ConfigError
+from llmeraser.io import canonical_json, sha256_bytes
 
 TRAJECTORY = "trajectory.safetensors"
 DEFAULT_MAX_BYTES = 4 * 2**30  # per-step gradients beyond this size: checkpoints only
@@ -97,11 +97,22 @@ class Adam:
         return self
 
 
+def epoch_order(examples: Sequence[Example], seed: int, epoch: int) -> list[int]:
+    """The order of one Adam epoch: examples sorted by a seeded hash of their id.
+
+    Unlike a random permutation of positions, this order is stable under edits: retraining on the set without some
+    examples (or with some corrected) visits the others in the same relative order, so the retrain differs from the
+    original by the request, not by a reshuffled data order.
+    """
+    def key(j: int) -> str:
+        return hashlib.sha256(f"{seed}\x00{epoch}\x00{examples[j].id}".encode()).hexdigest()
+
+    return sorted(range(len(examples)), key=key)
+
+
 def schedule(examples: Sequence[Example], *, seed: int, epochs: int, batch_size: int) -> list[list[int]]:
     """The indices (into `examples`) of every Adam step's mini-batch: each epoch in the id-hash order
-    (`finetune.epoch_order`, stable under edits) cut into runs of `batch_size`."""
-    from llmeraser.finetune import epoch_order
-
+    (`epoch_order`, stable under edits) cut into runs of `batch_size`."""
     steps = []
     for epoch in range(epochs):
         order = epoch_order(examples, seed, epoch)
@@ -254,20 +265,6 @@ class Trajectory:
         last = collections.deque(self.states(), maxlen=1)  # one state held at a time
         return last[0][1]
 
-    # --------------------------------------------------------------------------------------------------- disk
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write `trajectory.safetensors` into `folder`, with its checksums (`recording.write`)."""
-        from llmeraser.recording import write
-
-        return write(self, folder)
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike) -> Trajectory | None:
-        """The trajectory beside an adapter, validated and verified (`recording.read`), or None when it has none."""
-        from llmeraser.recording import read
-
-        return read(folder)
-
     def check(self, train: Sequence[Example], theta: torch.Tensor, names: Sequence[str] | None = None) -> None:
         """That this trajectory is the fine-tune of `theta` on `train`: the training set's hash, the parameter
         count (and, when both are known, the parameters' names in order), the schedule's length, and the final θ's
@@ -299,10 +296,25 @@ class Trajectory:
 
     def check_recipe(self, task) -> str | None:
         """That the task a replay would compute gradients with renders, cuts and tokenises examples as fine-tuning
-        did (`recording.check_recipe`); a note when the recording predates recipes, else None."""
-        from llmeraser.recording import check_recipe
+        did (`task_recipe`); returns a note when the recording predates recipes (format 1), else None.
 
-        return check_recipe(self, task)
+        Raises:
+            AdapterError: naming the first part of the recipe that differs.
+        """
+        recorded = self.meta.get("recipe")
+        if recorded is None:
+            return "recorded before recipes were kept: the rendering, max length and tokenizer are not compared"
+        now = task_recipe(task)
+        order = list(RECIPE_NAMES)
+        for key in sorted(set(recorded) | set(now), key=lambda k: (order.index(k) if k in order else len(order), k)):
+            if recorded.get(key) != now.get(key):
+                what = RECIPE_NAMES.get(key, key)
+                raise AdapterError(f"the recording was made with {what} {_show(recorded.get(key))}, but this "
+                                   f"request would replay it with {_show(now.get(key))}: a replay would not be the "
+                                   f"retraining it claims to be (use the training record's values: drop "
+                                   f"--max-length/--l2 overrides, and the base model and tokenizer it was trained "
+                                   f"on)")
+        return None
 
     def replay_check(self, theta: torch.Tensor, keep: Sequence[int] = ()) -> dict[int, torch.Tensor]:
         """Replay θ₀ and the recorded gradients with the recorded optimiser (no forward or backward pass) and check
@@ -351,8 +363,36 @@ def adam_meta(config: AdamConfig, *, epochs: int, batch_size: int, seed: int, tr
               task=None) -> dict:
     """The header of a recording of llmeraser's Adam fine-tune (with the task's recipe when `task` is given)."""
     from llmeraser.data import examples_hash
-    from llmeraser.recording import task_recipe
-
     meta = {"optimizer": "adam", **asdict(config), "epochs": epochs, "batch_size": batch_size, "seed": seed,
             "n_train": len(train), "train_sha256": examples_hash(train)}
     return meta if task is None else meta | {"recipe": task_recipe(task)}
+
+
+RECIPE_NAMES = {"max_length": "max length", "rendering": "rendering",  # in the order a refusal names them
+                "tokenizer_sha256": "the tokenizer whose vocabulary hashes to",
+                "chat_template_sha256": "the chat template hashing to", "bos": "BOS token id", "task": "task"}
+
+
+def _show(value) -> str:
+    return "none" if value is None else (value[:12] + "…") if isinstance(value, str) and len(value) == 64 \
+        else json.dumps(value, sort_keys=True)
+
+
+def task_recipe(task) -> dict:
+    """What a step's gradient depends on besides θ and the examples: for `task.CausalLMTask`, how examples are
+    rendered and masked, the max length, the BOS token, and hashes of the tokenizer's vocabulary and of the chat
+    template in use; another task is named by its class."""
+    from llmeraser.task import CausalLMTask
+
+    if not isinstance(task, CausalLMTask):
+        return {"task": type(task).__qualname__}
+    tokenizer = task.tokenizer
+    rendering = {k: v for k, v in task.rendering.to_dict().items() if k != "chat_template"}
+    template = task.rendering.chat_template or getattr(tokenizer, "chat_template", None)
+    try:
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+        vocab_sha = sha256_bytes(canonical_json(vocab).encode())
+    except (AttributeError, NotImplementedError, TypeError):
+        vocab_sha = None
+    return {"max_length": task.max_length, "rendering": rendering, "bos": task.bos, "tokenizer_sha256": vocab_sha,
+            "chat_template_sha256": sha256_bytes(template.encode()) if isinstance(template, str) else None}

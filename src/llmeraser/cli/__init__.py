@@ -1,10 +1,11 @@
 """`llmeraser` command line. Exit codes: 0 success, 2 bad input or usage, 1 internal failure.
 
-One module per command (`COMMANDS`), each with `add_parser(sub)` (its flags, help and example) and `run(args)`; the
-flags are built from the same argument dataclasses the library uses (FinetuneArguments, EraserArguments,
-SolverArguments, ...; `common.add_fields`), so the help text and validation live in one place. This module owns
-what every command shares: the parser's top level, offline mode, logging, torchrun ranks, SIGTERM and the mapping
-of errors to exit codes.
+One module per command (`COMMANDS`), each with `add_parser(sub)` (its flags, help and example) and `run(args)`; more
+commands come from plug-ins, found by their package's entry points (`PLUGINS`: the experiments' add `data movielens`,
+`data people`, `corrupt` and `demo`; the library imports none of them). The flags are built from the same argument
+dataclasses the library uses (FinetuneArguments, EraserArguments, SolverArguments, ...; `common.add_fields`), so the
+help text and validation live in one place. This module owns what every command shares: the parser's top level, offline
+mode, logging, torchrun ranks, SIGTERM and the mapping of errors to exit codes.
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ import sys
 from llmeraser.cli.common import add_fields, pick
 from llmeraser.errors import LLMEraserError, UserInputError
 
-__all__ = ["COMMANDS", "DISTRIBUTED_COMMANDS", "add_fields", "build_parser", "main", "pick"]
+__all__ = ["COMMANDS", "DISTRIBUTED_COMMANDS", "PLUGINS", "add_fields", "build_parser", "main", "pick", "plugins"]
 
-# the modules of llmeraser.cli, one per command, in the order `llmeraser --help` lists them
-COMMANDS = ("finetune", "unlearn", "fit_curvature", "tune_damping", "ledger", "evaluate", "data", "corrupt", "demo")
+# the modules of llmeraser.cli, one per command, in the order `llmeraser --help` lists them (the plug-ins' after)
+COMMANDS = ("finetune", "unlearn", "fit_curvature", "tune_damping", "ledger", "evaluate", "data")
+# the entry-point group of command plug-ins (pyproject.toml's [project.entry-points."llmeraser.commands"]): each a
+# callable add_commands(commands, datasets) that adds its subparsers to the top level's (`llmeraser COMMAND`) and to
+# the `data` command's (`llmeraser data DATASET`); loaded in name order
+PLUGINS = "llmeraser.commands"
 DISTRIBUTED_COMMANDS = ("finetune", "unlearn", "fit-curvature", "tune-damping")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser; each command module adds its own subparser."""
+    """The top-level parser; each command module adds its own subparser, then each plug-in its own."""
     parser = argparse.ArgumentParser(
         prog="llmeraser",
         description="Make a PEFT-fine-tuned LLM forget or correct training examples without retraining "
@@ -37,9 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
                "nccl on GPUs; $LLMERASER_DIST_TIMEOUT seconds for a silent rank, default 1800).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"llmeraser.cli.{name}").add_parser(sub)
+    added = {name: importlib.import_module(f"llmeraser.cli.{name}").add_parser(sub) for name in COMMANDS}
+    for plugin in plugins():
+        try:
+            add_commands = plugin.load()
+        except Exception as e:  # noqa: BLE001 — a broken plug-in costs its own commands, not the library's
+            print(f"llmeraser: warning: command plug-in {plugin.name!r} ({plugin.value}) not loaded: "
+                  f"{type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+            continue
+        add_commands(commands=sub, datasets=added["data"])
     return parser
+
+
+def plugins() -> list:
+    """The command plug-ins installed: the entry points of group `PLUGINS`, in name order."""
+    from importlib.metadata import entry_points
+
+    return sorted(entry_points(group=PLUGINS), key=lambda ep: ep.name)
 
 
 def _quiet_libraries(*, quiet: bool, debug: bool) -> None:

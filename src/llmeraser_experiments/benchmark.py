@@ -5,7 +5,7 @@ users; QM-p corrupts p% of the queries (unseen titles in the history) and reques
 p% of the labels and requests their correction. For each setting and seed:
 
 1. fine-tune the original adapter on the training set as it was (corrupted for QM/RC), from a seeded LoRA init;
-2. retrain from the same init with the same recipe (and the same data order, `finetune.epoch_order`) on the
+2. retrain from the same init with the same recipe (and the same data order, `trajectory.epoch_order`) on the
    cleaned set — the gold standard;
 3. run each method from the original θ̂, choosing its hyper-parameters on the VALIDATION split by the mean KL of
    its yes/no answers to the retrained model's (never on test data);
@@ -45,7 +45,7 @@ from llmeraser.data import Example, examples_hash
 from llmeraser.eraser import EraserArguments, UnlearningProblem, factor_arguments
 from llmeraser.errors import ConfigError, SolverError
 from llmeraser.factors import fit_factors
-from llmeraser.finetune import FinetuneArguments, epoch_order, finetune
+from llmeraser.finetune import FinetuneArguments, finetune
 from llmeraser.io import atomic_write_json, atomic_write_text
 from llmeraser.metrics import binary_kl, evaluate, roc_auc
 from llmeraser.params import ParamView
@@ -53,6 +53,7 @@ from llmeraser.record import DEFAULT_MAX_LENGTH, LoraSettings, lora_model
 from llmeraser.request import Request, apply_request, resolve
 from llmeraser.solvers.api import is_fitted, solver_arguments, solver_names
 from llmeraser.task import CausalLMTask, per_example_loss
+from llmeraser.trajectory import epoch_order
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +179,8 @@ class Setting:
 
 def make_setting(name: str, seed: int, train: Sequence[Example]) -> Setting:
     """IR: every example of round(p · users) users drawn with `seed`; QM/RC: `corrupt` with `seed`."""
-    from llmeraser.experiments.corrupt import corrupt
-    from llmeraser.experiments.movielens import user_ids
+    from llmeraser_experiments.corrupt import corrupt
+    from llmeraser_experiments.movielens import user_ids
 
     kind, ratio = parse_setting(name)
     if kind == "IR":
@@ -354,7 +355,7 @@ def _fitted(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
     cost once factors are stored."""
     a, (variant, solver) = bench.args, name.split("/")
     if variant == "kronfluence":
-        from llmeraser.experiments.peers.kronfluence import fit_kronfluence, kronfluence_solve
+        from llmeraser_experiments.peers.kronfluence import fit_kronfluence, kronfluence_solve
 
         if "kronfluence" not in run.fits:
             bench.view.set_vector(run.theta)
@@ -570,8 +571,8 @@ def _run(bench: Bench, run: Run, name: str) -> tuple[torch.Tensor, dict]:
 def run_benchmark(args: BenchArguments, out: str | Path, *, base_model=None, tokenizer=None,
                   splits: dict | None = None) -> dict:
     """Run every setting × seed × method; write results.json, tables.md and plots (PNG) under `out`."""
-    from llmeraser.experiments.movielens import build_splits
     from llmeraser.io import check_new_output
+    from llmeraser_experiments.movielens import build_splits
 
     out = Path(out)
     check_new_output(out)

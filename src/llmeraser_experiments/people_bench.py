@@ -1,8 +1,8 @@
 """The fictitious-people benchmark: TOFU's forget quality and model utility for every method (docs/people.md).
 
-One run: build the people (`experiments.people`), fine-tune the original adapter on every trained person's facts
-until it has memorised them, then for each split — forget01/05/10 (remove every fact of 1/5/10% of the people, at
-least one person; nested) and `correct` (one person's facts replaced by new values) —
+One run: build the people (`llmeraser_experiments.people`), fine-tune the original adapter on every trained
+person's facts until it has memorised them, then for each split — forget01/05/10 (remove every fact of 1/5/10% of
+the people, at least one person; nested) and `correct` (one person's facts replaced by new values) —
 
 1. retrain on the edited set from the same init and data order (the reference), and once more from another seed
    (`retrain@1`: how far apart two retrains are, i.e. what the measures can tell apart at this size);
@@ -10,7 +10,7 @@ least one person; nested) and `correct` (one person's facts replaced by new valu
    the curvature's scale; `cli-defaults` is `llmeraser unlearn` with no options, through `AdapterJob`);
    the baselines (gradient ascent, NPO, fine-tuning on the corrected facts) at each learning rate of their grid,
    one row per rate — no method is tuned on the forget set or on retraining;
-3. score every model with `experiments.forgetting`: forget quality (KS p-value of truth ratios against the
+3. score every model with `llmeraser_experiments.forgetting`: forget quality (KS p-value of truth ratios against the
    retrain's on the forget set), answer probability, ROUGE-L recall and value recall of greedy answers, truth
    ratio on forget / retain / general; membership-inference AUCs (forget vs held-out people, by loss and by min-k%
    probability); model utility; for `correct` the same on the new facts; time against retraining and peak memory.
@@ -36,8 +36,12 @@ from tqdm.auto import tqdm
 from llmeraser.data import Example
 from llmeraser.eraser import EraserArguments, UnlearningProblem, factor_arguments
 from llmeraser.errors import ConfigError, SolverError
-from llmeraser.experiments import forgetting as fg
-from llmeraser.experiments.benchmark import (
+from llmeraser.factors import fit_factors
+from llmeraser.io import atomic_write_json, atomic_write_text
+from llmeraser.record import DEFAULT_MAX_LENGTH, LoraSettings
+from llmeraser.solvers.api import is_fitted, solver_arguments, solver_names
+from llmeraser_experiments import forgetting as fg
+from llmeraser_experiments.benchmark import (
     PATH,
     Bench,
     PeakMemory,
@@ -48,11 +52,7 @@ from llmeraser.experiments.benchmark import (
     path_method,
     theta_key,
 )
-from llmeraser.experiments.people import PeopleData, build_people
-from llmeraser.factors import fit_factors
-from llmeraser.io import atomic_write_json, atomic_write_text
-from llmeraser.record import DEFAULT_MAX_LENGTH, LoraSettings
-from llmeraser.solvers.api import is_fitted, solver_arguments, solver_names
+from llmeraser_experiments.people import PeopleData, build_people
 
 logger = logging.getLogger(__name__)
 

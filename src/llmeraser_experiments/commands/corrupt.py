@@ -27,7 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from llmeraser.data import load_examples
-    from llmeraser.experiments.corrupt import corrupt, write_corruption
+    from llmeraser_experiments.corrupt import corrupt, write_corruption
 
     corrupted, request = corrupt(load_examples(args.train), kind=args.kind, ratio=args.ratio, seed=args.seed)
     write_corruption(corrupted, request, args.out)

@@ -36,8 +36,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmeraser.experiments.demo import run_movielens_demo, run_tiny_demo
     from llmeraser.table import format_table
+    from llmeraser_experiments.demo import run_movielens_demo, run_tiny_demo
 
     out = args.out or tempfile.mkdtemp(prefix="llmeraser-demo-")
     if args.tiny:

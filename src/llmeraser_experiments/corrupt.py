@@ -23,9 +23,9 @@ from pathlib import Path
 
 from llmeraser.data import Example, save_examples
 from llmeraser.errors import ConfigError, DataError
-from llmeraser.experiments.movielens import NO, YES, all_titles, clean_title, format_prompt
 from llmeraser.io import atomic_write_json
 from llmeraser.request import Request
+from llmeraser_experiments.movielens import NO, YES, all_titles, clean_title, format_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _corrupt_query(ex: Example, rng: random.Random, titles: Sequence[str], rated
     missing = [k for k in _FIELDS if k not in ex.extra]
     if missing:
         raise DataError(f"example {ex.id!r} lacks extra field(s) {', '.join(map(repr, missing))}; query corruption "
-                        "re-formats the prompt from them (build the data with llmeraser.experiments.movielens)")
+                        "re-formats the prompt from them (build the data with llmeraser_experiments.movielens)")
     liked, disliked = list(ex.extra["liked"]), list(ex.extra["disliked"])
     unseen = [t for t in titles if t not in rated]
     if not unseen:
@@ -68,7 +68,7 @@ def corrupt(examples: Sequence[Example], *, kind: str, ratio: float, seed: int, 
     """Corrupt round(ratio · N) examples, chosen with `seed`, and return the request that undoes it.
 
     Args:
-        examples: A clean training set (for "query": with the extra fields of `llmeraser.experiments.movielens`).
+        examples: A clean training set (for "query": with the extra fields of `llmeraser_experiments.movielens`).
         kind: "response" flips " Yes" ↔ " No"; "query" inserts 1–2 titles not in the user's history into the
             liked list and re-formats the prompt.
         ratio: The fraction of examples to corrupt, in (0, 1].

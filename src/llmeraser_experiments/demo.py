@@ -138,7 +138,7 @@ class MovieLensJob:
     @classmethod
     def build(cls, *, n_train: int = 400, n_test: int = 200, users: int = 3, epochs: int = 1,
               progress: bool = True) -> MovieLensJob:
-        from llmeraser.experiments.movielens import build_splits, user_ids
+        from llmeraser_experiments.movielens import build_splits, user_ids
 
         splits = build_splits(n_train=n_train, n_valid=max(n_test // 2, 10), n_test=n_test, seed=0)
         by_user = user_ids(splits["train"])

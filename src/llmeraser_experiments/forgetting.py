@@ -1,6 +1,7 @@
 """What a model says about question–answer facts, and TOFU's measures of forgetting built on it (docs/people.md).
 
-Per question (an `Example` whose `extra` has `paraphrase` and `perturbed` answers, as `experiments.people` builds):
+Per question (an `Example` whose `extra` has `paraphrase` and `perturbed` answers, as `llmeraser_experiments.people`
+builds):
 
 - answer probability p = exp(−ℓ), ℓ the mean token NLL of the answer given the question (the length-normalised
   probability P(a|q)^(1/|a|));
