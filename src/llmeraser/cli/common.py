@@ -59,6 +59,15 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_adapter_flags(p: argparse.ArgumentParser) -> None:
+    """The common flags, the adapter, its training set and the training set's record fields: what a command that
+    works on a fine-tuned adapter reads (unlearn, fit-curvature, tune-damping)."""
+    add_common(p)
+    p.add_argument("--adapter", required=True, help="the fine-tuned PEFT adapter folder")
+    p.add_argument("--train", required=True, help=TRAIN_HELP)
+    add_data_flags(p)
+
+
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     """The record-field flags of a command that reads training data (unset: the adapter's record, else defaults)."""
     from llmeraser.data import DataFields

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from llmeraser.cli.common import FMT, TRAIN_HELP, add_common, add_data_flags, add_fields, check_store, job, pick
+from llmeraser.cli.common import FMT, add_adapter_flags, add_fields, check_store, job, pick
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -20,10 +20,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "gradients of its own edited examples.",
                        epilog="example: llmeraser fit-curvature --adapter adapters/original --train data/train.jsonl "
                               "--kind ekfac woodbury")
-    add_common(p)
-    p.add_argument("--adapter", required=True, help="the fine-tuned PEFT adapter folder")
-    p.add_argument("--train", required=True, help=TRAIN_HELP)
-    add_data_flags(p)
+    add_adapter_flags(p)
     p.add_argument("--kind", nargs="+", default=["ekfac"], choices=solver_names(fitted=True),
                    help="ekfac: Kronecker eigenbasis with exact diagonal (memory independent of N); kfac: plain "
                         "Kronecker factors; woodbury: exact inverse of the N-example Fisher (stores N × p "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from llmeraser.cli.common import FMT, TRAIN_HELP, add_common, add_data_flags, add_fields, check_store, job, pick
+from llmeraser.cli.common import FMT, add_adapter_flags, add_fields, check_store, job, pick
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -20,10 +20,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "auto'. Costs (trials + 1) fine-tuning epochs.",
                        epilog="example: llmeraser tune-damping --adapter adapters/original --train data/train.jsonl "
                               "--valid data/valid.jsonl --solver ekfac")
-    add_common(p)
-    p.add_argument("--adapter", required=True, help="the fine-tuned PEFT adapter folder")
-    p.add_argument("--train", required=True, help=TRAIN_HELP)
-    add_data_flags(p)
+    add_adapter_flags(p)
     p.add_argument("--valid", required=True, help="validation JSONL (held out from training; never the test set)")
     p.add_argument("--solver", default="auto", choices=[*solver_names(path=True), "auto"],
                    help="the solver whose λ is chosen")

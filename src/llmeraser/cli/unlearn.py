@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 
 from llmeraser.cli.common import (
-    TRAIN_HELP,
-    add_common,
-    add_data_flags,
+    add_adapter_flags,
     add_fields,
     check_outputs,
     float_arg,
@@ -33,10 +31,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                               "--request request.json --out adapters/unlearned   (every default: --method auto "
                               "rewinds or replays the recorded path, else one influence step; 'llmeraser unlearn "
                               "... --method rewind' is exact retraining from the first edited step)")
-    add_common(p)
-    p.add_argument("--adapter", required=True, help="the fine-tuned PEFT adapter folder")
-    p.add_argument("--train", required=True, help=TRAIN_HELP)
-    add_data_flags(p)
+    add_adapter_flags(p)
     p.add_argument("--request", required=True, help='request JSON: {"edits": [{"op": "remove", "id": ...}, ...]}')
     p.add_argument("--out", required=True, help="new adapter folder (must not exist or be empty)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
