@@ -40,13 +40,14 @@ def gradient(model: torch.nn.Module, task: Task, examples: Sequence[Example], *,
              batch_size: int = 8, progress: bool = False, desc: str = "gradients") -> torch.Tensor:
     """g = ∇_θ Σᵢ wᵢ ℓ(zᵢ; θ) (wᵢ = 1 by default), a flat (p,) vector. Not normalised by N."""
     view = ParamView(model)
-    w = torch.ones(len(examples), dtype=view.dtype) if weights is None else torch.as_tensor(weights, dtype=view.dtype)
+    w = torch.ones(len(examples), dtype=view.dtype, device=view.device) if weights is None else \
+        torch.as_tensor(weights, dtype=view.dtype, device=view.device)
     if w.shape != (len(examples),):
         raise ConfigError(f"gradient: {len(examples)} examples but weights of shape {tuple(w.shape)}")
     total = torch.zeros(view.dim, dtype=view.dtype, device=view.device)
     for idx in tqdm(distributed.batches(len(examples), batch_size), desc=desc, disable=not progress, leave=False):
         losses = per_example_loss(task, model, task.collate([examples[i] for i in idx]))  # (b,)
-        total += view.flatten(_grad((losses * w[idx].to(losses.device)).sum(), view.params))
+        total += view.flatten(_grad((losses * w[idx].to(losses.dtype)).sum(), view.params))
     return distributed.all_reduce(total, desc)
 
 
@@ -70,7 +71,7 @@ def per_example_gradients(model: torch.nn.Module, task: Task, examples: Sequence
     if method not in ("vmap", "loop"):
         raise ConfigError(f"per-example gradient method must be 'vmap' or 'loop', got {method!r}")
     view = ParamView(model)
-    itemsize = torch.empty(0, dtype=view.dtype).element_size()
+    itemsize = view.dtype.itemsize
     # the (N, p) result, plus a chunk's gradients and their copies inside vmap
     require((len(examples) + 4 * chunk_size) * view.dim * itemsize,
             f"per-example gradients ({len(examples):,} examples × {view.dim:,} parameters)",

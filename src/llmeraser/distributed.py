@@ -121,9 +121,9 @@ def broadcast_json(obj: object, what: str) -> object:
     if not is_distributed():
         return obj
     data = json.dumps(obj).encode("utf-8") if rank() == 0 else b""
-    size = broadcast(torch.tensor([len(data)], dtype=torch.long), what)
+    size = broadcast(torch.tensor([len(data)], dtype=torch.long), what)  # host: _collective moves it
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if rank() == 0 else \
-        torch.empty(int(size), dtype=torch.uint8)
+        torch.empty(int(size), dtype=torch.uint8)  # host: bytes of JSON; _collective moves them
     broadcast(buf, what)
     return json.loads(buf.numpy().tobytes().decode("utf-8")) if rank() != 0 else obj
 
@@ -161,7 +161,7 @@ def check_same(values: dict[str, str], what: str) -> None:
         return
     reference = broadcast_json(values, what)
     differs = [k for k in values if values[k] != reference.get(k)]
-    bad = all_reduce(torch.tensor([float(bool(differs))]), what)
+    bad = all_reduce(torch.tensor([float(bool(differs))]), what)  # host: one flag; _collective moves it
     if differs:
         raise UserInputError(f"rank {rank()} read a different {differs[0]} than rank 0 ({values[differs[0]][:12]}… "
                              f"vs {str(reference.get(differs[0]))[:12]}…): every rank must see the same inputs")

@@ -230,6 +230,7 @@ class UnlearningProblem:
             # H is a mean of per-example curvatures: a uniform sample gives an unbiased estimate at a fraction of the
             # cost (the same draw as `fit_factors`' sample).
             gen = torch.Generator().manual_seed(args.seed)
+            # host: which examples to sample (indices, the same on every device)
             keep = sorted(torch.randperm(len(curvature_set), generator=gen)[: args.curvature_samples].tolist())
             curvature_set = [curvature_set[i] for i in keep]
         self.curvature_set = curvature_set

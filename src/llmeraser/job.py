@@ -31,6 +31,7 @@ from llmeraser.record import TrainingRecord
 from llmeraser.recording import read
 from llmeraser.replay import verify_recording
 from llmeraser.request import Request, apply_request, load_request, resolve
+from llmeraser.resources import OOM_ADVICE, device_memory
 from llmeraser.solvers.api import is_fitted
 from llmeraser.trajectory import Trajectory
 from llmeraser.updates import RequestContext, UnlearnOptions, get_method
@@ -192,7 +193,8 @@ class AdapterJob:
                                    "recording the request")
         try:
             ctx = self.context(train, request)
-            update = get_method(options.method).run(ctx, options)
+            with device_memory(f"the {options.method!r} update of {len(train):,} examples", OOM_ADVICE["unlearn"]):
+                update = get_method(options.method).run(ctx, options)
             model, _ = self.model_and_task()
             if update.theta is not None:  # a path update knows the new θ itself (a rewind: bit for bit)
                 ParamView(model).set_vector(update.theta)
@@ -291,7 +293,8 @@ class AdapterJob:
                                "checking the inputs")
         self.check_data(self.train)
         model, task = self.model_and_task()
-        fits = fit_factors(model, task, self.train, tuple(dict.fromkeys(kinds)), args or FactorArguments())
+        with device_memory(f"fitting {'/'.join(kinds)} on {len(self.train):,} examples", OOM_ADVICE["fit-curvature"]):
+            fits = fit_factors(model, task, self.train, tuple(dict.fromkeys(kinds)), args or FactorArguments())
         t_sha = examples_hash(self.train)
 
         def save() -> list[dict]:  # rank 0 writes the store

@@ -84,8 +84,8 @@ def accuracy(pred: Sequence[int | bool] | torch.Tensor, labels: Sequence[int | b
 def binary_kl(p_ref: Sequence[float] | torch.Tensor, p: Sequence[float] | torch.Tensor) -> float:
     """Mean KL(Bernoulli(p_ref) ‖ Bernoulli(p)) over examples, in nats: how far a model's yes/no answers are from a
     reference model's (e.g. unlearned vs retrained). Probabilities are clipped to [1e-12, 1 − 1e-12]."""
-    a = torch.as_tensor(_flat(p_ref), dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-    b = torch.as_tensor(_flat(p), dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    a = torch.as_tensor(_flat(p_ref), dtype=torch.float64).clamp(1e-12, 1 - 1e-12)  # host: reported numbers
+    b = torch.as_tensor(_flat(p), dtype=torch.float64).clamp(1e-12, 1 - 1e-12)  # host: reported numbers
     if a.shape != b.shape or a.numel() == 0:
         raise ConfigError(f"binary_kl needs two equally long, non-empty lists, got {a.numel()} and {b.numel()}")
     return float((a * (a / b).log() + (1 - a) * ((1 - a) / (1 - b)).log()).mean())
@@ -166,8 +166,8 @@ def yes_no_probabilities(model: torch.nn.Module, task: CausalLMTask, examples: S
             chunk = [Example(e.id, e.prompt, yes) for e in examples[start : start + batch_size]]
             batch = _to_device(task.collate(chunk), model)
             z = _prompt_end_logits(task.forward(model, batch), batch).double()  # (batch, vocab)
-            probs.append(torch.sigmoid(z[:, yes_id] - z[:, no_id]).cpu())
-    return torch.cat(probs) if probs else torch.zeros(0, dtype=torch.float64)
+            probs.append(torch.sigmoid(z[:, yes_id] - z[:, no_id]))  # kept where computed: one transfer at the end
+    return torch.cat(probs).cpu() if probs else torch.zeros(0, dtype=torch.float64)  # host: an empty result
 
 
 def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Example], *, batch_size: int = 8,
@@ -199,17 +199,19 @@ def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Exam
     yes_id, no_id = _answer_tokens(task, yes, no) if binary else (0, 0)
     # Batches of similar length waste less compute on padding; results go back to the examples' order.
     order = sorted(range(len(examples)), key=lambda i: len(task.encode(examples[i])[0]))
-    loss = torch.zeros(len(examples), dtype=torch.float64)
-    p = torch.zeros(len(examples), dtype=torch.float64)
+    device = next(model.parameters()).device  # results stay with the model until one transfer at the end
+    loss = torch.zeros(len(examples), dtype=torch.float64, device=device)
+    p = torch.zeros(len(examples), dtype=torch.float64, device=device)
     with _EvalMode(model):
         for start in tqdm(range(0, len(examples), batch_size), desc="evaluate", disable=not progress, leave=False):
-            idx = order[start : start + batch_size]
-            batch = _to_device(task.collate([examples[i] for i in idx]), model)
+            idx = torch.tensor(order[start : start + batch_size], device=device)
+            batch = _to_device(task.collate([examples[i] for i in order[start : start + batch_size]]), model)
             logits = task.forward(model, batch)  # (batch, k, vocab)
-            loss[idx] = task.loss(logits, batch).double().cpu()
+            loss[idx] = task.loss(logits, batch).double().to(device)
             if binary:  # the prompt ends at the same position whatever the answer
                 z = _prompt_end_logits(logits, batch).double()
-                p[idx] = torch.sigmoid(z[:, yes_id] - z[:, no_id]).cpu()
+                p[idx] = torch.sigmoid(z[:, yes_id] - z[:, no_id]).to(device)
+    loss, p = loss.cpu(), p.cpu()
     out: dict = {"n": len(examples), "loss": loss.mean().item(),
                  "losses": {e.id: v for e, v in zip(examples, loss.tolist(), strict=True)}}
     if binary:

@@ -7,11 +7,22 @@ available (`MemAvailable` in /proc/meminfo; where that is unknown the check pass
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 from llmeraser.errors import ResourceError
 
 MARGIN = 0.8  # use at most this share of the available memory
+
+# What helps when a command runs out of device memory (its own options), said with the error.
+OOM_ADVICE = {
+    "finetune": "lower --batch-size or --max-length, or load the base in --dtype bfloat16",
+    "fit-curvature": "lower --batch-size, fit on a sample (--samples N), or load the base in --dtype bfloat16",
+    "unlearn": "lower --batch-size (gradients and curvature products are taken a batch at a time) or "
+               "--solver-batch-size, or use --solver ekfac with fitted factors",
+    "evaluate": "lower --batch-size",
+}
 
 
 def available_bytes() -> int | None:
@@ -44,3 +55,27 @@ def require(need: int, what: str, instead: str) -> None:
     free = available_bytes()
     if free is not None and need > MARGIN * free:
         raise ResourceError(f"{what} needs about {gib(need)} but {gib(free)} of memory is available; {instead}")
+
+
+@contextlib.contextmanager
+def device_memory(what: str, instead: str) -> Iterator[None]:
+    """Within the block, a device running out of memory (torch's OutOfMemoryError, CUDA's included) becomes a
+    ResourceError that names `what` did not fit and `instead` (an option that helps): an error the user can act on,
+    exit code 2 on the command line, not a traceback. The tensors of the failed step are freed as the exception
+    unwinds, so the process can go on (e.g. retry smaller)."""
+    try:
+        yield
+    except out_of_memory_error() as e:
+        raise ResourceError(f"{what} did not fit in the device's memory ({oom_detail(e)}); {instead}") from e
+
+
+def out_of_memory_error() -> type[BaseException]:
+    """torch's out-of-memory exception (torch.OutOfMemoryError; torch.cuda's name before torch 2.5)."""
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def oom_detail(e: BaseException) -> str:
+    """The first line of an out-of-memory message (torch's runs to a paragraph of allocator advice)."""
+    return (str(e).strip().splitlines() or ["out of memory"])[0][:200]

@@ -18,6 +18,7 @@ import sys
 
 from llmeraser.cli.common import add_fields, pick
 from llmeraser.errors import LLMEraserError, UserInputError
+from llmeraser.resources import OOM_ADVICE, oom_detail, out_of_memory_error
 
 __all__ = ["COMMANDS", "DISTRIBUTED_COMMANDS", "PLUGINS", "add_fields", "build_parser", "main", "pick", "plugins"]
 
@@ -147,6 +148,12 @@ def _run(args: argparse.Namespace, prefix: str) -> int:
         completed = True
         return code
     except distributed.Mirrored:  # rank 0's bad input: rank 0 reports it
+        return 2
+    except out_of_memory_error() as e:  # one the library did not name (it names fits and updates): the advice
+        if args.debug:
+            raise
+        print(f"{prefix}: error: '{args.command}' ran out of device memory ({oom_detail(e)}); "
+              f"{OOM_ADVICE.get(args.command, 'lower --batch-size')}", file=sys.stderr)
         return 2
     except UserInputError as e:
         if args.debug:

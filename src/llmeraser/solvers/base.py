@@ -205,7 +205,8 @@ def check_finite(name: str, value: torch.Tensor | float, what: str) -> None:
 def power_iteration(op: LinearOperator, damping: float, iters: int = 20, seed: int = 0) -> float:
     """Estimate of the largest eigenvalue of H + λI (used to set step sizes); costs `iters` full products."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(op.dim, generator=gen, dtype=torch.float64).to(dtype=op.dtype, device=op.device)
+    v = torch.randn(op.dim, generator=gen, dtype=torch.float64)  # host: the same start on every device
+    v = v.to(dtype=op.dtype, device=op.device)
     v /= torch.linalg.vector_norm(v)
     lam = 0.0
     for _ in range(iters):
@@ -254,7 +255,8 @@ def batch_sampler(op: LinearOperator, batch_size: int, seed: int) -> Callable[[t
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def sample(v: torch.Tensor) -> torch.Tensor:
-        indices = torch.randint(op.num_terms, (batch_size,), generator=gen).to(op.device)
+        # host: the CPU generator's draws are the same on every device (batch_size indices a step, sent as they are)
+        indices = torch.randint(op.num_terms, (batch_size,), generator=gen).to(op.device, non_blocking=True)
         return op.sample_matvec(v, indices)
 
     return sample

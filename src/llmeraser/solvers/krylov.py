@@ -65,7 +65,7 @@ def shifted_solve(op: LinearOperator, b: torch.Tensor, dampings: Sequence[float]
     products: list[torch.Tensor] = []  # H q_j, kept for the true residuals
     alphas: list[float] = []
     betas: list[float] = []
-    rhos = torch.tensor([float(x) for x in dampings], dtype=torch.float64)
+    rhos = torch.tensor([float(x) for x in dampings], dtype=torch.float64)  # host: m scalars
     lams = rhos
     history = [1.0]
     while len(alphas) < args.max_iters:
@@ -93,7 +93,7 @@ def shifted_solve(op: LinearOperator, b: torch.Tensor, dampings: Sequence[float]
     w_mat = torch.stack(products, dim=1)  # (p, k) = H Q_k
     results = []
     for j, lam in enumerate(lams.tolist()):
-        y = coeffs[:, j].to(q_mat.dtype)
+        y = coeffs[:, j].to(q_mat)  # the tridiagonal algebra is host float64 (k × k); Q_k lives with the model
         x = float(b_norm) * (q_mat @ y)
         residual = float(torch.linalg.vector_norm(w_mat @ y + lam * (q_mat @ y) - b / b_norm))
         check_finite(NAME, residual, "the residual")
@@ -111,11 +111,11 @@ def _galerkin(alphas: list[float], betas: list[float], beta: float,
     """(T_k + λI)⁻¹ e₁ for each λ, as columns (k, m), and the relative residuals β |e_kᵀ (T_k + λI)⁻¹ e₁| (m,)."""
     k = len(alphas)
     t = _tridiagonal(alphas, betas)
-    e1 = torch.zeros(k, dtype=torch.float64)
+    e1 = torch.zeros(k, dtype=torch.float64)  # host: the k × k Lanczos algebra is tiny
     e1[0] = 1.0
     cols = []
     for lam in lams.tolist():
-        shifted = t + lam * torch.eye(k, dtype=torch.float64)
+        shifted = t + lam * torch.eye(k, dtype=torch.float64)  # host: k × k
         # CG on H + λI exists exactly when T_k + λI is positive definite (its LDLᵀ pivots are CG's curvatures).
         chol, info = torch.linalg.cholesky_ex(shifted)
         if int(info) != 0 or not math.isfinite(float(chol.diagonal().min())):
@@ -129,8 +129,8 @@ def _galerkin(alphas: list[float], betas: list[float], beta: float,
 def _tridiagonal(alphas: list[float], betas: list[float]) -> torch.Tensor:
     """T_k = tridiag(β, α, β) of the Lanczos relation (float64)."""
     k = len(alphas)
-    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))  # host: k × k
     if k > 1:
-        off = torch.tensor(betas[: k - 1], dtype=torch.float64)
+        off = torch.tensor(betas[: k - 1], dtype=torch.float64)  # host: k × k
         t += torch.diag(off, 1) + torch.diag(off, -1)
     return t
