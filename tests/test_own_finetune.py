@@ -163,6 +163,11 @@ def test_the_prepared_device_script_runs_on_the_cpu(tmp_path, capsys):
     assert "unlearn: rewind" in out and "FAIL" not in out
     timings = json.loads((tmp_path / "timings.json").read_text())
     assert all(ok for _, ok in timings["checks"])
+    from llmeraser.solvers.api import solver_names
+    from llmeraser.updates import method_names
+
+    ran = {row["step"] for row in timings["rows"]}  # every method, and the one-step update with every solver
+    assert {f"unlearn: {m}" for m in method_names()} | {f"unlearn: first-order/{s}" for s in solver_names()} <= ran
 
 
 def test_a_record_with_an_unknown_rendering_is_refused_by_name(tmp_path):
