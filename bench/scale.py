@@ -47,6 +47,7 @@ import torch
 
 from llmeraser.data import Example
 from llmeraser.eraser import EraserArguments
+from llmeraser.errors import UserInputError
 from llmeraser.factors import FactorArguments
 from llmeraser.finetune import FinetuneArguments, finetune_adapter
 from llmeraser.job import AdapterJob
@@ -107,11 +108,12 @@ def watchdog(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def synthetic(n: int, seed: int = 0) -> list[Example]:
-    """n examples: a prompt of random words longer than any --tokens we use (`CausalLMTask` cuts it from the left, so
-    every example has exactly max_length tokens) and an 8-word response."""
+def synthetic(n: int, tokens: int, seed: int = 0) -> list[Example]:
+    """n examples: a prompt of 2 × `tokens` random words, each at least one token, so longer than max_length =
+    `tokens` (`CausalLMTask` cuts it from the left: every example has exactly `tokens` tokens), and an 8-word
+    response."""
     rng = random.Random(seed)
-    return [Example(id=f"s{i:06d}", prompt=" ".join(rng.choices(WORDS, k=400)),
+    return [Example(id=f"s{i:06d}", prompt=" ".join(rng.choices(WORDS, k=2 * tokens)),
                     response=" " + " ".join(rng.choices(WORDS, k=8))) for i in range(n)]
 
 
@@ -190,14 +192,17 @@ class Runner:
         row["rss_mib"] = mem.mib
         if self.device.type == "cuda":
             row["gpu_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        if row["status"] == "ok":
+        if row["status"] in ("ok", "stopped"):  # a stopped one's seconds are a lower bound: larger N is skipped
             self.seen[(cfg["model"], cfg["lora"], name)] = (cfg["n"], row["seconds"])
         self.rows.append(row)
         print(f"  {name:<22} {row['status']:<9} {row['seconds']:9.2f} s  {row.get('note', '')}", flush=True)
         return row
 
     def write(self) -> None:
-        """rows.json, rows.csv, table.md and scale.png, rewritten after every configuration."""
+        """rows.json, rows.csv, table.md and scale.png, rewritten after every configuration (when rows changed)."""
+        if getattr(self, "_written", None) == len(self.rows):
+            return
+        self._written = len(self.rows)
         self.out.mkdir(parents=True, exist_ok=True)
         meta = {"arguments": vars(self.a), "commit": _commit(), "torch": torch.__version__,
                 "transformers": _version("transformers"), "peft": _version("peft"), "python": platform.python_version(),
@@ -237,7 +242,7 @@ def _recording_bytes(adapter: Path) -> int:
 def run_config(r: Runner, cfg: dict, base: str, lora: LoraSettings, work: Path) -> None:
     """Every operation on one (model, LoRA, N): fine-tune, retrain, fits, requests, rewind, path."""
     a, n = r.a, cfg["n"]
-    train = synthetic(n, seed=a.seed)
+    train = synthetic(n, a.tokens, seed=a.seed)
     k = min(a.removed, max(1, n // 10))
     request = Request.remove(*[train[(2 * i + 1) * n // (2 * k)].id for i in range(k)])
     adapter = work / "adapter"
@@ -341,7 +346,8 @@ def _requests(r: Runner, cfg: dict, adapter: Path, train, request: Request, comm
             method="first-order", eraser=EraserArguments(solver=kind, batch_size=a.batch_size))))
     r.op(cfg, "request cg", lambda: unlearn("cg", UnlearnOptions(
         method="first-order", eraser=EraserArguments(solver="cg", batch_size=a.batch_size,
-                                                     curvature_samples=a.cg_samples))))
+                                                     curvature_samples=a.cg_samples),
+        solver_options={"max_iters": a.cg_iters} if a.cg_iters else {})))
     replay = stages["fine-tune"] + stages.get("load base", 0.0)  # a rewind replays at most every step
     for method in ("rewind", "path"):
         r.op(cfg, method, lambda method=method: unlearn(method, UnlearnOptions(method=method)),
@@ -396,19 +402,21 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         return
     panels = list(dict.fromkeys((r["model"], r["lora"]) for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.5), squeeze=False)
     for ax, (model, lora) in zip(axes[0], panels, strict=True):
         mine = [r for r in rows if (r["model"], r["lora"]) == (model, lora) and r["status"] in ("ok", "estimated")
                 and isinstance(r.get("seconds"), float) and r["seconds"] > 0]
-        for name in dict.fromkeys(r["operation"] for r in mine):
+        for i, name in enumerate(dict.fromkeys(r["operation"] for r in mine)):
             pts = sorted((r["n"], r["seconds"], r["status"]) for r in mine if r["operation"] == name)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    linestyle="--" if any(p[2] == "estimated" for p in pts) else "-", label=name)
+            style = "--" if any(p[2] == "estimated" for p in pts) else \
+                {"fit": "-.", "request": ":"}.get(name.split()[0], "-")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^vD<>"[i % 7], linestyle=style,
+                    color=plt.cm.tab20(i % 20), label=name + (" (estimated)" if style == "--" else ""))
         ax.set(xscale="log", yscale="log", xlabel="training examples N", ylabel="seconds", title=f"{model}, {lora}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -433,6 +441,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--removed", type=int, default=10, help="examples the request removes (at most N/10)")
     p.add_argument("--cg-samples", type=int, default=0, help="cg's curvature sample (0 = all N, the default)")
+    p.add_argument("--cg-iters", type=int, default=0, help="cg's iteration budget (0 = its preset)")
     p.add_argument("--record-max-gib", type=float, default=FinetuneArguments.record_max_gib)
     p.add_argument("--max-seconds", type=float, default=600.0,
                    help="per operation: skip one forecast to take longer, stop one that does (0 = no limit)")
@@ -447,6 +456,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a.models = a.shape or models
     a.n, a.lora = sorted(set(a.n or ns)), a.lora or loras
     a.device, a.dtype = a.device or device, a.dtype or dtype
+    try:
+        resolve_device(a.device)
+    except UserInputError as e:
+        p.error(f"{e} (--gpu --device cpu --shape tiny runs the GPU's code path on the CPU)")
     if min(a.n) < 2 or a.tokens < 8 or a.epochs < 1 or a.batch_size < 1 or a.removed < 1 or a.max_seconds < 0:
         p.error("--n ≥ 2, --tokens ≥ 8, --epochs, --batch-size and --removed ≥ 1, --max-seconds ≥ 0")
     return a
