@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import gc
-import json
 import math
 import platform
 import random
@@ -44,6 +42,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from scale_output import FIELDS, write_results  # noqa: F401 (FIELDS: the columns, for callers)
 
 from llmeraser.data import Example
 from llmeraser.eraser import EraserArguments
@@ -74,9 +73,6 @@ MODES = {  # mode → (models, default N, default LoRAs, device, dtype)
     "cpu-tiny": (["tiny"], [250, 1000, 10_000, 100_000], ["r8-qv"], "cpu", "float32"),
     "cpu-embedded": (["embedded"], [250, 1000, 10_000], ["r8-qv"], "cpu", "float32"),
     "gpu": (["tinyllama-1.1b", "llama-2-7b"], [1000, 10_000], ["r8-qv", "r16-all"], "cuda", "bfloat16")}
-FIELDS = ["mode", "model", "base_params", "lora", "params", "n", "tokens", "device", "dtype", "operation", "status",
-          "seconds", "epochs", "retrain_over", "gradients_s", "solve_s", "rss_mib", "gpu_mib", "recording_bytes",
-          "detail", "note"]
 WORDS = ("time year people way day man thing woman life child world school state family student group country "
          "problem hand part place case week company system program question work government number night point "
          "home water room mother area money story fact month lot right study book eye job word business issue side "
@@ -208,13 +204,7 @@ class Runner:
                 "transformers": _version("transformers"), "peft": _version("peft"), "python": platform.python_version(),
                 "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.machine(),
                 "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        (self.out / "rows.json").write_text(json.dumps({**meta, "rows": self.rows}, indent=1, default=str))
-        with open(self.out / "rows.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(self.rows)
-        (self.out / "table.md").write_text(tables(self.rows, meta), encoding="utf-8")
-        plot(self.rows, self.out / "scale.png")
+        write_results(self.rows, meta, self.out)
 
 
 def _version(package: str) -> str:
@@ -352,72 +342,6 @@ def _requests(r: Runner, cfg: dict, adapter: Path, train, request: Request, comm
     for method in ("rewind", "path"):
         r.op(cfg, method, lambda method=method: unlearn(method, UnlearnOptions(method=method)),
              forecast=r.forecast(cfg, method) or replay)
-
-
-COLUMNS = [("operation", "operation", ""), ("status", "status", ""), ("seconds", "seconds", ".3g"),
-           ("epochs", "epochs", ".3g"), ("retrain_over", "retrain ÷ this", ".3g"),
-           ("gradients_s", "gradients s", ".3g"), ("solve_s", "solve s", ".3g"), ("rss_mib", "host MiB", ".0f"),
-           ("gpu_mib", "GPU MiB", ".0f"), ("detail", "detail", ""), ("note", "note", "")]
-
-
-def tables(rows: list[dict], meta: dict) -> str:
-    """One markdown table per (model, LoRA, N)."""
-    out = [f"# Scale benchmark\n\ncommit {meta['commit'][:12]}, torch {meta['torch']}, transformers "
-           f"{meta['transformers']}, peft {meta['peft']}, device {meta['device']}\n"]
-    for key in dict.fromkeys((r["model"], r["lora"], r["n"]) for r in rows):
-        group = [r for r in rows if (r["model"], r["lora"], r["n"]) == key]
-        g = group[0]
-        out.append(f"## {g['model']} ({_count(g.get('base_params'))} base parameters), LoRA {g['lora']} "
-                   f"({_count(g.get('params'))} trainable), N = {g['n']:,}, {g.get('tokens', '?')} tokens an "
-                   f"example, {g['device']} {g['dtype']}\n")
-        recording = next((r["recording_bytes"] for r in group if r.get("recording_bytes")), None)
-        if recording:
-            out.append(f"recording: {recording / 2**20:.1f} MiB\n")
-        lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        lines += ["| " + " | ".join(_cell(r.get(k), f) for k, _, f in COLUMNS) + " |" for r in group]
-        out.append("\n".join(lines) + "\n")
-    return "\n".join(out)
-
-
-def _cell(value, spec: str) -> str:
-    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    text = format(value, spec) if isinstance(value, int | float) and spec else str(value)
-    return text.replace("|", "/")
-
-
-def _count(n) -> str:
-    if not isinstance(n, int):
-        return "?"
-    return next(f"{n / d:.3g}{s}" for d, s in ((1e9, "B"), (1e6, "M"), (1e3, "k"), (1, "")) if n >= d or d == 1)
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    """Log-log seconds vs N, one line per operation (dashed: estimated), one panel per (model, LoRA)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    panels = list(dict.fromkeys((r["model"], r["lora"]) for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 4.5), squeeze=False)
-    for ax, (model, lora) in zip(axes[0], panels, strict=True):
-        mine = [r for r in rows if (r["model"], r["lora"]) == (model, lora) and r["status"] in ("ok", "estimated")
-                and isinstance(r.get("seconds"), float) and r["seconds"] > 0]
-        for i, name in enumerate(dict.fromkeys(r["operation"] for r in mine)):
-            pts = sorted((r["n"], r["seconds"], r["status"]) for r in mine if r["operation"] == name)
-            style = "--" if any(p[2] == "estimated" for p in pts) else \
-                {"fit": "-.", "request": ":"}.get(name.split()[0], "-")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^vD<>"[i % 7], linestyle=style,
-                    color=plt.cm.tab20(i % 20), label=name + (" (estimated)" if style == "--" else ""))
-        ax.set(xscale="log", yscale="log", xlabel="training examples N", ylabel="seconds", title=f"{model}, {lora}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
