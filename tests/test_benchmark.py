@@ -197,3 +197,81 @@ def test_plan_core_everywhere_study_and_more_seeds_once():
     assert [j[:2] for j in jobs] == [("QM-5", 0), ("QM-5", 1), ("QM-5", 7)]
     with pytest.raises(ConfigError, match="unknown method"):
         BenchArguments(study_methods=("magic",))
+
+
+# ------------------------------------------------------------------------------------------- bench/scale.py
+def _bench_module(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_scale_smoke_writes_every_operation_and_its_fields(tmp_path):
+    """A tiny run of bench/scale.py (N = 32, 32 tokens; seconds): every operation is a row with its fields, the
+    ratios are taken within the run, and rows.json, rows.csv, table.md (and, with matplotlib, scale.png) exist."""
+    import csv
+
+    scale = _bench_module("scale")
+    out = tmp_path / "scale"
+    assert scale.main(["--cpu-tiny", "--n", "32", "--tokens", "32", "--kinds", "ekfac", "--cg-samples",
+                       "8", "--cg-iters", "4", "--removed", "3", "--out", str(out),
+                       "--work", str(tmp_path / "work")]) == 0
+    result = json.loads((out / "rows.json").read_text())
+    rows = {r["operation"]: r for r in result["rows"]}
+    assert list(rows) == ["fine-tune (recorded)", "epoch", "retrain", "fit ekfac", "request ekfac", "request cg",
+                          "rewind", "path"]
+    for name, r in rows.items():
+        assert r["status"] == "ok", (name, r.get("note"))
+        assert (r["mode"], r["model"], r["lora"], r["n"], r["device"]) == ("cpu-tiny", "tiny", "r8-qv", 32, "cpu")
+        assert r["params"] > 0 and r["base_params"] > r["params"] and r["tokens"] == 32
+        assert r["seconds"] > 0 and math.isfinite(r["epochs"]) and math.isfinite(r["retrain_over"])
+        # the ratios are the run's own seconds over the epoch's and retraining's
+        assert r["epochs"] == pytest.approx(r["seconds"] / rows["epoch"]["seconds"])
+        assert r["retrain_over"] == pytest.approx(rows["retrain"]["seconds"] / r["seconds"])
+    for name in ("request ekfac", "request cg"):
+        # the report's gradients and solve happen inside the timed operation, so they cannot exceed its seconds
+        r = rows[name]
+        assert 0 < r["gradients_s"] and 0 <= r["solve_s"] and r["gradients_s"] + r["solve_s"] <= r["seconds"]
+    assert rows["fine-tune (recorded)"]["recording_bytes"] > 0 and rows["fine-tune (recorded)"]["detail"] == "4 steps"
+    assert "replayed_fraction" in rows["rewind"]["detail"] and "gradient_cost" in rows["path"]["detail"]
+    assert rows["fine-tune (recorded)"]["rss_mib"] >= 0 or math.isnan(rows["fine-tune (recorded)"]["rss_mib"])
+    with open(out / "rows.csv", encoding="utf-8") as f:
+        assert next(csv.reader(f)) == scale.FIELDS
+    table = (out / "table.md").read_text()
+    assert "N = 32" in table and "| request cg | ok |" in table and "| retrain ÷ this |" in table
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "scale.png").stat().st_size > 1000
+
+
+def test_scale_runner_records_failures_skips_forecasts_and_stops_at_the_limit(tmp_path):
+    """One operation failing, forecast too long, or running past --max-seconds is a row saying so, not a crash."""
+    import argparse
+    import time
+
+    scale = _bench_module("scale")
+    runner = scale.Runner(argparse.Namespace(device="cpu", max_seconds=0.5, debug=False), tmp_path)
+    cfg = {"mode": "cpu-tiny", "model": "tiny", "lora": "r8-qv", "n": 100, "device": "cpu", "dtype": "float32"}
+
+    def fail():
+        raise ValueError("no such thing\nsecond line")
+
+    assert runner.op(cfg, "broken", fail)["status"] == "failed"
+    assert runner.rows[-1]["note"] == "ValueError: no such thing"
+    assert runner.op(cfg, "fine", lambda: {"detail": "x"})["status"] == "ok"
+    assert runner.forecast({**cfg, "n": 1000}, "fine") == pytest.approx(10 * runner.rows[-1]["seconds"])
+    skipped = runner.op(cfg, "long", lambda: {}, forecast=5.0)
+    assert skipped["status"] == "skipped" and "forecast 5 s > --max-seconds 0.5" in skipped["note"]
+
+    def forever():
+        while True:
+            time.sleep(0.01)
+
+    stopped = runner.op(cfg, "forever", forever)
+    assert stopped["status"] == "stopped" and "--max-seconds 0.5" in stopped["note"]
+    # a stopped operation's seconds are a lower bound: a larger N is then forecast past the limit and skipped
+    assert runner.op({**cfg, "n": 200}, "forever", forever)["status"] == "skipped"
+    runner.write()
+    assert [r["operation"] for r in json.loads((tmp_path / "rows.json").read_text())["rows"]] == [
+        "broken", "fine", "long", "forever", "forever"]
