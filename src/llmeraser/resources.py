@@ -1,13 +1,21 @@
-"""Resource guard: estimate what a memory-hungry step needs before starting it, and refuse if it cannot fit.
+"""Resource guard: estimate what a memory-hungry step needs before starting it, and refuse (or choose a cheaper
+way) if it cannot fit.
 
 Two steps here grow with the problem, not with a batch: a dense curvature matrix (p × p, plus the copy a solve
 factorises) and a matrix of per-example gradients (n × p). Both are checked against the memory the OS reports as
-available (`MemAvailable` in /proc/meminfo; where that is unknown the check passes), keeping a safety margin.
+available (`MemAvailable` in /proc/meminfo; where that is unknown the check passes), keeping a safety margin. On an
+accelerator the same question is asked of the device (`device_free_bytes`: CUDA's `mem_get_info`), and an
+out-of-memory error raised there anyway (fragmentation, another process) becomes a ResourceError naming what did not
+fit and the option that helps (`device_memory`), not a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+
+import torch
 
 from llmeraser.errors import ResourceError
 
@@ -29,18 +37,60 @@ def available_bytes() -> int | None:
         return None
 
 
+def device_free_bytes(device: torch.device | str) -> int | None:
+    """Free memory on `device`: the host's for the CPU, CUDA's `mem_get_info` for a GPU (what the caching
+    allocator already holds but does not use counts as free: it is reused before the device is asked for more),
+    None where unknown (other accelerators)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return available_bytes()
+    if device.type == "cuda":
+        try:
+            free, _total = torch.cuda.mem_get_info(device)
+        except (RuntimeError, AssertionError):
+            return None
+        return int(free) + int(torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    return None
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def require(need: int, what: str, instead: str) -> None:
-    """Raise ResourceError if `need` bytes do not fit in MARGIN × the available memory.
+def fits(need: int, device: torch.device | str = "cpu") -> bool:
+    """Whether `need` bytes fit in MARGIN × the free memory of `device` (True where that is unknown)."""
+    free = available_bytes() if torch.device(device).type == "cpu" else device_free_bytes(device)
+    return free is None or need <= MARGIN * free
+
+
+def require(need: int, what: str, instead: str, device: torch.device | str = "cpu") -> None:
+    """Raise ResourceError if `need` bytes do not fit in MARGIN × the available memory (of `device`: the host's
+    by default).
 
     Args:
         need: Estimated peak bytes of the step.
         what: The step, for the message ("the dense solver's 40,000 × 40,000 matrix").
         instead: What to do instead, naming an option ("use --solver cg").
+        device: Where the bytes are needed.
     """
-    free = available_bytes()
+    device = torch.device(device)
+    free = available_bytes() if device.type == "cpu" else device_free_bytes(device)
     if free is not None and need > MARGIN * free:
-        raise ResourceError(f"{what} needs about {gib(need)} but {gib(free)} of memory is available; {instead}")
+        where = "memory" if device.type == "cpu" else f"{device} memory"
+        raise ResourceError(f"{what} needs about {gib(need)} but {gib(free)} of {where} is available; {instead}")
+
+
+OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError,)  # torch.OutOfMemoryError is the same class where it exists
+
+
+@contextlib.contextmanager
+def device_memory(what: str, instead: str) -> Iterator[None]:
+    """Turn an accelerator's out-of-memory error inside the block into a ResourceError that names `what` did not
+    fit and `instead` (an option that needs less), after handing the cached blocks back to the device."""
+    try:
+        yield
+    except OUT_OF_MEMORY as e:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        first = (str(e).strip().splitlines() or ["out of memory"])[0][:200]
+        raise ResourceError(f"{what} ran out of device memory ({first}); {instead}") from e
