@@ -269,7 +269,8 @@ def _keep(grads: dict, blocks: list[Block], rows: list[torch.Tensor], idx: list[
         src = torch.tensor([r - idx[0] for r in stats.plan.rows[first:last]], device=rows[0].device)
     for blk, r in zip(blocks, rows, strict=True):
         r = r if src is None else r.index_select(0, src)
-        grads[blk.module][dst] = r.to(grads[blk.module].dtype)
+        keep = grads[blk.module]
+        keep[dst] = r.to(keep.device, keep.dtype)  # to the host only where the plan keeps rows there
 
 
 def gather_gradients(stats: Statistics, dtype: torch.dtype) -> dict[str, torch.Tensor]:
