@@ -181,3 +181,21 @@ def test_a_device_out_of_memory_is_a_resource_error_naming_the_way_out(monkeypat
     monkeypatch.setattr("llmeraser.factors.fit.collect", oom)
     with pytest.raises(ResourceError, match=r"ekfac fit over 4 examples.*ran out of device memory.*--batch-size"):
         fit_factors(model, task, examples, ("ekfac",))
+
+
+def test_ranks_agree_on_the_most_conservative_plan(monkeypatch):
+    """Each rank sees its own free memory, but the collectives follow the plan: exact only where every rank fits
+    it, each sketch as small as the tightest rank's. Two ranks simulated: the all-reduce adds the other's votes."""
+    from llmeraser.factors import memory
+
+    theirs = []
+    monkeypatch.setattr(memory.distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(memory.distributed, "all_reduce", lambda t, what: t + theirs[0])
+    other = torch.zeros(1 + 2 * (memory.HALVINGS + 1), dtype=torch.float64)
+    # kinds in sorted order (datainf, woodbury): the other rank cannot fit exact, halves each sketch twice
+    other[0], other[1 + 2], other[1 + (memory.HALVINGS + 1) + 2] = 1.0, 1.0, 1.0
+    theirs.append(other)
+    assert memory._agree(True, {"woodbury": 1, "datainf": 3}) == (False, {"woodbury": 2, "datainf": 3})
+    theirs[0] = torch.zeros_like(other)
+    theirs[0][1], theirs[0][1 + memory.HALVINGS + 1] = 1.0, 1.0
+    assert memory._agree(True, {"woodbury": 0, "datainf": 0}) == (True, {"woodbury": 0, "datainf": 0})

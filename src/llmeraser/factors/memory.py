@@ -26,6 +26,7 @@ from llmeraser.resources import fits, gib
 
 SKETCH_MAX = 1024  # the largest automatic sketch (Nyström rank, or sampled examples for datainf)
 SKETCH_MIN = 8  # below this a sketch is no approximation worth making: refused, naming ekfac
+HALVINGS = 32  # more than enough halvings of any size to reach SKETCH_MIN
 EKFAC_INSTEAD = "use --kind ekfac (Kronecker factors, memory independent of the number of examples)"
 
 
@@ -60,7 +61,14 @@ def plan(model: torch.nn.Module, dims: Sequence[int], kinds: Sequence[str], n: i
     if gram:
         full = n * p * item  # every rank gathers all N rows, and the fit hands them to the host
         system = 3 * 8 * n * n if "woodbury" in kinds else 0  # G Gᵀ, its eigenvectors, eigh's workspace (float64)
-        if args.sketch == 0 and fits(full + system):
+        sizes = {}  # kind → (the largest size it may take, bytes (device, host) of a size)
+        if "woodbury" in kinds:
+            sizes["woodbury"] = (min(n, p, args.sketch or SKETCH_MAX), lambda k: (4 * 8 * p * k, p * k * (8 + item)))
+        if "datainf" in kinds:
+            sizes["datainf"] = (min(n, args.sketch or SKETCH_MAX), lambda k: (k * p * item, k * p * item))
+        exact, halved = _agree(args.sketch == 0 and fits(full + system),
+                               {k: _halvings(start, need, device) for k, (start, need) in sizes.items()})
+        if exact:
             out.keep = "device" if where == "device" and fits(full + system, device) else "host"
             out.gram = {k: {"method": "exact", "size": n, "why": f"the {n:,} × {p:,} per-example gradients "
                             f"({gib(full)}) fit in memory"} for k in gram}
@@ -68,13 +76,16 @@ def plan(model: torch.nn.Module, dims: Sequence[int], kinds: Sequence[str], n: i
         why = (f"a sketch of size {args.sketch} was asked for (--sketch)" if args.sketch else
                f"the {n:,} × {p:,} per-example gradients ({gib(full + system)} with the Gram system) do not fit in "
                f"memory")
+        for kind, (start, _need) in sizes.items():
+            if halved[kind] >= HALVINGS:
+                what = {"woodbury": "woodbury's Nyström sketch", "datainf": "datainf's sampled gradients"}[kind]
+                raise ResourceError(f"{what} of size {min(SKETCH_MIN, start)} over {p:,} parameters does not fit "
+                                    f"in memory either; {EKFAC_INSTEAD}")
         if "woodbury" in kinds:
-            out.rank = _largest(min(n, p, args.sketch or SKETCH_MAX), lambda k: (4 * 8 * p * k, p * k * (8 + item)),
-                                device, "woodbury's Nyström sketch", p)
+            out.rank = sizes["woodbury"][0] >> halved["woodbury"]
             out.gram["woodbury"] = {"method": "nystrom", "size": out.rank, "why": why}
         if "datainf" in kinds:
-            k = _largest(min(n, args.sketch or SKETCH_MAX), lambda k: (k * p * item, k * p * item), device,
-                         "datainf's sampled per-example gradients", p)
+            k = sizes["datainf"][0] >> halved["datainf"]
             gen = torch.Generator().manual_seed(args.seed)
             out.rows = sorted(torch.randperm(n, generator=gen)[:k].tolist())
             out.keep = "device" if where == "device" else "host"
@@ -88,14 +99,32 @@ def plan(model: torch.nn.Module, dims: Sequence[int], kinds: Sequence[str], n: i
     return out
 
 
-def _largest(k: int, need, device: torch.device, what: str, p: int) -> int:
-    """The largest size ≤ k (halving) whose (device bytes, host bytes) = need(size) fit; refused below
-    SKETCH_MIN."""
-    start = k
-    while k >= min(SKETCH_MIN, start):
+def _halvings(start: int, need, device: torch.device) -> int:
+    """How many times `start` is halved before need(size) = (device bytes, host bytes) fits; HALVINGS when no size
+    of at least min(SKETCH_MIN, start) fits."""
+    for h in range(HALVINGS):
+        k = start >> h
+        if k < min(SKETCH_MIN, start):
+            break
         on_device, on_host = need(k)
         if fits(on_host + on_device) if device.type == "cpu" else fits(on_host) and fits(on_device, device):
-            return k
-        k //= 2
-    raise ResourceError(f"{what} of size {min(SKETCH_MIN, start)} over {p:,} parameters does not fit in memory "
-                        f"either; {EKFAC_INSTEAD}")
+            return h
+    return HALVINGS
+
+
+def _agree(exact: bool, halved: dict[str, int]) -> tuple[bool, dict[str, int]]:
+    """The most conservative choice over the ranks (every rank must make the same one: the collectives follow it):
+    exact only if exact fits on every rank, each sketch as small as the tightest rank needs. With the one sum
+    all-reduce there is: a count of ranks where exact does not fit, and per kind a one-hot of its halvings (the
+    largest index present is the maximum)."""
+    if not distributed.is_distributed():
+        return exact, halved
+    kinds = sorted(halved)
+    votes = torch.zeros(1 + len(kinds) * (HALVINGS + 1), dtype=torch.float64)
+    votes[0] = 0.0 if exact else 1.0
+    for j, kind in enumerate(kinds):
+        votes[1 + j * (HALVINGS + 1) + halved[kind]] = 1.0
+    votes = distributed.all_reduce(votes, "the fit's memory plan")
+    agreed = {kind: int(torch.nonzero(votes[1 + j * (HALVINGS + 1):1 + (j + 1) * (HALVINGS + 1)]).max())
+              for j, kind in enumerate(kinds)}
+    return bool(votes[0] == 0), agreed
