@@ -62,7 +62,9 @@ class Factors:
     `solve(b, λ, view)` returns (F + λI)⁻¹ b for a flat vector b in `ParamView` order. `tensors` holds the fit:
     per block `{m}.QA`, `{m}.QG` (eigenvectors of A and G) and `{m}.eA`, `{m}.eG` (their eigenvalues, kfac) or
     `{m}.lam` (EK-FAC's corrected eigenvalues, out × in); `{m}.grads` (N × dim per-example gradients) and, for
-    woodbury, `gram.U`, `gram.s` (the eigendecomposition of G Gᵀ)."""
+    woodbury, `gram.U`, `gram.s` (the eigendecomposition of G Gᵀ) — or, when G did not fit in memory, `sketch.U`,
+    `sketch.e` (a rank-k Nyström F ≈ U diag(e) Uᵀ; `factors.sketch`), and datainf's `{m}.grads` then hold k sampled
+    examples' rows (meta `gram` says which)."""
 
     def __init__(self, kind: str, blocks: Sequence[Block], tensors: dict[str, torch.Tensor], meta: dict):
         if kind not in KINDS:
