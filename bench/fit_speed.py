@@ -30,6 +30,8 @@ def best(fn, repeats: int) -> tuple[float, float]:
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return min(wall), min(cpu)
@@ -44,18 +46,19 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--kinds", nargs="+", default=["kfac", "ekfac", "woodbury", "datainf"])
+    p.add_argument("--device", default="cpu", help="where the model lives (cuda: a GPU run of the same measurement)")
     a = p.parse_args()
     torch.set_num_threads(1)
     tok = tiny_tokenizer()
     model = tiny_lora(tiny_llama(len(tok), hidden=a.hidden, layers=a.layers, dtype=torch.float32, init_std=0.3),
-                      r=a.r)
+                      r=a.r).to(a.device)
     task = CausalLMTask(tok, max_length=24)
     examples = fact_examples(a.n, seed=1)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     epoch = best(lambda: (model.load_state_dict(state), finetune(model, task, examples, FinetuneArguments(
         epochs=1, batch_size=a.batch_size, record=False, final_check=False))), a.repeats)
     model.load_state_dict(state)
-    row = {"n": a.n, "hidden": a.hidden, "layers": a.layers, "r": a.r, "batch_size": a.batch_size,
+    row = {"device": a.device, "n": a.n, "hidden": a.hidden, "layers": a.layers, "r": a.r, "batch_size": a.batch_size,
            "epoch_s": round(epoch[0], 3), "epoch_cpu_s": round(epoch[1], 3)}
     for kind in a.kinds:
         fit = best(lambda k=kind: fit_factors(model, task, examples, (k,), FactorArguments(batch_size=a.batch_size)),
