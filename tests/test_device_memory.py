@@ -47,10 +47,11 @@ def test_the_context_names_what_and_the_way_out():
 
 
 def test_a_fit_that_does_not_fit_exits_2_naming_the_options(lineage, monkeypatch, capsys):
-    monkeypatch.setattr("llmeraser.job.fit_factors", _raise)
+    monkeypatch.setattr("llmeraser.factors.fit.collect", _raise)
     assert main(["fit-curvature", *_common(lineage), "--kind", "ekfac"]) == 2
     err = capsys.readouterr().err
-    assert "fitting ekfac on" in err and "did not fit in the device's memory" in err and "--samples" in err
+    assert "the ekfac fit over 12 examples in batches of" in err and "did not fit in the device's memory" in err
+    assert "--samples" in err
     assert "Traceback" not in err and "allocator advice" not in err  # the first line of torch's message only
 
 
@@ -72,6 +73,9 @@ def test_an_update_that_does_not_fit_exits_2_and_writes_nothing(lineage, monkeyp
 
 
 def test_an_unnamed_step_still_gets_the_commands_advice(lineage, monkeypatch, capsys):
+    monkeypatch.setattr("llmeraser.job.fit_factors", _raise)
+    assert main(["fit-curvature", *_common(lineage), "--kind", "ekfac"]) == 2
+    assert "'fit-curvature' ran out of device memory (CUDA out of memory." in capsys.readouterr().err
     monkeypatch.setattr("llmeraser.job.AdapterJob.evaluate", classmethod(_raise))
     assert main(["evaluate", "--base-model", str(lineage / "base"), "--adapter", str(lineage / "in"), "--data",
                  str(lineage / "train.jsonl"), "--quiet"]) == 2

@@ -293,8 +293,7 @@ class AdapterJob:
                                "checking the inputs")
         self.check_data(self.train)
         model, task = self.model_and_task()
-        with device_memory(f"fitting {'/'.join(kinds)} on {len(self.train):,} examples", OOM_ADVICE["fit-curvature"]):
-            fits = fit_factors(model, task, self.train, tuple(dict.fromkeys(kinds)), args or FactorArguments())
+        fits = fit_factors(model, task, self.train, tuple(dict.fromkeys(kinds)), args or FactorArguments())
         t_sha = examples_hash(self.train)
 
         def save() -> list[dict]:  # rank 0 writes the store

@@ -104,7 +104,8 @@ class Task(Protocol):
     # def fisher_loss(self, outputs, batch, generators) -> torch.Tensor:
     #     """Per-example pseudo-losses (batch,) whose gradient s in the outputs has E[s sᵀ] = ∇²_out ℓ (the output
     #     Hessian of example i's loss), e.g. the loss at targets sampled from the model's own prediction; row i
-    #     draws from generators[i] (one per example, so the draws do not depend on the batching)."""
+    #     draws from generators[i] (one per example, on the outputs' device, so the draws do not depend on the
+    #     batching)."""
 
 
 def per_example_loss(task: Task, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -325,7 +326,7 @@ class CausalLMTask:
 
     def fisher_loss(self, outputs: torch.Tensor, batch: Batch, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """(1/√k) Σₜ CE(oₜ, ỹₜ) per example, with ỹₜ ~ softmax(oₜ) at each of its k response positions, drawn from
-        the example's own generator (`generators[i]` for row i).
+        the example's own generator (`generators[i]` for row i, on the outputs' device: `sample_targets`).
 
         Its gradient sₜ = (p − e_ỹₜ)/√k in the logits has E[sₜ sₜᵀ] = (diag p − p pᵀ)/k, the output Hessian of the
         mean response NLL, and E[sₜ sᵤᵀ] = 0 for t ≠ u (independent draws, each of mean zero): so the Fisher built
@@ -335,13 +336,28 @@ class CausalLMTask:
         if len(generators) != targets.shape[0]:
             raise ConfigError(f"fisher_loss: {targets.shape[0]} examples but {len(generators)} generators")
         valid = targets != IGNORE_INDEX
-        probs = torch.softmax(outputs.detach().double(), dim=-1).cpu()  # (batch, k, vocab)
-        draws = torch.stack([torch.multinomial(p, 1, generator=g).squeeze(1) for p, g in zip(probs, generators,
-                                                                                             strict=True)])
-        draws = draws.to(targets.device)
+        draws = sample_targets(outputs.detach(), generators, max(self.max_length, targets.shape[1]))
         sampled = torch.where(valid, draws, torch.full_like(targets, IGNORE_INDEX))
         nll = F.cross_entropy(outputs.transpose(1, 2), sampled, ignore_index=IGNORE_INDEX, reduction="none")
         return nll.sum(1) / self._divisor(valid).to(nll.dtype).sqrt()
+
+
+def sample_targets(logits: torch.Tensor, generators: Sequence[torch.Generator], width: int) -> torch.Tensor:
+    """(batch, k) token ids, row i's position t drawn from softmax(logits[i, t]) with the uniform u_{i,t}, on the
+    logits' device (no transfer to the host).
+
+    Each row draws `width` uniforms from its own generator — a fixed count, never the batch's k, so that row i's
+    u_{i,t} depend only on its generator (a device generator's values for a call depend on the call's size) — and the
+    draw is the inverse CDF, the first token whose cumulative probability exceeds u·(total), one vectorised
+    searchsorted over the batch in float64. P(draw = j) = p_j exactly up to float64 rounding of the cumulative sums.
+    One small kernel a row draws the uniforms (the generators are per example, so that an example's targets do not
+    depend on its batch, rank or the other examples); the sampling itself is batched."""
+    b, k, vocab = logits.shape
+    u = torch.stack([torch.rand(width, generator=g, device=logits.device, dtype=torch.float64)
+                     for g in generators])[:, :k]
+    cdf = torch.softmax(logits.double(), dim=-1).cumsum_(-1)  # (batch, k, vocab)
+    draws = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return draws.clamp_(max=vocab - 1)
 
 
 def _head(text: str, n: int | None) -> str:

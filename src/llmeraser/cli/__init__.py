@@ -18,7 +18,6 @@ import sys
 
 from llmeraser.cli.common import add_fields, pick
 from llmeraser.errors import LLMEraserError, UserInputError
-from llmeraser.resources import OOM_ADVICE, oom_detail, out_of_memory_error
 
 __all__ = ["COMMANDS", "DISTRIBUTED_COMMANDS", "PLUGINS", "add_fields", "build_parser", "main", "pick", "plugins"]
 
@@ -132,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     return _run(args, prefix)
 
 
+def _out_of_memory() -> tuple[type[BaseException], ...]:
+    """torch's out-of-memory errors, looked up only when an exception reaches the handler (--help loads no torch)."""
+    from llmeraser.resources import OUT_OF_MEMORY
+
+    return OUT_OF_MEMORY
+
+
 def _run(args: argparse.Namespace, prefix: str) -> int:
     """The command, its errors as exit codes (2 bad input, 1 internal failure, 130 Ctrl-C, 143 SIGTERM): one line on
     stderr, never a traceback unless --debug."""
@@ -149,9 +155,11 @@ def _run(args: argparse.Namespace, prefix: str) -> int:
         return code
     except distributed.Mirrored:  # rank 0's bad input: rank 0 reports it
         return 2
-    except out_of_memory_error() as e:  # one the library did not name (it names fits and updates): the advice
+    except _out_of_memory() as e:  # one the library did not name (it names fits and updates): the advice
         if args.debug:
             raise
+        from llmeraser.resources import OOM_ADVICE, oom_detail
+
         print(f"{prefix}: error: '{args.command}' ran out of device memory ({oom_detail(e)}); "
               f"{OOM_ADVICE.get(args.command, 'lower --batch-size')}", file=sys.stderr)
         return 2

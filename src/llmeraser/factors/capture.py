@@ -16,19 +16,21 @@ itself (fisher="empirical"). See docs/math.md#curvature.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from llmeraser import distributed
 from llmeraser.data import Example
-from llmeraser.errors import ConfigError, ResourceError
+from llmeraser.errors import ConfigError
+from llmeraser.factors.memory import Plan
+from llmeraser.factors.sketch import Nystrom
 from llmeraser.params import ParamView
-from llmeraser.resources import require
 from llmeraser.task import Task
 
 
@@ -114,14 +116,16 @@ class Capture:
             h.remove()
 
 
-def example_generators(seed: int, ids: Sequence[str]) -> list[torch.Generator]:
-    """One generator per example, seeded by (seed, example id): an example's sampled targets do not depend on the
-    batch or rank it lands in (a sharded fit equals the single-process one), nor on which other examples are in the
-    set (a refit after a removal draws the same targets for the examples that remain)."""
+def example_generators(seed: int, ids: Sequence[str], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per example on `device` (where the model is, so the targets are drawn there), seeded by (seed,
+    example id): an example's sampled targets do not depend on the batch or rank it lands in (a sharded fit equals
+    the single-process one), nor on which other examples are in the set (a refit after a removal draws the same
+    targets for the examples that remain). Devices have different generators (the CPU's Mersenne Twister, CUDA's
+    Philox), so the draws are reproducible per device type."""
     def mixed(key: str) -> int:  # hashed: nearby integer seeds give correlated Mersenne-Twister streams (measured)
         return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") >> 1
 
-    return [torch.Generator().manual_seed(mixed(key)) for key in ids]
+    return [torch.Generator(device=device).manual_seed(mixed(key)) for key in ids]
 
 
 def passes(model: torch.nn.Module, task: Task, examples: Sequence[Example], blocks: Sequence[Block],
@@ -131,7 +135,7 @@ def passes(model: torch.nn.Module, task: Task, examples: Sequence[Example], bloc
     if args.fisher == "mc" and not hasattr(task, "fisher_loss"):
         raise ConfigError(f"task {type(task).__name__} has no fisher_loss (needed by fisher='mc'); "
                           f"use fisher='empirical'")
-    params = ParamView(model).params
+    view = ParamView(model)
     capture = Capture(model, blocks)
     try:
         for idx in tqdm(distributed.batches(len(examples), args.batch_size), desc=desc, disable=not args.progress,
@@ -139,21 +143,30 @@ def passes(model: torch.nn.Module, task: Task, examples: Sequence[Example], bloc
             batch = task.collate([examples[i] for i in idx])
             outputs = task.forward(model, batch)
             if args.fisher == "mc":
-                pseudo = task.fisher_loss(outputs, batch, example_generators(args.seed, [examples[i].id for i in idx]))
+                gens = example_generators(args.seed, [examples[i].id for i in idx], view.device)
+                pseudo = task.fisher_loss(outputs, batch, gens)
             else:
                 pseudo = task.loss(outputs, batch)
-            torch.autograd.grad(pseudo.sum(), params, allow_unused=True)  # fills the tensor hooks
+            torch.autograd.grad(pseudo.sum(), view.params, allow_unused=True)  # fills the tensor hooks
             mask = batch.get("attention_mask")
+            mask = mask.to(view.device) if mask is not None else None
             keys = {b.module: capture.input_key(b) for b in blocks}
             yield idx, keys, {b.module: capture.take(b, mask) for b in blocks}
     finally:
         capture.remove()
 
 
+def precision(dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(products, sums): a batch's products in the model's precision but at least float32 (bf16 products lose
+    digits), their sums over batches in float64 — except on Apple's MPS, which has no float64."""
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    return work, torch.float32 if device.type == "mps" else torch.float64
+
 
 @dataclass
 class Statistics:
-    """What one pass accumulated, summed over every rank: the inputs of every fitted kind."""
+    """What one pass accumulated, summed over every rank: the inputs of every fitted kind. Its tensors live on the
+    model's device (kept gradients where the plan put them); the fit sends its result to the host once."""
 
     blocks: list[Block]
     examples: list[Example]  # the examples fitted on (the sample, if any)
@@ -161,28 +174,45 @@ class Statistics:
     a_sum: dict[str, torch.Tensor]  # (in, in) Σ aₜaₜᵀ over counted tokens, only for the blocks in shared.values()
     g_sum: dict[str, torch.Tensor]  # (out, out) Σ gₜgₜᵀ
     tokens: dict[str, float]  # tokens counted per block (padding left out)
-    grads: dict[str, torch.Tensor] | None  # (rows, out·in) per-example gradients of this rank's rows, if kept
+    grads: dict[str, torch.Tensor] | None  # (rows, out·in) per-example gradients of this rank's kept rows, if kept
     mine: range  # this rank's examples
     seconds: float
+    plan: Plan = field(default_factory=lambda: Plan(kronecker=True))
+    sketch: dict[str, torch.Tensor] | None = None  # woodbury's Nyström factors, when the plan made one
 
     @property
     def n(self) -> int:
         return len(self.examples)
 
+    def kept(self) -> tuple[int, int, int]:
+        """(total, lo, hi): how many rows are kept over all ranks, and this rank's share as positions lo:hi among
+        them (the kept rows are sorted and a rank's examples contiguous, so its share is one run)."""
+        rows = self.plan.rows
+        if rows is None:
+            return self.n, self.mine.start, self.mine.stop
+        return len(rows), bisect.bisect_left(rows, self.mine.start), bisect.bisect_left(rows, self.mine.stop)
 
-def collect(model: torch.nn.Module, task: Task, examples: list[Example], blocks: list[Block], args, *,
-            keep: bool) -> Statistics:
-    """One hooked pass over `examples` (this rank's shard): the Kronecker sums, token counts and, with `keep`, the
-    per-example gradients. Sums are all-reduced across ranks; the gradients stay with the rank that computed them."""
+
+def collect(model: torch.nn.Module, task: Task, examples: list[Example], blocks: list[Block], args,
+            plan: Plan) -> Statistics:
+    """One hooked pass over `examples` (this rank's shard): the Kronecker sums and token counts, and what `plan`
+    asks of the per-example gradients (kept, on the device or the host; fed to a Nyström sketch). Everything is
+    accumulated on the model's device, nothing goes to the host inside the loop (except gradient rows the plan keeps
+    on the host); sums are all-reduced across ranks, kept gradients stay with the rank that computed them."""
     view = ParamView(model)
+    device, (work, acc) = view.device, precision(view.dtype, view.device)
     mine = distributed.batch_range(len(examples), args.batch_size)  # this rank's examples (all, in one process)
     model.eval()
     start = time.perf_counter()
-    f64 = torch.float64
-    a_sum = {b.module: torch.zeros(b.inp, b.inp, dtype=f64) for b in blocks}
-    g_sum = {b.module: torch.zeros(b.out, b.out, dtype=f64) for b in blocks}
-    tokens = {b.module: 0.0 for b in blocks}
-    grads = {b.module: torch.empty(len(mine), b.dim, dtype=view.dtype) for b in blocks} if keep else None
+    sums = plan.kronecker
+    a_sum = {b.module: torch.zeros(b.inp, b.inp, dtype=acc, device=device) for b in blocks} if sums else {}
+    g_sum = {b.module: torch.zeros(b.out, b.out, dtype=acc, device=device) for b in blocks} if sums else {}
+    tokens = torch.zeros(len(blocks), dtype=acc, device=device)
+    stats = Statistics(blocks, examples, {}, a_sum, g_sum, {}, None, mine, 0.0, plan)
+    _, lo, hi = stats.kept()
+    grads = {b.module: torch.empty(hi - lo, b.dim, dtype=view.dtype, device=device if plan.keep == "device" else
+                                   "cpu") for b in blocks} if plan.keep else None
+    nys = Nystrom([b.dim for b in blocks], plan.rank, args.seed, device, work, acc) if plan.rank else None
     shared: dict[str, str] = {}
     for idx, keys, captured in passes(model, task, examples, blocks, args, "fitting curvature"):
         if not shared:
@@ -190,56 +220,68 @@ def collect(model: torch.nn.Module, task: Task, examples: list[Example], blocks:
             shared = {b.module: first.setdefault(keys[b.module], b.module) for b in blocks}
         elif any(keys[b.module] != keys[shared[b.module]] for b in blocks):
             raise ConfigError("layers that shared their inputs in the first batch did not in a later one")
-        for blk in blocks:
+        rows = []
+        for j, blk in enumerate(blocks):
             a, g, m = captured[blk.module]
-            gg = g.reshape(-1, blk.out)[m.reshape(-1) > 0]  # padding tokens have zero gradient
-            # products in the model's precision (a float32 model's are fast), sums over batches in float64
-            g_sum[blk.module] += (gg.T @ gg).to(f64).cpu()
+            w = (m > 0).to(work).reshape(-1, 1)  # padding tokens weigh 0 (no boolean indexing: no device sync)
             if shared[blk.module] == blk.module:
-                am = a.reshape(-1, blk.inp)[m.reshape(-1) > 0]  # padding tokens left out
-                a_sum[blk.module] += (am.T @ am).to(f64).cpu()
-                tokens[blk.module] += float(m.sum())
-            if grads is not None:
-                rows = slice(idx[0] - mine.start, idx[-1] + 1 - mine.start)
-                grads[blk.module][rows] = torch.bmm(g.transpose(1, 2), a).reshape(len(idx), -1).cpu()
+                tokens[j] += w.sum()
+            if sums:
+                gg = g.reshape(-1, blk.out).to(work) * w  # (padding already has zero gradient; masked anyway)
+                g_sum[blk.module] += (gg.T @ gg).to(acc)
+                if shared[blk.module] == blk.module:
+                    am = a.reshape(-1, blk.inp).to(work) * w
+                    a_sum[blk.module] += (am.T @ am).to(acc)
+            if plan.per_example:
+                rows.append(torch.bmm(g.transpose(1, 2).to(work), a.to(work)).reshape(len(idx), -1))
+        if nys is not None:
+            nys.add(rows)
+        if grads is not None:
+            _keep(grads, blocks, rows, idx, stats, lo)
+    if not shared:  # this rank had no batch: the sharing pattern comes from rank 0
+        shared = {b.module: b.module for b in blocks}
     if distributed.is_distributed():  # add up the ranks' sums (rank 0 always has examples: its sharing pattern)
         shared = distributed.broadcast_json(shared, "factor pass")
-        for blk in blocks:
+        for blk in blocks if sums else ():
             distributed.all_reduce(g_sum[blk.module], "factor pass")
             distributed.all_reduce(a_sum[blk.module], "factor pass")
-        counted = distributed.all_reduce(torch.tensor([tokens[b.module] for b in blocks], dtype=f64), "factor pass")
-        tokens = {b.module: float(c) for b, c in zip(blocks, counted, strict=True)}
-    return Statistics(blocks, examples, shared, a_sum, g_sum, tokens, grads, mine, time.perf_counter() - start)
+        distributed.all_reduce(tokens, "factor pass")
+    counted = tokens.tolist()  # the pass's one transfer to the host: token counts
+    by_block = {b.module: counted[j] for j, b in enumerate(blocks)}
+    stats.tokens = {b.module: by_block[shared[b.module]] for b in blocks}
+    stats.shared, stats.grads = shared, grads
+    stats.sketch = nys.finish(len(examples)) if nys is not None else None
+    stats.seconds = time.perf_counter() - start
+    return stats
 
 
-def keep_gradients(model: torch.nn.Module, blocks: list[Block], kinds: Sequence[str], n: int, args) -> bool:
-    """Whether the pass keeps per-example gradients: the Gram kinds need all of them (refused, naming the way out,
-    when they do not fit); EK-FAC's correction uses them when they fit, else it makes a second pass."""
-    view = ParamView(model)
-    total = sum(b.dim for b in blocks)
-    itemsize = view.params[0].element_size()
-    if {"woodbury", "datainf"} & set(kinds):
-        require(n * total * itemsize,
-                f"per-example gradients for {'/'.join(kinds)} ({n:,} examples × {total:,} parameters)",
-                "use --solver ekfac (Kronecker factors, memory independent of the number of examples)")
-        return True
-    if "ekfac" in kinds:
-        mine = distributed.batch_range(n, args.batch_size)
-        try:
-            require(len(mine) * total * itemsize, "kept per-example gradients", "")
-            return True
-        except ResourceError:  # not enough memory: a second pass instead
-            return False
-    return False
+def _keep(grads: dict, blocks: list[Block], rows: list[torch.Tensor], idx: list[int], stats: Statistics,
+          lo: int) -> None:
+    """Store the batch's per-example gradient rows that the plan keeps (all, or the sampled ones)."""
+    if stats.plan.rows is None:
+        dst, src = slice(idx[0] - stats.mine.start, idx[-1] + 1 - stats.mine.start), None
+    else:
+        first = bisect.bisect_left(stats.plan.rows, idx[0])
+        last = bisect.bisect_left(stats.plan.rows, idx[-1] + 1)
+        if first == last:
+            return
+        dst = slice(first - lo, last - lo)
+        src = torch.tensor([r - idx[0] for r in stats.plan.rows[first:last]], device=rows[0].device)
+    for blk, r in zip(blocks, rows, strict=True):
+        r = r if src is None else r.index_select(0, src)
+        keep = grads[blk.module]
+        keep[dst] = r.to(keep.device, keep.dtype)  # to the host only where the plan keeps rows there
 
 
 def gather_gradients(stats: Statistics, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every example's gradient per block (N, out·in), gathered from the ranks (rows from one rank each)."""
+    """Every kept example's gradient per block (rows, out·in), gathered from the ranks (rows from one rank each)."""
     if not distributed.is_distributed():
         return stats.grads
+    total, lo, hi = stats.kept()
     out = {}
     for blk in stats.blocks:
-        full = torch.zeros(stats.n, blk.dim, dtype=dtype)
-        full[stats.mine.start:stats.mine.stop] = stats.grads[blk.module]
+        mine = stats.grads[blk.module]
+        full = torch.zeros(total, blk.dim, dtype=dtype, device=mine.device)
+        full[lo:hi] = mine
         out[blk.module] = distributed.all_reduce(full, "per-example gradients")
     return out

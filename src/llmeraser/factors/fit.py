@@ -17,9 +17,10 @@ import torch
 
 from llmeraser.data import Example
 from llmeraser.errors import AdapterError, ConfigError, SolverError
-from llmeraser.factors import gram, kronecker
-from llmeraser.factors.capture import Block, collect, keep_gradients, linear_blocks
+from llmeraser.factors import gram, kronecker, memory
+from llmeraser.factors.capture import Block, collect, linear_blocks
 from llmeraser.params import ParamView
+from llmeraser.resources import OOM_ADVICE, device_memory
 from llmeraser.task import Task
 
 logger = logging.getLogger(__name__)
@@ -41,13 +42,18 @@ class FactorArguments:
     samples: int = field(default=0, metadata={"help": "fit on this many training examples drawn at random; 0 = all"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward/backward pass of the fit"})
     seed: int = field(default=0, metadata={"help": "seed of the sample and of the sampled targets"})
+    sketch: int = field(default=0, metadata={
+        "help": "woodbury/datainf: 0 = exact while the N per-example gradients fit in memory, else a sketch as large "
+                "as fits (up to 1024); K > 0 = always a sketch of size K (a rank-K Nyström approximation for "
+                "woodbury, K examples drawn at random for datainf)"})
     progress: bool = field(default=False, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
         if self.fisher not in FISHERS:
             raise ConfigError(f"unknown fisher {self.fisher!r}; expected one of {', '.join(FISHERS)}")
-        if self.samples < 0 or self.batch_size < 1:
-            raise ConfigError(f"samples must be ≥ 0 and batch_size ≥ 1, got {self.samples}, {self.batch_size}")
+        if self.samples < 0 or self.batch_size < 1 or self.sketch < 0:
+            raise ConfigError(f"samples and sketch must be ≥ 0 and batch_size ≥ 1, got {self.samples}, "
+                              f"{self.sketch}, {self.batch_size}")
 
 
 class Factors:
@@ -56,7 +62,9 @@ class Factors:
     `solve(b, λ, view)` returns (F + λI)⁻¹ b for a flat vector b in `ParamView` order. `tensors` holds the fit:
     per block `{m}.QA`, `{m}.QG` (eigenvectors of A and G) and `{m}.eA`, `{m}.eG` (their eigenvalues, kfac) or
     `{m}.lam` (EK-FAC's corrected eigenvalues, out × in); `{m}.grads` (N × dim per-example gradients) and, for
-    woodbury, `gram.U`, `gram.s` (the eigendecomposition of G Gᵀ)."""
+    woodbury, `gram.U`, `gram.s` (the eigendecomposition of G Gᵀ) — or, when G did not fit in memory, `sketch.U`,
+    `sketch.e` (a rank-k Nyström F ≈ U diag(e) Uᵀ; `factors.sketch`), and datainf's `{m}.grads` then hold k sampled
+    examples' rows (meta `gram` says which)."""
 
     def __init__(self, kind: str, blocks: Sequence[Block], tensors: dict[str, torch.Tensor], meta: dict):
         if kind not in KINDS:
@@ -120,7 +128,13 @@ def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example],
 
     Returns:
         kind → Factors, each with meta: kind, fisher, seed, n_examples, n_tokens, seconds {pass, eigen, correction,
-        gram, total} (the shared pass counted in each).
+        gram, total} (the shared pass counted in each), and for woodbury/datainf `gram` {method: exact, nystrom or
+        sampled; size; why}. The pass and the decompositions run on the model's device; the factors come to the host
+        once, at the end.
+
+    Raises:
+        ResourceError: the device ran out of memory (naming the options that need less), or not even the smallest
+            sketch of the Gram kinds fits.
     """
     args = args or FactorArguments()
     unknown = sorted(set(kinds) - set(KINDS))
@@ -135,20 +149,29 @@ def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example],
     blocks = linear_blocks(model)  # refuses parameters outside linear layers before any work
     view = ParamView(model)
     wanted = set(kinds)
-    stats = collect(model, task, examples, blocks, args, keep=keep_gradients(model, blocks, kinds, len(examples), args))
-    fits = {}
-    if wanted & set(kronecker.KINDS):
-        fits |= kronecker.fit(stats, wanted, model, task, args, view.dtype)
-    if wanted & set(gram.KINDS):
-        fits |= gram.fit(stats, wanted, view.dtype)
+    plan = memory.plan(model, [b.dim for b in blocks], kinds, len(examples), args)
+    for kind, how in plan.gram.items():
+        (logger.info if how["method"] == "exact" else logger.warning)(
+            "%s: %s (%s)", kind, "exact" if how["method"] == "exact" else
+            f"{how['method']} sketch of size {how['size']}", how["why"])
+    with device_memory(f"the {'/'.join(kinds)} fit over {len(examples):,} examples in batches of "
+                       f"{args.batch_size}", OOM_ADVICE["fit-curvature"]):
+        stats = collect(model, task, examples, blocks, args, plan)
+        fits = {}
+        if wanted & set(kronecker.KINDS):
+            fits |= kronecker.fit(stats, wanted, model, task, args, view.dtype)
+        if wanted & set(gram.KINDS):
+            fits |= gram.fit(stats, wanted, view.dtype)
     meta = {"fisher": args.fisher, "seed": args.seed, "n_examples": stats.n, "format": FORMAT,
             "n_tokens": int(max(stats.tokens.values())), "blocks": [dataclasses.asdict(b) for b in stats.blocks]}
     store_dtype = torch.float64 if view.dtype == torch.float64 else torch.float32
     out = {}
     for kind in kinds:
         tensors, seconds = fits[kind]
-        out[kind] = Factors(kind, stats.blocks, {k: v.to(store_dtype).contiguous() for k, v in tensors.items()},
-                            {**meta, "kind": kind, "seconds": {**seconds, "total": sum(seconds.values())}})
+        host = {k: v.to("cpu", store_dtype).contiguous() for k, v in tensors.items()}  # the fit's one transfer
+        extra = {"gram": plan.gram[kind]} if kind in plan.gram else {}
+        out[kind] = Factors(kind, stats.blocks, host,
+                            {**meta, **extra, "kind": kind, "seconds": {**seconds, "total": sum(seconds.values())}})
     logger.info("fitted %s on %d examples in %.1f s", "/".join(kinds), stats.n, max(f.fit_seconds for f in
                                                                                      out.values()))
     return out

@@ -7,6 +7,10 @@
   so it scales to training sets whose Gram matrix does not fit in memory.
 
 Both have rank ≤ N < p, so they need λ > 0 (or a training l2).
+
+When N × p does not fit in memory (`memory.plan`), woodbury inverts a rank-k Nyström approximation of F instead
+(`sketch`; stored as `sketch.U`, `sketch.e`) and datainf averages over k examples drawn at random (an unbiased
+estimate of its mean over all N); the fit's meta (`gram`) says which was used and why.
 """
 
 from __future__ import annotations
@@ -27,19 +31,34 @@ for _kind in KINDS:
 
 
 def fit(stats: Statistics, kinds: set[str], dtype: torch.dtype) -> dict[str, tuple[dict, dict]]:
-    """kind → (tensors, seconds by phase) for the Gram kinds in `kinds`."""
+    """kind → (tensors, seconds by phase) for the Gram kinds in `kinds`: exact from the kept per-example gradients,
+    or from the sketch the plan chose when they did not fit (`memory`; the plan's `gram` says which)."""
+    out = {}
+    if "woodbury" in kinds and stats.sketch is not None:
+        out["woodbury"] = (dict(stats.sketch), {"pass": stats.seconds})
+    if not ({"datainf", "woodbury"} & kinds) - set(out):
+        return out
     grads = gather_gradients(stats, dtype)
     by_block = {f"{m}.grads": g for m, g in grads.items()}
-    out = {}
     if "datainf" in kinds:
         out["datainf"] = (by_block, {"pass": stats.seconds})
-    if "woodbury" in kinds:
+    if "woodbury" in kinds and "woodbury" not in out:
         t0 = time.perf_counter()
-        gram = sum(g.to(torch.float64) @ g.to(torch.float64).T for g in grads.values())
-        s, u = torch.linalg.eigh(gram)
+        s, u = torch.linalg.eigh(gram_matrix(grads.values()))
         out["woodbury"] = (by_block | {"gram.U": u, "gram.s": s.clamp(min=0)},
                            {"pass": stats.seconds, "gram": time.perf_counter() - t0})
     return out
+
+
+def gram_matrix(grads, chunk: int = 2**16) -> torch.Tensor:
+    """G Gᵀ (N × N, float64) summed over the blocks, on the gradients' device, column chunk by column chunk (no
+    float64 copy of the whole N × p)."""
+    total = None
+    for g in grads:
+        for s in range(0, g.shape[1], chunk):
+            c = g[:, s:s + chunk].double()
+            total = c @ c.T if total is None else total + c @ c.T
+    return total
 
 
 def _gmv(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -52,11 +71,29 @@ def _gv(t: dict, blocks: list[Block], vs: list[torch.Tensor]) -> torch.Tensor:
     return sum(_gmv(t[f"{blk.module}.grads"], v.reshape(-1)) for blk, v in zip(blocks, vs, strict=True))
 
 
+def _low_rank(t: dict, vs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, e, v): the Nyström sketch in float64 and the blocks' vectors concatenated in block order."""
+    return t["sketch.U"].double(), t["sketch.e"].double(), torch.cat([v.reshape(-1) for v in vs])
+
+
+def _split(x: torch.Tensor, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """x cut back into the blocks' shapes."""
+    out, at = [], 0
+    for v in vs:
+        out.append(x[at:at + v.numel()].view_as(v))
+        at += v.numel()
+    return out
+
+
 def solve(kind: str, t: dict, blocks: list[Block], vs: list[torch.Tensor], damping: float) -> list[torch.Tensor]:
     """(F + λI)⁻¹ v (woodbury: exact; datainf: per block, the mean of per-example inverses)."""
     if damping == 0:
         raise SolverError(f"{kind}: the Fisher of N examples has rank ≤ N < p, so it needs damping > 0 "
                           f"(or a training l2)")
+    if "sketch.U" in t:  # F ≈ U diag(e) Uᵀ (Nyström): exact Woodbury for it
+        u, e, v = _low_rank(t, vs)
+        x = v / damping + u @ ((1 / (e + damping) - 1 / damping) * (u.T @ v))
+        return _split(x, vs)
     if kind == "woodbury":  # the N × p products in the stored precision, the N × N system in float64
         n = t["gram.s"].shape[0]
         u, s = t["gram.U"].double(), t["gram.s"].double()
@@ -75,6 +112,9 @@ def matvec(kind: str, t: dict, blocks: list[Block], vs: list[torch.Tensor]) -> l
     """F v = (1/N) Gᵀ G v (woodbury's matrix; datainf approximates an inverse and has none)."""
     if kind == "datainf":
         raise ConfigError("datainf approximates the inverse directly; it has no matrix F")
+    if "sketch.U" in t:
+        u, e, v = _low_rank(t, vs)
+        return _split(u @ (e * (u.T @ v)), vs)
     gv = _gv(t, blocks, vs)
     n = gv.shape[0]
     return [_gmv(t[f"{blk.module}.grads"].T, gv).view_as(v) / n for blk, v in zip(blocks, vs, strict=True)]
@@ -83,6 +123,8 @@ def matvec(kind: str, t: dict, blocks: list[Block], vs: list[torch.Tensor]) -> l
 def top_eigenvalue(kind: str, t: dict, blocks: list[Block], iters: int = 50) -> float:
     """The largest eigenvalue of the full F = (1/N) Gᵀ G, the curvature's scale for a relative damping (woodbury:
     from the stored eigendecomposition of G Gᵀ; datainf: power iteration on G Gᵀ without forming it)."""
+    if "sketch.e" in t:
+        return float(t["sketch.e"].max())
     if kind == "woodbury":
         return float(t["gram.s"].max()) / t["gram.s"].shape[0]
     grads = [t[f"{blk.module}.grads"] for blk in blocks]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from llmeraser import distributed
-from llmeraser.factors.capture import Block, Statistics, passes
+from llmeraser.factors.capture import Block, Statistics, passes, precision
 from llmeraser.solvers.base import register_fitted
 
 KINDS = ("kfac", "ekfac")
@@ -29,21 +29,25 @@ for _kind in KINDS:
 
 
 def fit(stats: Statistics, kinds: set[str], model, task, args, dtype: torch.dtype) -> dict[str, tuple[dict, dict]]:
-    """kind → (tensors, seconds by phase) for the Kronecker kinds in `kinds`; EK-FAC's correction reuses the kept
-    per-example gradients, or makes a second pass when they were not kept."""
-    f64, n = torch.float64, stats.n
+    """kind → (tensors on the model's device, seconds by phase) for the Kronecker kinds in `kinds`; EK-FAC's
+    correction reuses the kept per-example gradients, or makes a second pass when they were not kept."""
+    n = stats.n
+    device = next(iter(stats.g_sum.values())).device
+    work, _acc = precision(dtype, device)  # eigh in float32 for a float32/bf16 model (about twice as fast)
     t0 = time.perf_counter()
-    eig: dict[str, torch.Tensor] = {}
-    a_eig: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for blk in stats.blocks:  # eigendecompositions in the model's precision (float32: about twice as fast)
+    mats: dict[str, torch.Tensor] = {}
+    for blk in stats.blocks:
         rep = stats.shared[blk.module]
-        if rep not in a_eig:
-            a_eig[rep] = torch.linalg.eigh((stats.a_sum[rep] / max(stats.tokens[rep], 1.0)).to(dtype))
-        ea, qa = (t.to(f64) for t in a_eig[rep])
-        eg, qg = (t.to(f64) for t in torch.linalg.eigh((stats.g_sum[blk.module] / n).to(dtype)))
+        if f"{rep}.A" not in mats:
+            mats[f"{rep}.A"] = stats.a_sum[rep] / max(stats.tokens[rep], 1.0)
+        mats[f"{blk.module}.G"] = stats.g_sum[blk.module] / n
+    dec = batched_eigh(mats, work)
+    eig: dict[str, torch.Tensor] = {}
+    for blk in stats.blocks:
+        (ea, qa), (eg, qg) = dec[f"{stats.shared[blk.module]}.A"], dec[f"{blk.module}.G"]
         eig |= {f"{blk.module}.QA": qa, f"{blk.module}.QG": qg, f"{blk.module}.eA": ea.clamp(min=0),
                 f"{blk.module}.eG": eg.clamp(min=0)}
-    seconds = {"pass": stats.seconds, "eigen": time.perf_counter() - t0}
+    seconds = {"pass": stats.seconds, "eigen": _synced(t0, device)}
     out = {}
     if "kfac" in kinds:
         out["kfac"] = (eig, dict(seconds))
@@ -52,20 +56,47 @@ def fit(stats: Statistics, kinds: set[str], model, task, args, dtype: torch.dtyp
         lam = _correction(stats, eig, model, task, args)
         tensors = {k: v for k, v in eig.items() if k.endswith((".QA", ".QG"))}
         tensors |= {f"{m}.lam": v / n for m, v in lam.items()}
-        out["ekfac"] = (tensors, {**seconds, "correction": time.perf_counter() - t0})
+        out["ekfac"] = (tensors, {**seconds, "correction": _synced(t0, device)})
     return out
 
 
+def batched_eigh(mats: dict[str, torch.Tensor], dtype: torch.dtype,
+                 max_bytes: int = 2**30) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name → (eigenvalues, eigenvectors) of each symmetric matrix, on its device: matrices of one shape stacked and
+    decomposed by one torch.linalg.eigh call (a GPU's batched solver, one launch instead of one a block), in stacks
+    of at most `max_bytes` so the stack's copy stays bounded."""
+    by_shape: dict[tuple, list[str]] = {}
+    for name, m in mats.items():
+        by_shape.setdefault(tuple(m.shape), []).append(name)
+    out = {}
+    for shape, names in by_shape.items():
+        per = max(max_bytes // max(shape[0] * shape[1] * torch.finfo(dtype).bits // 8, 1), 1)
+        for s in range(0, len(names), per):
+            chunk = names[s:s + per]
+            vals, vecs = torch.linalg.eigh(torch.stack([mats[k].to(dtype) for k in chunk]))
+            out |= {k: (vals[i], vecs[i]) for i, k in enumerate(chunk)}
+    return out
+
+
+def _synced(t0: float, device: torch.device) -> float:
+    """Seconds since t0, once the device has finished the work queued (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def _correction(stats: Statistics, eig: dict, model, task, args) -> dict[str, torch.Tensor]:
-    """Σᵢ (Q_Gᵀ ∇W_i Q_A)² per block, over every rank's examples."""
-    lam = {b.module: torch.zeros(b.out, b.inp, dtype=torch.float64) for b in stats.blocks}
+    """Σᵢ (Q_Gᵀ ∇W_i Q_A)² per block, over every rank's examples, accumulated on the model's device."""
+    device = eig[f"{stats.blocks[0].module}.QA"].device
+    work, acc = precision(eig[f"{stats.blocks[0].module}.QA"].dtype, device)
+    lam = {b.module: torch.zeros(b.out, b.inp, dtype=acc, device=device) for b in stats.blocks}
 
     def add(blk: Block, g_rows: torch.Tensor) -> None:
-        w = g_rows.view(-1, blk.out, blk.inp)
-        qa, qg = (eig[f"{blk.module}.{q}"].to(w.dtype) for q in ("QA", "QG"))
-        lam[blk.module] += (qg.T @ w @ qa).to(torch.float64).pow(2).sum(0)
+        w = g_rows.to(device, work).view(-1, blk.out, blk.inp)  # host-kept rows come back a chunk at a time
+        qa, qg = (eig[f"{blk.module}.{q}"].to(work) for q in ("QA", "QG"))
+        lam[blk.module] += (qg.T @ w @ qa).to(acc).pow(2).sum(0)
 
-    if stats.grads is not None:
+    if stats.grads is not None and stats.plan.rows is None:
         for blk in stats.blocks:
             rows = stats.grads[blk.module]
             for s in range(0, len(rows), 64):
@@ -74,7 +105,7 @@ def _correction(stats: Statistics, eig: dict, model, task, args) -> dict[str, to
         for _, _, captured in passes(model, task, stats.examples, stats.blocks, args, "EK-FAC correction"):
             for blk in stats.blocks:
                 a, g, _m = captured[blk.module]
-                add(blk, torch.bmm(g.transpose(1, 2), a).cpu())
+                add(blk, torch.bmm(g.transpose(1, 2).to(work), a.to(work)))
     for blk in stats.blocks:
         distributed.all_reduce(lam[blk.module], "EK-FAC correction")
     return lam
