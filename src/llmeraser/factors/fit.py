@@ -143,6 +143,7 @@ def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example],
     examples = list(examples)
     if 0 < args.samples < len(examples):
         gen = torch.Generator().manual_seed(args.seed)
+        # host: which examples to fit on (indices, the same on every device)
         examples = [examples[i] for i in sorted(torch.randperm(len(examples), generator=gen)[: args.samples].tolist())]
     if not examples:
         raise ConfigError("fitting curvature needs at least one training example")

@@ -129,7 +129,7 @@ def top_eigenvalue(kind: str, t: dict, blocks: list[Block], iters: int = 50) -> 
         return float(t["gram.s"].max()) / t["gram.s"].shape[0]
     grads = [t[f"{blk.module}.grads"] for blk in blocks]
     n = grads[0].shape[0]
-    v = torch.ones(n, dtype=torch.float64) / n ** 0.5
+    v = torch.ones(n, dtype=torch.float64, device=grads[0].device) / n ** 0.5
     lam = 0.0
     for _ in range(iters):  # u ↦ G Gᵀ u, block by block
         w = sum(_gmv(g, _gmv(g.T, v)) for g in grads)

@@ -87,7 +87,7 @@ def plan(model: torch.nn.Module, dims: Sequence[int], kinds: Sequence[str], n: i
         if "datainf" in kinds:
             k = sizes["datainf"][0] >> halved["datainf"]
             gen = torch.Generator().manual_seed(args.seed)
-            out.rows = sorted(torch.randperm(n, generator=gen)[:k].tolist())
+            out.rows = sorted(torch.randperm(n, generator=gen)[:k].tolist())  # host: indices
             out.keep = "device" if where == "device" else "host"
             out.gram["datainf"] = {"method": "sampled", "size": k, "why": why}
     if "ekfac" in kinds and out.keep is None:  # the correction reuses kept gradients, else makes a second pass
@@ -120,7 +120,7 @@ def _agree(exact: bool, halved: dict[str, int]) -> tuple[bool, dict[str, int]]:
     if not distributed.is_distributed():
         return exact, halved
     kinds = sorted(halved)
-    votes = torch.zeros(1 + len(kinds) * (HALVINGS + 1), dtype=torch.float64)
+    votes = torch.zeros(1 + len(kinds) * (HALVINGS + 1), dtype=torch.float64)  # host: flags the collective moves
     votes[0] = 0.0 if exact else 1.0
     for j, kind in enumerate(kinds):
         votes[1 + j * (HALVINGS + 1) + halved[kind]] = 1.0
