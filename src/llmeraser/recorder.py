@@ -32,7 +32,7 @@ from llmeraser.trajectory import RECORD_DTYPES, TRAJECTORY, Trajectory, adam_met
 DEFAULT_MAX_BYTES = 4 * 2**30  # the recording's default budget (with half the free disk space: the smaller)
 
 
-def _size(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
@@ -57,18 +57,19 @@ class Plan:
     def describe(self) -> str:
         """One line for the start of a run, e.g. 'recording: 4.5 MB a step × 125 steps = 563 MB (budget 4 GiB):
         every step's gradient kept (rewind and path replay)'."""
-        where = (f"budget {self.max_bytes / 2**30:g} GiB" + (f", half the disk's free {_size(self.free)}"
-                                                              if self.free is not None and self.budget < self.max_bytes
-                                                              else ""))
-        head = (f"recording: {_size(self.per_step)} a step × {self.steps} steps = {_size(self.per_step * self.steps)} "
-                f"({where})")
+        where = f"budget {self.max_bytes / 2**30:g} GiB"
+        if self.free is not None and self.budget < self.max_bytes:
+            where += f", half the disk's free {human_bytes(self.free)}"
+        head = (f"recording: {human_bytes(self.per_step)} a step × {self.steps} steps = "
+                f"{human_bytes(self.per_step * self.steps)} ({where})")
         if self.keep_grads and self.every is None:
             return f"{head}: every step's gradient kept (rewind and path replay)"
         if self.keep_grads:
-            return (f"{head}: every step's gradient in {str(self.dtype).removeprefix('torch.')} and full-precision "
-                    f"checkpoints every {self.every} steps, {_size(self.total)} in all (exact rewind; path replay "
-                    f"from the rounded gradients)")
-        return f"{head}: over the budget, checkpoints every {self.every} steps, {_size(self.total)} (rewind only)"
+            name = str(self.dtype).removeprefix("torch.")
+            return (f"{head}: every step's gradient in {name} and full-precision checkpoints every {self.every} "
+                    f"steps, {human_bytes(self.total)} in all (exact rewind; path replay from the rounded gradients)")
+        return (f"{head}: over the budget, checkpoints every {self.every} steps, {human_bytes(self.total)} "
+                f"(rewind only)")
 
 
 def plan(p: int, steps: int, param_dtype: torch.dtype, *, max_bytes: int = DEFAULT_MAX_BYTES,
