@@ -477,7 +477,8 @@ def test_path_replay_from_a_bfloat16_recording_stays_near_the_full_one(lm):
     """Path replay feeds the recorded gradients into Adam on its predicted steps, so rounding them by u = 2⁻⁸ moves
     its result by about what it moves the replay of the recording itself: within `rounding_bound` over the replayed
     steps (per coordinate), doubled for the exact steps' feedback through the curvature (their gradients are taken
-    at a point that moved by that much). Measured: 0.006 of the distance path replay moves (docs/path.md)."""
+    at a point that moved by that much). Not a theorem for the exact steps; bench/record_precision.py measured 0.005
+    of the distance path replay moves (docs/path.md)."""
     model, task, train, theta0 = lm
     theta, full = fit(model, task, train, theta0)
     _, low = fit(model, task, train, theta0, BF16)
