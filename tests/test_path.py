@@ -490,3 +490,28 @@ def test_path_replay_from_a_bfloat16_recording_stays_near_the_full_one(lm):
     gap = float((a.theta - b.theta).abs().max())
     assert 0 < gap <= 2 * low.rounding_bound(low.start_before(first), low.steps)
     assert float((a.theta - b.theta).norm()) < 0.05 * float((a.theta - theta).norm())
+
+
+def test_a_format_2_recording_is_still_read_and_verified(lm, tmp_path):
+    """Format 2 is format 3's full-precision layout: a file saved by safetensors itself (its own tensor order and
+    padding) with a format-2 header is read lazily and verified as before."""
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from llmeraser.recording import _header_sha256
+
+    model, task, train, theta0 = lm
+    theta, traj = fit(model, task, train, theta0)
+    write(traj, tmp_path)
+    path = tmp_path / "trajectory.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        header = _json.loads(f.metadata()["llmeraser"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    header["format"] = 2
+    header["header_sha256"] = _header_sha256({k: v for k, v in header.items() if k != "header_sha256"})
+    save_file(tensors, str(path), metadata={"llmeraser": _json.dumps(header)})
+    back = read(tmp_path)
+    assert back.integrity.startswith("header and every tensor verified") and not back.low_precision
+    assert torch.equal(back.grads[:], tensors["grads"]) and torch.equal(back.final(), theta)
