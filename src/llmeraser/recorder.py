@@ -27,9 +27,9 @@ import torch
 from llmeraser.data import Example
 from llmeraser.errors import ConfigError
 from llmeraser.storage import Rows, Spool
-from llmeraser.trajectory import RECORD_DTYPES, TRAJECTORY, Trajectory, adam_meta, tensor_sha256
+from llmeraser.trajectory import DEFAULT_MAX_BYTES, RECORD_DTYPES, TRAJECTORY, Trajectory, adam_meta, tensor_sha256
 
-DEFAULT_MAX_BYTES = 4 * 2**30  # the recording's default budget (with half the free disk space: the smaller)
+__all__ = ["DEFAULT_MAX_BYTES", "Plan", "Recorder", "human_bytes", "plan"]
 
 
 def human_bytes(n: float) -> str:

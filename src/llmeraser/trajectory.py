@@ -38,7 +38,7 @@ from llmeraser.io import canonical_json, sha256_bytes
 from llmeraser.storage import Rows, nbytes
 
 TRAJECTORY = "trajectory.safetensors"
-DEFAULT_MAX_BYTES = 4 * 2**30  # per-step gradients beyond this size: checkpoints only
+DEFAULT_MAX_BYTES = 4 * 2**30  # the recording's default budget (`recorder.plan`; with half the free disk space)
 # Replaying the recorded gradients must end this close to the adapter, relative to the distance fine-tuning moved it.
 # The replay applies the same elementwise AdamW formula to the same gradients, so it differs from training only by
 # rounding (another device's fused multiply-adds; torch's lerp for m under a Trainer): measured < 1e-4 of the distance
