@@ -196,6 +196,7 @@ def test_finetune_leaves_the_model_in_eval_mode(tok, task, examples) -> None:
     ({"l2": float("nan")}, "l2"),
     ({"l2": -1.0}, "l2"),
     ({"grad_tol": -1.0}, "grad_tol"),
+    ({"record_dtype": "float16"}, "record_dtype must be one of full, bfloat16"),
 ])
 def test_bad_arguments_raise(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -218,3 +219,51 @@ def test_epoch_order_is_seeded_and_stable_under_removal() -> None:
     assert order != [examples[j].id for j in epoch_order(examples, seed=4, epoch=0)]
     kept = [e for e in examples if e.id not in {"ex3", "ex17"}]
     assert [kept[j].id for j in epoch_order(kept, seed=3, epoch=0)] == [i for i in order if i not in {"ex3", "ex17"}]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the recording's plan, said first
+
+
+def test_the_recording_says_its_size_and_what_it_keeps_first(tok, task, examples, tmp_path) -> None:
+    said: list[str] = []
+    args = FinetuneArguments(epochs=2, batch_size=4, final_check=False)
+    finetune(fresh_lora(tok), task, examples, args, record_dir=tmp_path, announce=said.append)
+    from llmeraser.recorder import human_bytes as size
+
+    theta = ParamView(fresh_lora(tok)).vector()
+    p = theta.numel() * theta.element_size()  # bytes of one vector
+    assert said == [f"recording: {size(p)} a step × 6 steps = {size(6 * p)} (budget 4 GiB): every step's "
+                    f"gradient kept (rewind and path replay)"]
+    said.clear()
+    tiny = FinetuneArguments(epochs=2, batch_size=4, final_check=False, record_max_gib=2 * p / 2**30)
+    traj = finetune(fresh_lora(tok), task, examples, tiny, record_dir=tmp_path, announce=said.append).trajectory
+    assert said[0].endswith(f"over the budget, checkpoints every 6 steps, {size(4 * p)} (rewind only)"), said
+    assert traj.grads is None and sorted(traj.checkpoints) == [0]
+    said.clear()
+    low = FinetuneArguments(epochs=2, batch_size=4, final_check=False, record_dtype="bfloat16")
+    traj = finetune(fresh_lora(tok), task, examples, low, record_dir=tmp_path, announce=said.append).trajectory
+    assert "every step's gradient in bfloat16 and full-precision checkpoints every 3 steps" in said[0], said
+    assert traj.low_precision and sorted(traj.checkpoints) == [0, 3]
+
+
+def test_the_budget_is_disk_space_too(monkeypatch) -> None:
+    """The issue's 7B case: LoRA r 16 on every linear layer, ~40M parameters, 125 steps: 160 MB a step in float32
+    (20 GB), over the default 4 GiB: checkpoints only; and with less free disk than the budget, half the free
+    space bounds it (the spool and the final file coexist while it is written)."""
+    import shutil
+    from collections import namedtuple
+
+    from llmeraser.recorder import plan
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**13, 0, 10**13))
+    big = plan(40_000_000, 125, torch.float32)
+    assert not big.keep_grads and big.describe().startswith("recording: 160 MB a step × 125 steps = 20 GB "
+                                                            "(budget 4 GiB): over the budget, checkpoints every 16")
+    tiny = plan(1_130_000, 125, torch.float32)  # TinyLlama's q/v r 8: the issue's GPU run
+    assert tiny.keep_grads and tiny.describe() == ("recording: 4.52 MB a step × 125 steps = 565 MB (budget 4 GiB): "
+                                                   "every step's gradient kept (rewind and path replay)")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**13, 0, 10**9))  # 1 GB free
+    short = plan(1_130_000, 125, torch.float32)
+    assert short.budget == 5 * 10**8 and not short.keep_grads and "half the disk's free 1 GB" in short.describe()

@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 from fixtures.tiny import fact_examples, save_tiny_base
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -360,3 +361,26 @@ def test_any_record_value_is_refused_or_used_as_recorded(capsys, world, tmp_path
     assert code == 0 or (len(err.splitlines()) == 1 and err.startswith("llmeraser: error:")), err
     if code == 0 and json.loads((out / "report.json").read_text())["method"] == "rewind":
         assert "as recorded" in json.loads((out / "report.json").read_text())["trajectory"]["verified"]["recipe"]
+
+
+# ------------------------------------------------------------------------------------------------ bfloat16
+def test_a_bfloat16_recording_is_verified_and_rewinds_as_the_full_one(capsys, world, tmp_path):
+    """`finetune --record-dtype bfloat16`: the plan line says what is kept, the recording passes every check
+    (each checkpoint interval's replay within its rounding bound, the spot gradients) and the rewind writes the very
+    adapter the full recording's rewind writes (both restart from exact states: tests/test_path.py argues it)."""
+    from safetensors.torch import load_file
+
+    capsys.readouterr()
+    assert main(["finetune", "--base-model", str(world / "base"), "--train", str(world / "train.jsonl"), "--out",
+                 str(tmp_path / "adapter"), "--lora-r", "2", "--lora-targets", "q_proj", "--max-length", "24",
+                 "--epochs", "3", "--lr", "1e-2", "--record-dtype", "bfloat16"]) == 0
+    assert "every step's gradient in bfloat16 and full-precision checkpoints every 4 steps" in capsys.readouterr().out
+    code, err, out = unlearn(capsys, world, tmp_path / "adapter", "rewind")
+    assert code == 0, err
+    trajectory = json.loads((out / "report.json").read_text())["trajectory"]
+    assert trajectory["integrity"].startswith("header and every tensor verified")
+    assert "bfloat16 gradients" in trajectory["verified"]["path"] and trajectory["gradient_dtype"] == "bfloat16"
+    code, err, full = unlearn(capsys, world, world / "adapter", "rewind")
+    assert code == 0, err
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (out, full))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

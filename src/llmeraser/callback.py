@@ -34,9 +34,10 @@ from llmeraser.errors import UserInputError
 from llmeraser.io import atomic_write_json
 from llmeraser.params import ParamView
 from llmeraser.record import RECORD, TRL_LOSS, TrainingRecord
+from llmeraser.recorder import DEFAULT_MAX_BYTES, Recorder
 from llmeraser.recording import write
 from llmeraser.task import CausalLMTask, Rendering
-from llmeraser.trajectory import DEFAULT_MAX_BYTES, Trajectory, names_sha256, task_recipe, tensor_sha256
+from llmeraser.trajectory import RECORD_DTYPES, Trajectory, names_sha256, task_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -67,17 +68,23 @@ class LLMEraserCallback(TrainerCallback):
         max_length, tokenizer: with a plain `Trainer`, the max length the examples were cut to and the tokenizer
             they were tokenised with, when the Trainer is not given it (`processing_class`).
         trajectory: also record the run for rewind and path replay (AdamW, one process; see the module docstring).
-        max_gib: the recording's budget (θ₀ and one gradient per step); beyond it the recording is dropped.
+        max_gib: the recording's budget on disk (also at most half the free space of the output folder, where it is
+            spooled as training runs); beyond it only evenly spaced checkpoints are kept (rewind, not path replay).
+        record_dtype: the recorded gradients' precision: "full" or "bfloat16" (half the bytes, with full-precision
+            checkpoints every ⌈√steps⌉ steps: rewind stays exact, path replay uses the rounded gradients).
     """
 
     def __init__(self, train=None, *, fields: DataFields | None = None, rendering: Rendering | None = None,
                  max_length: int | None = None, tokenizer=None, trajectory: bool = True,
-                 max_gib: float = DEFAULT_MAX_BYTES / 2**30):
+                 max_gib: float = DEFAULT_MAX_BYTES / 2**30, record_dtype: str = "full"):
+        if record_dtype not in RECORD_DTYPES:
+            raise UserInputError(f"LLMEraserCallback: record_dtype must be one of {', '.join(RECORD_DTYPES)}, got "
+                                 f"{record_dtype!r}")
         self.fields = fields or DataFields()
         self.examples = _examples(train, self.fields) if train is not None else None
         self.rendering, self.max_length, self.tokenizer = rendering, max_length, tokenizer
         self.record: dict | None = None
-        self.want_trajectory, self.max_bytes = trajectory, int(max_gib * 2**30)
+        self.want_trajectory, self.max_bytes, self.record_dtype = trajectory, int(max_gib * 2**30), record_dtype
         self.recording: dict | None = None  # the run being recorded (None: not recording)
 
     # ---------------------------------------------------------------------------------------------- events
@@ -86,7 +93,7 @@ class LLMEraserCallback(TrainerCallback):
         self.record = self.build(args, model, tokenizer)
         if self.want_trajectory:
             try:
-                why = self._start(args, model, tokenizer, optimizer)
+                why = self._start(args, state, model, tokenizer, optimizer)
             except Exception as e:  # noqa: BLE001 — a recording problem must never stop the user's training
                 why = f"{type(e).__name__}: {e}"
             if why:
@@ -105,12 +112,21 @@ class LLMEraserCallback(TrainerCallback):
             return control
         if not rec["batch"] or any(g is None for g in rec["pending"]):
             return self._stop("a step whose batch or gradient the callback did not see")
-        rec["grads"].append(torch.cat([g.reshape(-1) for g in rec["pending"]]).cpu())
+        k, recorder = len(rec["batches"]), rec["recorder"]
+        if k >= recorder.n_steps:
+            return self._stop(f"more steps than the {recorder.n_steps} the Trainer planned")
+        view = rec["view"]
+
+        def state():  # (θ, AdamW's m and v) before this step, flat (a checkpoint)
+            states = [getattr(optimizer, "state", {}).get(p, {}) for p in view.params]
+            m, v = ([s.get(key, torch.zeros_like(p)) for s, p in zip(states, view.params, strict=True)]
+                    for key in ("exp_avg", "exp_avg_sq"))
+            return view.vector(), view.flatten(m), view.flatten(v)
+
+        recorder.step(k, torch.cat([g.reshape(-1) for g in rec["pending"]]), state)
         rec["lrs"].append(float(optimizer.param_groups[0]["lr"]) if optimizer is not None else float("nan"))
         rec["batches"].append(rec["batch"])
         rec["batch"], rec["pending"] = [], [None] * len(rec["pending"])
-        if (len(rec["grads"]) + 1) * rec["per_step"] > self.max_bytes:
-            return self._stop(f"the recording passed its budget of {self.max_bytes / 2**30:g} GiB (max_gib)")
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -128,7 +144,7 @@ class LLMEraserCallback(TrainerCallback):
         return control
 
     # ---------------------------------------------------------------------------------------------- trajectory
-    def _start(self, args, model, tokenizer, optimizer) -> str | None:
+    def _start(self, args, state, model, tokenizer, optimizer) -> str | None:
         """Begin recording, or say why not."""
         optim = _plain(getattr(args, "optim", ""))
         if self.examples is None:
@@ -144,14 +160,20 @@ class LLMEraserCallback(TrainerCallback):
         groups = [g for g in (optimizer.param_groups if optimizer is not None else []) if g["params"]]
         if len({(g["weight_decay"], g.get("betas"), g.get("eps")) for g in groups}) > 1:
             return "parameter groups with different weight decay or betas"
+        if not getattr(state, "max_steps", 0) or state.max_steps < 1:
+            return "the Trainer did not say how many steps it will take"
         view = ParamView(model)
         task = CausalLMTask(tokenizer, max_length=TrainingRecord(max_length=self.record["task"]["max_length"]).length,
                             rendering=Rendering.from_dict(self.record["task"].get("rendering") or {}))
         index: dict[str, list[str]] = {}
         for e in self.examples:
             index.setdefault(_token_key(task.encode(e)[0]), []).append(e.id)
-        rec = {"view": view, "index": index, "task": task, "theta0": view.vector().cpu(), "grads": [], "lrs": [],
-               "batches": [], "batch": [], "pending": [None] * len(view.params), "per_step": view.dim * 4, "args": args,
+        recorder = Recorder({}, view.vector(), state.max_steps, max_bytes=self.max_bytes, dtype=self.record_dtype,
+                            folder=args.output_dir)
+        if state.is_world_process_zero:
+            print(recorder.plan.describe())
+        rec = {"view": view, "index": index, "task": task, "recorder": recorder, "lrs": [], "batches": [],
+               "batch": [], "pending": [None] * len(view.params), "args": args,
                "group": groups[0] if groups else {}, "hooks": [], "seen": set()}
         for i, p in enumerate(view.params):  # the step's gradient before clipping, summed over accumulation
             rec["hooks"].append(p.register_post_accumulate_grad_hook(
@@ -186,6 +208,8 @@ class LLMEraserCallback(TrainerCallback):
     def _stop(self, why: str):
         logger.warning("LLMEraserCallback stops recording the trajectory: %s", why)
         self._remove_hooks()
+        if self.recording is not None:
+            self.recording["recorder"].discard()
         self.recording = None
         return None
 
@@ -208,11 +232,11 @@ class LLMEraserCallback(TrainerCallback):
                 "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps,
                 "n_train": len(self.examples), "train_sha256": examples_hash(self.examples),
                 "normalization": self.record["task"].get("rendering", {}).get("normalization", "example"),
-                "batches": rec["batches"], "lrs": rec["lrs"], "steps": len(rec["grads"]), "checkpoint_every": None,
-                "final_sha256": tensor_sha256(view.vector()), "param_names_sha256": names_sha256(view.names),
+                "batches": rec["batches"], "lrs": rec["lrs"], "param_names_sha256": names_sha256(view.names),
                 "recorder": self.record["task"].get("source"), "recipe": task_recipe(rec["task"])}
-        grads = torch.stack(rec["grads"]) if rec["grads"] else torch.empty((0, view.dim))
-        return Trajectory(meta, rec["theta0"], grads.to(rec["theta0"].dtype), {})
+        recorder = rec["recorder"]
+        recorder.meta = meta
+        return recorder.finish(len(rec["batches"]), view.vector(), partial=True)
 
 
     # ---------------------------------------------------------------------------------------------- record

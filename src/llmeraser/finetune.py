@@ -34,9 +34,10 @@ from llmeraser.data import Example, examples_hash
 from llmeraser.errors import AdapterError, ConfigError, LLMEraserRuntimeError
 from llmeraser.params import ParamView
 from llmeraser.record import DEFAULT_MAX_LENGTH
+from llmeraser.recorder import Recorder
 from llmeraser.recording import write
 from llmeraser.task import Task, per_example_loss
-from llmeraser.trajectory import Adam, AdamConfig, Recorder, Trajectory, adam_meta, schedule
+from llmeraser.trajectory import RECORD_DTYPES, Adam, AdamConfig, Trajectory, adam_meta, schedule
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,13 @@ class FinetuneArguments:
         "help": "adam: record the trajectory (θ₀ and every step's gradient, one parameter vector a step) so that "
                 "'unlearn' can rewind or replay the path; saved beside the adapter (trajectory.safetensors)"})
     record_max_gib: float = field(default=4.0, metadata={
-        "help": "storage bound of the recording: beyond it only evenly spaced checkpoints are kept (exact rewind "
-                "still works; path replay needs every step)"})
+        "help": "storage bound of the recording, on disk (also at most half the free space where it is written): "
+                "beyond it only evenly spaced checkpoints are kept (exact rewind still works; path replay needs every "
+                "step)"})
+    record_dtype: str = field(default="full", metadata={
+        "help": "precision of the recorded gradients: full (the parameters' own) or bfloat16 (half the bytes of "
+                "float32, plus full-precision checkpoints every ⌈√steps⌉ steps: rewind stays exact, path replay "
+                "uses the rounded gradients; docs/path.md)"})
     final_check: bool = field(default=True, metadata={
         "help": "measure R(θ) and ‖∇R(θ)‖ at the end (one more pass over the data; adam only, lbfgs always does)"})
     progress: bool = field(default=False, metadata={"help": "show a progress bar"})
@@ -71,6 +77,8 @@ class FinetuneArguments:
         for name in ("epochs", "batch_size", "max_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.record_dtype not in RECORD_DTYPES:
+            raise ConfigError(f"record_dtype must be one of {', '.join(RECORD_DTYPES)}, got {self.record_dtype!r}")
         for name in ("lr", "l2", "grad_tol", "record_max_gib"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0) or (name == "lr" and v == 0):
@@ -119,8 +127,11 @@ def _reduce_gradients(view: ParamView, loss_sum: torch.Tensor) -> float:
 
 
 def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
-             args: FinetuneArguments | None = None) -> FinetuneResult:
-    """Minimise R(θ) over the model's trainable parameters, in place.
+             args: FinetuneArguments | None = None, *, record_dir: str | os.PathLike | None = None,
+             announce: Callable[[str], object] | None = None) -> FinetuneResult:
+    """Minimise R(θ) over the model's trainable parameters, in place. A recorded run spools its gradients to a
+    temporary file in `record_dir` (default: the system's temporary folder; `finetune_adapter`: beside the output)
+    and says first what the recording will keep, through `announce` (default: the log).
 
     Raises:
         LLMEraserRuntimeError: the loss became non-finite.
@@ -131,8 +142,10 @@ def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
     model.eval()  # dropout off: the objective is R exactly
     view = ParamView(model)
     start = time.perf_counter()
-    run = _adam if args.optimizer == "adam" else _lbfgs
-    losses, steps, trajectory = run(model, task, examples, args, view)
+    if args.optimizer == "adam":
+        losses, steps, trajectory = _adam(model, task, examples, args, view, record_dir, announce or logger.info)
+    else:
+        losses, steps, trajectory = _lbfgs(model, task, examples, args, view)
     if distributed.is_distributed():  # the ranks took the same steps; make θ bitwise identical all the same
         view.set_vector(distributed.broadcast(view.vector(), "fine-tuned parameters"))
     if args.optimizer == "adam" and not args.final_check:
@@ -153,19 +166,27 @@ def finetune(model: torch.nn.Module, task: Task, examples: Sequence[Example],
 
 
 def _adam(model: torch.nn.Module, task: Task, examples: Sequence[Example], args: FinetuneArguments,
-          view: ParamView) -> tuple[list[float], int, Trajectory | None]:
+          view: ParamView, record_dir, announce: Callable[[str], object]) -> tuple[list[float], int, Trajectory | None]:
     """Mini-batch Adam for args.epochs in the id-hash order; (mean loss per epoch, steps, the trajectory when
     args.record)."""
     steps = schedule(examples, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size)
     config = adam_config(args)
     theta = view.vector()
-    recorder = Recorder(adam_meta(config, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                                  train=examples, task=task), theta, len(steps),
-                        max_bytes=int(args.record_max_gib * 2**30)) \
-        if args.record else None
-    losses = run_steps(model, task, examples, steps, view, Adam(config, theta), start=0, recorder=recorder,
-                       progress=args.progress)
-    trajectory = recorder.finish(len(losses), view.vector()) if recorder is not None else None
+    recorder = None
+    if args.record:
+        recorder = Recorder(adam_meta(config, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                                      train=examples, task=task), theta, len(steps),
+                            max_bytes=int(args.record_max_gib * 2**30), dtype=args.record_dtype, folder=record_dir)
+        if distributed.rank() == 0:
+            announce(recorder.plan.describe())
+    try:
+        losses = run_steps(model, task, examples, steps, view, Adam(config, theta), start=0, recorder=recorder,
+                           progress=args.progress)
+        trajectory = recorder.finish(len(losses), view.vector()) if recorder is not None else None
+    except BaseException:
+        if recorder is not None:
+            recorder.discard()
+        raise
     per_epoch = math.ceil(len(examples) / args.batch_size)
     return ([_epoch_mean(losses, steps, e * per_epoch, (e + 1) * per_epoch) for e in range(args.epochs)],
             len(losses), trajectory)
@@ -219,7 +240,7 @@ def run_steps(model: torch.nn.Module, task: Task, examples: Sequence[Example], s
             raise AdapterError(f"the {desc} loss became {data_loss} at step {k}: the recorded state it starts from "
                                f"holds values this model cannot take")
         if recorder is not None:
-            recorder.step(k, theta, adam, grad)
+            recorder.step(k, grad, lambda theta=theta: (theta, adam.m, adam.v))
         theta = adam.step(theta, grad, None if lrs is None else lrs[k])
         view.set_vector(theta)
         losses.append(data_loss)
@@ -276,8 +297,8 @@ class FinetunedAdapter:
 def finetune_adapter(train: Sequence[Example], out: str | os.PathLike, *, base_model: str = "default",
                      dtype: str = "float32", device: str = "auto", lora=None, args: FinetuneArguments | None = None,
                      max_length: int = DEFAULT_MAX_LENGTH, fields=None, report: dict | None = None,
-                     keep_trajectory: bool = True,
-                     step: Callable[[str, Callable], object] | None = None) -> FinetunedAdapter:
+                     keep_trajectory: bool = True, step: Callable[[str, Callable], object] | None = None,
+                     announce: Callable[[str], object] | None = None) -> FinetunedAdapter:
     """`llmeraser finetune` as one call: load `base_model` (in `dtype`, on `device`), wrap it in a fresh adapter
     (`lora`: `record.LoraSettings`, default LoRA; drawn with `args.seed`), fine-tune it on `train` (`finetune`, the
     `CausalLMTask` of `max_length`) and write it to `out` with its report.json and, when recorded and
@@ -288,6 +309,8 @@ def finetune_adapter(train: Sequence[Example], out: str | os.PathLike, *, base_m
         report: further report.json keys (the demo's cache key).
         step: `step(name, fn)` runs each stage ("load base", "fine-tune", "write adapter") and returns `fn()`: a
             hook for timings (default: `fn()`).
+        announce: where the recording's plan is said before fine-tuning (default: the log); the recording is
+            spooled beside `out` while fine-tuning runs.
     """
     from llmeraser.models import load_base_model
     from llmeraser.record import LoraSettings, lora_model
@@ -299,7 +322,8 @@ def finetune_adapter(train: Sequence[Example], out: str | os.PathLike, *, base_m
     base, tokenizer = step("load base", lambda: load_base_model(base_model, dtype=dtype, device=device))
     model = lora_model(base, lora, seed=args.seed)
     task = CausalLMTask(tokenizer, max_length=max_length)
-    result = step("fine-tune", lambda: finetune(model, task, train, args))
+    result = step("fine-tune", lambda: finetune(model, task, train, args, record_dir=Path(out).resolve().parent,
+                                                announce=announce))
     trajectory = result.trajectory if keep_trajectory else None
     path = step("write adapter", lambda: distributed.on_rank0(lambda: str(save_finetuned(
         model, out, train, lora=lora, max_length=max_length, args=args, result=result, trajectory=trajectory,

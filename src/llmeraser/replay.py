@@ -171,7 +171,7 @@ def verify_recording(model: torch.nn.Module, task: Task, train: Sequence[Example
     steps = trajectory.schedule(train)
     spots = sorted({0, len(steps) - 1}) if steps else []
     states = trajectory.replay_check(theta_hat, spots)
-    out["path"] = "the recorded gradients, replayed with the recorded optimiser, end at the adapter"
+    out["path"] = trajectory.replay_claim()
     if dropout:
         out["gradients"] = f"not recomputed: the run trained with dropout {dropout:g}, so its gradients are random"
         return out

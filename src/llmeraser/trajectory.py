@@ -8,13 +8,17 @@ backward pass. That is what the path-based updates need (`llmeraser.replay`): th
 that saw an edited example (exact rewind), and θ_k with g_k along the whole path (path-aware replay).
 
 Storage is one vector of the trainable parameters per step (the embedded demo: 921,600 floats, 3.7 MB a step,
-50 steps), bounded by `max_bytes`: beyond it only checkpoints (θ_k, m_k, v_k) at evenly spaced steps are kept,
-which still serve exact rewind (from the checkpoint at or before the first edited step) but not path-aware replay.
-The file lives beside the adapter (`trajectory.safetensors`, written and read back by `llmeraser.recording.write` /
-`read`, which validate its header and verify every tensor's checksum). A replay is only as exact as the recording it
-reads, so before one (docs/path.md#what-is-verified) the recipe is compared with the request's (`check_recipe`), and
-replaying the recorded gradients with the recorded optimiser must end at the adapter (`replay_check`), which pins the
-learning rates, betas, ε, L2, decay and clipping to the ones that trained it.
+50 steps), written to disk as fine-tuning goes (`llmeraser.recorder.Recorder`, `llmeraser.storage`) and read back one
+step at a time, so memory holds one step whatever the run's length. It is bounded by a byte budget (and the disk's
+free space): beyond it only checkpoints (θ_k, m_k, v_k) at evenly spaced steps are kept, which still serve exact
+rewind (from the checkpoint at or before the first edited step) but not path-aware replay. A low-precision recording
+(bfloat16 gradients) keeps full-precision checkpoints beside them: rewind restarts from those (exact), path replay
+uses the rounded gradients, and `states` restarts from each checkpoint it passes, so its error never accumulates
+beyond one checkpoint interval. The file lives beside the adapter (`trajectory.safetensors`, written and read back by
+`llmeraser.recording.write` / `read`, which validate its header and verify every tensor's checksum). A replay is
+only as exact as the recording it reads, so before one (docs/path.md#what-is-verified) the recipe is compared with
+the request's (`check_recipe`), and replaying the recorded gradients with the recorded optimiser must end at the
+adapter (`replay_check`), which pins the learning rates, betas, ε, L2, decay and clipping to the ones that trained it.
 """
 
 from __future__ import annotations
@@ -31,15 +35,21 @@ import torch
 from llmeraser.data import Example
 from llmeraser.errors import AdapterError, ConfigError
 from llmeraser.io import canonical_json, sha256_bytes
+from llmeraser.storage import Rows, nbytes
 
 TRAJECTORY = "trajectory.safetensors"
-DEFAULT_MAX_BYTES = 4 * 2**30  # per-step gradients beyond this size: checkpoints only
+DEFAULT_MAX_BYTES = 4 * 2**30  # the recording's default budget (`recorder.plan`; with half the free disk space)
 # Replaying the recorded gradients must end this close to the adapter, relative to the distance fine-tuning moved it.
 # The replay applies the same elementwise AdamW formula to the same gradients, so it differs from training only by
 # rounding (another device's fused multiply-adds; torch's lerp for m under a Trainer): measured < 1e-4 of the distance
 # on SFTTrainer runs (tests/test_trl.py), 0 on llmeraser's own. An edited learning rate, beta, eps, L2, decay or
 # clipping, or a changed gradient, moves every step, so it ends O(1) of the distance away.
 REPLAY_TOL = 1e-3
+# The recorded gradients' precisions: "full" keeps the parameters' own dtype; bfloat16 halves float32's bytes with
+# float32's exponent range (float16 is not offered: gradients below 6e-5 lose relative precision there and above
+# 65504 overflow, at the same 2 bytes). Unit roundoff u: a stored value is within u of the exact one, relatively.
+RECORD_DTYPES = {"full": None, "bfloat16": torch.bfloat16}
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
 @dataclass(frozen=True)
@@ -128,63 +138,17 @@ def first_step_seeing(examples: Sequence[Example], steps: Sequence[Sequence[int]
     return None
 
 
-class Recorder:
-    """Collects a fine-tune's trajectory step by step (`finetune` calls `step` before each Adam step)."""
-
-    def __init__(self, meta: dict, theta0: torch.Tensor, n_steps: int, *, max_bytes: int = DEFAULT_MAX_BYTES):
-        self.meta, self.theta0, self.n_steps = dict(meta), theta0.detach().cpu().clone(), n_steps
-        per_step = theta0.numel() * theta0.element_size()
-        self.keep_grads = n_steps * per_step <= max_bytes
-        self.grads = torch.empty((n_steps, theta0.numel()), dtype=theta0.dtype) if self.keep_grads else None
-        # without per-step gradients: checkpoints (θ, m, v) at evenly spaced steps within the budget
-        n_ckpt = max(1, min(n_steps, int(max_bytes // (3 * per_step))))
-        self.every = math.ceil(n_steps / n_ckpt)
-        self.checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    @classmethod
-    def resume(cls, trajectory: Trajectory, start: int, n_steps: int, *, examples: Sequence[Example]) -> Recorder:
-        """A recorder for a run that shares `trajectory`'s first `start` steps (a rewind) and has `n_steps` in all
-        on `examples`: the shared part is copied, in the same storage mode."""
-        meta = {k: v for k, v in trajectory.meta.items() if k not in ("steps", "checkpoint_every", "final_sha256")}
-        meta |= adam_meta(trajectory.config, epochs=meta["epochs"], batch_size=meta["batch_size"], seed=meta["seed"],
-                          train=examples)
-        if "batches" in meta:  # the recorded schedule, as the edited set takes it
-            meta["batches"] = [[examples[i].id for i in b] for b in trajectory.schedule(examples)]
-            meta["lrs"] = trajectory.lrs(examples)
-        rec = cls(meta, trajectory.theta0, n_steps, max_bytes=0)
-        rec.keep_grads = trajectory.grads is not None
-        if rec.keep_grads:
-            rec.grads = torch.empty((n_steps, trajectory.theta0.numel()), dtype=trajectory.theta0.dtype)
-            rec.grads[:start].copy_(trajectory.grads[:start])
-        else:
-            rec.every = trajectory.meta["checkpoint_every"]
-            rec.checkpoints = {k: c for k, c in trajectory.checkpoints.items() if k < start}
-        return rec
-
-    def step(self, k: int, theta: torch.Tensor, adam: Adam, data_grad: torch.Tensor) -> None:
-        if self.keep_grads:
-            self.grads[k].copy_(data_grad)
-        elif k % self.every == 0:
-            self.checkpoints[k] = (theta.cpu().clone(), adam.m.cpu().clone(), adam.v.cpu().clone())
-
-    def finish(self, steps_taken: int, final: torch.Tensor) -> Trajectory:
-        """The trajectory of a run that took `steps_taken` steps and ended at θ = `final` (its hash is kept, so
-        `Trajectory.check` knows the adapter it belongs to without a replay)."""
-        if steps_taken != self.n_steps:
-            raise ConfigError(f"recorded {steps_taken} of {self.n_steps} steps")
-        meta = self.meta | {"steps": self.n_steps, "checkpoint_every": None if self.keep_grads else self.every,
-                            "final_sha256": tensor_sha256(final)}
-        return Trajectory(meta, self.theta0, self.grads, self.checkpoints)
-
-
 @dataclass
 class Trajectory:
     """A recorded Adam fine-tune: `meta` (the recipe: lr, betas, eps, l2, epochs, batch_size, seed, n_train,
-    train_sha256, steps), θ₀, the per-step data gradients (steps, p) or, without them, checkpoints."""
+    train_sha256, steps), θ₀, the per-step data gradients (steps, p: a tensor, or `storage.Rows` read from disk one
+    step at a time; `grads[k]` is step k's in θ₀'s dtype) and/or checkpoints {k: (θ_k, m_k, v_k)}. With full-precision
+    gradients there are no checkpoints; without gradients (over budget) or with low-precision ones
+    (meta["grad_dtype"]) there are checkpoints every meta["checkpoint_every"] steps."""
 
     meta: dict
     theta0: torch.Tensor
-    grads: torch.Tensor | None
+    grads: torch.Tensor | Rows | None
     checkpoints: dict
     integrity: str = "recorded in this process"  # on load: whether its checksums were verified
     verification: dict = field(default_factory=dict)  # what `replay.verify_recording` checked
@@ -201,9 +165,13 @@ class Trajectory:
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.theta0, *([self.grads] if self.grads is not None else []),
-                   *(t for c in self.checkpoints.values() for t in c)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return (nbytes(self.theta0) + (nbytes(self.grads) if self.grads is not None else 0)
+                + sum(nbytes(c) if isinstance(c, Rows) else sum(map(nbytes, c)) for c in self.checkpoints.values()))
+
+    @property
+    def low_precision(self) -> bool:
+        """Whether the gradients were stored rounded (path replay only; rewind restarts from checkpoints)."""
+        return self.grads is not None and self.meta.get("grad_dtype") not in (None, "full")
 
     def schedule(self, examples: Sequence[Example]) -> list[list[int]]:
         """Each step's mini-batch as indices into `examples`: the id-hash schedule of llmeraser's fine-tune, or for a
@@ -225,29 +193,35 @@ class Trajectory:
         return [lr for batch, lr in zip(m["batches"], m["lrs"], strict=True) if any(i in at for i in batch)]
 
     def start_before(self, k: int) -> int:
-        """The latest step ≤ k from which the state can be rebuilt (k itself with per-step gradients)."""
-        if self.grads is not None:
+        """The latest step ≤ k from which the state can be rebuilt exactly (k itself with full-precision per-step
+        gradients; else the checkpoint at or before k)."""
+        if self.grads is not None and not self.low_precision:
             return k
         return max([0, *(j for j in self.checkpoints if j <= k)])
 
     def state(self, k: int) -> tuple[torch.Tensor, Adam]:
         """(θ_k, Adam's state) just before step k, rebuilt exactly; k must be a step `start_before` returns."""
-        if self.grads is None:
+        if self.grads is None or self.low_precision:
             if k == 0:
                 return self.theta0.clone(), Adam(self.config, self.theta0)
             if k not in self.checkpoints:
                 raise ConfigError(f"no checkpoint at step {k} (checkpoints every {self.meta['checkpoint_every']})")
-            theta, m, v = self.checkpoints[k]
-            return theta.clone(), Adam(self.config, theta, m, v, t=k)
+            return self._checkpoint(k)
         for j, theta, adam in self.states():
             if j == k:
                 return theta, adam
         raise ConfigError(f"step {k} is outside the recorded {self.steps} steps")
 
-    def states(self, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor, Adam]]:
+    def _checkpoint(self, k: int) -> tuple[torch.Tensor, Adam]:
+        theta, m, v = self.checkpoints[k]
+        return theta.clone(), Adam(self.config, theta, m, v, t=k)
+
+    def states(self, stop: int | None = None, anchor=None) -> Iterator[tuple[int, torch.Tensor, Adam]]:
         """(k, θ_k, Adam state before step k) for k = 0 … stop (default: every step, then the final θ at k = steps),
-        rebuilt by replaying the recorded gradients: bit for bit the fine-tune's states. The yielded Adam is live:
-        copy it to keep it."""
+        rebuilt by replaying the recorded gradients: bit for bit the fine-tune's states with full-precision ones.
+        With low-precision gradients the replay restarts from each full-precision checkpoint it reaches (exact
+        there; within one interval's rounding between), calling `anchor(k, replayed θ_k, checkpoint θ_k)` first.
+        The yielded Adam is live: copy it to keep it."""
         if self.grads is None:
             raise ConfigError("this trajectory kept checkpoints only (its per-step gradients exceeded the storage "
                               "budget): it serves exact rewind, not path replay")
@@ -255,6 +229,11 @@ class Trajectory:
         theta, adam = self.theta0.clone(), Adam(self.config, self.theta0)
         lrs = self.meta.get("lrs")
         for k in range(stop + 1):
+            if self.low_precision and k and k in self.checkpoints:
+                exact, exact_adam = self._checkpoint(k)
+                if anchor is not None:
+                    anchor(k, theta, exact)
+                theta, adam = exact, exact_adam
             yield k, theta, adam
             if k == self.steps:
                 return
@@ -319,8 +298,10 @@ class Trajectory:
     def replay_check(self, theta: torch.Tensor, keep: Sequence[int] = ()) -> dict[int, torch.Tensor]:
         """Replay θ₀ and the recorded gradients with the recorded optimiser (no forward or backward pass) and check
         that it ends at the adapter's θ within REPLAY_TOL of the distance fine-tuning moved it: that pins the learning
-        rates, betas, ε, L2, decay and clipping in the header to the ones that trained the adapter. Returns θ_k for
-        each k in `keep` (the states a gradient spot check needs). Per-step gradients only ({} otherwise).
+        rates, betas, ε, L2, decay and clipping in the header to the ones that trained the adapter. With
+        low-precision gradients each checkpoint interval is checked on its own: the replay from one full-precision
+        checkpoint must reach the next one (the last: the adapter) within `rounding_bound` of the interval. Returns
+        θ_k for each k in `keep` (the states a gradient spot check needs). Per-step gradients only ({} otherwise).
 
         Raises:
             AdapterError: the replay ends elsewhere (or at non-finite values).
@@ -328,25 +309,77 @@ class Trajectory:
         if self.grads is None:
             return {}
         kept: dict[int, torch.Tensor] = {}
-        for k, state, _ in self.states():
+        segment = [0, self.theta0]  # the interval's first step and exact θ there
+
+        def anchor(k: int, replayed: torch.Tensor, exact: torch.Tensor) -> None:
+            self._check_segment(segment, k, replayed, exact, f"the checkpoint at step {k}")
+            segment[:] = [k, exact]
+
+        for k, state, _ in self.states(anchor=anchor):
             if k in keep:
                 kept[k] = state.clone()
             end = state
-        theta = theta.detach().to("cpu", end.dtype)
-        gap = float((end.double() - theta.double()).norm())
-        moved = float((theta.double() - self.theta0.double()).norm())
-        if not gap <= REPLAY_TOL * moved + 1e-12:
-            raise AdapterError(f"replaying the recorded gradients with the recorded optimiser ends {gap:.3g} from the "
-                               f"adapter, which fine-tuning moved {moved:.3g} from θ₀: the header's learning rates, "
-                               f"betas, eps, l2, weight decay or clipping are not the ones that trained it")
+        self._check_segment(segment, self.steps, end, theta.detach().to("cpu", end.dtype), "the adapter")
         return kept
+
+    def _check_segment(self, segment: list, stop: int, replayed: torch.Tensor, target: torch.Tensor,
+                       what: str) -> None:
+        """The replay from step segment[0] (exact θ segment[1]) to `stop` ended at `replayed`; `target` is where
+        fine-tuning was. Full precision: ‖gap‖ ≤ REPLAY_TOL ‖move‖ (rounding only). Low precision: ‖gap‖_∞ ≤
+        `rounding_bound` + REPLAY_TOL ‖move‖_∞."""
+        gap, move = (replayed.double() - target.double()), (target.double() - segment[1].double())
+        if self.low_precision:
+            gap_n, move_n = float(gap.abs().max()), float(move.abs().max())
+            allowed = self.rounding_bound(segment[0], stop) + REPLAY_TOL * move_n + 1e-12
+        else:
+            gap_n, move_n = float(gap.norm()), float(move.norm())
+            allowed = REPLAY_TOL * move_n + 1e-12
+        if not gap_n <= allowed:
+            raise AdapterError(f"replaying the recorded gradients with the recorded optimiser ends {gap_n:.3g} from "
+                               f"{what}, which fine-tuning moved {move_n:.3g} from step {segment[0]}'s state: the "
+                               f"header's learning rates, betas, eps, l2, weight decay or clipping are not the ones "
+                               f"that trained it")
+
+    def rounding_bound(self, lo: int, hi: int) -> float:
+        """How far (max over coordinates) replaying steps lo … hi−1 from an exact state with the stored, rounded
+        gradients may end from the exact replay. Each stored gradient is g(1+δ), |δ| ≤ u (the dtype's unit
+        roundoff). The replay feeds the recorded gradients, not recomputed ones, so the error never compounds
+        through the model: it is the sum of each step's update error. A step moves a coordinate by lr·m̂/(√v̂+ε),
+        and |m̂|/√v̂ ≤ K (Cauchy–Schwarz over Adam's exponential sums, `adam_ratio_bound`); rounding moves m̂/√v̂ by
+        at most 2Ku (m̂ by Ku, √v̂ by u relatively), and clipping's factor, from a norm off by u, doubles that:
+        ≤ 4Ku·lr_k a step, to first order in u (the L2 term's feedback, l2 · the drift, is of second order)."""
+        c = self.config
+        lrs = self.meta.get("lrs") or [c.lr] * self.steps
+        u = UNIT_ROUNDOFF[self.grads.dtype] if self.low_precision else 0.0
+        return 4 * adam_ratio_bound(c.beta1, c.beta2, self.steps) * u * sum(lrs[lo:hi])
+
+    def replay_claim(self) -> str:
+        """What `replay_check` established, for the report."""
+        if self.low_precision:
+            return (f"the recorded {self.meta['grad_dtype']} gradients, replayed with the recorded optimiser from each "
+                    f"full-precision checkpoint, reach the next one and the adapter within their rounding bound")
+        return "the recorded gradients, replayed with the recorded optimiser, end at the adapter"
 
     def describe(self) -> dict:
         """What the report says of the recording."""
         return {"steps": self.steps, "per_step_gradients": self.grads is not None,
+                "gradient_dtype": self.meta.get("grad_dtype", "full"),
                 "checkpoint_every": self.meta.get("checkpoint_every"), "mib": self.nbytes / 2**20,
                 "final_sha256": self.meta["final_sha256"][:16],
                 "integrity": self.integrity, **({"verified": self.verification} if self.verification else {})}
+
+
+def adam_ratio_bound(beta1: float, beta2: float, steps: int) -> float:
+    """A bound on |m̂_t| / √v̂_t over t = 1 … steps for any gradients: m_t = (1−β₁) Σ β₁^(t−i) g_i and v_t = (1−β₂)
+    Σ β₂^(t−i) g_i², so by Cauchy–Schwarz |m_t| ≤ (1−β₁)/√(1−β₂) · √(Σ_{j<t} (β₁²/β₂)^j) · √v_t; with the bias
+    corrections 1/(1−β₁^t) and √(1−β₂^t). About 7.3 for torch's betas (0.9, 0.999); infinite when β₂ = 0."""
+    if beta2 <= 0:
+        return math.inf
+    rho, sums, best = beta1 ** 2 / beta2, 0.0, 0.0
+    for t in range(1, max(1, steps) + 1):
+        sums = 1 + rho * sums
+        best = max(best, (1 - beta1) * math.sqrt((1 - beta2 ** t) * sums / (1 - beta2)) / (1 - beta1 ** t))
+    return best
 
 
 def names_sha256(names: Sequence[str]) -> str:

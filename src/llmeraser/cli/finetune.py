@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, kind=args.peft, virtual_tokens=args.virtual_tokens,
                         targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
     result = finetune_adapter(train, args.out, base_model=args.base_model, dtype=args.dtype, device=args.device,
-                              lora=lora, args=ft, max_length=args.max_length, fields=given).result
+                              lora=lora, args=ft, max_length=args.max_length, fields=given,
+                              announce=None if args.quiet else print).result
     print(f"fine-tuned {len(train)} examples in {result.seconds:.1f} s: last epoch's loss {result.losses[-1]:.4f}, "
           f"R(θ) = {result.objective:.4f}, ‖∇R‖ = {result.grad_norm:.2e}\nadapter: {args.out}")
     return 0

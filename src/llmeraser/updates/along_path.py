@@ -18,8 +18,9 @@ from llmeraser.data import Example
 from llmeraser.eraser import RELATIVE_DAMPING, EraserArguments, Update
 from llmeraser.errors import ConfigError, SolverError
 from llmeraser.params import ParamView
+from llmeraser.recorder import Recorder
 from llmeraser.replay import PathArguments, RefineArguments, Secant, first_edited_step, kept_loss_check, path_update
-from llmeraser.trajectory import Recorder, Trajectory
+from llmeraser.trajectory import Trajectory
 from llmeraser.updates.base import RequestContext, UnlearnOptions, register
 
 logger = logging.getLogger(__name__)
