@@ -106,9 +106,9 @@ def objective(model: torch.nn.Module, task: Task, examples: Sequence[Example], *
               batch_size: int = 8) -> float:
     """R(θ) = mean loss + (l2/2)‖θ‖² (no gradient)."""
     with torch.no_grad():
-        total = torch.zeros(1, dtype=torch.float64)
+        total = torch.zeros(1, dtype=torch.float64, device=ParamView(model).device)  # one transfer, at the end
         for idx in distributed.batches(len(examples), batch_size):
-            total += float(per_example_loss(task, model, task.collate([examples[i] for i in idx])).sum())
+            total += per_example_loss(task, model, task.collate([examples[i] for i in idx])).sum().double()
         total = float(distributed.all_reduce(total, "objective"))
         return total / len(examples) + 0.5 * l2 * float(ParamView(model).vector().pow(2).sum())
 
@@ -210,7 +210,7 @@ def step_gradient(model: torch.nn.Module, task: Task, examples: Sequence[Example
     scale = getattr(task, "step_scale", lambda _: None)([examples[j] for j in batch])
     for p in view.params:
         p.grad = None
-    loss_sum = torch.zeros(())
+    loss_sum = torch.zeros((), device=view.device)  # a rank with no example in this step adds zeros
     if mine:
         loss_sum = per_example_loss(task, model, task.collate([examples[j] for j in mine])).sum()
         (loss_sum / len(batch) if scale is None else loss_sum * scale).backward()
@@ -260,12 +260,12 @@ def _lbfgs(model: torch.nn.Module, task: Task, examples: Sequence[Example], args
 
     def closure() -> torch.Tensor:  # R(θ) and ∇R(θ) in one pass over the data
         opt.zero_grad(set_to_none=True)
-        total = torch.zeros((), dtype=view.dtype)
+        total = torch.zeros((), dtype=view.dtype, device=view.device)
         for idx in distributed.batches(len(examples), args.batch_size):
             loss = per_example_loss(task, model, task.collate([examples[i] for i in idx])).sum()
             (loss / len(examples)).backward()
             total += loss.detach()
-        total = torch.tensor(_reduce_gradients(view, total), dtype=view.dtype)
+        total = torch.tensor(_reduce_gradients(view, total), dtype=view.dtype, device=view.device)
         reg = 0.5 * args.l2 * sum(p.pow(2).sum() for p in view.params)
         if args.l2:
             reg.backward()

@@ -123,7 +123,7 @@ class Rows:
     def __getitem__(self, k):
         if isinstance(k, slice):
             rows = [self[i] for i in range(*k.indices(self.n))]
-            return torch.stack(rows) if rows else torch.empty((0, self.p), dtype=self.as_dtype)
+            return torch.stack(rows) if rows else torch.empty((0, self.p), dtype=self.as_dtype)  # host: from disk
         return self.raw(int(k)).to(self.as_dtype)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -218,5 +218,5 @@ class TensorFile:
         size = shape[-1] * dtype.itemsize
         offset = self.start + self.entries[name]["data_offsets"][0] + (0 if k is None else k * size)
         if not size:
-            return torch.empty(0, dtype=dtype)
+            return torch.empty(0, dtype=dtype)  # host: rows read from disk live on the host
         return torch.frombuffer(bytearray(self._read(offset, size)), dtype=dtype)
