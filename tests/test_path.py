@@ -30,6 +30,7 @@ from llmeraser.task import CausalLMTask
 from llmeraser.trajectory import Adam, AdamConfig, Trajectory
 from llmeraser.updates import RequestContext
 from llmeraser.updates.along_path import path_replay, refine, rewind
+from llmeraser.updates.choose import StepCosts
 from llmeraser.updates.choose import choose_update as choose
 from llmeraser_experiments.memorised import PEOPLE_TARGETS, memorised_people
 
@@ -40,8 +41,12 @@ def ctx_of(model, task, train, request_) -> RequestContext:
     return RequestContext.build(model, task, train, request_)
 
 
-def choose_update(trajectory, why_not, train, request_, path):
-    return choose(trajectory, why_not, ctx_of(None, None, train, request_), path)
+# auto's forecast from fixed costs (no timing in tests): a gradient call costs its examples, nothing else costs
+COUNTING = StepCosts(call=0.0, example=1.0, update=0.0, replay=0.0, forward=0.0)
+
+
+def choose_update(trajectory, why_not, train, request_, path, costs=COUNTING):
+    return choose(trajectory, why_not, ctx_of(None, None, train, request_), path, costs)
 
 
 @pytest.fixture()
@@ -200,7 +205,9 @@ def test_path_replay_predicts_between_exact_steps_and_reports_it(lm):
         r = path_replay(ctx_of(model, task, train, request_), traj, args).report["path"]
         assert r["exact_steps"] + r["predicted_steps"] + r["skipped_empty_steps"] == r["replayed_steps"]
         assert r["predicted_steps"] > 0 and r["exact_steps"] >= r["steps"] - r["exact_from_step"]
-        assert 0 < r["gradient_cost_vs_retraining"] < 1 and r["prediction_error"]["checks"] == r["exact_steps"]
+        assert 0 < r["gradient_cost_vs_retraining"] < 1
+        # the prediction's error is measured on the exact steps with a secant model (without, it is 1 by definition)
+        assert r["prediction_error"]["checks"] == (r["exact_steps"] if args.history else 0)
         assert r["kept_loss_check"]["examples"] == 20 and r["kept_loss_check"]["ratio"] > 0  # every kept example
         # auto's forecast counts the gradients exactly as the run does
         edits = {old.id: new for old, new in resolve(request_, train)}
@@ -259,11 +266,12 @@ def test_auto_rewinds_late_edits_replays_early_ones_and_falls_back_without_a_rec
     assert name == "rewind" and "would not revisit every kept example" in why
     assert choose_update(traj1, "", train, Request.remove(train[order[-1][0]].id), path)[0] == "rewind"
     assert choose_update(traj, "", train, Request.remove(last), path)[0] in ("path", "rewind")
-    # correcting many examples: their gradients are taken twice a step, so path replay would cost more than a rewind
+    # correcting many examples: their gradients are taken twice on predicted steps, so path replay would not save
+    # the margin over a rewind
     many = Request.from_dict({"edits": [{"op": "correct_response", "id": e.id, "response": " Maybe"}
                                         for e in train[:12]]})
     name, why = choose_update(traj, "", train, many, path)
-    assert name == "rewind" and "no more than path replay" in why
+    assert name == "rewind" and "margin" in why
 
 
 def test_methods_through_the_command_line_and_their_errors(tmp_path, capsys):
@@ -330,22 +338,31 @@ def test_memorised_person_removal_through_the_cli_with_default_options(tmp_path)
     assert main(["finetune", *common, "--train", str(case["train"]), "--out", str(tmp_path / "ft"), *ft]) == 0
     assert main(["finetune", *common, "--train", str(tmp_path / "edited.jsonl"), "--out", str(tmp_path / "re"),
                  *ft]) == 0
-    assert main(["unlearn", *common, "--adapter", str(tmp_path / "ft"), "--train", str(case["train"]), "--request",
-                 str(case["request"]), "--out", str(tmp_path / "un")]) == 0
+    unlearn = ["unlearn", *common, "--adapter", str(tmp_path / "ft"), "--train", str(case["train"]), "--request",
+               str(case["request"])]
+    assert main([*unlearn, "--out", str(tmp_path / "un")]) == 0
+    report = json.loads((tmp_path / "un" / "report.json").read_text())
+    # auto's choice rests on seconds measured now (docs/path.md): either is right if it follows its own forecast
+    forecast = report["update_forecast"]
+    chose_path = forecast["seconds"]["path"] <= forecast["margin"] * forecast["seconds"]["rewind"]
+    assert report["method"] == ("path" if chose_path else "rewind")
+    assert report["update_choice"].startswith(f"auto chose {report['method']}: forecast")
+    if not chose_path:  # path replay's own numbers are the point of this test: run it by name
+        assert main([*unlearn, "--out", str(tmp_path / "path"), "--method", "path"]) == 0
+        report = json.loads((tmp_path / "path" / "report.json").read_text())
     from llmeraser.models import load_base_model
     from llmeraser.params import load_adapter
 
     forget = [e for e in train if e.id in set(case["removed"])]
     loss = {}
-    for name in ("ft", "re", "un"):
+    for name in ("ft", "re", "un" if chose_path else "path"):
         base, tok = load_base_model(str(case["base"]), dtype="float64")
         model, task = load_adapter(base, tmp_path / name), CausalLMTask(tok, max_length=32)
-        loss[name] = (evaluate(model, task, forget)["loss"], evaluate(model, task, edited)["loss"])
-    (f0, k0), (f_re, _), (f_un, k_un) = loss["ft"], loss["re"], loss["un"]
+        loss[name[:2]] = (evaluate(model, task, forget)["loss"], evaluate(model, task, edited)["loss"])
+    (f0, k0), (f_re, _), (f_un, k_un) = loss["ft"], loss["re"], loss.get("un", loss.get("pa"))
     assert f0 < 0.3 and f_re > 1.5  # memorised, and retraining forgets: the case is what it claims to be
     assert (f_un - f0) / (f_re - f0) >= 0.7
     assert k_un <= 1.1 * k0
-    report = json.loads((tmp_path / "un" / "report.json").read_text())
-    assert report["method"] == "path" and report["update_choice"].startswith("auto chose path")
+    assert report["method"] == "path"
     check = report["path"]["kept_loss_check"]  # the report's own evidence agrees: a sample of kept facts
     assert check["examples"] == 64 and check["ratio"] < 1.1
