@@ -14,16 +14,25 @@ import torch
 from fixtures.tiny import fact_examples, tiny_llama, tiny_lora, tiny_tokenizer
 
 from llmeraser.curvature import gradient
-from llmeraser.finetune import FinetuneArguments, finetune, step_gradient
+from llmeraser.finetune import FinetuneArguments, finetune, objective, step_gradient
 from llmeraser.params import ParamView
 from llmeraser.replay import PathArguments, Secant, first_edited_step
 from llmeraser.request import Request
 from llmeraser.task import CausalLMTask
 from llmeraser.updates import RequestContext
 from llmeraser.updates.along_path import path_replay
-from llmeraser.updates.choose import PATH_MARGIN, StepCosts, choose_update, forecast_seconds, measure_costs
+from llmeraser.updates.choose import (
+    MEMORISED,
+    PATH_MARGIN,
+    StepCosts,
+    choose_update,
+    forecast_seconds,
+    measure_costs,
+    memorised_share,
+)
 
 ARGS = FinetuneArguments(epochs=3, lr=1e-2, batch_size=4, final_check=False)
+NOT_MEMORISED = {"before": 1.0, "after": 1.0, "share": 1.0}  # injected: the forecast alone decides
 REQUESTS = {
     "remove": Request.remove("ex9", "ex14", "ex0"),
     "mixed": Request.from_dict({"edits": [{"op": "correct_response", "id": "ex5", "response": " Maybe"},
@@ -144,12 +153,12 @@ def test_auto_rewinds_where_calls_cost_more_than_their_examples(fitted):
     args = PathArguments()
     assert args.cost(*first_edited_step(trajectory, train, set(ctx.edits)), train, ctx.edits, 4) < PATH_MARGIN
     cheap_examples = StepCosts(call=0.0, example=1.0, update=0.0, replay=0.0, forward=0.0)
-    name, why = choose_update(trajectory, "", ctx, args, cheap_examples)
+    name, why = choose_update(trajectory, "", ctx, args, cheap_examples, NOT_MEMORISED)
     f = ctx.report["update_forecast"]
     assert name == "path" and f["seconds"]["path"] <= PATH_MARGIN * f["seconds"]["rewind"]
     assert "auto chose path: forecast" in why and f["measured"] == vars(cheap_examples)
     costly_calls = StepCosts(call=1.0, example=0.01, update=0.0, replay=0.0, forward=0.0)
-    name, why = choose_update(trajectory, "", ctx, args, costly_calls)
+    name, why = choose_update(trajectory, "", ctx, args, costly_calls, NOT_MEMORISED)
     f = ctx.report["update_forecast"]
     assert name == "rewind" and f["seconds"]["path"] > PATH_MARGIN * f["seconds"]["rewind"]
     assert why.startswith("auto chose rewind: forecast") and "margin" in why
@@ -163,3 +172,24 @@ def test_measured_costs_are_positive_and_leave_the_model_at_theta_hat(fitted):
     assert torch.equal(ParamView(model).vector(), theta)
     assert all(math.isfinite(v) and v >= 0 for v in vars(costs).values())
     assert costs.call + costs.example > 0 and costs.forward > 0  # a gradient call and a forward pass take time
+
+
+def test_memorised_share_is_the_edited_examples_loss_at_theta_hat_over_before_they_were_seen(fitted):
+    model, task, train, theta, trajectory = fitted
+    ParamView(model).set_vector(theta)
+    ctx = RequestContext.build(model, task, train, REQUESTS["mixed"])
+    first = first_edited_step(trajectory, train, set(ctx.edits))[1]
+    got = memorised_share(ctx, trajectory, first)
+    assert torch.equal(ParamView(model).vector(), theta)
+    old = [e for e in train if e.id in ctx.edits]
+    before_state, _ = trajectory.state(first)
+    after = objective(model, task, old)
+    ParamView(model).set_vector(before_state)
+    before = objective(model, task, old)
+    ParamView(model).set_vector(theta)
+    # the same forward passes on the same examples at the same points: equal, not close
+    assert (got["before"], got["after"]) == (before, after) and got["share"] == after / before
+    # memorised (injected): auto rewinds before measuring anything, and says why
+    ctx.report.clear()
+    name, why = choose_update(trajectory, "", ctx, PathArguments(), None, {**got, "share": MEMORISED / 10})
+    assert name == "rewind" and "memorised" in why and "update_forecast" not in ctx.report

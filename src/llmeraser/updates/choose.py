@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 # memorised people case the forecasts were within 15% of the runs' times, docs/path.md)
 PATH_MARGIN = 0.8
 CHECK_BATCH = 8  # the kept-loss check's forward batch (`finetune.objective`'s default)
+# the request's examples count as memorised when fine-tuning took their loss below this share of their loss before
+# the first step that saw them: on the memorised people cases 0.05–0.06 (and path replay overshot retraining there,
+# docs/path.md#overshoot), on MovieLens removals about 0.8
+MEMORISED = 0.5
 
 
 @register("auto", order=0, help="rewind or path when the adapter has a recorded trajectory (whichever its forecast "
@@ -121,8 +125,27 @@ def forecast_seconds(costs: StepCosts, plan: Sequence[PlannedStep], n_steps: int
     return {"rewind": rewind, "path": path}
 
 
+def memorised_share(ctx: RequestContext, trajectory: Trajectory, first: int) -> dict[str, float]:
+    """The edited examples' (old versions') mean loss at θ̂ over their mean loss at the state before the first step
+    that saw one of them (rebuilt from the recording on the host): how much of their loss fine-tuning removed by
+    training on them. Two forward passes over the edited examples; the model is left at θ̂."""
+    from llmeraser.finetune import objective
+    from llmeraser.params import ParamView
+
+    old = [e for e in ctx.train if e.id in ctx.edits]
+    view = ParamView(ctx.model)
+    theta = view.vector()
+    after = objective(ctx.model, ctx.task, old)
+    try:
+        view.set_vector(trajectory.state(trajectory.start_before(first))[0].to(view.device))
+        before = objective(ctx.model, ctx.task, old)
+    finally:
+        view.set_vector(theta)
+    return {"before": before, "after": after, "share": after / max(before, 1e-12), "threshold": MEMORISED}
+
+
 def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestContext, path: PathArguments,
-                  costs: StepCosts | None = None) -> tuple[str, str]:
+                  costs: StepCosts | None = None, memorised: dict | None = None) -> tuple[str, str]:
     """The update `auto` stands for, and why:
 
     - no usable recorded trajectory: first-order (the one-step influence update; the only one θ̂ alone allows);
@@ -130,6 +153,8 @@ def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestConte
     - rewind when path replay's exact tail would not revisit every kept example (it covers less than one epoch):
       the tail is what repairs the predicted steps, and on one-epoch MovieLens fine-tunes, where it cannot, path
       replay was worse than doing nothing (IR-1, IR-10) or slower than retraining (RC-40; docs/path.md);
+    - rewind when fine-tuning memorised the request's examples (`memorised_share` ≤ MEMORISED): path replay
+      overshoots retraining there, beyond retraining's own spread (docs/path.md#overshoot);
     - else path replay only when its forecast wall time is at most PATH_MARGIN × rewind's (`forecast_seconds`
       from `costs`, measured now at θ̂ unless given — tests give them); rewind otherwise, since it is then exact at
       about the same cost. Counting gradients is not enough: a path replay's calls are smaller, and a call's fixed
@@ -151,6 +176,14 @@ def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestConte
         return "rewind", (f"auto chose rewind: path replay's exact tail ({tail} steps) would not revisit every kept "
                           f"example (an epoch is {per_epoch:.0f} steps), so it could not repair its predicted steps; "
                           f"rewinding to step {start} replays {replay:.0%} of fine-tuning, exactly")
+    memorised = memorised_share(ctx, trajectory, first) if memorised is None else memorised
+    ctx.report["update_memorised"] = memorised
+    if memorised["share"] <= MEMORISED:
+        return "rewind", (f"auto chose rewind: fine-tuning memorised the request's examples (their loss fell from "
+                          f"{memorised['before']:.3g} before step {first}, the first that saw one, to "
+                          f"{memorised['after']:.3g}); on memorised removals path replay forgets more than retraining "
+                          f"does, beyond retraining's own spread (docs/path.md#overshoot), so the exact update: "
+                          f"rewinding to step {start} replays {replay:.0%} of fine-tuning")
     costs = costs or measure_costs(ctx, trajectory, steps[first])
     n_kept = len(ctx.effective) - sum(new is not None for new in edits.values())
     check = min(KEPT_CHECK, n_kept)
