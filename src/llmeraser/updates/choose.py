@@ -19,13 +19,13 @@ from llmeraser.updates.base import RequestContext, UnlearnOptions, get_method, r
 logger = logging.getLogger(__name__)
 
 # path replay is chosen only when its forecast is at most this share of rewind's: the forecast is a linear model of
-# measured seconds (a few calls, timed once), so a path forecast to save less than a fifth may save nothing (on the
-# memorised people case the forecasts were within 15% of the runs' times, docs/path.md)
+# seconds measured once, before the run, so a path forecast to save less than a fifth may save nothing (on path_study's
+# case, on a shared machine, rewind's forecast was within 5% of its time and path's a quarter low: docs/path.md)
 PATH_MARGIN = 0.8
 CHECK_BATCH = 8  # the kept-loss check's forward batch (`finetune.objective`'s default)
 # the request's examples count as memorised when fine-tuning took their loss below this share of their loss before
-# the first step that saw them: on the memorised people cases 0.05–0.06 (and path replay overshot retraining there,
-# docs/path.md#overshoot), on MovieLens removals about 0.8
+# the first step that saw them: 0.057 and 0.138 on two memorised people cases (where path replay can land outside
+# retraining's spread, docs/path.md#overshoot); data a model fits without memorising stays near 1
 MEMORISED = 0.5
 
 
@@ -68,7 +68,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 2) -> float:
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
     """The fastest of `repeats` runs of fn (the first may pay one-off costs both replays share)."""
     best = math.inf
     for _ in range(repeats):
@@ -83,7 +83,7 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 2) -> 
 def measure_costs(ctx: RequestContext, trajectory: Trajectory, batch: Sequence[int]) -> StepCosts:
     """Time, at θ̂, the calls both replays repeat: a training step's gradient over the recorded batch `batch` (the
     first edited step's) and a gradient of one of its examples — the two give the fixed and per-example parts —,
-    a forward pass over CHECK_BATCH examples, and an Adam step on the device and on the host. About six gradient
+    a forward pass over CHECK_BATCH examples, and an Adam step on the device and on the host. Six gradient
     calls; the model is left at θ̂."""
     from llmeraser.curvature import gradient
     from llmeraser.finetune import objective, step_gradient
@@ -181,9 +181,9 @@ def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestConte
     if memorised["share"] <= MEMORISED:
         return "rewind", (f"auto chose rewind: fine-tuning memorised the request's examples (their loss fell from "
                           f"{memorised['before']:.3g} before step {first}, the first that saw one, to "
-                          f"{memorised['after']:.3g}); on memorised removals path replay forgets more than retraining "
-                          f"does, beyond retraining's own spread (docs/path.md#overshoot), so the exact update: "
-                          f"rewinding to step {start} replays {replay:.0%} of fine-tuning")
+                          f"{memorised['after']:.3g}); on memorised requests path replay can forget more than "
+                          f"retraining does, beyond retraining's own spread (docs/path.md#overshoot), so the exact "
+                          f"update: rewinding to step {start} replays {replay:.0%} of fine-tuning")
     costs = costs or measure_costs(ctx, trajectory, steps[first])
     n_kept = len(ctx.effective) - sum(new is not None for new in edits.values())
     check = min(KEPT_CHECK, n_kept)
