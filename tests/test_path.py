@@ -30,6 +30,7 @@ from llmeraser.task import CausalLMTask
 from llmeraser.trajectory import Adam, AdamConfig, Trajectory
 from llmeraser.updates import RequestContext
 from llmeraser.updates.along_path import path_replay, refine, rewind
+from llmeraser.updates.choose import StepCosts
 from llmeraser.updates.choose import choose_update as choose
 from llmeraser_experiments.memorised import PEOPLE_TARGETS, memorised_people
 
@@ -40,8 +41,13 @@ def ctx_of(model, task, train, request_) -> RequestContext:
     return RequestContext.build(model, task, train, request_)
 
 
-def choose_update(trajectory, why_not, train, request_, path):
-    return choose(trajectory, why_not, ctx_of(None, None, train, request_), path)
+# auto's forecast from fixed costs (no timing in tests): a gradient call costs its examples, nothing else costs
+COUNTING = StepCosts(call=0.0, example=1.0, update=0.0, replay=0.0, forward=0.0)
+NOT_MEMORISED = {"before": 1.0, "after": 1.0, "share": 1.0}  # the edited examples' loss as before they were seen
+
+
+def choose_update(trajectory, why_not, train, request_, path, costs=COUNTING):
+    return choose(trajectory, why_not, ctx_of(None, None, train, request_), path, costs, NOT_MEMORISED)
 
 
 @pytest.fixture()
@@ -200,7 +206,9 @@ def test_path_replay_predicts_between_exact_steps_and_reports_it(lm):
         r = path_replay(ctx_of(model, task, train, request_), traj, args).report["path"]
         assert r["exact_steps"] + r["predicted_steps"] + r["skipped_empty_steps"] == r["replayed_steps"]
         assert r["predicted_steps"] > 0 and r["exact_steps"] >= r["steps"] - r["exact_from_step"]
-        assert 0 < r["gradient_cost_vs_retraining"] < 1 and r["prediction_error"]["checks"] == r["exact_steps"]
+        assert 0 < r["gradient_cost_vs_retraining"] < 1
+        # the prediction's error is measured on the exact steps with a secant model (without, it is 1 by definition)
+        assert r["prediction_error"]["checks"] == (r["exact_steps"] if args.history else 0)
         assert r["kept_loss_check"]["examples"] == 20 and r["kept_loss_check"]["ratio"] > 0  # every kept example
         # auto's forecast counts the gradients exactly as the run does
         edits = {old.id: new for old, new in resolve(request_, train)}
@@ -259,11 +267,12 @@ def test_auto_rewinds_late_edits_replays_early_ones_and_falls_back_without_a_rec
     assert name == "rewind" and "would not revisit every kept example" in why
     assert choose_update(traj1, "", train, Request.remove(train[order[-1][0]].id), path)[0] == "rewind"
     assert choose_update(traj, "", train, Request.remove(last), path)[0] in ("path", "rewind")
-    # correcting many examples: their gradients are taken twice a step, so path replay would cost more than a rewind
+    # correcting many examples: their gradients are taken twice on predicted steps, so path replay would not save
+    # the margin over a rewind
     many = Request.from_dict({"edits": [{"op": "correct_response", "id": e.id, "response": " Maybe"}
                                         for e in train[:12]]})
     name, why = choose_update(traj, "", train, many, path)
-    assert name == "rewind" and "no more than path replay" in why
+    assert name == "rewind" and "margin" in why
 
 
 def test_methods_through_the_command_line_and_their_errors(tmp_path, capsys):
@@ -315,11 +324,12 @@ def test_methods_through_the_command_line_and_their_errors(tmp_path, capsys):
 
 def test_memorised_person_removal_through_the_cli_with_default_options(tmp_path):
     """The issue's goal: pre-train a tiny Llama on question templates, fine-tune LoRA until it memorises 5 facts
-    about each of 16 people, remove one whole person with `llmeraser unlearn` and no options. The forgotten facts'
-    loss must go at least 70% of the way to retraining's, the kept facts' rise no more than 10% over the original.
-    Measured (float64, this CPU): forgotten 0.10 → 2.10 retrained, → 2.60 unlearned (1.25 of the way: the path's
-    target keeps the recorded batches, whose boundaries differ from retraining's); kept 0.196 → 0.201 (1.02×).
-    The margins (0.7 vs 1.25, 1.1 vs 1.02) are far above what rounding across CPUs can move in float64."""
+    about each of 16 people, remove one whole person with `llmeraser unlearn` and no options: auto sees the facts
+    were memorised and rewinds (retraining itself). Path replay, asked by name, must move the forgotten facts' loss at
+    least 70% of the way to retraining's with the kept facts' no more than 10% above the original. Measured (float64,
+    this CPU, 2 threads): forgotten 0.10 → 2.10 retrained, → 2.60 by path replay (1.25 of the way; retrains with
+    other order seeds move 1.0–1.3 on this measure, docs/path.md#overshoot); kept 0.196 → 0.201 (1.02×). The margins
+    (0.7 vs 1.25, 1.1 vs 1.02) are far above what rounding across CPUs can move in float64."""
     case = memorised_people(tmp_path)
     common = ["--base-model", str(case["base"]), "--dtype", "float64", "--quiet"]
     ft = ["--epochs", "30", "--lr", "1e-2", "--batch-size", "8", "--lora-r", "4", "--lora-alpha", "8",
@@ -330,23 +340,35 @@ def test_memorised_person_removal_through_the_cli_with_default_options(tmp_path)
     assert main(["finetune", *common, "--train", str(case["train"]), "--out", str(tmp_path / "ft"), *ft]) == 0
     assert main(["finetune", *common, "--train", str(tmp_path / "edited.jsonl"), "--out", str(tmp_path / "re"),
                  *ft]) == 0
-    assert main(["unlearn", *common, "--adapter", str(tmp_path / "ft"), "--train", str(case["train"]), "--request",
-                 str(case["request"]), "--out", str(tmp_path / "un")]) == 0
+    unlearn = ["unlearn", *common, "--adapter", str(tmp_path / "ft"), "--train", str(case["train"]), "--request",
+               str(case["request"])]
+    assert main([*unlearn, "--out", str(tmp_path / "un")]) == 0
+    report = json.loads((tmp_path / "un" / "report.json").read_text())
+    # auto rewinds: the person's facts were memorised (their loss fell to ~0.05 of what it was before the run saw
+    # them, far below the 0.5 line: no rounding moves that), where path replay overshoots retraining
+    # (docs/path.md#overshoot); a rewind is retraining, bit for bit
+    assert report["method"] == "rewind" and report["update_choice"].startswith("auto chose rewind: fine-tuning "
+                                                                              "memorised")
+    assert report["update_memorised"]["share"] < 0.2
+    # path replay by name: how far it forgets, and the kept facts intact
+    assert main([*unlearn, "--out", str(tmp_path / "path"), "--method", "path"]) == 0
+    report = json.loads((tmp_path / "path" / "report.json").read_text())
     from llmeraser.models import load_base_model
     from llmeraser.params import load_adapter
 
     forget = [e for e in train if e.id in set(case["removed"])]
     loss = {}
-    for name in ("ft", "re", "un"):
+    for name in ("ft", "re", "un", "path"):
         base, tok = load_base_model(str(case["base"]), dtype="float64")
         model, task = load_adapter(base, tmp_path / name), CausalLMTask(tok, max_length=32)
         loss[name] = (evaluate(model, task, forget)["loss"], evaluate(model, task, edited)["loss"])
-    (f0, k0), (f_re, _), (f_un, k_un) = loss["ft"], loss["re"], loss["un"]
+    (f0, k0), (f_re, _), (f_un, k_un) = loss["ft"], loss["re"], loss["path"]
+    # the rewind is retraining: the same losses (float64 evaluation of equal weights)
+    assert loss["un"] == loss["re"]
     assert f0 < 0.3 and f_re > 1.5  # memorised, and retraining forgets: the case is what it claims to be
     assert (f_un - f0) / (f_re - f0) >= 0.7
     assert k_un <= 1.1 * k0
-    report = json.loads((tmp_path / "un" / "report.json").read_text())
-    assert report["method"] == "path" and report["update_choice"].startswith("auto chose path")
+    assert report["method"] == "path"
     check = report["path"]["kept_loss_check"]  # the report's own evidence agrees: a sample of kept facts
     assert check["examples"] == 64 and check["ratio"] < 1.1
 

@@ -73,25 +73,60 @@ class PathArguments:
         """The first step of the exact tail (`exact_tail` of the steps, rounded up)."""
         return n_steps - math.ceil(self.exact_tail * n_steps - 1e-9)
 
-    def cost(self, steps: Sequence[Sequence[int]], first: int, train: Sequence[Example],
-             edits: dict[str, Example | None], batch_size: int) -> float:
-        """A forecast, before running, of the gradients `path_replay` takes relative to retraining's, counted step by
-        step as it counts them: each exact step's batch, and the edited examples' own gradients (at θ_k, and for
-        corrected versions at w_k). On MovieLens RC-40 the corrections' gradients alone were 0.8 of retraining's
-        (docs/path.md), so they decide whether path replay is cheaper than a rewind."""
+    def plan(self, steps: Sequence[Sequence[int]], first: int, train: Sequence[Example],
+             edits: dict[str, Example | None]) -> list[PlannedStep]:
+        """What `path_replay` does at each step from `first` on, decided before it runs (the choice depends on the
+        schedule and the edits only): 'skip' (every example of the batch removed: retraining over these batches has
+        no such step), 'exact' (the edited batch's gradient taken exactly at w_k) or 'predicted'. The one home of
+        that rule: the replay, its gradient count (`cost`) and auto's forecast in seconds all read it."""
         tail = self.tail_start(len(steps))
-        units, next_exact = 0, first
+        out, next_exact = [], first
         for k in range(first, len(steps)):
-            here = [train[i].id for i in steps[k] if train[i].id in edits]
-            kept, new = len(steps[k]) - len(here), sum(edits[i] is not None for i in here)
+            here = sum(train[i].id in edits for i in steps[k])
+            new = sum(edits[train[i].id] is not None for i in steps[k] if train[i].id in edits)
+            kept = len(steps[k]) - here
             if kept + new == 0:
-                continue
-            units += (len(here) if kept else 0) + new
-            if kept and (k - first < self.burn_in or k >= next_exact or k >= tail):
-                units += batch_size
+                kind = "skip"
+            elif kept and (k - first < self.burn_in or k >= next_exact or k >= tail):
+                kind = "exact"
                 if k >= next_exact:
                     next_exact = k + self.exact_every
+            else:
+                kind = "predicted"
+            out.append(PlannedStep(k, kind, kept, here, new))
+        return out
+
+    def cost(self, steps: Sequence[Sequence[int]], first: int, train: Sequence[Example],
+             edits: dict[str, Example | None], batch_size: int) -> float:
+        """A forecast, before running, of the examples whose gradients `path_replay` takes relative to retraining's,
+        counted step by step as it counts them (`PlannedStep.gradients`). On MovieLens RC-40 the corrections'
+        gradients alone were 0.8 of retraining's (docs/path.md), so they decide whether path replay is cheaper."""
+        units = sum(n for s in self.plan(steps, first, train, edits) for n in s.gradients(self.history > 0))
         return units / (len(steps) * batch_size)
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One step of a path replay (`PathArguments.plan`): its index, kind, and how many of its recorded batch's
+    examples are kept, edited (`here`) and have a corrected version (`new`)."""
+
+    k: int
+    kind: str
+    kept: int
+    here: int
+    new: int
+
+    def gradients(self, secant: bool) -> list[int]:
+        """The sizes of the gradient calls `path_replay` makes at this step. An exact step is one pass over the
+        edited batch (kept examples and corrected versions together); only with a secant model does it also need the
+        kept part's gradient at θ_k and the corrections' own (the secant pair), two more calls. A predicted step
+        takes the edited examples' gradients at θ_k (to remove them from the recorded batch gradient) and the
+        corrected versions' at w_k."""
+        if self.kind == "skip":
+            return []
+        if self.kind == "exact":
+            return [self.kept + self.new] + ([n for n in (self.here, self.new) if n] if secant else [])
+        return [n for n in ((self.here if self.kept else 0), self.new) if n]
 
 
 @dataclass

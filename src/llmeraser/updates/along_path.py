@@ -107,95 +107,50 @@ def rewind(ctx: RequestContext, trajectory: Trajectory) -> Update:
 # ------------------------------------------------------------------------------------------------- path replay
 def path_replay(ctx: RequestContext, trajectory: Trajectory, args: PathArguments | None = None) -> Update:
     """The edited trajectory over the recorded steps, kept gradients predicted between exact steps (module
-    docstring). θ is left at θ̂; the Update's `theta` is the end of the edited trajectory."""
-    from llmeraser.finetune import step_gradient
+    docstring). θ is left at θ̂; the Update's `theta` is the end of the edited trajectory.
 
+    The gradient calls are few and large where they can be: an exact step is one pass over the edited batch (its
+    kept examples and corrected versions together, fine-tuning's own `step_gradient`), with no separate call for the
+    edited examples — those are needed there only to pair the kept part's change with w_k − θ_k for a secant model
+    (`history` > 0). A predicted step needs the edited examples' gradients at θ_k and the corrections' at w_k: two
+    points, so two calls, and only on steps whose batch holds an edited example. Nothing is read back to the host
+    inside the loop but the exact steps' loss (fine-tuning's own); divergence is checked on the device and raised at
+    the end."""
     args = args or PathArguments()
     start_time = time.perf_counter()
-    model, task, train, effective, edits = ctx.model, ctx.task, ctx.train, ctx.effective, ctx.edits
+    model, task, train, edits = ctx.model, ctx.task, ctx.train, ctx.edits
     steps, first = first_edited_step(trajectory, train, set(edits))
+    plan = {s.k: s for s in args.plan(steps, first, train, edits)}
     view = ParamView(model)
     theta_hat, dev = view.vector(), view.device
-    secant = Secant(args.history) if args.history else None
-    n = {"exact": 0, "predicted": 0, "skipped": 0, "edited": 0}
-    errors: list[float] = []
-    tail = args.tail_start(len(steps))
-    next_exact = first
-    w = adam = None
-    lrs = trajectory.meta.get("lrs")  # a Trainer run's recorded rate of each step (else Adam's own)
-    scale = getattr(task, "step_scale", lambda _: None)
-
-    def weight(examples: Sequence[Example]) -> float:
-        """The step gradient is (Σ ∇ℓ) / weight: the batch size, or under the Trainer's token-weighted step loss
-        the batch's tokens / t̄ (`CausalLMTask.step_scale`)."""
-        c = scale(examples)
-        return len(examples) if c is None else 1.0 / c
-
+    state = _ReplayState(ctx, trajectory, args, view)
     model.eval()
     bar = tqdm(total=len(steps) - first, desc="path replay", disable=not ctx.progress)
     try:
         for k, theta_k, adam_k in trajectory.states(stop=len(steps) - 1):
             if k < first:
                 continue
-            theta_k = theta_k.to(dev)
-            if w is None:  # before the first edited step the edited trajectory is the recorded one
-                w, adam = theta_k.clone(), adam_k.copy().to(dev)
-            batch = steps[k]
-            here = [train[i] for i in batch if train[i].id in edits]
-            new = [edits[e.id] for e in here if edits[e.id] is not None]
-            kept = len(batch) - len(here)
-            n_new = kept + len(new)
+            if state.w is None:  # before the first edited step the edited trajectory is the recorded one
+                state.w, state.adam = theta_k.to(dev, copy=True), adam_k.copy().to(dev)
             bar.update(1)
-            if n_new == 0:  # the whole batch was removed: retraining over these batches has no such step
-                n["skipped"] += 1
-                continue
-            # the step's batch in the edited set, in its recorded order (a corrected example in its old place)
-            new_batch = [e for e in (edits.get(train[i].id, train[i]) for i in batch) if e is not None]
-            # the kept examples' mean gradient at θ_k: the recorded batch gradient less the edited examples' own
-            g_k = trajectory.grads[k].to(dev)
-            old_weight = weight([train[i] for i in batch])
-            if here and kept:
-                view.set_vector(theta_k)
-                g_k = (old_weight * g_k - gradient(model, task, here, batch_size=len(here))) / kept
-                n["edited"] += len(here)
-            elif kept and old_weight != len(batch):  # token-weighted steps: the recorded gradient is not the kept mean
-                g_k = old_weight * g_k / kept
-            new_weight = weight(new_batch)
-            s = w - theta_k
-            view.set_vector(w)
-            news = gradient(model, task, new, batch_size=len(new)) if new else torch.zeros_like(w)  # exact at w_k
-            n["edited"] += len(new)
-            if kept and (k - first < args.burn_in or k >= next_exact or k >= tail):
-                # fine-tuning's own step gradient on the edited batch: with every step exact this is, bit for bit,
-                # retraining over the recorded batches
-                g_w, _ = step_gradient(model, task, new_batch, range(len(new_batch)), view)
-                change = (new_weight * g_w - news) / kept - g_k  # the kept part's change: "no change" is off by this
-                predicted = secant.matvec(s) if secant is not None else torch.zeros_like(s)
-                errors.append(float((predicted - change).norm()) / max(float(change.norm()), 1e-30))
-                if secant is not None:
-                    secant.add(s, change)
-                if k >= next_exact:
-                    next_exact = k + args.exact_every
-                n["exact"] += 1
-            else:
-                g_kept = g_k + secant.matvec(s) if secant is not None and kept else g_k
-                g_w = (kept * g_kept + news) / new_weight if kept else news / new_weight
-                n["predicted"] += 1
-            w = adam.step(w, g_w, None if lrs is None else lrs[k])
-            if not torch.isfinite(w).all():
-                raise SolverError(f"path replay diverged at step {k} (non-finite parameters)")
-        kept_check = kept_loss_check(model, task, effective, edits, theta_hat, w, view)
+            state.step(plan[k], steps[k], theta_k)
+        bad = int(state.first_bad)  # the one read-back of the divergence check
+        if bad >= 0:
+            raise SolverError(f"path replay diverged at step {bad} (non-finite parameters)")
+        kept_check = kept_loss_check(model, task, ctx.effective, edits, theta_hat, state.w, view)
     finally:
         bar.close()
         view.set_vector(theta_hat)
+    n, errors, secant, w = state.n, state.errors, state.secant, state.w
     batch_size = trajectory.meta["batch_size"]
-    cost = (n["exact"] * batch_size + n["edited"]) / (len(steps) * batch_size)
+    cost = n["gradients"] / (len(steps) * batch_size)
     report = {"first_edited_step": first, "steps": len(steps), "replayed_steps": len(steps) - first,
               "exact_steps": n["exact"], "predicted_steps": n["predicted"], "skipped_empty_steps": n["skipped"],
-              "edited_gradients": n["edited"], "secant_pairs": len(secant.S) if secant else 0,
-              "secant_skipped": secant.skipped if secant else 0, "exact_from_step": tail,
-              # ‖predicted − exact change of the kept gradient‖ / ‖exact change‖ on the exact steps (1 = no
-              # better than predicting no change, which is what history = 0 does)
+              "edited_gradients": n["edited"], "gradient_calls": n["calls"],
+              "secant_pairs": len(secant.S) if secant else 0,
+              "secant_skipped": secant.skipped if secant else 0, "exact_from_step": args.tail_start(len(steps)),
+              # ‖predicted − exact change of the kept gradient‖ / ‖exact change‖ on the exact steps: measured with a
+              # secant model only (history 0 predicts no change, so it would be 1 by definition)
               "prediction_error": {"mean": sum(errors) / len(errors) if errors else None,
                                    "max": max(errors) if errors else None, "checks": len(errors)},
               "gradient_cost_vs_retraining": cost, "drift_norm": float((w - theta_hat).norm()),
@@ -205,6 +160,87 @@ def path_replay(ctx: RequestContext, trajectory: Trajectory, args: PathArguments
     logger.info("path replay: %d exact / %d predicted steps from step %d, ~%.2f of retraining's gradients",
                 n["exact"], n["predicted"], first, cost)
     return path_update(ctx, theta_hat, w, "path", report, time.perf_counter() - start_time)
+
+
+class _ReplayState:
+    """The edited trajectory's state (w, Adam) and counters while `path_replay` walks the recorded steps."""
+
+    def __init__(self, ctx: RequestContext, trajectory: Trajectory, args: PathArguments, view: ParamView):
+        self.ctx, self.trajectory, self.view = ctx, trajectory, view
+        self.secant = Secant(args.history) if args.history else None
+        self.n = {"exact": 0, "predicted": 0, "skipped": 0, "edited": 0, "gradients": 0, "calls": 0}
+        self.errors: list[float] = []
+        self.w: torch.Tensor | None = None
+        self.adam = None
+        self.lrs = trajectory.meta.get("lrs")  # a Trainer run's recorded rate of each step (else Adam's own)
+        self.scale = getattr(ctx.task, "step_scale", lambda _: None)
+        self.first_bad = torch.tensor(-1, device=view.device)  # the first step whose w is not finite, on the device
+
+    def weight(self, examples: Sequence[Example]) -> float:
+        """The step gradient is (Σ ∇ℓ) / weight: the batch size, or under the Trainer's token-weighted step loss
+        the batch's tokens / t̄ (`CausalLMTask.step_scale`)."""
+        c = self.scale(examples)
+        return len(examples) if c is None else 1.0 / c
+
+    def gradient(self, examples: Sequence[Example], at: torch.Tensor) -> torch.Tensor:
+        """Σ ∇ℓ over `examples` at θ = `at`, in one call."""
+        self.view.set_vector(at)
+        self.n["calls"] += 1
+        self.n["gradients"] += len(examples)
+        return gradient(self.ctx.model, self.ctx.task, examples, batch_size=len(examples))
+
+    def step(self, planned, batch: Sequence[int], theta_k: torch.Tensor) -> None:
+        """One recorded step on the edited trajectory: its gradient (exact or predicted), then Adam's step."""
+        from llmeraser.finetune import step_gradient
+
+        train, edits, k, dev = self.ctx.train, self.ctx.edits, planned.k, self.view.device
+        if planned.kind == "skip":  # the whole batch was removed: retraining over these batches has no such step
+            self.n["skipped"] += 1
+            return
+        here = [train[i] for i in batch if train[i].id in edits]
+        new = [edits[e.id] for e in here if edits[e.id] is not None]
+        kept, w = planned.kept, self.w
+        # the step's batch in the edited set, in its recorded order (a corrected example in its old place)
+        new_batch = [e for e in (edits.get(train[i].id, train[i]) for i in batch) if e is not None]
+        new_weight = self.weight(new_batch)
+        exact, secant = planned.kind == "exact", self.secant
+        need_kept_at_theta = kept and (not exact or secant is not None)
+        if (need_kept_at_theta and here) or secant is not None:  # θ_k moves to the device only where it is used
+            theta_k = theta_k.to(dev)
+        if need_kept_at_theta:
+            # the kept examples' mean gradient at θ_k: the recorded batch gradient less the edited examples' own
+            g_k = self.trajectory.grads[k].to(dev)
+            old_weight = self.weight([train[i] for i in batch])
+            if here:
+                g_k = (old_weight * g_k - self.gradient(here, theta_k)) / kept
+                self.n["edited"] += len(here)
+            elif old_weight != len(batch):  # token-weighted steps: the recorded gradient is not the kept mean
+                g_k = old_weight * g_k / kept
+        news = None
+        if new and (not exact or secant is not None):
+            news = self.gradient(new, w)  # the corrected versions' gradients, exact at w_k
+            self.n["edited"] += len(new)
+        if exact:
+            # fine-tuning's own step gradient on the edited batch: with every step exact this is, bit for bit,
+            # retraining over the recorded batches
+            self.view.set_vector(w)
+            g_w, _ = step_gradient(self.ctx.model, self.ctx.task, new_batch, range(len(new_batch)), self.view)
+            self.n["calls"] += 1
+            self.n["gradients"] += len(new_batch)
+            if secant is not None:
+                s = w - theta_k
+                change = (new_weight * g_w - (news if news is not None else 0)) / kept - g_k
+                self.errors.append(float((secant.matvec(s) - change).norm()) / max(float(change.norm()), 1e-30))
+                secant.add(s, change)
+            self.n["exact"] += 1
+        else:
+            g_kept = g_k + secant.matvec(w - theta_k) if secant is not None and kept else (g_k if kept else None)
+            extra = news if news is not None else 0
+            g_w = (kept * g_kept + extra) / new_weight if kept else extra / new_weight
+            self.n["predicted"] += 1
+        self.w = self.adam.step(w, g_w, None if self.lrs is None else self.lrs[k])
+        finite = torch.isfinite(self.w).all()
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, k, self.first_bad)
 
 
 # ------------------------------------------------------------------------------------------------------ refine

@@ -1,19 +1,36 @@
-"""`auto`: the update a request gets when none is named — the one home of that choice (`choose_update`)."""
+"""`auto`: the update a request gets when none is named — the one home of that choice (`choose_update`), and the
+forecast in seconds it compares rewind and path replay by (`StepCosts`, `forecast_seconds`)."""
 
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
 
 from llmeraser.eraser import Update
-from llmeraser.replay import PathArguments, first_edited_step
-from llmeraser.trajectory import Trajectory
+from llmeraser.replay import KEPT_CHECK, PathArguments, PlannedStep, first_edited_step
+from llmeraser.trajectory import Adam, Trajectory
 from llmeraser.updates.base import RequestContext, UnlearnOptions, get_method, register
 
 logger = logging.getLogger(__name__)
 
+# path replay is chosen only when its forecast is at most this share of rewind's: the forecast is a linear model of
+# seconds measured once, before the run; on path_study's case rewind's forecast came within 3–5% of its time and path
+# replay's 23–27% low (docs/path.md), so a path forecast at 0.75 of rewind's is still no slower than a rewind
+PATH_MARGIN = 0.75
+CHECK_BATCH = 8  # the kept-loss check's forward batch (`finetune.objective`'s default)
+# the request's examples count as memorised when fine-tuning took their loss below this share of their loss before
+# the first step that saw them: 0.057 and 0.138 on two memorised people cases (where path replay can land outside
+# retraining's spread, docs/path.md#overshoot); data a model fits without memorising stays near 1
+MEMORISED = 0.5
 
-@register("auto", order=0, help="rewind or path when the adapter has a recorded trajectory (whichever replays "
-                                "less), else first-order; the report says which and why")
+
+@register("auto", order=0, help="rewind or path when the adapter has a recorded trajectory (whichever its forecast "
+                                "in seconds says is faster), else first-order; the report says which and why")
 def _auto(ctx: RequestContext, options: UnlearnOptions) -> Update:
     trajectory, why_not = ctx.recording()
     method, why = choose_update(trajectory, why_not, ctx, options.path)
@@ -22,8 +39,113 @@ def _auto(ctx: RequestContext, options: UnlearnOptions) -> Update:
     return get_method(method).run(ctx, options)
 
 
-def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestContext,
-                  path: PathArguments) -> tuple[str, str]:
+@dataclass(frozen=True)
+class StepCosts:
+    """Measured wall seconds of the work a replay repeats, the inputs of `forecast_seconds`.
+
+    Attributes:
+        call: a gradient call's fixed part (kernel launches, Python, the autograd graph's setup): on a tiny model or
+            a GPU it dominates a call of a few examples, which is why counting gradients misjudged path replay.
+        example: each example's share of a gradient call.
+        update: one Adam step on the trainable vector on the model's device (the edited state's).
+        replay: one Adam step on the host (rebuilding a recorded state: `Trajectory.states`).
+        forward: a forward pass without gradients over CHECK_BATCH examples (path replay's kept-loss check).
+    """
+
+    call: float
+    example: float
+    update: float
+    replay: float
+    forward: float
+
+    def gradient(self, n: int) -> float:
+        """Seconds of one gradient call over n examples."""
+        return self.call + self.example * n if n else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    """The fastest of `repeats` runs of fn (the first may pay one-off costs both replays share)."""
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_costs(ctx: RequestContext, trajectory: Trajectory, batch: Sequence[int]) -> StepCosts:
+    """Time, at θ̂, the calls both replays repeat: a training step's gradient over the recorded batch `batch` (the
+    first edited step's) and a gradient of one of its examples — the two give the fixed and per-example parts —,
+    a forward pass over CHECK_BATCH examples, and an Adam step on the device and on the host, each the
+    fastest of three; the model is left at θ̂."""
+    from llmeraser.curvature import gradient
+    from llmeraser.finetune import objective, step_gradient
+    from llmeraser.params import ParamView
+
+    model, task, train = ctx.model, ctx.task, ctx.train
+    view = ParamView(model)
+    theta, dev = view.vector(), view.device
+    model.eval()
+    full = _timed(lambda: step_gradient(model, task, train, batch, view), dev)
+    one = _timed(lambda: gradient(model, task, [train[batch[0]]], batch_size=1), dev)
+    example = max(full - one, 0.0) / (len(batch) - 1) if len(batch) > 1 else one
+    check = [train[i] for i in batch][:CHECK_BATCH]
+    forward = _timed(lambda: objective(model, task, check), dev) * CHECK_BATCH / len(check)
+    adam, g = Adam(trajectory.config, theta), torch.zeros_like(theta)
+    update = _timed(lambda: adam.step(theta, g), dev, repeats=3)
+    host = trajectory.theta0
+    replay = _timed(lambda: Adam(trajectory.config, host).step(host, torch.zeros_like(host)), host.device, repeats=3)
+    view.set_vector(theta)
+    return StepCosts(call=max(one - example, 0.0), example=example, update=update, replay=replay, forward=forward)
+
+
+def forecast_seconds(costs: StepCosts, plan: Sequence[PlannedStep], n_steps: int, new_sizes: Sequence[int],
+                     start: int, secant: bool, n_check: int) -> dict[str, float]:
+    """The wall seconds of a rewind and of a path replay, forecast from `costs`: each one's gradient calls as it
+    makes them, and its Adam steps.
+
+    - rewind: rebuilds the state at `start` (start host steps), then one training step — a gradient call over the
+      edited set's batch (`new_sizes`, its schedule's batch sizes) and a device Adam step — per replayed step;
+    - path: rebuilds every recorded state (n_steps − 1 host steps), and per replayed step the gradient calls of
+      `PlannedStep.gradients` and a device Adam step; then the kept-loss check (two forward passes over n_check
+      kept examples).
+    """
+    rewind = start * costs.replay + sum(costs.gradient(n) + costs.update for n in new_sizes[start:])
+    path = (n_steps - 1) * costs.replay
+    for s in plan:
+        path += sum(costs.gradient(n) for n in s.gradients(secant)) + (costs.update if s.kind != "skip" else 0.0)
+    path += 2 * math.ceil(n_check / CHECK_BATCH) * costs.forward
+    return {"rewind": rewind, "path": path}
+
+
+def memorised_share(ctx: RequestContext, trajectory: Trajectory, first: int) -> dict[str, float]:
+    """The edited examples' (old versions') mean loss at θ̂ over their mean loss at the state before the first step
+    that saw one of them (rebuilt from the recording on the host): how much of their loss fine-tuning removed by
+    training on them. Two forward passes over the edited examples; the model is left at θ̂."""
+    from llmeraser.finetune import objective
+    from llmeraser.params import ParamView
+
+    old = [e for e in ctx.train if e.id in ctx.edits]
+    view = ParamView(ctx.model)
+    theta = view.vector()
+    after = objective(ctx.model, ctx.task, old)
+    try:
+        view.set_vector(trajectory.state(trajectory.start_before(first))[0].to(view.device))
+        before = objective(ctx.model, ctx.task, old)
+    finally:
+        view.set_vector(theta)
+    return {"before": before, "after": after, "share": after / max(before, 1e-12), "threshold": MEMORISED}
+
+
+def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestContext, path: PathArguments,
+                  costs: StepCosts | None = None, memorised: dict | None = None) -> tuple[str, str]:
     """The update `auto` stands for, and why:
 
     - no usable recorded trajectory: first-order (the one-step influence update; the only one θ̂ alone allows);
@@ -31,9 +153,13 @@ def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestConte
     - rewind when path replay's exact tail would not revisit every kept example (it covers less than one epoch):
       the tail is what repairs the predicted steps, and on one-epoch MovieLens fine-tunes, where it cannot, path
       replay was worse than doing nothing (IR-1, IR-10) or slower than retraining (RC-40; docs/path.md);
-    - else rewind when it replays no more of the run than path replay would compute gradients for (the forecast
-      `PathArguments.cost`: exact steps plus the edited examples' own gradients), since it is then exact at no extra
-      cost; otherwise path replay.
+    - rewind when fine-tuning memorised the request's examples (`memorised_share` ≤ MEMORISED): path replay
+      overshoots retraining there, beyond retraining's own spread (docs/path.md#overshoot);
+    - else path replay only when its forecast wall time is at most PATH_MARGIN × rewind's (`forecast_seconds`
+      from `costs`, measured now at θ̂ unless given — tests give them); rewind otherwise, since it is then exact at
+      about the same cost. Counting gradients is not enough: a path replay's calls are smaller, and a call's fixed
+      part dominates small calls (a tiny memorised case that counted 0.6 of the gradients took 1.15× retraining's
+      time). The reason names both forecasts and the measured costs; `ctx.report['update_forecast']` holds them.
     """
     if trajectory is None:
         return "first-order", f"auto chose first-order: {why_not}"
@@ -50,11 +176,27 @@ def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestConte
         return "rewind", (f"auto chose rewind: path replay's exact tail ({tail} steps) would not revisit every kept "
                           f"example (an epoch is {per_epoch:.0f} steps), so it could not repair its predicted steps; "
                           f"rewinding to step {start} replays {replay:.0%} of fine-tuning, exactly")
-    forecast = path.cost(steps, first, train, edits, trajectory.meta["batch_size"])
-    if replay <= forecast:
-        return "rewind", (f"auto chose rewind: the first step that saw an edited example is {first} of {len(steps)}, "
-                          f"so retraining from there replays {replay:.0%} of fine-tuning, exactly — no more than path "
-                          f"replay's gradients would cost ({forecast:.0%} of retraining's)")
-    return "path", (f"auto chose path: an edited example was seen at step {first} of {len(steps)}, so an exact rewind "
-                    f"would replay {replay:.0%} of fine-tuning; path replay takes about {forecast:.0%} of retraining's "
-                    f"gradients and predicts the rest")
+    memorised = memorised_share(ctx, trajectory, first) if memorised is None else memorised
+    ctx.report["update_memorised"] = memorised
+    if memorised["share"] <= MEMORISED:
+        return "rewind", (f"auto chose rewind: fine-tuning memorised the request's examples (their loss fell from "
+                          f"{memorised['before']:.3g} before step {first}, the first that saw one, to "
+                          f"{memorised['after']:.3g}); on memorised requests path replay can forget more than "
+                          f"retraining does, beyond retraining's own spread (docs/path.md#overshoot), so the exact "
+                          f"update: rewinding to step {start} replays {replay:.0%} of fine-tuning")
+    costs = costs or measure_costs(ctx, trajectory, steps[first])
+    n_kept = len(ctx.effective) - sum(new is not None for new in edits.values())
+    check = min(KEPT_CHECK, n_kept)
+    new_sizes = [len(b) for b in trajectory.schedule(ctx.effective)]
+    seconds = forecast_seconds(costs, path.plan(steps, first, train, edits), len(steps), new_sizes, start,
+                               path.history > 0, check)
+    ctx.report["update_forecast"] = {"seconds": seconds, "margin": PATH_MARGIN, "measured": asdict(costs),
+                                     "first_edited_step": first, "steps": len(steps)}
+    said = (f"forecast {seconds['path']:.3g} s for path replay against {seconds['rewind']:.3g} s for a rewind of "
+            f"{replay:.0%} of fine-tuning (an edited example was first seen at step {first} of {len(steps)}; "
+            f"measured: a gradient call {costs.call * 1e3:.3g} ms + {costs.example * 1e3:.3g} ms an example, an Adam "
+            f"step {costs.update * 1e3:.3g} ms)")
+    if seconds["path"] <= PATH_MARGIN * seconds["rewind"]:
+        return "path", f"auto chose path: {said}; path replay predicts most kept gradients"
+    return "rewind", (f"auto chose rewind: {said}; path replay would not save a {1 - PATH_MARGIN:.0%} margin, so "
+                      f"the exact update")
