@@ -275,6 +275,7 @@ def refine(ctx: RequestContext, start: torch.Tensor, args: RefineArguments, eras
     sample = list(effective)
     if 0 < curvature_samples < len(sample):
         gen = torch.Generator().manual_seed(seed)
+        # host: which examples to sample (indices, the same on every device)
         sample = [sample[i] for i in sorted(torch.randperm(len(sample), generator=gen)[:curvature_samples].tolist())]
     for it in tqdm(range(1, args.steps + 1), desc="refine", disable=not ctx.progress):
         if history[-1]["residual"] <= args.tol * residual0:
