@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from llmeraser.data import Example, Message
 from llmeraser.errors import ConfigError
+from llmeraser.logits import logits_at
 
 Batch = dict[str, torch.Tensor]
 IGNORE_INDEX = -100
@@ -312,11 +313,7 @@ class CausalLMTask:
         """Logits (batch, k, vocab) at `batch["positions"]`, the positions that predict response tokens."""
         device = next(model.parameters()).device  # a GPU rank's model (the batch is built on the CPU)
         inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-        positions = batch["positions"].to(device) + _virtual_tokens(model)
-        try:
-            return model(**inputs, logits_to_keep=positions).logits
-        except TypeError:  # a model without `logits_to_keep`: project every position, keep the ones needed
-            return torch.take_along_dim(model(**inputs).logits, positions[..., None], dim=1)
+        return logits_at(model, inputs, batch["positions"], _virtual_tokens(model))  # per row on any transformers
 
     def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         targets = batch["targets"].to(outputs.device)  # (batch, k): the token each kept position predicts, or -100
