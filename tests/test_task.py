@@ -292,3 +292,26 @@ def test_logits_of_an_unexpected_shape_are_an_error(setup) -> None:
 
     with pytest.raises(ConfigError, match=r"logits of shape \(3, 1, "):
         task.forward(Truncating(model), task.collate(EXAMPLES))
+
+
+def test_the_token_count_of_an_older_trainer_includes_a_labelled_first_position(setup) -> None:
+    """transformers' Trainer before 5.10.1 divides a token-weighted step by every label of the batch, position 0's
+    included (which predicts nothing); `counts_first_label` (set by LLMEraserCallback there) counts it too, so the
+    step scale is the Trainer's. A document (`text`, the loss on every token) has a labelled position 0; a
+    prompt-completion example (the loss on the completion) does not. Integer counts: exact."""
+    from llmeraser.task import Rendering
+
+    tok, _, _ = setup
+    doc, pair = Example("d", "", "one two three four", shape="text"), Example("p", "Q: two?", " two")
+    counts = {}
+    for flag in (None, True):
+        task = CausalLMTask(tok, max_length=40, rendering=Rendering(format="trl", normalization="token",
+                                                                    counts_first_label=flag))
+        labels = {e.id: task.encode(e)[1] for e in (doc, pair)}
+        assert labels["d"][0] != IGNORE_INDEX and labels["p"][0] == IGNORE_INDEX
+        counts[flag] = [task.loss_tokens(doc), task.loss_tokens(pair)]
+        task.calibrate([doc, pair])
+        assert task.step_scale([doc, pair]) == task.token_scale / sum(counts[flag])
+    assert counts[True] == [counts[None][0] + 1, counts[None][1]]
+    assert "counts_first_label" not in Rendering().to_dict()  # records written before it are unchanged
+    assert Rendering.from_dict(Rendering(counts_first_label=True).to_dict()).counts_first_label
