@@ -228,7 +228,7 @@ def test_a_chat_template_that_never_ends_or_floods_is_stopped(monkeypatch) -> No
 
 # ------------------------------------------------------------------ logits_to_keep on every transformers version
 class OldIndexing(torch.nn.Module):
-    """transformers < 5.19's causal LM head: `lm_head(hidden[:, logits_to_keep, :])`, so a (batch, k) tensor indexes
+    """transformers < 5.21's causal LM head: `lm_head(hidden[:, logits_to_keep, :])`, so a (batch, k) tensor indexes
     one dimension and gives 4-D logits (batch, batch, k, vocab). Records what it was asked for."""
 
     def __init__(self, model, ignore: bool = False):
@@ -246,7 +246,7 @@ class OldIndexing(torch.nn.Module):
 @pytest.mark.parametrize("ignore", [False, True], ids=["old-indexing", "ignores-it"])
 def test_old_logits_to_keep_indexing_gives_the_definition(setup, ignore) -> None:
     """The old head gets the batch's positions as one sorted 1-D tensor (a 2-D one gives it 4-D logits, which is
-    what broke transformers 4.56-5.18), or every position when it ignores `logits_to_keep`; either way each row's
+    what broke transformers 4.56-5.20), or every position when it ignores `logits_to_keep`; either way each row's
     losses and their gradient equal the definition from each example alone with every position's logits. Float64;
     the two differ only in rounding (the vocabulary projection of other rows, padded attention whose masked weights
     are exactly 0), a few ulps of sums of O(10) terms of magnitude O(10): 1e-12 bounds it, as above."""

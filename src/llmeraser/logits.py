@@ -1,7 +1,7 @@
 """Logits at chosen positions only, on every transformers version the project supports.
 
 The vocabulary projection is ~20% of a small LM's work, so a task asks the model for the logits of the positions
-that carry its loss alone, through transformers' `logits_to_keep`. Recent versions (≥ 5.19, `slice_logits_to_keep`)
+that carry its loss alone, through transformers' `logits_to_keep`. Recent versions (≥ 5.21, `slice_logits_to_keep`)
 keep a (batch, k) integer tensor row by row; older ones index one dimension with it (`hidden[:, keep, :]`), which
 gives 4-D logits (batch, batch, k, vocab). Those get the sorted union of the batch's positions instead, a 1-D tensor
 every version keeps for each row, and each row's positions are picked from it.
