@@ -22,12 +22,15 @@ def logits_at(model: torch.nn.Module, inputs: dict[str, torch.Tensor], positions
               shift: int = 0) -> torch.Tensor:
     """Logits (batch, k, vocab) of `model(**inputs)` at `positions` + `shift` ((batch, k), row i's positions, on the
     host where the batch is built; `shift` virtual tokens come before the input): per row where the model keeps rows
-    (`keeps_rows`), else picked from the union (its indices found on the host: no device sync), else from every
-    position for a model without `logits_to_keep` or one that ignores it. Logits of any other shape are an error."""
+    (`keeps_rows`), else picked from the union (its indices found on the host: no device sync; a single row's own
+    positions are its union), else from every position for a model without `logits_to_keep` or one that ignores it.
+    Logits of any other shape are an error."""
     device = inputs["input_ids"].device
     positions = positions + shift
     keep, pick = positions.to(device), None
-    if not keeps_rows(model):
+    if not keeps_rows(model) and positions.shape[0] == 1:  # one row (each row under vmap, where unique cannot run)
+        keep = keep[0]
+    elif not keeps_rows(model):
         union = torch.unique(positions)  # sorted
         keep, pick = union.to(device), torch.searchsorted(union, positions).to(device)
     try:
