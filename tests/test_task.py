@@ -3,12 +3,16 @@ textbook definition computed from each example alone with every position's logit
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import transformers.modeling_utils
 from fixtures.tiny import tiny_llama, tiny_lora, tiny_tokenizer
 
 from llmeraser.data import Example
 from llmeraser.errors import ConfigError
+from llmeraser.logits import keeps_rows
 from llmeraser.task import IGNORE_INDEX, CausalLMTask, per_example_loss
 
 EXAMPLES = [  # responses of 1 to many tokens, prompts of different lengths, so rows pad differently
@@ -220,3 +224,94 @@ def test_a_chat_template_that_never_ends_or_floods_is_stopped(monkeypatch) -> No
     import signal
 
     assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
+
+
+# ------------------------------------------------------------------ logits_to_keep on every transformers version
+class OldIndexing(torch.nn.Module):
+    """transformers < 5.21's causal LM head: `lm_head(hidden[:, logits_to_keep, :])`, so a (batch, k) tensor indexes
+    one dimension and gives 4-D logits (batch, batch, k, vocab). Records what it was asked for."""
+
+    def __init__(self, model, ignore: bool = False):
+        super().__init__()
+        self.model, self.ignore, self.asked = model, ignore, []
+
+    def forward(self, input_ids, attention_mask, logits_to_keep=0):
+        self.asked.append(logits_to_keep)
+        base = self.model.get_base_model()  # the LoRA layers sit inside it
+        hidden = base.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return SimpleNamespace(logits=base.lm_head(hidden if self.ignore else hidden[:, keep, :]))
+
+
+@pytest.mark.parametrize("ignore", [False, True], ids=["old-indexing", "ignores-it"])
+def test_old_logits_to_keep_indexing_gives_the_definition(setup, ignore) -> None:
+    """The old head gets the batch's positions as one sorted 1-D tensor (a 2-D one gives it 4-D logits, which is
+    what broke transformers 4.56-5.20), or every position when it ignores `logits_to_keep`; either way each row's
+    losses and their gradient equal the definition from each example alone with every position's logits. Float64;
+    the two differ only in rounding (the vocabulary projection of other rows, padded attention whose masked weights
+    are exactly 0), a few ulps of sums of O(10) terms of magnitude O(10): 1e-12 bounds it, as above."""
+    _, task, model = setup
+    net = OldIndexing(model, ignore=ignore)
+    batch = task.collate(EXAMPLES)
+    broken = net(batch["input_ids"], batch["attention_mask"], batch["positions"]).logits  # today's call, old head
+    assert broken.ndim == (3 if ignore else 4)
+    net.asked.clear()
+    losses = per_example_loss(task, net, batch)
+    (asked,) = net.asked
+    assert asked.ndim == 1 and torch.equal(asked, torch.unique(batch["positions"]))
+    expected = torch.stack([reference_loss(model, task, e) for e in EXAMPLES])
+    assert torch.allclose(losses, expected, rtol=0, atol=1e-12)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for g, w in zip(torch.autograd.grad(losses.sum(), params), torch.autograd.grad(expected.sum(), params),
+                    strict=True):
+        assert torch.allclose(g, w, rtol=0, atol=1e-12)
+
+
+def test_rows_kept_per_row_where_transformers_can_else_the_union(setup) -> None:
+    """Where the installed transformers slices a 2-D logits_to_keep per row (`slice_logits_to_keep`), the task hands
+    the model its (batch, k) positions unchanged, bit for bit today's path; older versions, and models of other
+    modules, get the union (`OldIndexing` above)."""
+    _, task, model = setup
+    per_row = callable(getattr(transformers.modeling_utils, "slice_logits_to_keep", None))
+    assert keeps_rows(model) == keeps_rows(model.get_base_model()) == per_row
+    assert not keeps_rows(OldIndexing(model))
+    batch = task.collate(EXAMPLES)
+    if per_row:
+        with torch.no_grad():
+            direct = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           logits_to_keep=batch["positions"]).logits
+            assert torch.equal(task.forward(model, batch), direct)
+
+
+def test_logits_of_an_unexpected_shape_are_an_error(setup) -> None:
+    _, task, model = setup
+
+    class Truncating(OldIndexing):
+        def forward(self, input_ids, attention_mask, logits_to_keep=0):
+            return SimpleNamespace(logits=super().forward(input_ids, attention_mask, logits_to_keep).logits[:, :1])
+
+    with pytest.raises(ConfigError, match=r"logits of shape \(3, 1, "):
+        task.forward(Truncating(model), task.collate(EXAMPLES))
+
+
+def test_the_token_count_of_an_older_trainer_includes_a_labelled_first_position(setup) -> None:
+    """transformers' Trainer before 5.10.1 divides a token-weighted step by every label of the batch, position 0's
+    included (which predicts nothing); `counts_first_label` (set by LLMEraserCallback there) counts it too, so the
+    step scale is the Trainer's. A document (`text`, the loss on every token) has a labelled position 0; a
+    prompt-completion example (the loss on the completion) does not. Integer counts: exact."""
+    from llmeraser.task import Rendering
+
+    tok, _, _ = setup
+    doc, pair = Example("d", "", "one two three four", shape="text"), Example("p", "Q: two?", " two")
+    counts = {}
+    for flag in (None, True):
+        task = CausalLMTask(tok, max_length=40, rendering=Rendering(format="trl", normalization="token",
+                                                                    counts_first_label=flag))
+        labels = {e.id: task.encode(e)[1] for e in (doc, pair)}
+        assert labels["d"][0] != IGNORE_INDEX and labels["p"][0] == IGNORE_INDEX
+        counts[flag] = [task.loss_tokens(doc), task.loss_tokens(pair)]
+        task.calibrate([doc, pair])
+        assert task.step_scale([doc, pair]) == task.token_scale / sum(counts[flag])
+    assert counts[True] == [counts[None][0] + 1, counts[None][1]]
+    assert "counts_first_label" not in Rendering().to_dict()  # records written before it are unchanged
+    assert Rendering.from_dict(Rendering(counts_first_label=True).to_dict()).counts_first_label

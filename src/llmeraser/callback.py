@@ -21,12 +21,14 @@ first edited example, without the cost of the steps before it) or replay its pat
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import TrainerCallback
 
 from llmeraser.data import DataFields, Example, examples_hash, load_examples, parse_records
@@ -267,6 +269,8 @@ class LLMEraserCallback(TrainerCallback):
             raise UserInputError("LLMEraserCallback with transformers' Trainer: the Trainer takes tokenised data, so "
                                  "the callback cannot see how examples were rendered and masked; pass "
                                  "rendering=Rendering(...) (docs/data.md#trainer-callback)")
+        if rendering.normalization == "token" and _counts_first_label():
+            rendering = dataclasses.replace(rendering, counts_first_label=True)
         peft = _peft_summary(model)
         if self.examples is None:
             logger.warning("LLMEraserCallback got no training data: the record holds no training-set hash, so "
@@ -294,6 +298,14 @@ class LLMEraserCallback(TrainerCallback):
             logger.warning("LLMEraserCallback: packing=True mixes examples in one sequence; 'llmeraser unlearn' will "
                            "refuse this adapter (an example's own loss is not defined)")
         return out
+
+
+def _counts_first_label() -> bool:
+    """Whether this transformers' Trainer divides a token-weighted step by every label of its batches, position 0's
+    included (before 5.10.1, whose `_loss_shifts_labels` counts `labels[..., 1:]`, the tokens the loss sums)."""
+    from packaging.version import Version
+
+    return Version(transformers.__version__).release < (5, 10, 1)
 
 
 def _peft_summary(model) -> dict:

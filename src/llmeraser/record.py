@@ -263,7 +263,7 @@ def _validate(task: Fields) -> None:
 
         for name, choices in (("format", FORMATS), ("normalization", NORMALIZATIONS), ("truncation", TRUNCATIONS)):
             rendering.string(name, optional=True, choices=choices)
-        for name in ("completion_only", "assistant_only"):
+        for name in ("completion_only", "assistant_only", "counts_first_label"):
             rendering.boolean(name, optional=True)
         rendering.string("chat_template", optional=True, max_len=MAX_TEMPLATE)
         rendering.string("eos_token", optional=True, max_len=1000)

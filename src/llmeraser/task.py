@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from llmeraser.data import Example, Message
 from llmeraser.errors import ConfigError
+from llmeraser.logits import logits_at
 
 Batch = dict[str, torch.Tensor]
 IGNORE_INDEX = -100
@@ -53,6 +54,9 @@ class Rendering:
     - normalization `example`: each example's loss is its mean token NLL, and R averages examples; `token` (TRL,
       transformers' Trainer): R = Σ token NLL / Σ tokens, i.e. ℓ(z) = Σ_t NLL / t̄, with t̄ the mean number of loss
       tokens per example of the training set (`CausalLMTask.calibrate`), kept fixed when examples are edited.
+    - counts_first_label: the token count of `token` includes position 0 when it carries a label (no loss is taken
+      there): transformers' Trainer before 5.10.1 counts every label (`LLMEraserCallback` sets it), later ones the
+      shifted labels the loss sums.
     """
 
     format: str = "llmeraser"
@@ -62,6 +66,7 @@ class Rendering:
     truncation: str = "keep_start"
     chat_template: str | None = None
     eos_token: str | None = None
+    counts_first_label: bool | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in (("format", FORMATS), ("normalization", NORMALIZATIONS), ("truncation", TRUNCATIONS)):
@@ -263,9 +268,11 @@ class CausalLMTask:
         return self.token_scale
 
     def loss_tokens(self, example: Example) -> int:
-        """How many of the example's tokens carry the loss (the targets `collate` keeps), tokenised once."""
+        """How many of the example's tokens carry the loss (the targets `collate` keeps), tokenised once; position 0's
+        label too where the Trainer counts it (`Rendering.counts_first_label`)."""
         if example not in self._tokens:
-            self._tokens[example] = sum(t != IGNORE_INDEX for t in self.encode(example)[1][1:])
+            first = 0 if self.rendering.counts_first_label else 1
+            self._tokens[example] = sum(t != IGNORE_INDEX for t in self.encode(example)[1][first:])
         return self._tokens[example]
 
     def step_scale(self, examples: Sequence[Example]) -> float | None:
@@ -313,11 +320,7 @@ class CausalLMTask:
         """Logits (batch, k, vocab) at `batch["positions"]`, the positions that predict response tokens."""
         device = next(model.parameters()).device  # a GPU rank's model (the batch is built on the CPU)
         inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-        positions = batch["positions"].to(device) + _virtual_tokens(model)
-        try:
-            return model(**inputs, logits_to_keep=positions).logits
-        except TypeError:  # a model without `logits_to_keep`: project every position, keep the ones needed
-            return torch.take_along_dim(model(**inputs).logits, positions[..., None], dim=1)
+        return logits_at(model, inputs, batch["positions"], _virtual_tokens(model))  # per row on any transformers
 
     def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         targets = batch["targets"].to(outputs.device)  # (batch, k): the token each kept position predicts, or -100
