@@ -62,6 +62,7 @@ def keeps_rows(model: torch.nn.Module) -> bool:
 def _slices_rows(helper: Any) -> bool:
     """Whether `helper(hidden, keep)` keeps keep[i] of row i for a (batch, k) integer tensor `keep`."""
     try:
+        # host: a 2 × 3 probe of transformers' own slicing, run once per version
         out = helper(torch.arange(6.0).reshape(2, 3, 1), torch.tensor([[0], [2]]))
         return tuple(out.shape) == (2, 1, 1) and out.flatten().tolist() == [0.0, 5.0]
     except Exception:  # no helper (None), or one that does not: the union is asked for instead

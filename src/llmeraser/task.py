@@ -294,22 +294,26 @@ class CausalLMTask:
         return torch.full((valid.shape[0],), self.token_scale, dtype=torch.float64, device=valid.device)
 
     def collate(self, examples: Sequence[Example]) -> Batch:
+        """The batch, built on the host from token lists (small integer tensors; `forward` moves it to the model's
+        device once, with the positions the vocabulary projection needs worked out here, so the device never waits)."""
         encoded = [self.encode(e) for e in examples]
         width = max(len(ids) for ids, _ in encoded)
+        # host: the batch is built here and moved once by forward (every factory below)
         input_ids = torch.full((len(encoded), width), self.pad, dtype=torch.long)  # (batch, seq), right-padded
+        # host: as above
         labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)  # host: as above
         for i, (ids, lab) in enumerate(encoded):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
+            input_ids[i, : len(ids)] = torch.tensor(ids)  # host: as above
+            labels[i, : len(lab)] = torch.tensor(lab)  # host: as above
             mask[i, : len(ids)] = 1
         # Only positions that predict a response token need logits: the vocabulary projection is ~20% of a small
         # LM's work, so `forward` asks the model for these alone. Row i keeps its k_i positions t (t predicts token
         # t+1) in order, padded to k = max k_i with position 0 and target -100.
         wanted = [torch.nonzero(row[1:] != IGNORE_INDEX).flatten() for row in labels]
         k = max(len(w) for w in wanted)
-        positions = torch.zeros((len(encoded), k), dtype=torch.long)
-        targets = torch.full((len(encoded), k), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(encoded), k), dtype=torch.long)  # host: as above
+        targets = torch.full((len(encoded), k), IGNORE_INDEX, dtype=torch.long)  # host: as above
         for i, w in enumerate(wanted):
             positions[i, : len(w)] = w
             targets[i, : len(w)] = labels[i, w + 1]
