@@ -2,6 +2,7 @@
 
     python bench/device_check.py                        # the embedded SmolLM2-135M on cuda, bf16 base (minutes)
     python bench/device_check.py --device cpu --tiny    # the same path on a tiny offline model (seconds; tested)
+    python bench/device_check.py --shape tinyllama-1.1b --n-train 1000   # a random-weight TinyLlama on cuda (bf16)
 
 Steps, each timed: load the base on the device in the chosen dtype; fine-tune LoRA with Adam, recording the
 trajectory; write the adapter; unlearn a removal of 2% of the examples with every update method (auto, first-order,
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     p.add_argument("--dtype", default="bfloat16", help="of the base model (the adapter stays float32)")
     p.add_argument("--tiny", action="store_true", help="a tiny offline model and data instead of the embedded ones")
+    p.add_argument("--shape", default=None, choices=["tiny", "tinyllama-1.1b", "llama-2-7b"],
+                   help="a random-weight Llama in this shape with synthetic 128-token examples (bench/scale.py's), "
+                        "instead of the embedded model: nothing to download or carry to a GPU machine")
     p.add_argument("--n-train", type=int, default=400, help="training examples")
     p.add_argument("--out", default=None, help="keep the adapters and timings.json here (default: a temp folder)")
     a = p.parse_args(argv)
@@ -63,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"step": step, "seconds": time.perf_counter() - start})
         return out
 
-    if a.tiny:
+    if a.shape:  # a random-weight Llama in a real model's shape (costs do not depend on the weights' values)
+        from scale import random_base, synthetic
+
+        base_name = random_base(a.shape, root / "base", dtype=a.dtype, device=str(device))
+        train, max_length, lora = synthetic(a.n_train, 128), 128, LoraSettings()
+    elif a.tiny:
         from llmeraser.testing import fact_examples, tiny_llama, tiny_tokenizer
 
         tok = tiny_tokenizer()
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     request = Request.remove(*removed)
     (root / "request.json").write_text(json.dumps(request.to_dict()))
     failures = []
-    for label, options in cases(len(train), **({"max_iters": 10, "samples": 8} if a.tiny else {})):
+    for label, options in cases(len(train), **({"max_iters": 10, "samples": 8} if a.tiny and not a.shape else {})):
         job = AdapterJob(root / "adapter", root / "train.jsonl", base_model=base_name, dtype=a.dtype,
                          device=str(device))
         out = root / f"unlearned-{label.replace('/', '-')}"
