@@ -30,14 +30,6 @@ from llmeraser.task import CausalLMTask
 ALL = ("kfac", "ekfac", "woodbury", "datainf")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def linear_setup(n: int = 40, d: int = 5):
     x, y = regression_data(n, d, seed=3)
     model = torch.nn.Linear(d, 1, bias=True).double()

@@ -20,14 +20,6 @@ from llmeraser.task import sample_targets
 EMPIRICAL = dict(fisher="empirical")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rel(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x - y).norm() / y.norm())
 

@@ -17,7 +17,7 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from llmeraser.errors import UserInputError
@@ -87,12 +87,19 @@ def _new_temporary(target: Path, *, folder: bool) -> tuple[Path, int | None]:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_chunks(path, [data])
+
+
+def atomic_write_chunks(path: str | os.PathLike, chunks: Iterable[bytes]) -> None:
+    """Write the `chunks` in order to `path` (whose folder exists) through a temporary file beside it, synced, and an
+    atomic rename: a large file streamed without holding it whole; the temporary is removed on any failure."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp, fd = _new_temporary(path, folder=False)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import weakref
@@ -152,7 +153,7 @@ def write_safetensors(path: str | os.PathLike, entries: Iterable[tuple[str, obje
     little-endian length, then JSON with each tensor's dtype, shape and data offsets and `__metadata__`, padded with
     spaces to 8 bytes as safetensors pads it) and then each tensor's bytes in order, one vector at a time. Written
     to a temporary beside `path` and renamed into place (`llmeraser.io`'s convention); removed on failure."""
-    from llmeraser.io import _fsync_dir, _new_temporary
+    from llmeraser.io import atomic_write_chunks
 
     entries = list(entries)
     header: dict = {"__metadata__": metadata}
@@ -164,23 +165,8 @@ def write_safetensors(path: str | os.PathLike, entries: Iterable[tuple[str, obje
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 8)
-    path = Path(path)
-    tmp, fd = _new_temporary(path, folder=False)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(text).to_bytes(8, "little"))
-            f.write(text)
-            for _, x in entries:
-                for piece in pieces(x):
-                    f.write(piece)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write_chunks(path, itertools.chain([len(text).to_bytes(8, "little"), text],
+                                              (piece for _, x in entries for piece in pieces(x))))
 
 
 class TensorFile:
