@@ -188,6 +188,24 @@ def test_each_approximation_against_the_exact_ggn_solve():
         assert rel(fits["woodbury"].solve(b, lam, view), exact) < {0.1: 0.6, 0.01: 1.0}[lam]
 
 
+def test_kronecker_fits_cap_their_sample_and_gram_fits_use_every_example(monkeypatch):
+    """samples = 0: kfac/ekfac alone pass over at most KRONECKER_SAMPLE examples drawn with the fit's seed — the same
+    fit, bit for bit, as asking for that sample explicitly (same draw, same pass); a fit that includes a Gram kind
+    keeps every example; an explicit sample at least the training set's size is all of it."""
+    import llmeraser.factors.fit as fit
+
+    monkeypatch.setattr(fit, "KRONECKER_SAMPLE", 7)
+    model, task, examples = tiny_lm(n=20)
+    auto = fit_factors(model, task, examples, ("ekfac",))["ekfac"]
+    explicit = fit_factors(model, task, examples, ("ekfac",), FactorArguments(samples=7))["ekfac"]
+    assert auto.meta["n_examples"] == 7
+    assert auto.tensors.keys() == explicit.tensors.keys()
+    assert all(torch.equal(auto.tensors[k], explicit.tensors[k]) for k in auto.tensors)
+    both = fit_factors(model, task, examples, ("ekfac", "woodbury"))
+    assert {f.meta["n_examples"] for f in both.values()} == {20}
+    assert fit_factors(model, task, examples, ("kfac",), FactorArguments(samples=50))["kfac"].meta["n_examples"] == 20
+
+
 def test_mc_fisher_converges_to_the_ggn():
     """The Woodbury matrix of sampled-target gradients, averaged over fits with different seeds, approaches the GGN
     at the Monte Carlo rate 1/√fits, without bias (measured relative error after 1 / 10 / 40 / 80 / 160 fits of 24

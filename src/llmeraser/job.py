@@ -133,8 +133,8 @@ class AdapterJob:
         if found is not None:
             found.meta["source"] = why
             return found, 0.0
-        logger.warning("%s: fitting %s factors on %d examples (once; later requests reuse them)", why, kind,
-                       len(train))
+        logger.warning("%s: fitting %s factors on %s examples (once; later requests reuse them)", why, kind,
+                       _fit_size(kind, len(train), args.curvature_samples))
         start = time.perf_counter()
         fitted = fit_for_solver(model, task, train, args)
         path = distributed.on_rank0(lambda: str(self.store.save(fitted, self.adapter_sha256, t_sha,
@@ -389,6 +389,13 @@ def _summary(update: Update, out: str, ledger, seq) -> str:
     return (choice + f"unlearned {sum(r['ops'].values())} edits {r['ops']} with {r['method']}/{r['solver']}, damping "
             f"{r['damping']:.3g}{how}: residual {r['solve']['residual']:.2e} ({status}), ‖Δθ‖ = "
             f"{r['delta_norm']:.4g}, {r['seconds']['total']:.1f} s" + tail)
+
+
+def _fit_size(kind: str, n: int, samples: int) -> str:
+    from llmeraser.factors.fit import sample_size
+
+    k = sample_size((kind,), n, samples)
+    return f"{n:,}" if k == n else f"{k:,} of the {n:,}"
 
 
 def _why_no_recording(adapter: str) -> str:

@@ -30,6 +30,19 @@ KINDS = tuple(MODULES)
 HELP = {**kronecker.HELP, **gram.HELP}
 FISHERS = ("mc", "empirical")
 FORMAT = 1
+# kfac/ekfac's factors are averages over tokens (and EK-FAC's correction over examples): with samples=0 they are fitted
+# on at most this many examples drawn at random, so a fit costs at most this many examples' forward and backward
+# passes (0.2 of an epoch at N = 10,000) — kronfluence caps its covariance and eigenvalue passes the same way. The
+# Gram kinds (woodbury, datainf) store every example's gradient and use all of them.
+KRONECKER_SAMPLE = 2048
+
+
+def sample_size(kinds: Sequence[str], n: int, samples: int = 0) -> int:
+    """How many of n examples a fit of `kinds` passes over: `samples` (capped at n), or with samples = 0 all of them
+    for the Gram kinds and at most KRONECKER_SAMPLE for kfac/ekfac alone."""
+    if samples:
+        return min(samples, n)
+    return min(n, KRONECKER_SAMPLE) if set(kinds) <= set(kronecker.KINDS) else n
 
 
 @dataclass
@@ -39,7 +52,10 @@ class FactorArguments:
     fisher: str = field(default="mc", metadata={
         "help": "mc: gradients at targets sampled from the model (the Gauss-Newton matrix in expectation); "
                 "empirical: gradients at the training targets"})
-    samples: int = field(default=0, metadata={"help": "fit on this many training examples drawn at random; 0 = all"})
+    samples: int = field(default=0, metadata={
+        "help": f"fit on this many training examples drawn at random (≥ the training set: all of them); 0 = all for "
+                f"woodbury/datainf and at most {KRONECKER_SAMPLE:,} for kfac/ekfac (their factors are averages over "
+                f"tokens: a sample serves, at a fraction of an epoch)"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward/backward pass of the fit"})
     seed: int = field(default=0, metadata={"help": "seed of the sample and of the sampled targets"})
     sketch: int = field(default=0, metadata={
@@ -141,10 +157,11 @@ def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example],
     if unknown or not kinds:
         raise ConfigError(f"unknown curvature approximation(s) {unknown or kinds}; expected some of {', '.join(KINDS)}")
     examples = list(examples)
-    if 0 < args.samples < len(examples):
+    samples = sample_size(kinds, len(examples), args.samples)
+    if samples < len(examples):
         gen = torch.Generator().manual_seed(args.seed)
         # host: which examples to fit on (indices, the same on every device)
-        examples = [examples[i] for i in sorted(torch.randperm(len(examples), generator=gen)[: args.samples].tolist())]
+        examples = [examples[i] for i in sorted(torch.randperm(len(examples), generator=gen)[:samples].tolist())]
     if not examples:
         raise ConfigError("fitting curvature needs at least one training example")
     blocks = linear_blocks(model)  # refuses parameters outside linear layers before any work
