@@ -10,7 +10,13 @@ import os
 
 from llmeraser.errors import UserInputError
 
-FMT = argparse.ArgumentDefaultsHelpFormatter
+
+class FMT(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with each flag's default shown once: the flags built from a dataclass field (`add_fields`) say theirs
+    already (or the solver's preset), so argparse adds none to them."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if "(default: " in (action.help or "") else super()._get_help_string(action)
 
 _TYPES = {"int": int, "float": float, "str": str, "float | None": float, "int | None": int, "str | None": str,
           "bool": bool}
