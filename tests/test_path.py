@@ -530,7 +530,8 @@ def test_a_format_2_recording_is_still_read_and_verified(lm, tmp_path):
     path = tmp_path / "trajectory.safetensors"
     with safe_open(str(path), framework="pt") as f:
         header = _json.loads(f.metadata()["llmeraser"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        # copies: older safetensors map the file, and save_file below rewrites it in place
+        tensors = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
     header["format"] = 2
     header["header_sha256"] = _header_sha256({k: v for k, v in header.items() if k != "header_sha256"})
     save_file(tensors, str(path), metadata={"llmeraser": _json.dumps(header)})
