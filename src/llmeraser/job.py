@@ -26,6 +26,7 @@ from llmeraser.data import DataFields, Example, examples_hash, load_examples
 from llmeraser.eraser import EraserArguments, Update, choose_solver, example_tokens, fit_for_solver, save_unlearned
 from llmeraser.errors import UserInputError
 from llmeraser.factors import FactorArguments, Factors, FactorStore, default_store, fit_factors
+from llmeraser.factors.fit import sample_size
 from llmeraser.params import ParamView, adapter_hash, check_adapter_dir
 from llmeraser.record import TrainingRecord
 from llmeraser.recording import read
@@ -392,8 +393,7 @@ def _summary(update: Update, out: str, ledger, seq) -> str:
 
 
 def _fit_size(kind: str, n: int, samples: int) -> str:
-    from llmeraser.factors.fit import sample_size
-
+    """'N' examples, or 'k of the N' when the fit takes a sample."""
     k = sample_size((kind,), n, samples)
     return f"{n:,}" if k == n else f"{k:,} of the {n:,}"
 

@@ -27,7 +27,7 @@ import torch
 from llmeraser.errors import AdapterError
 from llmeraser.io import canonical_json, sha256_bytes
 from llmeraser.schema import Fields, is_number, parse_json
-from llmeraser.storage import Rows, TensorFile, tensor_bytes, write_safetensors
+from llmeraser.storage import Rows, TensorFile, write_safetensors
 from llmeraser.trajectory import RECORD_DTYPES, TRAJECTORY, Trajectory, tensor_sha256
 
 FORMAT = 3  # 3: low-precision gradients possible; 2: checksums, header digest and recipe; 1 (read, unverified): none
@@ -57,7 +57,7 @@ def write(trajectory: Trajectory, folder: str | os.PathLike) -> Path:
 def _sha256s(x) -> list[str]:
     """Each vector's sha256 of a stack (tensor or Rows), known from the spool when it was spooled."""
     if isinstance(x, Rows):
-        return list(x.sha256) if x.sha256 is not None else [sha256_bytes(tensor_bytes(x.raw(k))) for k in
+        return list(x.sha256) if x.sha256 is not None else [tensor_sha256(x.raw(k)) for k in
                                                             range(len(x))]
     return [tensor_sha256(g) for g in x]
 
@@ -125,11 +125,11 @@ def _verify_checksums(t: Trajectory, sums: object, where: str) -> None:
     if t.grads is not None:
         rows = recorded.sequence("grads", lambda x: isinstance(x, str), "a sha256", length=t.steps)
         for k, sha in enumerate(rows):
-            if sha256_bytes(tensor_bytes(t.grads.raw(k))) != sha:
+            if tensor_sha256(t.grads.raw(k)) != sha:
                 raise AdapterError(f"{where}: step {k}'s recorded gradient fails its checksum: {changed}")
     ckpts = recorded.mapping("checkpoints")
     for k, c in sorted(t.checkpoints.items()):
-        if [sha256_bytes(tensor_bytes(c.raw(i))) for i in range(3)] != ckpts.sequence(
+        if [tensor_sha256(c.raw(i)) for i in range(3)] != ckpts.sequence(
                 str(k), lambda x: isinstance(x, str), "a sha256", length=3):
             raise AdapterError(f"{where}: the checkpoint at step {k} fails its checksum: {changed}")
     t.integrity = "header and every tensor verified against their sha256"

@@ -32,6 +32,15 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+def pread_exact(fd: int, nbytes: int, offset: int, what: str) -> bytes:
+    """`nbytes` at `offset` of an open file, or OSError naming `what` when the file is shorter (truncated after it
+    was opened or written)."""
+    data = os.pread(fd, nbytes, offset)
+    if len(data) != nbytes:
+        raise OSError(f"{what} ({len(data)} of {nbytes} bytes at {offset})")
+    return data
+
+
 def _discard(path: Path, file) -> None:
     with contextlib.suppress(OSError):
         file.close()
@@ -63,10 +72,7 @@ class Spool:
 
     def read(self, offset: int, nbytes: int) -> bytes:
         self.file.flush()
-        data = os.pread(self.file.fileno(), nbytes, offset)
-        if len(data) != nbytes:
-            raise OSError(f"{self.path}: short read at {offset} ({len(data)} of {nbytes} bytes)")
-        return data
+        return pread_exact(self.file.fileno(), nbytes, offset, f"{self.path}: short read")
 
     def close(self) -> None:
         """Delete the file (idempotent)."""
@@ -186,10 +192,7 @@ class TensorFile:
         weakref.finalize(self, self.file.close)
 
     def _read(self, offset: int, nbytes: int) -> bytes:
-        data = os.pread(self.file.fileno(), nbytes, offset)
-        if len(data) != nbytes:
-            raise OSError(f"{self.path} was truncated after it was opened ({len(data)} of {nbytes} bytes at {offset})")
-        return data
+        return pread_exact(self.file.fileno(), nbytes, offset, f"{self.path} was truncated after it was opened")
 
     def keys(self) -> list[str]:
         return list(self.entries)

@@ -35,7 +35,7 @@ import torch
 from llmeraser.data import Example
 from llmeraser.errors import AdapterError, ConfigError
 from llmeraser.io import canonical_json, sha256_bytes
-from llmeraser.storage import Rows, nbytes
+from llmeraser.storage import Rows, nbytes, tensor_bytes
 
 TRAJECTORY = "trajectory.safetensors"
 DEFAULT_MAX_BYTES = 4 * 2**30  # the recording's default budget (`recorder.plan`; with half the free disk space)
@@ -389,7 +389,7 @@ def names_sha256(names: Sequence[str]) -> str:
 
 def tensor_sha256(t: torch.Tensor) -> str:
     """The sha256 of a tensor's bytes (any dtype or device)."""
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return sha256_bytes(tensor_bytes(t))
 
 
 def adam_meta(config: AdamConfig, *, epochs: int, batch_size: int, seed: int, train: Sequence[Example],
