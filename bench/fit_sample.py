@@ -1,12 +1,13 @@
-"""What the kfac/ekfac sample cap (`factors.fit.KRONECKER_SAMPLE`, used when `--samples` is 0) costs in accuracy,
-against the noise the fit already has: on a tiny LoRA Llama with N synthetic examples, the EK-FAC (or K-FAC) solve
-(F + λI)⁻¹ b of a 10-example removal's gradient from a fit on the capped sample, compared with the fit on all N —
-beside the same comparison between two fits on all N that differ only in the seed of their sampled Fisher targets.
-A cap whose difference is within that seed-to-seed spread loses nothing the full fit could be trusted for. With
-`--kind woodbury` the third fit is a rank-`--sketch` Nyström sketch in place of the exact N × N Gram.
+"""What the fit's default sample (`factors.fit.FIT_SAMPLE`, used when `--samples` is 0) costs in accuracy, against
+the noise the fit already has: on a tiny LoRA Llama with N synthetic examples, the solve (F + λI)⁻¹ b of a
+10-example removal's gradient from a fit on the default sample, compared with the fit on all N — beside the same
+comparison between two fits on all N that differ only in the seed of their sampled Fisher targets. A sample whose
+difference is within that seed-to-seed spread loses nothing the full fit could be trusted for. With `--sketch K`
+(woodbury) a rank-K Nyström sketch over all N is compared too.
 
-    OMP_NUM_THREADS=1 python bench/fit_sample.py --n 10000
-    OMP_NUM_THREADS=2 python bench/fit_sample.py --n 10000 --kind woodbury
+    OMP_NUM_THREADS=1 python bench/fit_sample.py --n 10000                   # ekfac
+    OMP_NUM_THREADS=2 python bench/fit_sample.py --n 10000 --kind woodbury --sketch 1024
+    OMP_NUM_THREADS=2 python bench/fit_sample.py --n 10000 --kind datainf
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from llmeraser.curvature import gradient
 from llmeraser.factors import FactorArguments, fit_factors
-from llmeraser.factors.fit import KRONECKER_SAMPLE
+from llmeraser.factors.fit import FIT_SAMPLE
 from llmeraser.params import ParamView
 from llmeraser.task import CausalLMTask
 from llmeraser.testing import tiny_llama, tiny_lora, tiny_tokenizer
@@ -38,9 +39,8 @@ def compare(x: torch.Tensor, ref: torch.Tensor) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=10_000)
-    p.add_argument("--kind", default="ekfac", choices=["ekfac", "kfac", "woodbury"],
-                   help="woodbury: the exact fit against its rank --sketch Nyström sketch instead of a sample")
-    p.add_argument("--sketch", type=int, default=1024)
+    p.add_argument("--kind", default="ekfac", choices=["ekfac", "kfac", "woodbury", "datainf"])
+    p.add_argument("--sketch", type=int, default=0, help="woodbury: also a rank-K Nyström sketch over all N")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--damping", type=float, nargs="+", default=[1e-1, 1e-2])
     a = p.parse_args()
@@ -52,10 +52,13 @@ def main() -> None:
     view = ParamView(model)
     b = gradient(model, task, examples[:: max(1, a.n // 10)][:10]) / a.n
     fits, seconds = {}, {}
-    third = (f"Nyström rank {a.sketch}, seed 0", FactorArguments(seed=0, sketch=a.sketch)) if a.kind == "woodbury" \
-        else (f"cap {KRONECKER_SAMPLE}, seed 0", FactorArguments(seed=0))
-    for name, args in (("all, seed 0", FactorArguments(samples=a.n, seed=0)),
-                       ("all, seed 1", FactorArguments(samples=a.n, seed=1)), third):
+    runs = [("all, seed 0", FactorArguments(samples=a.n, seed=0)),
+            ("all, seed 1", FactorArguments(samples=a.n, seed=1)),
+            (f"default sample ({min(a.n, FIT_SAMPLE)}), seed 0", FactorArguments(seed=0))]
+    if a.sketch:
+        runs.append((f"Nyström rank {a.sketch} over all, seed 0",
+                     FactorArguments(samples=a.n, seed=0, sketch=a.sketch)))
+    for name, args in runs:
         start = time.perf_counter()
         fits[name] = fit_factors(model, task, examples, (a.kind,), args)[a.kind]
         seconds[name] = round(time.perf_counter() - start, 2)

@@ -188,22 +188,25 @@ def test_each_approximation_against_the_exact_ggn_solve():
         assert rel(fits["woodbury"].solve(b, lam, view), exact) < {0.1: 0.6, 0.01: 1.0}[lam]
 
 
-def test_kronecker_fits_cap_their_sample_and_gram_fits_use_every_example(monkeypatch):
-    """samples = 0: kfac/ekfac alone pass over at most KRONECKER_SAMPLE examples drawn with the fit's seed — the same
-    fit, bit for bit, as asking for that sample explicitly (same draw, same pass); a fit that includes a Gram kind
-    keeps every example; an explicit sample at least the training set's size is all of it."""
+@pytest.mark.parametrize("kinds", [("ekfac",), ("woodbury", "datainf")])
+def test_fits_estimate_their_average_from_a_seeded_sample(monkeypatch, kinds):
+    """samples = 0: every kind passes over at most FIT_SAMPLE examples drawn with the fit's seed. The fit is, bit for
+    bit, the one asked for explicitly (same draw, same pass) and the one on exactly the drawn examples (the Fisher
+    targets depend on (seed, example id) only); an explicit sample at least the training set's size is all of it."""
     import llmeraser.factors.fit as fit
 
-    monkeypatch.setattr(fit, "KRONECKER_SAMPLE", 7)
+    monkeypatch.setattr(fit, "FIT_SAMPLE", 7)
     model, task, examples = tiny_lm(n=20)
-    auto = fit_factors(model, task, examples, ("ekfac",))["ekfac"]
-    explicit = fit_factors(model, task, examples, ("ekfac",), FactorArguments(samples=7))["ekfac"]
-    assert auto.meta["n_examples"] == 7
-    assert auto.tensors.keys() == explicit.tensors.keys()
-    assert all(torch.equal(auto.tensors[k], explicit.tensors[k]) for k in auto.tensors)
-    both = fit_factors(model, task, examples, ("ekfac", "woodbury"))
-    assert {f.meta["n_examples"] for f in both.values()} == {20}
-    assert fit_factors(model, task, examples, ("kfac",), FactorArguments(samples=50))["kfac"].meta["n_examples"] == 20
+    auto = fit_factors(model, task, examples, kinds)
+    explicit = fit_factors(model, task, examples, kinds, FactorArguments(samples=7))
+    drawn = sorted(torch.randperm(20, generator=torch.Generator().manual_seed(0))[:7].tolist())
+    subset = fit_factors(model, task, [examples[i] for i in drawn], kinds)
+    for kind in kinds:
+        assert auto[kind].meta["n_examples"] == 7
+        for other in (explicit[kind], subset[kind]):
+            assert auto[kind].tensors.keys() == other.tensors.keys()
+            assert all(torch.equal(auto[kind].tensors[k], other.tensors[k]) for k in auto[kind].tensors)
+    assert fit_factors(model, task, examples, kinds, FactorArguments(samples=50))[kinds[0]].meta["n_examples"] == 20
 
 
 def test_mc_fisher_converges_to_the_ggn():
@@ -225,7 +228,9 @@ def test_mc_fisher_converges_to_the_ggn():
 
 
 # ------------------------------------------------------------------------------------------------ the eraser
-def test_damping_path_with_fitted_factors_and_auto_choice():
+def test_damping_path_with_fitted_factors_and_auto_choice(monkeypatch):
+    from llmeraser import resources
+
     model, task, examples = tiny_lm(n=20)
     request = Request.remove(examples[3].id)
     args = EraserArguments(solver="ekfac", damping=0.1)
@@ -234,8 +239,12 @@ def test_damping_path_with_fitted_factors_and_auto_choice():
     assert rel(path[1].delta, one.delta) < 1e-12 and path[0].delta.norm() < path[1].delta.norm()
     auto = compute_update(model, task, examples, request, EraserArguments(solver="auto", damping=0.1))
     assert auto.report["solver"] == "dense" and "auto chose dense: 128 parameters × 20" in auto.report["solver_choice"]
-    assert choose_solver(model, 5000)[0] == "woodbury" and choose_solver(model, 50_000)[0] == "ekfac"
+    # woodbury's fit keeps at most FIT_SAMPLE examples' gradients, whatever N is: 2,048 × 128 parameters here
+    assert choose_solver(model, 5000)[0] == "woodbury" and choose_solver(model, 50_000)[0] == "woodbury"
+    assert "2,048 × 128 per-example gradients" in choose_solver(model, 50_000)[1]
     assert choose_solver(model)[0] == "ekfac"
+    monkeypatch.setattr(resources, "available_bytes", lambda: 2**20)  # 2,048 × 128 × 4 bytes > a quarter of this
+    assert choose_solver(model, 5000)[0] == "ekfac"
 
 
 def test_auto_builds_the_exact_matrix_only_when_its_products_are_cheap_on_this_model():

@@ -135,7 +135,7 @@ class AdapterJob:
             found.meta["source"] = why
             return found, 0.0
         logger.warning("%s: fitting %s factors on %s examples (once; later requests reuse them)", why, kind,
-                       _fit_size(kind, len(train), args.curvature_samples))
+                       _fit_size(len(train), args.curvature_samples))
         start = time.perf_counter()
         fitted = fit_for_solver(model, task, train, args)
         path = distributed.on_rank0(lambda: str(self.store.save(fitted, self.adapter_sha256, t_sha,
@@ -392,9 +392,9 @@ def _summary(update: Update, out: str, ledger, seq) -> str:
             f"{r['delta_norm']:.4g}, {r['seconds']['total']:.1f} s" + tail)
 
 
-def _fit_size(kind: str, n: int, samples: int) -> str:
+def _fit_size(n: int, samples: int) -> str:
     """'N' examples, or 'k of the N' when the fit takes a sample."""
-    k = sample_size((kind,), n, samples)
+    k = sample_size(n, samples)
     return f"{n:,}" if k == n else f"{k:,} of the {n:,}"
 
 

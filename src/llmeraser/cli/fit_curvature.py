@@ -13,9 +13,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit-curvature", formatter_class=FMT,
                        help="fit K-FAC / EK-FAC / Woodbury / DataInf curvature once, for fast requests",
-                       description="One pass over the training set (forward and backward, like a training epoch) "
-                                   "fits curvature factors for every trainable linear layer of the adapter and "
-                                   "stores them (safetensors) keyed by the adapter's and the training set's hashes. "
+                       description="One pass over a sample of the training set (forward and backward over at "
+                                   "most 2,048 examples by default: --samples) fits curvature factors for every "
+                                   "trainable linear layer of the adapter and stores them (safetensors) keyed by the "
+                                   "adapter's and the training set's hashes. "
                                    "Later 'unlearn --solver KIND' requests reuse them: each then costs about the "
                                    "gradients of its own edited examples.",
                        epilog="example: llmeraser fit-curvature --adapter adapters/original --train data/train.jsonl "
@@ -23,9 +24,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_adapter_flags(p)
     p.add_argument("--kind", nargs="+", default=["ekfac"], choices=solver_names(fitted=True),
                    help="ekfac: Kronecker eigenbasis with exact diagonal (memory independent of N); kfac: plain "
-                        "Kronecker factors; woodbury: exact inverse of the N-example Fisher (stores N × p "
-                        "gradients and an N × N system); datainf: per-layer approximation of that inverse, no "
-                        "N × N system")
+                        "Kronecker factors; woodbury: exact inverse of the fitted examples' Fisher (stores their "
+                        "N × p gradients and an N × N system); datainf: per-layer approximation of that inverse, "
+                        "no N × N system")
     p.add_argument("--factors", default=None, metavar="DIR", help="the store (default: ADAPTER.factors)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
     add_fields(p, FactorArguments, skip=("progress",))

@@ -30,19 +30,18 @@ KINDS = tuple(MODULES)
 HELP = {**kronecker.HELP, **gram.HELP}
 FISHERS = ("mc", "empirical")
 FORMAT = 1
-# kfac/ekfac's factors are averages over tokens (and EK-FAC's correction over examples): with samples=0 they are fitted
-# on at most this many examples drawn at random, so a fit costs at most this many examples' forward and backward
-# passes (0.2 of an epoch at N = 10,000) — kronfluence caps its covariance and eigenvalue passes the same way. The
-# Gram kinds (woodbury, datainf) store every example's gradient and use all of them.
-KRONECKER_SAMPLE = 2048
+# Every kind's F is an average over the training set (kfac/ekfac's factors over tokens and EK-FAC's correction over
+# examples; woodbury's and datainf's Fisher over examples): with samples = 0 it is estimated from at most this many
+# examples drawn at random, so a fit costs at most this many examples' forward and backward passes (0.2 of an epoch at
+# N = 10,000) and the Gram kinds' N × N system and stored gradients stop growing with N — kronfluence caps its
+# covariance and eigenvalue passes the same way. What the sample costs in accuracy, against the noise a fit on all N
+# has anyway (its sampled Fisher targets): bench/fit_sample.py, docs/fit-on-device.md#a-sample-of-the-training-set.
+FIT_SAMPLE = 2048
 
 
-def sample_size(kinds: Sequence[str], n: int, samples: int = 0) -> int:
-    """How many of n examples a fit of `kinds` passes over: `samples` (capped at n), or with samples = 0 all of them
-    for the Gram kinds and at most KRONECKER_SAMPLE for kfac/ekfac alone."""
-    if samples:
-        return min(samples, n)
-    return min(n, KRONECKER_SAMPLE) if set(kinds) <= set(kronecker.KINDS) else n
+def sample_size(n: int, samples: int = 0) -> int:
+    """How many of n examples a fit passes over: `samples` (capped at n), or with samples = 0 at most FIT_SAMPLE."""
+    return min(samples or FIT_SAMPLE, n)
 
 
 @dataclass
@@ -53,9 +52,9 @@ class FactorArguments:
         "help": "mc: gradients at targets sampled from the model (the Gauss-Newton matrix in expectation); "
                 "empirical: gradients at the training targets"})
     samples: int = field(default=0, metadata={
-        "help": f"fit on this many training examples drawn at random (≥ the training set: all of them); 0 = all for "
-                f"woodbury/datainf and at most {KRONECKER_SAMPLE:,} for kfac/ekfac (their factors are averages over "
-                f"tokens: a sample serves, at a fraction of an epoch)"})
+        "help": f"fit on this many training examples drawn at random (≥ the training set: all of them); 0 = "
+                f"at most {FIT_SAMPLE:,} (every kind's F is an average over examples: a sample estimates it, at a "
+                f"fraction of an epoch)"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward/backward pass of the fit"})
     seed: int = field(default=0, metadata={"help": "seed of the sample and of the sampled targets"})
     sketch: int = field(default=0, metadata={
@@ -157,7 +156,7 @@ def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example],
     if unknown or not kinds:
         raise ConfigError(f"unknown curvature approximation(s) {unknown or kinds}; expected some of {', '.join(KINDS)}")
     examples = list(examples)
-    samples = sample_size(kinds, len(examples), args.samples)
+    samples = sample_size(len(examples), args.samples)
     if samples < len(examples):
         gen = torch.Generator().manual_seed(args.seed)
         # host: which examples to fit on (indices, the same on every device)

@@ -1,4 +1,6 @@
-"""The Gram kinds: Woodbury and DataInf, from the N × p per-example gradients G (rows gᵢ, split by block).
+"""The Gram kinds: Woodbury and DataInf, from the N × p per-example gradients G (rows gᵢ, split by block) of the
+examples the fit passed over (at most `fit.FIT_SAMPLE` drawn at random unless `--samples` says otherwise: N below is
+that sample's size, and F estimates the training set's Fisher from it).
 
 - `woodbury`: the exact inverse of the damped rank-N Fisher F = (1/N) Gᵀ G, coupling every block:
   (F + λI)⁻¹ v = (v − Gᵀ (NλI + G Gᵀ)⁻¹ G v) / λ, with G Gᵀ eigendecomposed once so that every λ is cheap;
@@ -24,7 +26,7 @@ from llmeraser.factors.capture import Block, Statistics, gather_gradients
 from llmeraser.solvers.base import register_fitted
 
 KINDS = ("woodbury", "datainf")
-HELP = {"woodbury": "exact inverse of the N-example Fisher (stores N × p gradients and an N × N system)",
+HELP = {"woodbury": "exact inverse of the fitted examples' Fisher (stores their N × p gradients and an N × N system)",
         "datainf": "per-layer approximation of that inverse, no N × N system"}
 for _kind in KINDS:
     register_fitted(_kind, HELP[_kind])

@@ -1,7 +1,8 @@
 """Where a fit keeps what it needs, decided before the pass from the memory there is (`Plan`).
 
-The Kronecker kinds need O(Σ in² + out²) memory whatever N is. The Gram kinds need every example's gradient, N × p,
-which stops fitting as N grows; they then fall back to a sketch whose size does not grow with N:
+The Kronecker kinds need O(Σ in² + out²) memory whatever N is. The Gram kinds need every fitted example's gradient,
+N × p (N: the examples the fit passes over, at most `fit.FIT_SAMPLE` unless `--samples` asks for more), which stops
+fitting as N or p grows; they then fall back to a sketch whose size does not grow with N:
 
 - woodbury: a rank-k Nyström approximation of F = GᵀG/N from one streaming pass, Y = F Ω for a seeded random
   orthonormal Ω (p × k), p × k memory (`sketch`);

@@ -17,7 +17,6 @@ from llmeraser.task import Task
 EXACT_WORK = 200_000  # p × N up to which `auto` solves with the exact curvature (dense, or cg)
 DENSE_FLOPS = 1e10  # estimated floating-point operations up to which `auto` builds the exact matrix (dense)
 DEFAULT_TOKENS = 64  # tokens per example assumed when the caller does not say (CausalLMTask's default max_length)
-WOODBURY_MAX_N = 20_000  # N above which `auto` avoids woodbury's N × N system
 
 
 def choose_solver(model: torch.nn.Module, n_train: int | None = None, *, need_path: bool = False,
@@ -32,11 +31,12 @@ def choose_solver(model: torch.nn.Module, n_train: int | None = None, *, need_pa
       t its tokens), cost at most DENSE_FLOPS (seconds on a CPU: tiny models run at a few GFLOP/s), and no
       approximation is then worth its error; cg otherwise (a deep model, a big vocabulary: a Krylov solve needs far
       fewer products), and when `need_path` (dense has no damping path);
-    - otherwise a fitted solver when every trainable parameter is in a linear layer (fitted once, about an epoch,
-      reused by every request): woodbury while its N × p per-example gradients take at most a quarter of the
-      available memory and N ≤ WOODBURY_MAX_N, else ekfac (memory independent of N). On the embedded benchmark
-      woodbury was never far from the best fitted solver and was the only one that helped on RC-10, where the
-      Kronecker ones overshot at every λ (docs/fitted-curvature.md#where-the-update-does-help-qm-5-and-rc-10);
+    - otherwise a fitted solver when every trainable parameter is in a linear layer (fitted once on a sample, a
+      fraction of an epoch, reused by every request): woodbury while the per-example gradients of the examples its
+      fit passes over (at most `FIT_SAMPLE`, `factors.fit.sample_size`) take at most a quarter of the available
+      memory, else ekfac (memory independent of N). On the embedded benchmark woodbury was never far from the best
+      fitted solver and was the only one that helped on RC-10, where the Kronecker ones overshot at every λ
+      (docs/fitted-curvature.md#where-the-update-does-help-qm-5-and-rc-10);
     - cg otherwise (products over the training set per request).
     """
     name, why = _choose_solver(model, n_train, need_path, DEFAULT_TOKENS if tokens is None else tokens)
@@ -90,17 +90,20 @@ def _choose_solver(model: torch.nn.Module, n_train: int | None, need_path: bool,
             return "dense", f"auto chose dense: {size} is small enough for the exact matrix ({cost})"
         return "cg", f"auto chose cg: {size} is small, but {over}; a Krylov solve needs far fewer products"
     from llmeraser.factors import linear_blocks  # factors register into the solver registry: imported late
+    from llmeraser.factors.fit import sample_size
 
     try:
         linear_blocks(model)
     except ConfigError as e:
         return "cg", f"auto chose cg: {e}"
     free = available_bytes()
-    need = (n_train or 0) * p * view.params[0].element_size()
-    if n_train and n_train <= WOODBURY_MAX_N and (free is None or need <= free / 4):
+    k = sample_size(n_train or 0)
+    need = k * p * view.params[0].element_size()
+    if k and (free is None or need <= free / 4):
         return "woodbury", (f"auto chose woodbury: every trainable parameter is in a linear layer and the "
-                            f"{n_train:,} × {p:,} per-example gradients ({need / 2**30:.2f} GiB) fit, so the exact "
-                            f"inverse of the fitted Fisher serves every request at about the cost of its gradients")
-    return "ekfac", (f"auto chose ekfac: every trainable parameter is in a linear layer, and {n_train or 0:,} "
+                            f"{k:,} × {p:,} per-example gradients of its fit ({need / 2**30:.2f} GiB) fit in memory, "
+                            f"so the exact inverse of the fitted Fisher serves every request at about the cost of its "
+                            f"gradients")
+    return "ekfac", (f"auto chose ekfac: every trainable parameter is in a linear layer, and {k:,} "
                      f"examples × {p:,} parameters are too many for woodbury's per-example gradients, so Kronecker "
                      f"factors fitted once serve every request at about the cost of its own gradients")
