@@ -342,3 +342,20 @@ def test_reusing_factors_after_a_small_removal_changes_less_than_refitting_noise
     refit = fit_factors(model, task, examples[2:], ("ekfac",), FactorArguments(seed=0))["ekfac"]
     x0, x1, xr = (f.solve(b, 0.1, view) for f in (fit[0], fit[1], refit))
     assert rel(xr, x0) < rel(x1, x0) / 3
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "woodbury", "datainf"])
+def test_the_scale_is_stored_with_the_fit_and_equals_the_stored_tensors_own(kind, tmp_path):
+    """F's largest eigenvalue (a relative damping's scale) is computed once when fitted and stored with the factors,
+    so a request does not pay for it (datainf's power iteration). It equals the scale recomputed from the stored
+    tensors, up to their storage rounding (float32 here: the fit ran in float64 or float32 on the device)."""
+    from llmeraser.factors.fit import TOP
+
+    model, task, examples = tiny_lm(n=12)
+    f = fit_factors(model, task, examples, (kind,))[kind]
+    assert TOP in f.tensors
+    own = f._math.top_eigenvalue(kind, {k: v for k, v in f.tensors.items() if k != TOP}, f.blocks)
+    assert abs(f.top_eigenvalue() / own - 1) < 1e-5
+    FactorStore(tmp_path).save(f, "a" * 64, "b" * 64)
+    loaded, _ = FactorStore(tmp_path).load(kind, "a" * 64, "b" * 64)
+    assert loaded.top_eigenvalue() == f.top_eigenvalue()

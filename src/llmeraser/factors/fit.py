@@ -29,6 +29,7 @@ MODULES = {**{k: kronecker for k in kronecker.KINDS}, **{k: gram for k in gram.K
 KINDS = tuple(MODULES)
 HELP = {**kronecker.HELP, **gram.HELP}
 FISHERS = ("mc", "empirical")
+TOP = "fit.top_eigenvalue"  # the stored scale of F (one float64), beside the kind's own tensors
 FORMAT = 1
 # Every kind's F is an average over the training set (kfac/ekfac's factors over tokens and EK-FAC's correction over
 # examples; woodbury's and datainf's Fisher over examples): with samples = 0 it is estimated from at most this many
@@ -127,7 +128,10 @@ class Factors:
         return self._flat(self._math.matvec(self.kind, self.tensors, self.blocks, self._blocks_of(v, view)), view)
 
     def top_eigenvalue(self) -> float:
-        """The largest eigenvalue of F: the curvature's scale, which a relative damping is taken against."""
+        """The largest eigenvalue of F: the curvature's scale, which a relative damping is taken against (computed
+        when fitted and stored with the factors; a store written before that computes it now)."""
+        if TOP in self.tensors:
+            return float(self.tensors[TOP][0])
         return self._math.top_eigenvalue(self.kind, self.tensors, self.blocks)
 
     @property
@@ -185,7 +189,10 @@ def fit_factors(model: torch.nn.Module, task: Task, examples: Sequence[Example],
     out = {}
     for kind in kinds:
         tensors, seconds = fits[kind]
+        # F's scale, which a relative damping is taken against: once here, on the device, not in every request
+        top = MODULES[kind].top_eigenvalue(kind, tensors, stats.blocks)
         host = {k: v.to("cpu", store_dtype).contiguous() for k, v in tensors.items()}  # the fit's one transfer
+        host[TOP] = torch.tensor([top], dtype=torch.float64)  # host: the stored scalar
         extra = {"gram": plan.gram[kind]} if kind in plan.gram else {}
         out[kind] = Factors(kind, stats.blocks, host,
                             {**meta, **extra, "kind": kind, "seconds": {**seconds, "total": sum(seconds.values())}})

@@ -97,9 +97,8 @@ def solve(kind: str, t: dict, blocks: list[Block], vs: list[torch.Tensor], dampi
         x = v / damping + u @ ((1 / (e + damping) - 1 / damping) * (u.T @ v))
         return _split(x, vs)
     if kind == "woodbury":  # the N × p products in the stored precision, the N × N system in float64
-        n = t["gram.s"].shape[0]
-        u, s = t["gram.U"].double(), t["gram.s"].double()
-        c = u @ ((u.T @ _gv(t, blocks, vs)) / (n * damping + s))
+        n, u = t["gram.s"].shape[0], t["gram.U"]  # U's products in its stored precision (no N × N float64 copy)
+        c = _gmv(u, _gmv(u.T, _gv(t, blocks, vs)) / (n * damping + t["gram.s"].double()))
         return [(v - _gmv(t[f"{blk.module}.grads"].T, c).view_as(v)) / damping
                 for blk, v in zip(blocks, vs, strict=True)]
     xs = []
