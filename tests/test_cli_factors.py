@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def test_fit_once_then_every_request_reuses_and_the_lineage_inherits(lineage, ca
     assert main(["fit-curvature", "--base-model", str(root / "base"), "--adapter", str(root / "in"), "--train",
                  str(root / "train.jsonl"), "--kind", "ekfac", "kfac", *BASE]) == 0
     out = capsys.readouterr().out
-    assert "one pass over the training set served 2 fit(s)" in out
+    assert re.search(r"one pass over \d+ examples served 2 fit\(s\)", out)
     assert (root / "in.factors" / "ekfac" / "factors.safetensors").is_file()
     assert unlearn(root, "in", "out1", "r1.json", "--solver", "ekfac", "--damping", "0.1",
                    "--refit-fraction", "0.1") == 0

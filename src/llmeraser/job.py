@@ -289,7 +289,8 @@ class AdapterJob:
 
     # ------------------------------------------------------------------------------------------ fit curvature
     def fit_curvature(self, kinds: Sequence[str] = ("ekfac",), args: FactorArguments | None = None) -> list[dict]:
-        """Fit `kinds` from one pass over the training set and store them; one row per kind (sizes, seconds)."""
+        """Fit `kinds` from one pass over the training set (or its sample: `FactorArguments.samples`) and store them;
+        one row per kind (sizes, seconds)."""
         distributed.check_same({"adapter": self.adapter_sha256, "training set": examples_hash(self.train)},
                                "checking the inputs")
         self.check_data(self.train)

@@ -44,6 +44,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows, [("kind", "kind", ""), ("n", "examples", "d"), ("tokens", "tokens", "d"),
                               ("pass", "pass s", ".1f"), ("extra", "eigen/gram s", ".1f"), ("total", "total s", ".1f"),
                               ("mib", "MiB", ".1f"), ("path", "stored in", "")]))
-    print(f"one pass over the training set served {len(rows)} fit(s); 'llmeraser unlearn --solver {args.kind[0]}' "
-          f"now costs about the request's own gradients")
+    print(f"one pass over {rows[0]['n']:,} examples served {len(rows)} fit(s); 'llmeraser unlearn --solver "
+          f"{args.kind[0]}' now costs about the request's own gradients")
     return 0
