@@ -1,0 +1,183 @@
+"""Sharded adapters (SISA, Bourtoule et al. 2021; one PEFT adapter per shard as in APA, Hu et al. 2024): the training
+set is partitioned by data subject (`shards.Partition`), one adapter is fine-tuned and recorded on each shard with
+the same recipe, and a request retrains only the shards it touches — each by an exact rewind of its own recording —
+so the result is, bit for bit, retraining those shards on the edited data, at the share of the whole run they replay.
+
+A sharded adapter is one folder:
+
+    sharded.json      the manifest: format, shard names, each shard adapter's weights hash, the training set's hash
+    partition.json    which shard each example id is in (`shards.Partition`)
+    shard-00/ …       one llmeraser adapter each (PEFT weights, report.json, trajectory.safetensors): loadable with
+                      `PeftModel.from_pretrained(base, folder, subfolder="shard-00")`
+
+Every write goes to a temporary folder renamed into place; the input folder is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmeraser.data import Example, examples_hash
+from llmeraser.errors import AdapterError, RequestError
+from llmeraser.io import atomic_dir, atomic_write_json
+from llmeraser.params import adapter_hash
+from llmeraser.request import Request, apply_request, resolve
+from llmeraser.schema import read_json
+from llmeraser.shards import Partition
+
+logger = logging.getLogger(__name__)
+
+MANIFEST, PARTITION = "sharded.json", "partition.json"
+FORMAT = 1
+
+
+def shard_names(shards: int) -> list[str]:
+    """shard-00, shard-01, … (zero-padded to the widest index, so they sort in shard order)."""
+    width = max(2, len(str(shards - 1)))
+    return [f"shard-{k:0{width}d}" for k in range(shards)]
+
+
+def is_sharded(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a sharded adapter (its manifest)."""
+    return (Path(folder) / MANIFEST).is_file()
+
+
+@dataclass
+class ShardedAdapter:
+    """A sharded adapter folder, read and checked: the manifest, the partition and every shard's weights hash."""
+
+    folder: Path
+    names: list[str]
+    partition: Partition
+    train_sha256: str
+    manifest: dict
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> ShardedAdapter:
+        """Read and check the folder: a manifest whose shards match the partition and the folders, and each shard's
+        weights as the manifest recorded them (a shard edited by hand is refused)."""
+        folder = Path(folder)
+        where = str(folder / MANIFEST)
+        m = read_json(folder / MANIFEST, AdapterError)
+        if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("kind") != "sharded":
+            raise AdapterError(f"{where}: not a sharded adapter manifest of format {FORMAT}")
+        names, hashes = m.get("names"), m.get("adapter_sha256")
+        if not isinstance(names, list) or not names or names != shard_names(len(names)):
+            raise AdapterError(f"{where}: 'names' must list the shard folders shard-00 … in order")
+        if not isinstance(hashes, dict) or set(hashes) != set(names):
+            raise AdapterError(f"{where}: 'adapter_sha256' must give a hash for every shard")
+        partition = Partition.from_json(read_json(folder / PARTITION, AdapterError), str(folder / PARTITION))
+        if partition.shards != len(names):
+            raise AdapterError(f"{folder}: the partition has {partition.shards} shards, the manifest {len(names)}")
+        for name in names:
+            if not (folder / name).is_dir():
+                raise AdapterError(f"{folder}: shard folder {name!r} is missing")
+            if adapter_hash(folder / name) != hashes[name]:
+                raise AdapterError(f"{folder / name}: the weights are not the ones the manifest recorded (the shard "
+                                   f"was changed after it was written)")
+        if not isinstance(m.get("train_sha256"), str):
+            raise AdapterError(f"{where}: 'train_sha256' is missing")
+        return cls(folder, names, partition, m["train_sha256"], m)
+
+    def shard_dir(self, k: int) -> Path:
+        return self.folder / self.names[k]
+
+    def check_train(self, train: Sequence[Example]) -> None:
+        """Refuse a training set other than the one this sharded adapter stands for."""
+        self.partition.check(train)
+        if examples_hash(train) != self.train_sha256:
+            raise RequestError(f"the training set (sha256 {examples_hash(train)[:12]}…) is not the one {self.folder} "
+                               f"stands for (sha256 {self.train_sha256[:12]}…): pass that set, with earlier "
+                               f"requests applied")
+
+
+def _write_index(tmp: Path, names: list[str], partition: Partition, train: Sequence[Example], extra: dict) -> None:
+    """The manifest and the partition, beside the finished shard folders inside `tmp`."""
+    atomic_write_json(tmp / PARTITION, partition.to_json())
+    atomic_write_json(tmp / MANIFEST, {
+        "format": FORMAT, "kind": "sharded", "shards": len(names), "by": partition.by, "names": names,
+        "sizes": partition.sizes(), "train_sha256": examples_hash(train), "n_train": len(train),
+        "adapter_sha256": {name: adapter_hash(tmp / name) for name in names}, **extra})
+
+
+def finetune_sharded(train: Sequence[Example], out: str | os.PathLike, *, shards: int, by: str | None = None,
+                     **finetune: object) -> ShardedAdapter:
+    """Partition `train` into `shards` by data subject (`by`: a record field; None: each example its own) and
+    fine-tune one recorded adapter per shard with `finetune_adapter`'s recipe (`finetune`: its keyword arguments,
+    the same for every shard), written as one sharded folder `out`."""
+    from llmeraser.finetune import finetune_adapter
+
+    partition = Partition.build(train, shards, by)
+    names = shard_names(shards)
+    start = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        for k, name in enumerate(names):
+            members = partition.members(k, train)
+            logger.info("shard %d of %d: %d examples", k + 1, shards, len(members))
+            finetune_adapter(members, tmp / name, **finetune)
+        _write_index(tmp, names, partition, train, {"seconds": time.perf_counter() - start})
+    return ShardedAdapter.read(out)
+
+
+def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request: Request,
+                    out: str | os.PathLike, **job: object) -> dict:
+    """Apply `request` to the sharded adapter `folder` (fine-tuned on `train`): rewind each shard the request touches
+    on its edited members, copy the others, and write the new sharded folder `out` standing for the edited set.
+    `job`: `AdapterJob`'s keyword arguments (base model, dtype, device, progress). Returns the report (also written
+    as `out`/report.json): the touched shards, each shard's rewind report, and the share of all shards' steps
+    replayed."""
+    from llmeraser.job import AdapterJob
+    from llmeraser.updates import UnlearnOptions
+
+    sharded = ShardedAdapter.read(folder)
+    sharded.check_train(train)
+    partition = sharded.partition
+    resolve(request, train)  # unknown ids, duplicates: the request's own errors, before any work
+    touched = sorted({partition.shard(e.id) for e in request.edits})
+    new_train = apply_request(train, request)
+    for k in touched:
+        if not partition.members(k, new_train):
+            raise RequestError(f"the request removes every example of {sharded.names[k]}; a shard cannot be empty "
+                               f"(fine-tune with fewer shards)")
+    start = time.perf_counter()
+    reports, steps, replayed = {}, 0, 0
+    with atomic_dir(out, protect=(folder,)) as tmp:
+        for k, name in enumerate(sharded.names):
+            shard_steps = _steps(sharded.shard_dir(k))
+            steps += shard_steps
+            if k not in touched:
+                shutil.copytree(sharded.shard_dir(k), tmp / name)
+                continue
+            sub = Request([e for e in request.edits if partition.shard(e.id) == k])
+            result = AdapterJob(sharded.shard_dir(k), partition.members(k, train), **job).unlearn(
+                sub, tmp / name, UnlearnOptions(method="rewind"))
+            reports[name] = result.report
+            replayed += result.report["rewind"]["replayed_steps"]
+        kept = {e.id for e in new_train}
+        new_partition = Partition(partition.shards, partition.by,
+                                  {i: s for i, s in partition.shard_of.items() if i in kept})
+        report = {"kind": "sharded-unlearn", "method": "rewind", "request": request.to_dict(),
+                  "touched_shards": [sharded.names[k] for k in touched], "shards": len(sharded.names),
+                  "replayed_steps": replayed, "steps": steps, "replayed_share": replayed / max(1, steps),
+                  "seconds": time.perf_counter() - start, "input": str(folder),
+                  "input_train_sha256": sharded.train_sha256, "shard_reports": reports}
+        _write_index(tmp, sharded.names, new_partition, new_train, {"lineage": {
+            "from": sharded.manifest["adapter_sha256"], "request_sha256": request.hash}})
+        atomic_write_json(tmp / "report.json", report)
+    return report
+
+
+def _steps(shard: Path) -> int:
+    """The recorded steps of a shard's fine-tune (its fine-tune's or its last rewind's report), for the replayed
+    share."""
+    report = read_json(shard / "report.json", AdapterError)
+    try:
+        return int(report["result"]["steps"] if "result" in report else report["rewind"]["steps"])
+    except (KeyError, TypeError, ValueError):
+        raise AdapterError(f"{shard}/report.json does not say how many steps the shard was trained for") from None

@@ -1,0 +1,116 @@
+"""Sharded adapters (llmeraser.sharded): a request retrains only the shards it touches, by rewind, and the result
+equals retraining those shards on the edited data bit for bit (rewind is exact: same recipe, same batches, same
+arithmetic); the untouched shards are the input's, file for file; bad folders and requests are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from fixtures.tiny import save_tiny_base
+from safetensors.torch import load_file
+
+from llmeraser.errors import AdapterError, DataError, RequestError
+from llmeraser.finetune import FinetuneArguments, finetune_adapter
+from llmeraser.record import LoraSettings
+from llmeraser.request import Edit, Request, apply_request
+from llmeraser.sharded import ShardedAdapter, finetune_sharded, unlearn_sharded
+from llmeraser.testing import fact_examples
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded")
+    save_tiny_base(root / "base")
+    train = [dataclasses.replace(e, extra={"user": f"u{i % 6}"}) for i, e in enumerate(fact_examples(24, seed=1))]
+    recipe = {"base_model": str(root / "base"), "lora": LoraSettings(r=1, targets=("q_proj",)), "max_length": 24,
+              "args": FinetuneArguments(epochs=2, batch_size=3, lr=1e-2)}
+    finetune_sharded(train, root / "in", shards=3, by="user", **recipe)
+    return root, train, recipe
+
+
+def test_a_request_retrains_the_touched_shards_bit_for_bit_and_copies_the_others(sharded, tmp_path):
+    root, train, recipe = sharded
+    before = ShardedAdapter.read(root / "in")
+    gone = [e.id for e in train if e.extra["user"] == "u1"]  # a whole data subject
+    fixed = next(e for e in train if e.extra["user"] == "u4")
+    request = Request([*(Edit("remove", i) for i in gone), Edit("correct_response", fixed.id, response=" Maybe")])
+    report = unlearn_sharded(root / "in", train, request, tmp_path / "out", base_model=recipe["base_model"])
+    after = ShardedAdapter.read(tmp_path / "out")
+    edited = apply_request(train, request)
+    after.check_train(edited)
+    touched = {before.partition.shard(gone[0]), before.partition.shard(fixed.id)}
+    assert report["touched_shards"] == [before.names[k] for k in sorted(touched)]
+    assert 0 < report["replayed_share"] < 1 and report["replayed_steps"] <= report["steps"]
+    for k, name in enumerate(before.names):
+        new = load_file(str(tmp_path / "out" / name / WEIGHTS))
+        if k not in touched:
+            assert (tmp_path / "out" / name / WEIGHTS).read_bytes() == (root / "in" / name / WEIGHTS).read_bytes()
+            continue
+        retrained = finetune_adapter(after.partition.members(k, edited), tmp_path / f"retrain-{k}", **recipe)
+        ref = load_file(str(retrained.path) + "/" + WEIGHTS)
+        assert ref.keys() == new.keys() and all(torch.equal(ref[t], new[t]) for t in ref)
+    # the output stands for the edited set, and takes a further request
+    again = unlearn_sharded(tmp_path / "out", edited, Request([Edit("remove", edited[0].id)]), tmp_path / "out2",
+                            base_model=recipe["base_model"])
+    assert len(again["touched_shards"]) == 1
+
+
+def test_bad_folders_and_requests_are_refused_and_nothing_is_written(sharded, tmp_path):
+    root, train, recipe = sharded
+    base = recipe["base_model"]
+    with pytest.raises(RequestError, match="nope"):
+        unlearn_sharded(root / "in", train, Request([Edit("remove", "nope")]), tmp_path / "a", base_model=base)
+    with pytest.raises(DataError, match="does not match the partition: 1 partitioned id"):
+        unlearn_sharded(root / "in", train[:-1], Request([Edit("remove", train[0].id)]), tmp_path / "a",
+                        base_model=base)
+    changed = [dataclasses.replace(train[0], response=" Maybe"), *train[1:]]  # same ids, other content
+    with pytest.raises(RequestError, match="not the one"):
+        unlearn_sharded(root / "in", changed, Request([Edit("remove", train[0].id)]), tmp_path / "a",
+                        base_model=base)
+    whole = ShardedAdapter.read(root / "in")
+    shard0 = [e.id for e in whole.partition.members(0, train)]
+    with pytest.raises(RequestError, match="removes every example of shard-00"):
+        unlearn_sharded(root / "in", train, Request([Edit("remove", i) for i in shard0]), tmp_path / "a",
+                        base_model=base)
+    assert not (tmp_path / "a").exists()
+    # a shard edited by hand, a manifest that lies
+    import shutil
+
+    shutil.copytree(root / "in", tmp_path / "edited")
+    w = tmp_path / "edited" / "shard-01" / WEIGHTS
+    w.write_bytes(w.read_bytes()[:-1] + bytes([w.read_bytes()[-1] ^ 1]))
+    with pytest.raises(AdapterError, match="shard-01: the weights are not the ones"):
+        ShardedAdapter.read(tmp_path / "edited")
+    m = json.loads((root / "in" / "sharded.json").read_text())
+    shutil.copytree(root / "in", tmp_path / "lying")
+    (tmp_path / "lying" / "sharded.json").write_text(json.dumps({**m, "names": ["shard-00", "shard-01"]}))
+    with pytest.raises(AdapterError, match="adapter_sha256"):
+        ShardedAdapter.read(tmp_path / "lying")
+
+
+def test_every_shard_loads_with_peft_by_subfolder(sharded):
+    """The folder serves as it is: `PeftModel.from_pretrained(base, folder, subfolder=name)` per shard, and peft's
+    named adapters side by side (multi-LoRA serving picks one per request)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root, _, recipe = sharded
+    names = ShardedAdapter.read(root / "in").names
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recipe["base_model"]), str(root / "in"),
+                                      subfolder=names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(root / "in"), adapter_name=name, subfolder=name)
+    assert set(model.peft_config) == set(names)
+    stored = load_file(str(root / "in" / names[1] / WEIGHTS))
+    model.set_adapter(names[1])
+    loaded = {n: p for n, p in model.named_parameters() if f".{names[1]}." in n}
+    assert len(loaded) == len(stored) > 0
+    for key, value in stored.items():  # peft stores "…lora_A.weight", the model holds "…lora_A.<name>.weight"
+        name = key.replace("lora_A.weight", f"lora_A.{names[1]}.weight").replace("lora_B.weight",
+                                                                                  f"lora_B.{names[1]}.weight")
+        assert torch.equal(dict(model.named_parameters())[name], value)
