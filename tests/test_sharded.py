@@ -114,3 +114,26 @@ def test_every_shard_loads_with_peft_by_subfolder(sharded):
         name = key.replace("lora_A.weight", f"lora_A.{names[1]}.weight").replace("lora_B.weight",
                                                                                   f"lora_B.{names[1]}.weight")
         assert torch.equal(dict(model.named_parameters())[name], value)
+
+
+def test_the_command_line_trains_and_unlearns_a_sharded_adapter(sharded, tmp_path, capsys):
+    from llmeraser.cli import main
+    from llmeraser.data import save_examples
+
+    root, train, recipe = sharded
+    save_examples(train, tmp_path / "train.jsonl")
+    common = ["--base-model", recipe["base_model"], "--quiet"]
+    tune = ["finetune", *common, "--train", str(tmp_path / "train.jsonl"), "--epochs", "1", "--lora-r", "1",
+            "--lora-targets", "q_proj", "--max-length", "24", "--shards", "2"]
+    assert main([*tune, "--shard-by", "team", "--out", str(tmp_path / "x")]) == 2
+    assert "has no field 'team'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main([*tune, "--shard-by", "user", "--out", str(tmp_path / "in")]) == 0
+    assert "as 2 shards of 12, 12 examples, each 'user' in one shard" in capsys.readouterr().out
+    (tmp_path / "r.json").write_text(json.dumps({"edits": [{"op": "remove", "id": train[0].id}]}))
+    forget = ["unlearn", *common, "--adapter", str(tmp_path / "in"), "--train", str(tmp_path / "train.jsonl"),
+              "--request", str(tmp_path / "r.json")]
+    assert main([*forget, "--method", "path", "--out", str(tmp_path / "p")]) == 2
+    assert "sharded adapter" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    assert main([*forget, "--out", str(tmp_path / "out")]) == 0
+    assert "rewound 1 of 2 shards" in capsys.readouterr().out
+    ShardedAdapter.read(tmp_path / "out").check_train(apply_request(train, Request([Edit("remove", train[0].id)])))

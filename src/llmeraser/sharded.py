@@ -88,6 +88,12 @@ class ShardedAdapter:
     def shard_dir(self, k: int) -> Path:
         return self.folder / self.names[k]
 
+    def load_train(self, path: str | os.PathLike, fields=None) -> list[Example]:
+        """The training set at `path`, read with `fields` (default: the record fields it was fine-tuned with)."""
+        from llmeraser.data import DataFields, load_examples
+
+        return load_examples(path, fields or DataFields.from_dict(self.manifest.get("data_fields")))
+
     def check_train(self, train: Sequence[Example]) -> None:
         """Refuse a training set other than the one this sharded adapter stands for."""
         self.partition.check(train)
@@ -115,13 +121,15 @@ def finetune_sharded(train: Sequence[Example], out: str | os.PathLike, *, shards
 
     partition = Partition.build(train, shards, by)
     names = shard_names(shards)
+    fields = finetune.get("fields")
     start = time.perf_counter()
     with atomic_dir(out) as tmp:
         for k, name in enumerate(names):
             members = partition.members(k, train)
             logger.info("shard %d of %d: %d examples", k + 1, shards, len(members))
             finetune_adapter(members, tmp / name, **finetune)
-        _write_index(tmp, names, partition, train, {"seconds": time.perf_counter() - start})
+        _write_index(tmp, names, partition, train, {"seconds": time.perf_counter() - start,
+                                                    "data_fields": fields.to_dict() if fields else None})
     return ShardedAdapter.read(out)
 
 
@@ -167,8 +175,9 @@ def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request
                   "replayed_steps": replayed, "steps": steps, "replayed_share": replayed / max(1, steps),
                   "seconds": time.perf_counter() - start, "input": str(folder),
                   "input_train_sha256": sharded.train_sha256, "shard_reports": reports}
-        _write_index(tmp, sharded.names, new_partition, new_train, {"lineage": {
-            "from": sharded.manifest["adapter_sha256"], "request_sha256": request.hash}})
+        _write_index(tmp, sharded.names, new_partition, new_train, {
+            "data_fields": sharded.manifest.get("data_fields"),
+            "lineage": {"from": sharded.manifest["adapter_sha256"], "request_sha256": request.hash}})
         atomic_write_json(tmp / "report.json", report)
     return report
 

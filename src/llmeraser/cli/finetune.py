@@ -33,6 +33,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "loha, lokr, prompt (prompt tuning), prefix (prefix tuning)")
     p.add_argument("--virtual-tokens", type=int, default=LoraSettings.virtual_tokens,
                    help="prompt and prefix tuning: the number of virtual tokens")
+    p.add_argument("--shards", type=int, default=1,
+                   help="S > 1: partition the data into S shards and fine-tune one recorded adapter per shard (SISA), "
+                        "written as one folder; 'unlearn' then retrains only the shards a request touches, exactly "
+                        "(docs/sharded.md)")
+    p.add_argument("--shard-by", default=None, metavar="FIELD",
+                   help="with --shards: the record field naming each example's data subject (a user, a person, a "
+                        "document), so that one subject lives in one shard (default: every example its own subject)")
     add_fields(p, FinetuneArguments, skip=("progress",))
     p.set_defaults(func=run)
     return p
@@ -49,9 +56,18 @@ def run(args: argparse.Namespace) -> int:
     ft = FinetuneArguments(**pick(args, FinetuneArguments), progress=not args.quiet)
     lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, kind=args.peft, virtual_tokens=args.virtual_tokens,
                         targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
-    result = finetune_adapter(train, args.out, base_model=args.base_model, dtype=args.dtype, device=args.device,
-                              lora=lora, args=ft, max_length=args.max_length, fields=given,
-                              announce=None if args.quiet else print).result
+    recipe = {"base_model": args.base_model, "dtype": args.dtype, "device": args.device, "lora": lora, "args": ft,
+              "max_length": args.max_length, "fields": given, "announce": None if args.quiet else print}
+    if args.shards != 1 or args.shard_by:
+        from llmeraser.sharded import finetune_sharded
+
+        sharded = finetune_sharded(train, args.out, shards=args.shards, by=args.shard_by, **recipe)
+        sizes = ", ".join(map(str, sharded.partition.sizes()))
+        by = f", each {args.shard_by!r} in one shard" if args.shard_by else ""
+        print(f"fine-tuned {len(train)} examples as {args.shards} shards of {sizes} examples{by}, in "
+              f"{sharded.manifest['seconds']:.1f} s\nsharded adapter: {args.out}")
+        return 0
+    result = finetune_adapter(train, args.out, **recipe).result
     print(f"fine-tuned {len(train)} examples in {result.seconds:.1f} s: last epoch's loss {result.losses[-1]:.4f}, "
           f"R(θ) = {result.objective:.4f}, ‖∇R‖ = {result.grad_norm:.2e}\nadapter: {args.out}")
     return 0

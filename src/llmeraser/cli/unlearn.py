@@ -69,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
     from llmeraser.updates import UnlearnOptions
 
     check_outputs(args, args.out, ledger=args.ledger)
+    from llmeraser.sharded import is_sharded
+
+    if is_sharded(args.adapter):
+        return _sharded(args)
     damping = args.damping if args.damping in (None, "auto") else float_arg("--damping", args.damping)
     given = pick(args, EraserArguments, skip=("solver_args", "progress", "damping", "l2", "method"))
     options = UnlearnOptions(
@@ -81,4 +85,27 @@ def run(args: argparse.Namespace) -> int:
     print(result.message)
     if result.factors_note:
         print(f"factors: {result.factors_note}")
+    return 0
+
+
+def _sharded(args: argparse.Namespace) -> int:
+    """A sharded adapter (`sharded.unlearn_sharded`): the touched shards rewound, exactly; one-step and path options
+    do not apply."""
+    from llmeraser.cli.common import fields
+    from llmeraser.errors import ConfigError
+    from llmeraser.request import load_request
+    from llmeraser.sharded import ShardedAdapter, unlearn_sharded
+
+    if args.method not in ("auto", "rewind") or args.ledger:
+        raise ConfigError(f"{args.adapter} is a sharded adapter: unlearn rewinds the shards a request touches (exact "
+                          f"retraining of those shards); --method {args.method}"
+                          f"{' and --ledger' if args.ledger else ''} do not apply to it")
+    sharded = ShardedAdapter.read(args.adapter)
+    train = sharded.load_train(args.train, fields(args))
+    report = unlearn_sharded(args.adapter, train, load_request(args.request), args.out, base_model=args.base_model,
+                             dtype=args.dtype, device=args.device, progress=not args.quiet)
+    touched = report["touched_shards"]
+    print(f"rewound {len(touched)} of {report['shards']} shards ({', '.join(touched)}): "
+          f"exact retraining of those shards, {report['replayed_share']:.0%} of all shards' steps replayed, "
+          f"{report['seconds']:.1f} s\nsharded adapter: {args.out}")
     return 0
