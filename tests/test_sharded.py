@@ -16,7 +16,8 @@ from llmeraser.errors import AdapterError, DataError, RequestError
 from llmeraser.finetune import FinetuneArguments, finetune_adapter
 from llmeraser.record import LoraSettings
 from llmeraser.request import Edit, Request, apply_request
-from llmeraser.sharded import ShardedAdapter, finetune_sharded, unlearn_sharded
+from llmeraser.router import embed_prompts
+from llmeraser.sharded import ShardedAdapter, _base_and_task, finetune_sharded, unlearn_sharded
 from llmeraser.testing import fact_examples
 
 WEIGHTS = "adapter_model.safetensors"
@@ -38,7 +39,9 @@ def test_a_request_retrains_the_touched_shards_bit_for_bit_and_copies_the_others
     before = ShardedAdapter.read(root / "in")
     gone = [e.id for e in train if e.extra["user"] == "u1"]  # a whole data subject
     fixed = next(e for e in train if e.extra["user"] == "u4")
-    request = Request([*(Edit("remove", i) for i in gone), Edit("correct_response", fixed.id, response=" Maybe")])
+    asked = next(e for e in train if e.extra["user"] == "u4" and e.id != fixed.id)
+    request = Request([*(Edit("remove", i) for i in gone), Edit("correct_response", fixed.id, response=" Maybe"),
+                       Edit("modify_query", asked.id, prompt="Which colour does the owl dislike most?")])
     report = unlearn_sharded(root / "in", train, request, tmp_path / "out", base_model=recipe["base_model"])
     after = ShardedAdapter.read(tmp_path / "out")
     edited = apply_request(train, request)
@@ -54,6 +57,15 @@ def test_a_request_retrains_the_touched_shards_bit_for_bit_and_copies_the_others
         retrained = finetune_adapter(after.partition.members(k, edited), tmp_path / f"retrain-{k}", **recipe)
         ref = load_file(str(retrained.path) + "/" + WEIGHTS)
         assert ref.keys() == new.keys() and all(torch.equal(ref[t], new[t]) for t in ref)
+    # the router holds nothing of the removed examples, and the edited prompt's row is its new prompt's embedding
+    old, new = before.router(), after.router()
+    assert set(new.ids) == {e.id for e in edited} and not set(gone) & set(new.ids)
+    model, task = _base_and_task(recipe["base_model"], "float32", "cpu", 24)
+    row = new.ids.index(asked.id)
+    fresh = embed_prompts(model, task, [next(e for e in edited if e.id == asked.id)])[0]
+    # the same prompt embedded in another batch: equal up to rounding (padding changes the summation order)
+    assert float(new.vectors[row] @ fresh) > 1 - 1e-4
+    assert not torch.equal(new.vectors[row], old.vectors[old.ids.index(asked.id)])
     # the output stands for the edited set, and takes a further request
     again = unlearn_sharded(tmp_path / "out", edited, Request([Edit("remove", edited[0].id)]), tmp_path / "out2",
                             base_model=recipe["base_model"])
@@ -137,3 +149,29 @@ def test_the_command_line_trains_and_unlearns_a_sharded_adapter(sharded, tmp_pat
     assert main([*forget, "--out", str(tmp_path / "out")]) == 0
     assert "rewound 1 of 2 shards" in capsys.readouterr().out
     ShardedAdapter.read(tmp_path / "out").check_train(apply_request(train, Request([Edit("remove", train[0].id)])))
+
+
+def test_the_router_sends_each_training_prompt_to_its_own_shard_and_is_checked(sharded, tmp_path):
+    """Every training prompt's nearest stored prompt is itself (cosine 1, up to rounding), so top-1 routing of the
+    training prompts reaches a shard holding an identical prompt; weights are a distribution over shards. A router
+    file that is changed or does not match the partition is refused."""
+    import shutil
+
+    from llmeraser.router import ROUTER, Router
+
+    root, train, recipe = sharded
+    whole = ShardedAdapter.read(root / "in")
+    router = whole.router()
+    model, task = _base_and_task(recipe["base_model"], "float32", "cpu", 24)
+    queries = embed_prompts(model, task, train, batch_size=5)  # other batches than the router's: rounding differs
+    sims = router.similarities(queries)
+    own = torch.tensor([whole.partition.shard(e.id) for e in train])
+    assert (sims.gather(1, own[:, None]).squeeze(1) > 1 - 1e-4).all()
+    assert torch.allclose(router.weights(queries).sum(1), torch.ones(len(train)))
+    for e, shard in zip(train, router.route(queries).tolist(), strict=True):  # a shard with the same prompt
+        assert any(x.prompt == e.prompt for x in whole.partition.members(shard, train))
+    shutil.copytree(root / "in", tmp_path / "r")
+    Router(router.ids[1:], router.shards[1:], router.vectors[1:], router.n_shards).save(tmp_path)
+    shutil.copy(tmp_path / ROUTER, tmp_path / "r" / ROUTER)
+    with pytest.raises(AdapterError, match="not the router the manifest recorded"):
+        ShardedAdapter.read(tmp_path / "r")

@@ -5,8 +5,10 @@ so the result is, bit for bit, retraining those shards on the edited data, at th
 
 A sharded adapter is one folder:
 
-    sharded.json      the manifest: format, shard names, each shard adapter's weights hash, the training set's hash
+    sharded.json      the manifest: format, shard names, each shard adapter's weights hash, the router's hash, the
+                      training set's hash
     partition.json    which shard each example id is in (`shards.Partition`)
+    router.safetensors  the base model's embedding of every training prompt, with its shard (`router.Router`)
     shard-00/ …       one llmeraser adapter each (PEFT weights, report.json, trajectory.safetensors): loadable with
                       `PeftModel.from_pretrained(base, folder, subfolder="shard-00")`
 
@@ -25,9 +27,10 @@ from pathlib import Path
 
 from llmeraser.data import Example, examples_hash
 from llmeraser.errors import AdapterError, RequestError
-from llmeraser.io import atomic_dir, atomic_write_json
+from llmeraser.io import atomic_dir, atomic_write_json, sha256_file
 from llmeraser.params import adapter_hash
 from llmeraser.request import Request, apply_request, resolve
+from llmeraser.router import ROUTER, Router, embed_prompts
 from llmeraser.schema import read_json
 from llmeraser.shards import Partition
 
@@ -83,7 +86,18 @@ class ShardedAdapter:
                                    f"was changed after it was written)")
         if not isinstance(m.get("train_sha256"), str):
             raise AdapterError(f"{where}: 'train_sha256' is missing")
+        if not (folder / ROUTER).is_file() or sha256_file(folder / ROUTER) != m.get("router_sha256"):
+            raise AdapterError(f"{folder / ROUTER}: missing, or not the router the manifest recorded")
         return cls(folder, names, partition, m["train_sha256"], m)
+
+    def router(self) -> Router:
+        """The router, checked against the partition (one row per partitioned example, in its shard)."""
+        router = Router.load(self.folder)
+        if router.n_shards != self.partition.shards or set(router.ids) != set(self.partition.shard_of) or any(
+                self.partition.shard_of[i] != int(s) for i, s in zip(router.ids, router.shards.tolist(),
+                                                                       strict=True)):
+            raise AdapterError(f"{self.folder / ROUTER}: its rows do not match the partition's examples and shards")
+        return router
 
     def shard_dir(self, k: int) -> Path:
         return self.folder / self.names[k]
@@ -103,13 +117,25 @@ class ShardedAdapter:
                                f"requests applied")
 
 
-def _write_index(tmp: Path, names: list[str], partition: Partition, train: Sequence[Example], extra: dict) -> None:
-    """The manifest and the partition, beside the finished shard folders inside `tmp`."""
+def _write_index(tmp: Path, names: list[str], partition: Partition, train: Sequence[Example], router: Router,
+                 extra: dict) -> None:
+    """The router, the partition and the manifest, beside the finished shard folders inside `tmp`."""
+    router.save(tmp)
     atomic_write_json(tmp / PARTITION, partition.to_json())
     atomic_write_json(tmp / MANIFEST, {
         "format": FORMAT, "kind": "sharded", "shards": len(names), "by": partition.by, "names": names,
         "sizes": partition.sizes(), "train_sha256": examples_hash(train), "n_train": len(train),
-        "adapter_sha256": {name: adapter_hash(tmp / name) for name in names}, **extra})
+        "adapter_sha256": {name: adapter_hash(tmp / name) for name in names},
+        "router_sha256": sha256_file(tmp / ROUTER), **extra})
+
+
+def _base_and_task(base_model: str, dtype: str, device: str, max_length: int, rendering=None):
+    """The base model (no adapter) and the task that renders prompts as the shards were trained: the router's."""
+    from llmeraser.models import load_base_model
+    from llmeraser.task import CausalLMTask
+
+    model, tokenizer = load_base_model(base_model, dtype=dtype, device=device)
+    return model, CausalLMTask(tokenizer, max_length=max_length, rendering=rendering)
 
 
 def finetune_sharded(train: Sequence[Example], out: str | os.PathLike, *, shards: int, by: str | None = None,
@@ -118,6 +144,7 @@ def finetune_sharded(train: Sequence[Example], out: str | os.PathLike, *, shards
     fine-tune one recorded adapter per shard with `finetune_adapter`'s recipe (`finetune`: its keyword arguments,
     the same for every shard), written as one sharded folder `out`."""
     from llmeraser.finetune import finetune_adapter
+    from llmeraser.record import DEFAULT_MAX_LENGTH
 
     partition = Partition.build(train, shards, by)
     names = shard_names(shards)
@@ -128,7 +155,10 @@ def finetune_sharded(train: Sequence[Example], out: str | os.PathLike, *, shards
             members = partition.members(k, train)
             logger.info("shard %d of %d: %d examples", k + 1, shards, len(members))
             finetune_adapter(members, tmp / name, **finetune)
-        _write_index(tmp, names, partition, train, {"seconds": time.perf_counter() - start,
+        model, task = _base_and_task(*(finetune.get(k, d) for k, d in (
+            ("base_model", "default"), ("dtype", "float32"), ("device", "auto"), ("max_length", DEFAULT_MAX_LENGTH))))
+        router = Router.build(model, task, train, partition.shard_of, shards)
+        _write_index(tmp, names, partition, train, router, {"seconds": time.perf_counter() - start,
                                                     "data_fields": fields.to_dict() if fields else None})
     return ShardedAdapter.read(out)
 
@@ -175,11 +205,28 @@ def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request
                   "replayed_steps": replayed, "steps": steps, "replayed_share": replayed / max(1, steps),
                   "seconds": time.perf_counter() - start, "input": str(folder),
                   "input_train_sha256": sharded.train_sha256, "shard_reports": reports}
-        _write_index(tmp, sharded.names, new_partition, new_train, {
+        _write_index(tmp, sharded.names, new_partition, new_train, _router_after(sharded, request, new_train, job), {
             "data_fields": sharded.manifest.get("data_fields"),
             "lineage": {"from": sharded.manifest["adapter_sha256"], "request_sha256": request.hash}})
         atomic_write_json(tmp / "report.json", report)
     return report
+
+
+def _router_after(sharded: ShardedAdapter, request: Request, new_train: Sequence[Example], job: dict) -> Router:
+    """The router without the removed examples' rows, with the edited prompts' rows recomputed (a corrected response
+    leaves its prompt's row as it was)."""
+    from llmeraser.record import TrainingRecord
+
+    kept = {e.id for e in new_train}
+    router = sharded.router().without({e.id for e in request.edits if e.id not in kept})
+    asked = [e.id for e in request.edits if e.op == "modify_query" and e.id in kept]
+    if not asked:
+        return router
+    record = TrainingRecord.read(sharded.shard_dir(0))
+    model, task = _base_and_task(job.get("base_model", "default"), job.get("dtype", "float32"),
+                                 job.get("device", "auto"), record.length, record.rendering)
+    by_id = {e.id: e for e in new_train}
+    return router.replace(asked, embed_prompts(model, task, [by_id[i] for i in asked]))
 
 
 def _steps(shard: Path) -> int:
