@@ -161,3 +161,34 @@ def test_relative_cg_falls_back_to_a_short_probe_when_the_basis_does_not_fit(roo
     assert probed["solve"]["hvps"] >= SCALE_PRODUCTS + probed["solve"]["iterations"] - 1
     # both estimate θ_max by Lanczos from the same b; the probe stops at 10 steps, so its λ is at most the full run's
     assert 0 < probed["damping"] <= one_run["damping"] * (1 + 1e-9)
+
+
+def test_several_requests_on_the_command_line_are_one_rewind_equal_to_applying_them_in_order(root, capsys):
+    """`unlearn --request A B` merges them (`merge_requests`) into one exact rewind; both that and two rewinds one
+    after the other are retraining on the set after A and B with the recorded recipe: the weights are equal bit for
+    bit. With --ledger several requests are refused (each must be on record alone)."""
+    from llmeraser.data import load_examples
+
+    train = load_examples(root / "train.jsonl")
+    (root / "a.json").write_text(json.dumps({"edits": [{"op": "remove", "id": train[2].id}]}))
+    (root / "b.json").write_text(json.dumps({"edits": [{"op": "correct_response", "id": train[5].id,
+                                                        "response": " Maybe"}]}))
+    common = ["unlearn", "--base-model", str(root / "base"), "--train", str(root / "train.jsonl"), "--quiet",
+              "--method", "rewind"]
+    assert main([*common, "--adapter", str(root / "in"), "--request", str(root / "a.json"), str(root / "b.json"),
+                 "--out", str(root / "ab")]) == 0
+    assert main([*common, "--adapter", str(root / "in"), "--request", str(root / "a.json"), "--out",
+                 str(root / "a")]) == 0
+    after_a = apply_request(train, Request.from_dict(json.loads((root / "a.json").read_text())))
+    from llmeraser.data import save_examples
+
+    save_examples(after_a, root / "train-a.jsonl")
+    assert main(["unlearn", "--base-model", str(root / "base"), "--train", str(root / "train-a.jsonl"), "--quiet",
+                 "--method", "rewind", "--adapter", str(root / "a"), "--request", str(root / "b.json"), "--out",
+                 str(root / "a-then-b")]) == 0
+    both, steps = weights(root / "ab"), weights(root / "a-then-b")
+    assert both.keys() == steps.keys() and all(torch.equal(both[k], steps[k]) for k in both)
+    capsys.readouterr()
+    assert main([*common, "--adapter", str(root / "in"), "--request", str(root / "a.json"), str(root / "b.json"),
+                 "--out", str(root / "x"), "--ledger", str(root / "book")]) == 2
+    assert "ledger cannot yet record" in capsys.readouterr().err and not (root / "x").exists()

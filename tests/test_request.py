@@ -9,6 +9,7 @@ import pytest
 from llmeraser.data import Example
 from llmeraser.errors import RequestError
 from llmeraser.request import OPS, Edit, Request, apply_request, load_request, resolve
+from llmeraser.testing import fact_examples
 
 E0 = r"edits\[0\] \(0-based\): "  # error-message prefix naming the first edit
 MIXED = {
@@ -234,3 +235,42 @@ def test_apply_request_validates(train):
 
 def test_apply_request_remove_all(train):
     assert apply_request(train, Request.remove(*"edcba")) == []
+
+
+def test_merged_requests_equal_applying_them_in_order():
+    """merge_requests(k requests) applied once gives, example for example, the set the k requests give one after
+    another — the target one replay of all of them must reach."""
+    from llmeraser.request import merge_requests
+
+    train = fact_examples(12, seed=3)
+    ids = [e.id for e in train]
+    requests = [Request([Edit("remove", ids[0]), Edit("correct_response", ids[1], response=" Maybe")]),
+                Request([Edit("modify_query", ids[2], prompt="Which colour?"), Edit("remove", ids[1])]),
+                Request([Edit("correct_response", ids[3], response=" Never"),
+                         Edit("correct_response", ids[4], response=" Often")]),
+                Request([Edit("correct_response", ids[4], response=train[4].response)])]  # back as it was
+    sequential = train
+    for r in requests:
+        sequential = apply_request(sequential, r)
+    merged = merge_requests(requests, train)
+    assert apply_request(train, merged) == sequential
+    assert [e.to_dict() for e in sequential] == [e.to_dict() for e in apply_request(train, merged)]
+    assert [(e.op, e.id) for e in merged.edits] == [("remove", ids[0]), ("remove", ids[1]),
+                                                   ("modify_query", ids[2]), ("correct_response", ids[3])]
+
+
+def test_merging_refuses_what_one_request_cannot_say():
+    from llmeraser.request import merge_requests
+
+    train = fact_examples(6, seed=3)
+    a = train[0].id
+    with pytest.raises(RequestError, match="request 2 of 2.*unknown example id"):
+        merge_requests([Request([Edit("remove", a)]), Request([Edit("remove", a)])], train)
+    with pytest.raises(RequestError, match="both its prompt and its response"):
+        merge_requests([Request([Edit("modify_query", a, prompt="Who?")]),
+                        Request([Edit("correct_response", a, response=" Nobody")])], train)
+    with pytest.raises(RequestError, match="cancel out"):
+        merge_requests([Request([Edit("correct_response", a, response=" Nobody")]),
+                        Request([Edit("correct_response", a, response=train[0].response)])], train)
+    with pytest.raises(RequestError, match="no requests"):
+        merge_requests([], train)

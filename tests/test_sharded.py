@@ -175,3 +175,24 @@ def test_the_router_sends_each_training_prompt_to_its_own_shard_and_is_checked(s
     shutil.copy(tmp_path / ROUTER, tmp_path / "r" / ROUTER)
     with pytest.raises(AdapterError, match="not the router the manifest recorded"):
         ShardedAdapter.read(tmp_path / "r")
+
+
+def test_k_batched_requests_rewind_each_touched_shard_once_and_equal_applying_them_one_by_one(sharded, tmp_path):
+    """Both are exact retraining of the touched shards on the set after all requests (same recipe, same batches),
+    so the batched folder's weights equal, bit for bit, those of the requests applied one after another — at one
+    replay of each touched shard instead of k."""
+    root, train, recipe = sharded
+    base = recipe["base_model"]
+    whole = ShardedAdapter.read(root / "in")
+    shard = whole.partition.members(1, train)
+    first = Request([Edit("remove", shard[-1].id)])
+    second = Request([Edit("correct_response", shard[-2].id, response=" Maybe"), Edit("remove", shard[-3].id)])
+    batched = unlearn_sharded(root / "in", train, [first, second], tmp_path / "batched", base_model=base)
+    one = unlearn_sharded(root / "in", train, first, tmp_path / "one", base_model=base)
+    two = unlearn_sharded(tmp_path / "one", apply_request(train, first), second, tmp_path / "two", base_model=base)
+    assert batched["touched_shards"] == [whole.names[1]] and batched["requests_sha256"] == [first.hash, second.hash]
+    assert batched["replayed_steps"] <= one["replayed_steps"] + two["replayed_steps"]
+    for name in whole.names:
+        a, b = (load_file(str(tmp_path / f / name / WEIGHTS)) for f in ("batched", "two"))
+        assert all(torch.equal(a[t], b[t]) for t in a)
+    assert json.loads((tmp_path / "batched" / "requests.json").read_text()) == [first.to_dict(), second.to_dict()]

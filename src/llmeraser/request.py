@@ -322,3 +322,42 @@ def apply_request(examples: Sequence[Example], request: Request) -> list[Example
         elif changes[ex.id] is not None:
             result.append(changes[ex.id])
     return result
+
+
+def merge_requests(requests: Sequence[Request], examples: Sequence[Example]) -> Request:
+    """One request with the effect of `requests` applied in order to `examples`: each is validated against the set
+    its predecessors left (an id removed by an earlier one is unknown to a later one), and the merged request takes
+    every touched example from its original to its final state — so one replay serves k requests, and its target
+    is retraining on the set after all of them. An example whose final prompt and response both differ from the
+    original cannot be one edit: refused, naming it. Edits that cancel out (a response corrected and corrected back)
+    are dropped; if nothing is left the merge is refused.
+
+    Raises:
+        RequestError: as `resolve`, for the first request that does not fit; or the cases above.
+    """
+    if not requests:
+        raise RequestError("no requests to merge")
+    after = list(examples)
+    for k, request in enumerate(requests):
+        try:
+            after = apply_request(after, request)
+        except RequestError as e:
+            raise RequestError(f"request {k + 1} of {len(requests)} (after the ones before it): {e}") from None
+    final, by_id = {e.id: e for e in after}, {e.id: e for e in examples}
+    edits = []
+    for i in dict.fromkeys(edit.id for request in requests for edit in request.edits):
+        old, new = by_id[i], final.get(i)
+        if new is None:
+            edits.append(Edit("remove", i))
+            continue
+        prompt, response = new.prompt != old.prompt, new.response != old.response
+        if prompt and response:
+            raise RequestError(f"example {i!r}: the requests change both its prompt and its response, which one "
+                               f"request cannot; apply them one at a time")
+        if prompt:
+            edits.append(Edit("modify_query", i, prompt=new.prompt))
+        elif response:
+            edits.append(Edit("correct_response", i, response=new.response))
+    if not edits:
+        raise RequestError("the requests cancel out: the training set after them is the one before")
+    return Request(edits)

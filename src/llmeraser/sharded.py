@@ -163,20 +163,25 @@ def finetune_sharded(train: Sequence[Example], out: str | os.PathLike, *, shards
     return ShardedAdapter.read(out)
 
 
-def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request: Request,
+def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request: Request | Sequence[Request],
                     out: str | os.PathLike, **job: object) -> dict:
-    """Apply `request` to the sharded adapter `folder` (fine-tuned on `train`): rewind each shard the request touches
-    on its edited members, copy the others, and write the new sharded folder `out` standing for the edited set.
-    `job`: `AdapterJob`'s keyword arguments (base model, dtype, device, progress). Returns the report (also written
-    as `out`/report.json): the touched shards, each shard's rewind report, and the share of all shards' steps
-    replayed."""
+    """Apply `request` — or several, in order, batched into one replay (`request.merge_requests`) — to the sharded
+    adapter `folder` (fine-tuned on `train`): rewind each shard the requests touch, once, on its edited members, copy
+    the others, and write the new sharded folder `out` standing for the edited set. `job`: `AdapterJob`'s keyword
+    arguments (base model, dtype, device, progress). Returns the report (also written as `out`/report.json, the
+    requests as `out`/requests.json): the touched shards, each shard's rewind report, and the share of all shards'
+    steps replayed."""
     from llmeraser.job import AdapterJob
+    from llmeraser.request import merge_requests
     from llmeraser.updates import UnlearnOptions
 
     sharded = ShardedAdapter.read(folder)
     sharded.check_train(train)
     partition = sharded.partition
-    resolve(request, train)  # unknown ids, duplicates: the request's own errors, before any work
+    requests = [request] if isinstance(request, Request) else list(request)
+    # unknown ids, duplicates: the requests' own errors, before any work
+    request = merge_requests(requests, train) if len(requests) > 1 else requests[0]
+    resolve(request, train)
     touched = sorted({partition.shard(e.id) for e in request.edits})
     new_train = apply_request(train, request)
     for k in touched:
@@ -201,14 +206,17 @@ def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request
         new_partition = Partition(partition.shards, partition.by,
                                   {i: s for i, s in partition.shard_of.items() if i in kept})
         report = {"kind": "sharded-unlearn", "method": "rewind", "request": request.to_dict(),
+                  "requests_sha256": [r.hash for r in requests],
                   "touched_shards": [sharded.names[k] for k in touched], "shards": len(sharded.names),
                   "replayed_steps": replayed, "steps": steps, "replayed_share": replayed / max(1, steps),
                   "seconds": time.perf_counter() - start, "input": str(folder),
                   "input_train_sha256": sharded.train_sha256, "shard_reports": reports}
         _write_index(tmp, sharded.names, new_partition, new_train, _router_after(sharded, request, new_train, job), {
             "data_fields": sharded.manifest.get("data_fields"),
-            "lineage": {"from": sharded.manifest["adapter_sha256"], "request_sha256": request.hash}})
+            "lineage": {"from": sharded.manifest["adapter_sha256"], "request_sha256": request.hash,
+                        "requests_sha256": [r.hash for r in requests]}})
         atomic_write_json(tmp / "report.json", report)
+        atomic_write_json(tmp / "requests.json", [r.to_dict() for r in requests])
     return report
 
 

@@ -32,7 +32,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                               "rewinds or replays the recorded path, else one influence step; 'llmeraser unlearn "
                               "... --method rewind' is exact retraining from the first edited step)")
     add_adapter_flags(p)
-    p.add_argument("--request", required=True, help='request JSON: {"edits": [{"op": "remove", "id": ...}, ...]}')
+    p.add_argument("--request", required=True, nargs="+",
+                   help='request JSON: {"edits": [{"op": "remove", "id": ...}, ...]}; several: applied in order, '
+                        'batched into one update (one replay for all of them; not with --ledger)')
     p.add_argument("--out", required=True, help="new adapter folder (must not exist or be empty)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
     p.add_argument("--method", default="auto", choices=method_names(), help=methods_help())
@@ -65,14 +67,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from llmeraser.eraser import EraserArguments
+    from llmeraser.errors import ConfigError
     from llmeraser.replay import PathArguments, RefineArguments
+    from llmeraser.request import load_request, merge_requests
+    from llmeraser.sharded import is_sharded
     from llmeraser.updates import UnlearnOptions
 
-    check_outputs(args, args.out, ledger=args.ledger)
-    from llmeraser.sharded import is_sharded
-
+    requests = args.request
+    if len(requests) > 1 and args.ledger:
+        raise ConfigError("several --request files are batched into one update, which the ledger cannot yet record "
+                          "request by request; give one request per run with --ledger")
+    for path in requests:  # the output may overwrite none of them
+        check_outputs(argparse.Namespace(**{**vars(args), "request": path}), args.out, ledger=args.ledger)
     if is_sharded(args.adapter):
-        return _sharded(args)
+        return _sharded(args, requests)
     damping = args.damping if args.damping in (None, "auto") else float_arg("--damping", args.damping)
     given = pick(args, EraserArguments, skip=("solver_args", "progress", "damping", "l2", "method"))
     options = UnlearnOptions(
@@ -81,14 +89,16 @@ def run(args: argparse.Namespace) -> int:
         solver_options=pick(args, solver_cls(), prefix="solver-"),
         path=PathArguments(**pick(args, PathArguments, prefix="path-")),
         refine=RefineArguments(**pick(args, RefineArguments, prefix="refine-")))
-    result = job(args, l2=args.l2).unlearn(args.request, args.out, options)
+    work = job(args, l2=args.l2)
+    request = requests[0] if len(requests) == 1 else merge_requests([load_request(r) for r in requests], work.train)
+    result = work.unlearn(request, args.out, options)
     print(result.message)
     if result.factors_note:
         print(f"factors: {result.factors_note}")
     return 0
 
 
-def _sharded(args: argparse.Namespace) -> int:
+def _sharded(args: argparse.Namespace, requests: list[str]) -> int:
     """A sharded adapter (`sharded.unlearn_sharded`): the touched shards rewound, exactly; one-step and path options
     do not apply."""
     from llmeraser.cli.common import fields
@@ -102,7 +112,8 @@ def _sharded(args: argparse.Namespace) -> int:
                           f"{' and --ledger' if args.ledger else ''} do not apply to it")
     sharded = ShardedAdapter.read(args.adapter)
     train = sharded.load_train(args.train, fields(args))
-    report = unlearn_sharded(args.adapter, train, load_request(args.request), args.out, base_model=args.base_model,
+    report = unlearn_sharded(args.adapter, train, [load_request(r) for r in requests], args.out,
+                             base_model=args.base_model,
                              dtype=args.dtype, device=args.device, progress=not args.quiet)
     touched = report["touched_shards"]
     print(f"rewound {len(touched)} of {report['shards']} shards ({', '.join(touched)}): "
