@@ -196,3 +196,30 @@ def test_k_batched_requests_rewind_each_touched_shard_once_and_equal_applying_th
         a, b = (load_file(str(tmp_path / f / name / WEIGHTS)) for f in ("batched", "two"))
         assert all(torch.equal(a[t], b[t]) for t in a)
     assert json.loads((tmp_path / "batched" / "requests.json").read_text()) == [first.to_dict(), second.to_dict()]
+
+
+def test_evaluate_answers_each_example_with_the_shard_its_router_picks(sharded, tmp_path, capsys):
+    """A sharded folder's evaluation equals evaluating each routed group with its own shard adapter alone (the
+    same losses up to float rounding: the batches differ, so the padding and summation order do)."""
+    from llmeraser.cli import main
+    from llmeraser.data import save_examples
+    from llmeraser.job import AdapterJob
+    from llmeraser.sharded import evaluate_sharded
+
+    root, train, recipe = sharded
+    base = recipe["base_model"]
+    result = evaluate_sharded(root / "in", train, base_model=base, device="cpu")
+    whole = ShardedAdapter.read(root / "in")
+    routed = result["routing"]["shard_of"]
+    assert result["n"] == len(train) and sum(result["routing"]["examples_per_shard"].values()) == len(train)
+    for k, name in enumerate(whole.names):
+        group = [e for e in train if routed[e.id] == name]
+        if not group:
+            continue
+        alone = AdapterJob.evaluate(whole.shard_dir(k), group, base_model=base, device="cpu")
+        for e in group:
+            assert abs(alone["losses"][e.id] - result["losses"][e.id]) <= 1e-5 * max(1.0, alone["losses"][e.id])
+    save_examples(train, tmp_path / "data.jsonl")
+    assert main(["evaluate", "--base-model", base, "--adapter", str(root / "in"), "--data",
+                 str(tmp_path / "data.jsonl"), "--quiet", "--out", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["routing"]["shard_of"] == routed

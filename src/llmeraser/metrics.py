@@ -171,7 +171,7 @@ def yes_no_probabilities(model: torch.nn.Module, task: CausalLMTask, examples: S
 
 
 def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Example], *, batch_size: int = 8,
-             yes: str = YES, no: str = NO, progress: bool = False) -> dict:
+             yes: str = YES, no: str = NO, progress: bool = False, adapters: Sequence[str] | None = None) -> dict:
     """Response loss of each example and, for a yes/no task, AUC and accuracy.
 
     Args:
@@ -181,6 +181,8 @@ def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Exam
         batch_size: Examples per forward pass.
         yes: The positive answer.
         no: The negative answer.
+        adapters: with a peft model holding several named adapters (a sharded adapter's shards), the adapter that
+            answers each example (its router's choice): each is made active for its examples in turn.
 
     Returns:
         ``{"n", "loss" (mean response NLL), "losses" ({id: loss})}``; when every response is `yes` or `no`, also
@@ -197,20 +199,31 @@ def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Exam
         raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}")
     binary = all(e.response in (yes, no) for e in examples)
     yes_id, no_id = _answer_tokens(task, yes, no) if binary else (0, 0)
-    # Batches of similar length waste less compute on padding; results go back to the examples' order.
-    order = sorted(range(len(examples)), key=lambda i: len(task.encode(examples[i])[0]))
+    if adapters is not None and len(adapters) != len(examples):
+        raise ConfigError(f"{len(adapters)} adapter names for {len(examples)} examples")
+    groups: dict[str | None, list[int]] = {}
+    for i in range(len(examples)):
+        groups.setdefault(None if adapters is None else adapters[i], []).append(i)
     device = next(model.parameters()).device  # results stay with the model until one transfer at the end
     loss = torch.zeros(len(examples), dtype=torch.float64, device=device)
     p = torch.zeros(len(examples), dtype=torch.float64, device=device)
+    bar = tqdm(total=len(examples), desc="evaluate", disable=not progress, leave=False)
     with _EvalMode(model):
-        for start in tqdm(range(0, len(examples), batch_size), desc="evaluate", disable=not progress, leave=False):
-            idx = torch.tensor(order[start : start + batch_size], device=device)
-            batch = _to_device(task.collate([examples[i] for i in order[start : start + batch_size]]), model)
-            logits = task.forward(model, batch)  # (batch, k, vocab)
-            loss[idx] = task.loss(logits, batch).double().to(device)
-            if binary:  # the prompt ends at the same position whatever the answer
-                z = _prompt_end_logits(logits, batch).double()
-                p[idx] = torch.sigmoid(z[:, yes_id] - z[:, no_id]).to(device)
+        for name, members in groups.items():
+            if name is not None:
+                model.set_adapter(name)
+            # Batches of similar length waste less compute on padding; results go back to the examples' order.
+            order = sorted(members, key=lambda i: len(task.encode(examples[i])[0]))
+            for start in range(0, len(order), batch_size):
+                idx = torch.tensor(order[start : start + batch_size], device=device)
+                batch = _to_device(task.collate([examples[i] for i in order[start : start + batch_size]]), model)
+                logits = task.forward(model, batch)  # (batch, k, vocab)
+                loss[idx] = task.loss(logits, batch).double().to(device)
+                if binary:  # the prompt ends at the same position whatever the answer
+                    z = _prompt_end_logits(logits, batch).double()
+                    p[idx] = torch.sigmoid(z[:, yes_id] - z[:, no_id]).to(device)
+                bar.update(len(idx))
+    bar.close()
     loss, p = loss.cpu(), p.cpu()
     out: dict = {"n": len(examples), "loss": loss.mean().item(),
                  "losses": {e.id: v for e, v in zip(examples, loss.tolist(), strict=True)}}

@@ -105,8 +105,10 @@ def _error_detail(e: Exception, limit: int = 3) -> str:
     return " ".join(chosen) + more
 
 
-def load_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLike, *, trainable: bool = True):
-    """Wrap `base_model` with the PEFT adapter in `adapter_dir` (safetensors only), trainable by default.
+def load_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLike, *, trainable: bool = True,
+                 adapter_name: str = "default"):
+    """Wrap `base_model` with the PEFT adapter in `adapter_dir` (safetensors only), trainable by default, under
+    `adapter_name` (peft's name for it; a sharded adapter's shards sit side by side under theirs).
 
     Raises AdapterError for a missing or malformed adapter, one made for another base model, or non-finite weights.
     """
@@ -119,7 +121,8 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir: str | os.PathLike, *,
     prompt_learning = str(config.get("peft_type", "")).upper() in PROMPT_LEARNING
     try:
         # peft refuses is_trainable for prompt learning; its virtual-token encoder is made trainable below
-        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable and not prompt_learning)
+        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable and not prompt_learning,
+                                          adapter_name=adapter_name)
         if trainable and prompt_learning:
             model.prompt_encoder.requires_grad_(True)
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError, SafetensorError) as e:

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from llmeraser.data import Example, examples_hash
 from llmeraser.errors import AdapterError, RequestError
 from llmeraser.io import atomic_dir, atomic_write_json, sha256_file
@@ -102,6 +104,22 @@ class ShardedAdapter:
     def shard_dir(self, k: int) -> Path:
         return self.folder / self.names[k]
 
+    def load(self, base: torch.nn.Module):
+        """`base` with every shard's adapter loaded frozen, side by side under the shard names (peft's named
+        adapters; `set_adapter(name)` picks one)."""
+        from llmeraser.params import check_adapter_dir, load_adapter
+
+        model = load_adapter(base, self.shard_dir(0), trainable=False, adapter_name=self.names[0])
+        for k in range(1, len(self.names)):
+            model.load_adapter(str(check_adapter_dir(self.shard_dir(k))), adapter_name=self.names[k],
+                               is_trainable=False)
+        return model.eval()
+
+    def route(self, model: torch.nn.Module, task, examples: Sequence[Example]) -> list[str]:
+        """The shard name that answers each example: its router's top-1 on the base model's prompt embedding."""
+        shards = self.router().route(embed_prompts(model, task, examples)).tolist()
+        return [self.names[k] for k in shards]
+
     def load_train(self, path: str | os.PathLike, fields=None) -> list[Example]:
         """The training set at `path`, read with `fields` (default: the record fields it was fine-tuned with)."""
         from llmeraser.data import DataFields, load_examples
@@ -115,6 +133,26 @@ class ShardedAdapter:
             raise RequestError(f"the training set (sha256 {examples_hash(train)[:12]}…) is not the one {self.folder} "
                                f"stands for (sha256 {self.train_sha256[:12]}…): pass that set, with earlier "
                                f"requests applied")
+
+
+def evaluate_sharded(folder: str | os.PathLike, data: Sequence[Example], *, base_model: str = "default",
+                     dtype: str = "float32", device: str = "auto", max_length: int | None = None,
+                     batch_size: int = 8, progress: bool = False) -> dict:
+    """`metrics.evaluate` of a sharded adapter on `data`: each example answered by the shard its router picks (the
+    shards loaded side by side on one base, the task as the shards' training record says). The result adds
+    `routing`: each example's shard and the examples per shard."""
+    from llmeraser.metrics import evaluate
+    from llmeraser.record import TrainingRecord
+
+    sharded = ShardedAdapter.read(folder)
+    record = TrainingRecord.read(sharded.shard_dir(0), max_length=max_length)
+    base, task = _base_and_task(base_model, dtype, device, record.length, record.rendering)
+    model = sharded.load(base)
+    task.calibrate(data)
+    names = sharded.route(model, task, data)
+    out = evaluate(model, task, data, batch_size=batch_size, progress=progress, adapters=names)
+    return out | {"routing": {"shard_of": {e.id: n for e, n in zip(data, names, strict=True)},
+                              "examples_per_shard": {n: names.count(n) for n in sharded.names}}}
 
 
 def _write_index(tmp: Path, names: list[str], partition: Partition, train: Sequence[Example], router: Router,

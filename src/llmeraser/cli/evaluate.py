@@ -14,7 +14,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        epilog="example: llmeraser evaluate --adapter adapters/unlearned --data data/test.jsonl "
                               "--out eval.json")
     add_common(p)
-    p.add_argument("--adapter", default=None, help="PEFT adapter folder (default: the base model alone)")
+    p.add_argument("--adapter", default=None,
+                   help="PEFT adapter folder (default: the base model alone), or a sharded adapter (each example "
+                        "answered by the shard its router picks)")
     p.add_argument("--data", required=True, help="data to evaluate on (the formats of --train elsewhere)")
     add_data_flags(p)
     p.add_argument("--out", default=None, help="write the full JSON (with per-example losses) here")
@@ -27,10 +29,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from llmeraser.io import atomic_write_json
     from llmeraser.job import AdapterJob
+    from llmeraser.sharded import ShardedAdapter, evaluate_sharded, is_sharded
 
-    result = AdapterJob.evaluate(args.adapter, args.data, base_model=args.base_model, dtype=args.dtype,
-                                 device=args.device, max_length=args.max_length, fields=fields(args),
-                                 batch_size=args.batch_size, progress=not args.quiet)
+    common = {"base_model": args.base_model, "dtype": args.dtype, "device": args.device,
+              "max_length": args.max_length, "batch_size": args.batch_size, "progress": not args.quiet}
+    if args.adapter and is_sharded(args.adapter):  # each example answered by the shard its router picks
+        data = ShardedAdapter.read(args.adapter).load_train(args.data, fields(args))
+        result = evaluate_sharded(args.adapter, data, **common)
+    else:
+        result = AdapterJob.evaluate(args.adapter, args.data, fields=fields(args), **common)
     if args.out:
         atomic_write_json(args.out, result)
     summary = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
