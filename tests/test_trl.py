@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -261,3 +262,47 @@ def test_without_a_tokenizer_the_callback_records_no_run_but_never_stops_trainin
     assert any("records no trajectory: no tokenizer" in r.getMessage() for r in caplog.records)
     assert (tmp_path / "o" / "training_record.json").is_file()
     assert not (tmp_path / "o" / "trajectory.safetensors").exists()
+
+
+def test_shards_trained_under_sfttrainer_assemble_and_rewind_to_an_sfttrainer_retrain(run, tmp_path):
+    """`ShardPlan`: each shard trained by SFTTrainer with the callback into the plan's folder, assembled (router
+    included) into a sharded folder; a removal rewinds only its shard, to what an SFTTrainer retrain of that shard on
+    its edited records gives (the same tolerance as the single adapter's rewind above: float32 rounding in another
+    order)."""
+    from llmeraser.callback import LLMEraserCallback
+    from llmeraser.errors import AdapterError
+    from llmeraser.request import Request
+    from llmeraser.sharded import ShardPlan, unlearn_sharded
+
+    root, _ = run
+    records = [r | {"user": f"u{i % 4}"} for i, r in enumerate(chat_records(N, seed=2))]
+    plan = ShardPlan(records, tmp_path / "sharded", shards=2, by="user")
+    for name in plan.names:
+        sft(root, plan.records(name), plan.folder(name), LLMEraserCallback(plan.records(name)))
+    untrained = ShardPlan(records, tmp_path / "untrained", shards=2, by="user")
+    with pytest.raises(AdapterError, match="does not exist"):
+        untrained.assemble(base_model=str(root / "base"))
+    swapped = ShardPlan(records, tmp_path / "swapped", shards=2, by="user")
+    for name, other in zip(swapped.names, reversed(plan.names), strict=True):  # each trained on the other's part
+        shutil.copytree(plan.folder(other), swapped.folder(name))
+    with pytest.raises(AdapterError, match="not trained on exactly its part"):
+        swapped.assemble(base_model=str(root / "base"))
+    assert not (tmp_path / "swapped").exists()
+    sharded = plan.assemble(base_model=str(root / "base"))
+    assert not plan.staging.exists() and sharded.partition.sizes() == [12, 12]
+    gone = plan.records(plan.names[1])[-1]["id"]
+    report = unlearn_sharded(tmp_path / "sharded", plan.examples, Request.remove(gone), tmp_path / "out",
+                             base_model=str(root / "base"))
+    assert report["touched_shards"] == [plan.names[1]]
+    sft(root, [r for r in plan.records(plan.names[1]) if r["id"] != gone], tmp_path / "retrain")
+
+    def theta(folder):
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(root / "base", attn_implementation="eager")
+        return ParamView(load_adapter(base, folder)).vector()
+
+    original, unlearned = theta(tmp_path / "sharded" / plan.names[1]), theta(tmp_path / "out" / plan.names[1])
+    retrained = theta(tmp_path / "retrain")
+    gap = float((original - retrained).norm())
+    assert gap > 0.01 and float((unlearned - retrained).norm()) < 1e-3 * gap

@@ -72,6 +72,20 @@ def checksums(trajectory: Trajectory) -> dict:
     return out
 
 
+def recorded_steps(folder: str | os.PathLike) -> int | None:
+    """The number of steps the recording beside an adapter holds, from its header alone (nothing verified: for
+    reporting; `read` checks everything before a replay), or None without a readable recording."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(Path(folder) / TRAJECTORY), framework="pt") as f:
+            header = parse_json((f.metadata() or {}).get("llmeraser", "null"), "a trajectory header", AdapterError)
+        steps = header.get("steps") if isinstance(header, dict) else None
+        return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0 else None
+    except (OSError, SafetensorError, AdapterError):
+        return None
+
+
 def read(folder: str | os.PathLike) -> Trajectory | None:
     """The trajectory beside an adapter, or None when it has none; its header validated and every tensor checked
     against its recorded sha256 (one step at a time). Its gradients and checkpoints stay in the file, read a step

@@ -135,6 +135,83 @@ class ShardedAdapter:
                                f"requests applied")
 
 
+class ShardPlan:
+    """Sharded training under your own `Trainer` / `SFTTrainer`: the partition, the records of each shard, and where
+    each shard's adapter goes; `assemble` turns the trained shards into a sharded folder (router included) and puts it
+    in place, so the folder appears only when complete.
+
+        plan = ShardPlan(dataset, "adapters/sharded", shards=4, by="user")  # a path, a datasets Dataset, or records
+        for name in plan.names:
+            trainer = SFTTrainer(model=..., args=SFTConfig(output_dir=plan.folder(name), ...),
+                                 train_dataset=dataset.select(plan.indices(name)), peft_config=...,
+                                 callbacks=[LLMEraserCallback(plan.records(name))])
+            trainer.train(); trainer.save_model(plan.folder(name))
+        plan.assemble(base_model="path/to/base")
+
+    Shards are trained into `OUT.training/` (its `partition.json` is written first); `assemble` checks every shard
+    (a PEFT adapter, recorded by the callback, trained on exactly its part) and renames the folder to OUT.
+    """
+
+    def __init__(self, train, out: str | os.PathLike, *, shards: int, by: str | None = None, fields=None):
+        from llmeraser.callback import _examples
+        from llmeraser.data import DataFields
+        from llmeraser.io import check_new_output
+
+        self.fields = fields or DataFields()
+        self._rows = self._records_of(train, self.fields)
+        self.examples = _examples(self._rows, self.fields)
+        self.partition = Partition.build(self.examples, shards, by)
+        self.names = shard_names(shards)
+        self.out = Path(out)
+        check_new_output(self.out)
+        self.staging = self.out.with_name(self.out.name + ".training")
+        self.staging.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.staging / PARTITION, self.partition.to_json())
+
+    @staticmethod
+    def _records_of(train, fields) -> list:
+        from llmeraser.data import load_examples
+
+        if isinstance(train, str | os.PathLike):
+            return [e.to_dict(fields) for e in load_examples(train, fields)]
+        return train.to_list() if hasattr(train, "to_list") else list(train)
+
+    def indices(self, name: str) -> list[int]:
+        """The positions, in the data given, of shard `name`'s examples (for `dataset.select`)."""
+        k = self.names.index(name)
+        return [i for i, e in enumerate(self.examples) if self.partition.shard(e.id) == k]
+
+    def records(self, name: str) -> list:
+        """Shard `name`'s records as given (for `Dataset.from_list` and the callback)."""
+        return [self._rows[i] for i in self.indices(name)]
+
+    def folder(self, name: str) -> str:
+        """Where shard `name`'s trainer saves (`output_dir` and `save_model`)."""
+        return str(self.staging / name)
+
+    def assemble(self, *, base_model: str = "default", dtype: str = "float32", device: str = "auto") -> ShardedAdapter:
+        """Check every trained shard, build the router on the base model, write the manifest and rename the folder
+        into place. Raises AdapterError naming a shard that is missing, unrecorded or trained on other data."""
+        from llmeraser.params import check_adapter_dir
+        from llmeraser.record import TrainingRecord
+
+        for name in self.names:
+            shard = check_adapter_dir(self.staging / name)
+            record = TrainingRecord.read(shard)
+            members = [self.examples[i] for i in self.indices(name)]
+            if record.train_sha256 != examples_hash(members):
+                raise AdapterError(f"{shard} was not trained on exactly its part of the data (its record's training "
+                                   f"set differs); train it on plan.records({name!r})")
+            _steps(shard)  # recorded: a shard must be rewound
+        first = TrainingRecord.read(self.staging / self.names[0])
+        model, task = _base_and_task(base_model, dtype, device, first.length, first.rendering)
+        router = Router.build(model, task, self.examples, self.partition.shard_of, len(self.names))
+        _write_index(self.staging, self.names, self.partition, self.examples, router,
+                     {"data_fields": self.fields.to_dict(), "trained_by": "your trainer with LLMEraserCallback"})
+        os.rename(self.staging, self.out)
+        return ShardedAdapter.read(self.out)
+
+
 def evaluate_sharded(folder: str | os.PathLike, data: Sequence[Example], *, base_model: str = "default",
                      dtype: str = "float32", device: str = "auto", max_length: int | None = None,
                      batch_size: int = 8, progress: bool = False) -> dict:
@@ -227,11 +304,10 @@ def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request
             raise RequestError(f"the request removes every example of {sharded.names[k]}; a shard cannot be empty "
                                f"(fine-tune with fewer shards)")
     start = time.perf_counter()
-    reports, steps, replayed = {}, 0, 0
+    steps = sum(_steps(sharded.shard_dir(k)) for k in range(len(sharded.names)))  # every shard recorded, up front
+    reports, replayed = {}, 0
     with atomic_dir(out, protect=(folder,)) as tmp:
         for k, name in enumerate(sharded.names):
-            shard_steps = _steps(sharded.shard_dir(k))
-            steps += shard_steps
             if k not in touched:
                 shutil.copytree(sharded.shard_dir(k), tmp / name)
                 continue
@@ -276,10 +352,11 @@ def _router_after(sharded: ShardedAdapter, request: Request, new_train: Sequence
 
 
 def _steps(shard: Path) -> int:
-    """The recorded steps of a shard's fine-tune (its fine-tune's or its last rewind's report), for the replayed
-    share."""
-    report = read_json(shard / "report.json", AdapterError)
-    try:
-        return int(report["result"]["steps"] if "result" in report else report["rewind"]["steps"])
-    except (KeyError, TypeError, ValueError):
-        raise AdapterError(f"{shard}/report.json does not say how many steps the shard was trained for") from None
+    """The recorded steps of a shard's fine-tune (its recording's header), for the replayed share."""
+    from llmeraser.recording import recorded_steps
+
+    steps = recorded_steps(shard)
+    if steps is None:
+        raise AdapterError(f"{shard} has no readable recording (trajectory.safetensors): a shard must be recorded "
+                           f"to be rewound")
+    return steps
