@@ -146,9 +146,26 @@ def test_the_command_line_trains_and_unlearns_a_sharded_adapter(sharded, tmp_pat
               "--request", str(tmp_path / "r.json")]
     assert main([*forget, "--method", "path", "--out", str(tmp_path / "p")]) == 2
     assert "sharded adapter" in capsys.readouterr().err and not (tmp_path / "p").exists()
-    assert main([*forget, "--out", str(tmp_path / "out")]) == 0
+    book = ["--ledger", str(tmp_path / "ledger")]
+    assert main([*forget, "--out", str(tmp_path / "out"), *book]) == 0
     assert "rewound 1 of 2 shards" in capsys.readouterr().out
     ShardedAdapter.read(tmp_path / "out").check_train(apply_request(train, Request([Edit("remove", train[0].id)])))
+    # on record as for a single adapter: a repeat is a no-op, the next request applies to the head with the ORIGINAL
+    # training set, the input is refused once it is no longer the head, and verify checks every file
+    assert main([*forget, "--out", str(tmp_path / "again"), *book]) == 0
+    assert "already applied" in capsys.readouterr().out and not (tmp_path / "again").exists()
+    (tmp_path / "r2.json").write_text(json.dumps({"edits": [{"op": "remove", "id": train[1].id}]}))
+    second = [a if a != str(tmp_path / "r.json") else str(tmp_path / "r2.json") for a in forget]
+    assert main([*second, "--out", str(tmp_path / "x"), *book]) == 2
+    assert "not the head" in capsys.readouterr().err
+    second[second.index("--adapter") + 1] = str(tmp_path / "out")
+    assert main([*second, "--out", str(tmp_path / "out2"), *book]) == 0
+    assert main(["ledger", "verify", str(tmp_path / "ledger")]) == 0
+    capsys.readouterr()
+    router = tmp_path / "out2" / "router.safetensors"
+    router.write_bytes(router.read_bytes() + b" ")
+    assert main(["ledger", "verify", str(tmp_path / "ledger")]) != 0
+    assert "router.safetensors" in capsys.readouterr().out
 
 
 def test_the_router_sends_each_training_prompt_to_its_own_shard_and_is_checked(sharded, tmp_path):

@@ -31,7 +31,7 @@ from llmeraser.params import ParamView, adapter_hash, check_adapter_dir
 from llmeraser.record import TrainingRecord
 from llmeraser.recording import read
 from llmeraser.replay import verify_recording
-from llmeraser.request import Request, apply_request, load_request, resolve
+from llmeraser.request import Request, apply_request, load_request
 from llmeraser.resources import OOM_ADVICE, device_memory
 from llmeraser.solvers.api import is_fitted
 from llmeraser.trajectory import Trajectory
@@ -235,25 +235,9 @@ class AdapterJob:
 
     def _preamble(self, book, request: Request, out: str) -> dict:
         """Rank 0: the ledger's say (already done, or the requests applied before this one) and the output check."""
-        from llmeraser.io import check_new_output
+        from llmeraser.ledger import preamble
 
-        if book:
-            done = book.find(request)
-            if done is not None and done.status == "applied":  # idempotent, keyed by the request's hash
-                return {"status": "done", "out": done.output_adapter,
-                        "done": f"request {request.hash[:12]}… is already applied (#{done.seq}, {done.updated}): "
-                                f"{done.output_adapter}; nothing to do"}
-            recovered = book.recover(request)
-            if recovered is not None:
-                return {"status": "recovered", "out": recovered.output_adapter,
-                        "done": f"request {request.hash[:12]}…: the previous run wrote {recovered.output_adapter} "
-                                f"completely but stopped before recording it; recorded now (#{recovered.seq}), "
-                                f"nothing recomputed"}
-            book.prepare(self.adapter, self.train, request)  # checks the request against the lineage
-        else:
-            resolve(request, self.train)  # a request that does not fit the data fails before any model is loaded
-        check_new_output(out)  # an output folder that is taken fails before any model is loaded
-        return {"applied": [e.request.to_dict() for e in book.entries("applied")] if book else []}
+        return preamble(book, self.adapter, self.train, request, out)
 
     def trajectory(self, train: Sequence[Example]) -> tuple[Trajectory | None, str]:
         """(the adapter's recorded trajectory when it is the fine-tune of this adapter on `train`, else None; why

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from llmeraser.data import Example, examples_hash
 from llmeraser.errors import LLMEraserRuntimeError, UserInputError
-from llmeraser.io import LEDGER_FILE, canonical_json, sha256_bytes, sha256_file
-from llmeraser.params import ADAPTER_WEIGHTS, adapter_hash
+from llmeraser.io import LEDGER_FILE, canonical_json, check_new_output, sha256_bytes, sha256_file
+from llmeraser.params import ADAPTER_WEIGHTS, adapter_hash, has_adapter
 from llmeraser.request import Request, apply_request, resolve
 
 FILE = LEDGER_FILE  # the database, in the ledger's folder
@@ -271,7 +271,7 @@ class Ledger:
         """Mark `seq` applied: its output folder exists and holds the staged weights (else LedgerMismatch)."""
         row = self._row(seq)
         out = Path(row["output_adapter"])
-        sha = adapter_hash(out) if (out / ADAPTER_WEIGHTS).is_file() else None
+        sha = adapter_hash(out) if has_adapter(out) else None
         if sha is None or sha != row["staged_sha256"]:
             raise LedgerMismatch(f"request #{seq}: output {str(out)!r} is missing or differs from the staged "
                                  f"weights; nothing was marked applied")
@@ -295,7 +295,7 @@ class Ledger:
         if entry is None or entry.status == "applied" or entry.staged_sha256 is None:
             return None
         out = Path(entry.output_adapter)
-        if (out / ADAPTER_WEIGHTS).is_file() and adapter_hash(out) == entry.staged_sha256:
+        if has_adapter(out) and adapter_hash(out) == entry.staged_sha256:
             report_path = out / "report.json"
             report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None
             return self.finish(entry.seq, report)
@@ -316,8 +316,7 @@ class Ledger:
         problems = []
 
         def check(label: str, path: str, sha: str) -> None:
-            weights = Path(path) / ADAPTER_WEIGHTS
-            if not weights.is_file():
+            if not has_adapter(path):
                 problems.append(f"{label}: {path!r} is missing ({ADAPTER_WEIGHTS} not found)")
             elif adapter_hash(path) != sha:
                 problems.append(f"{label}: {path!r} has sha256 {adapter_hash(path)[:12]}…, the ledger recorded "
@@ -339,6 +338,31 @@ class Ledger:
                         problems.append(f"request #{entry.seq}: {name} in {entry.output_adapter!r} {state}")
             previous = entry.output_sha256 or ""
         return problems
+
+
+def preamble(book: Ledger | None, adapter: str | Path, original: Sequence[Example], request: Request,
+             out: str | Path) -> dict:
+    """The ledger's say before any work on `request` (rank 0): {"status", "out", "done": message} when it is
+    already applied (a no-op, keyed by the request's hash) or its cut-off run is recovered; else {"applied": the
+    requests applied before it, as dicts}, after checking the request against the lineage (`prepare`), or without a
+    ledger against `original`, and that `out` is free — before any model is loaded."""
+    if book:
+        done = book.find(request)
+        if done is not None and done.status == "applied":
+            return {"status": "done", "out": done.output_adapter,
+                    "done": f"request {request.hash[:12]}… is already applied (#{done.seq}, {done.updated}): "
+                            f"{done.output_adapter}; nothing to do"}
+        recovered = book.recover(request)
+        if recovered is not None:
+            return {"status": "recovered", "out": recovered.output_adapter,
+                    "done": f"request {request.hash[:12]}…: the previous run wrote {recovered.output_adapter} "
+                            f"completely but stopped before recording it; recorded now (#{recovered.seq}), "
+                            f"nothing recomputed"}
+        book.prepare(adapter, original, request)
+    else:
+        resolve(request, original)
+    check_new_output(out)
+    return {"applied": [e.request.to_dict() for e in book.entries("applied")] if book else []}
 
 
 def _entry(row: sqlite3.Row) -> Entry:

@@ -21,6 +21,7 @@ from llmeraser.io import atomic_dir, atomic_write_json, sha256_file
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SHARDED_MANIFEST = "sharded.json"  # a sharded adapter's manifest (`llmeraser.sharded`): its identity
 PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING")
 
 
@@ -184,5 +185,13 @@ def save_peft(model, folder: str | os.PathLike) -> None:
 
 
 def adapter_hash(adapter_dir: str | os.PathLike) -> str:
-    """sha256 of the adapter's weights file (identifies an adapter version)."""
-    return sha256_file(Path(adapter_dir) / ADAPTER_WEIGHTS)
+    """sha256 of the adapter's weights file (identifies an adapter version); of a sharded adapter, of its manifest,
+    which records every shard's weights hash, the router's and the training set's."""
+    path = Path(adapter_dir)
+    return sha256_file(path / SHARDED_MANIFEST if (path / SHARDED_MANIFEST).is_file() else path / ADAPTER_WEIGHTS)
+
+
+def has_adapter(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a complete adapter output (weights, or a sharded adapter's manifest, which is written
+    last)."""
+    return (Path(folder) / ADAPTER_WEIGHTS).is_file() or (Path(folder) / SHARDED_MANIFEST).is_file()

@@ -30,7 +30,7 @@ import torch
 from llmeraser.data import Example, examples_hash
 from llmeraser.errors import AdapterError, RequestError
 from llmeraser.io import atomic_dir, atomic_write_json, sha256_file
-from llmeraser.params import adapter_hash
+from llmeraser.params import SHARDED_MANIFEST, adapter_hash
 from llmeraser.request import Request, apply_request, resolve
 from llmeraser.router import ROUTER, Router, embed_prompts
 from llmeraser.schema import read_json
@@ -38,7 +38,7 @@ from llmeraser.shards import Partition
 
 logger = logging.getLogger(__name__)
 
-MANIFEST, PARTITION = "sharded.json", "partition.json"
+MANIFEST, PARTITION = SHARDED_MANIFEST, "partition.json"
 FORMAT = 1
 
 
@@ -279,13 +279,49 @@ def finetune_sharded(train: Sequence[Example], out: str | os.PathLike, *, shards
 
 
 def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request: Request | Sequence[Request],
-                    out: str | os.PathLike, **job: object) -> dict:
+                    out: str | os.PathLike, *, ledger: str | os.PathLike | None = None, **job: object) -> dict:
     """Apply `request` — or several, in order, batched into one replay (`request.merge_requests`) — to the sharded
     adapter `folder` (fine-tuned on `train`): rewind each shard the requests touch, once, on its edited members, copy
     the others, and write the new sharded folder `out` standing for the edited set. `job`: `AdapterJob`'s keyword
-    arguments (base model, dtype, device, progress). Returns the report (also written as `out`/report.json, the
-    requests as `out`/requests.json): the touched shards, each shard's rewind report, and the share of all shards'
-    steps replayed."""
+    arguments (base model, dtype, device, progress).
+
+    With `ledger` (one request at a time) the request is on record as for a single adapter (`ledger.Ledger`: the
+    lineage's head, an applied request a no-op, a cut-off run recovered, `ledger verify` over every file), and
+    `train` is the lineage's ORIGINAL set, the applied requests replayed on it.
+
+    Returns the report (also written as `out`/report.json, the requests as `out`/requests.json): status (applied;
+    done or recovered with a ledger, with its message), the touched shards, each shard's rewind report, and the
+    share of all shards' steps replayed."""
+    from llmeraser.errors import ConfigError
+    from llmeraser.ledger import Ledger, preamble
+
+    requests = [request] if isinstance(request, Request) else list(request)
+    if ledger is None:
+        return _unlearn_shards(folder, train, requests, out, job)
+    if len(requests) != 1:
+        raise ConfigError("the ledger records one request per update; give one request per run with a ledger")
+    book = Ledger(ledger)
+    try:
+        decision = preamble(book, folder, train, requests[0], out)
+        if "done" in decision:
+            return {"status": decision["status"], "out": decision["out"], "message": decision["done"]}
+        for earlier in decision["applied"]:  # the set the lineage's head stands for
+            train = apply_request(train, Request.from_dict(earlier))
+        seq = book.begin(requests[0], train, folder, out)
+        try:
+            report = _unlearn_shards(folder, train, requests, out, job, lambda tmp: book.stage(seq, tmp))
+            book.finish(seq, report)
+        except BaseException as e:
+            book.fail(seq, e)
+            raise
+        return report | {"seq": seq}
+    finally:
+        book.close()
+
+
+def _unlearn_shards(folder, train: Sequence[Example], requests: list[Request], out, job: dict,
+                    before_rename=None) -> dict:
+    """`unlearn_sharded`'s work, after the ledger's say: check, rewind the touched shards, write `out`."""
     from llmeraser.job import AdapterJob
     from llmeraser.request import merge_requests
     from llmeraser.updates import UnlearnOptions
@@ -293,7 +329,6 @@ def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request
     sharded = ShardedAdapter.read(folder)
     sharded.check_train(train)
     partition = sharded.partition
-    requests = [request] if isinstance(request, Request) else list(request)
     # unknown ids, duplicates: the requests' own errors, before any work
     request = merge_requests(requests, train) if len(requests) > 1 else requests[0]
     resolve(request, train)
@@ -306,7 +341,7 @@ def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request
     start = time.perf_counter()
     steps = sum(_steps(sharded.shard_dir(k)) for k in range(len(sharded.names)))  # every shard recorded, up front
     reports, replayed = {}, 0
-    with atomic_dir(out, protect=(folder,)) as tmp:
+    with atomic_dir(out, protect=(folder,), before_rename=before_rename) as tmp:
         for k, name in enumerate(sharded.names):
             if k not in touched:
                 shutil.copytree(sharded.shard_dir(k), tmp / name)
@@ -319,7 +354,7 @@ def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request
         kept = {e.id for e in new_train}
         new_partition = Partition(partition.shards, partition.by,
                                   {i: s for i, s in partition.shard_of.items() if i in kept})
-        report = {"kind": "sharded-unlearn", "method": "rewind", "request": request.to_dict(),
+        report = {"status": "applied", "kind": "sharded-unlearn", "method": "rewind", "request": request.to_dict(),
                   "requests_sha256": [r.hash for r in requests],
                   "touched_shards": [sharded.names[k] for k in touched], "shards": len(sharded.names),
                   "replayed_steps": replayed, "steps": steps, "replayed_share": replayed / max(1, steps),

@@ -106,15 +106,17 @@ def _sharded(args: argparse.Namespace, requests: list[str]) -> int:
     from llmeraser.request import load_request
     from llmeraser.sharded import ShardedAdapter, unlearn_sharded
 
-    if args.method not in ("auto", "rewind") or args.ledger:
+    if args.method not in ("auto", "rewind"):
         raise ConfigError(f"{args.adapter} is a sharded adapter: unlearn rewinds the shards a request touches (exact "
-                          f"retraining of those shards); --method {args.method}"
-                          f"{' and --ledger' if args.ledger else ''} do not apply to it")
+                          f"retraining of those shards); --method {args.method} does not apply to it")
     sharded = ShardedAdapter.read(args.adapter)
     train = sharded.load_train(args.train, fields(args))
-    report = unlearn_sharded(args.adapter, train, [load_request(r) for r in requests], args.out,
-                             base_model=args.base_model,
-                             dtype=args.dtype, device=args.device, progress=not args.quiet)
+    report = unlearn_sharded(args.adapter, train, [load_request(r) for r in requests], args.out, ledger=args.ledger,
+                             base_model=args.base_model, dtype=args.dtype, device=args.device,
+                             progress=not args.quiet)
+    if report["status"] != "applied":
+        print(report["message"])
+        return 0
     touched = report["touched_shards"]
     print(f"rewound {len(touched)} of {report['shards']} shards ({', '.join(touched)}): "
           f"exact retraining of those shards, {report['replayed_share']:.0%} of all shards' steps replayed, "
