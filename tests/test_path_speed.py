@@ -220,3 +220,15 @@ def test_the_kept_loss_check_tokenises_once_and_is_the_objective_at_both_points(
     after = objective(model, task, kept)
     assert (got["original"], got["result"], got["ratio"]) == (before, after, after / before)
     view.set_vector(theta)
+
+
+def test_a_step_gradient_without_its_loss_is_the_same_gradient(fitted):
+    """Path replay's exact steps ask for no loss (nothing read back to the host): the same backward of the same
+    batch, so the gradient is equal, not close, and the loss is None."""
+    model, task, train, theta, trajectory = fitted
+    view = ParamView(model)
+    view.set_vector(theta)
+    batch = trajectory.schedule(train)[3]
+    g, loss = step_gradient(model, task, train, batch, view)
+    g2, none = step_gradient(model, task, train, batch, view, loss=False)
+    assert torch.equal(g, g2) and none is None and math.isfinite(loss)

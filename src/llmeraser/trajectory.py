@@ -244,7 +244,7 @@ class Trajectory:
                 theta, adam = exact, exact_adam
             g = self.grads[k] if k < self.steps else None
             if g is not None and device is not None:
-                g = g.to(device)
+                g = g.to(device, non_blocking=True)  # a host row, copied out before this returns: no device wait
             yield (k, theta, adam, g) if with_grads else (k, theta, adam)
             if k == stop or k == self.steps:  # no step past the last state asked for
                 return

@@ -114,8 +114,9 @@ def path_replay(ctx: RequestContext, trajectory: Trajectory, args: PathArguments
     edited examples — those are needed there only to pair the kept part's change with w_k − θ_k for a secant model
     (`history` > 0). A predicted step needs the edited examples' gradients at θ_k and the corrections' at w_k: two
     points, so two calls, and only on steps whose batch holds an edited example. Nothing is read back to the host
-    inside the loop but the exact steps' loss (fine-tuning's own); divergence is checked on the device and raised at
-    the end."""
+    inside the loop (not even the exact steps' loss, which it does not use), so the host tokenises the next batch
+    while the device computes; the recorded states are rebuilt on the device; divergence is checked there and
+    raised at the end."""
     args = args or PathArguments()
     start_time = time.perf_counter()
     model, task, train, edits = ctx.model, ctx.task, ctx.train, ctx.edits
@@ -223,7 +224,8 @@ class _ReplayState:
             # fine-tuning's own step gradient on the edited batch: with every step exact this is, bit for bit,
             # retraining over the recorded batches
             self.view.set_vector(w)
-            g_w, _ = step_gradient(self.ctx.model, self.ctx.task, new_batch, range(len(new_batch)), self.view)
+            g_w, _ = step_gradient(self.ctx.model, self.ctx.task, new_batch, range(len(new_batch)), self.view,
+                                   loss=False)
             self.n["calls"] += 1
             self.n["gradients"] += len(new_batch)
             if secant is not None:
