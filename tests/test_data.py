@@ -143,3 +143,24 @@ def test_save_is_atomic_and_replaces(tmp_path):
     save_examples([Example("x", "p", "r")], path)
     assert path.read_text(encoding="utf-8") == '{"id": "x", "prompt": "p", "response": "r"}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["t.jsonl"]  # no temporary file left behind
+
+
+def test_examples_hash_keeps_its_last_results_by_identity(monkeypatch):
+    """A repeated hash of the very same examples is the kept digest (no serialisation); other objects — equal ones,
+    a changed one at the same length, a reordering — are hashed afresh, and every digest is the one computed cold."""
+    import llmeraser.data as data
+
+    made = [Example(f"e{i}", f"p{i}", "r") for i in range(4)]
+    cold = {name: examples_hash(examples) for name, examples in (
+        ("made", made), ("changed", [*made[:3], Example("e3", "p3", "other")]), ("reordered", made[::-1]))}
+    assert len(set(cold.values())) == 3
+    calls = []
+    real = data.canonical_json
+    monkeypatch.setattr(data, "canonical_json", lambda obj: calls.append(1) or real(obj))
+    monkeypatch.setattr(data, "_HASHED", [])
+    assert examples_hash(made) == examples_hash(list(made)) == examples_hash(iter(made)) == cold["made"]
+    assert len(calls) == 1  # hashed once, then found by identity
+    assert examples_hash([Example(e.id, e.prompt, e.response) for e in made]) == cold["made"]  # equal: hashed again
+    assert examples_hash([*made[:3], Example("e3", "p3", "other")]) == cold["changed"]
+    assert examples_hash(made[::-1]) == cold["reordered"]
+    assert len(calls) == 4

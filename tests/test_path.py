@@ -475,6 +475,25 @@ def test_the_replay_check_of_a_bfloat16_recording_is_bounded_and_still_catches_a
         traj.replay_check(theta)
 
 
+@pytest.mark.parametrize("args", [ARGS, BF16], ids=["full", "bfloat16"])
+def test_states_on_a_device_with_their_gradients_are_the_host_replay(lm, args):
+    """What path replay iterates (`states(device=, with_grads=True)`) is the plain replay, state for state, with each
+    step's recorded gradient beside its state: the same steps on the same values (the CPU is the device here; on a
+    GPU the same loop runs there), checkpoint restarts included for a bfloat16 recording. Asking for states up to
+    `stop` takes no Adam step past it (the yielded Adam is live: its step count tells)."""
+    model, task, train, theta0 = lm
+    _, traj = fit(model, task, train, theta0, args)
+    plain = list(traj.states())
+    rich = list(traj.states(device=ParamView(model).device, with_grads=True))
+    assert [k for k, *_ in rich] == list(range(traj.steps + 1))
+    for (k, theta, _), (k2, theta2, _, g) in zip(plain, rich, strict=True):
+        assert k == k2 and torch.equal(theta, theta2)
+        assert g is None if k == traj.steps else torch.equal(g, traj.grads[k])
+    stop = 7
+    *_, (k, _, adam) = traj.states(stop=stop)
+    assert k == stop and adam.t == stop
+
+
 @pytest.mark.parametrize("request_", [Request.remove("ex9", "ex14"), Request.remove("ex2")], ids=["late", "early"])
 def test_a_bfloat16_recording_rewinds_exactly_as_a_full_one(lm, request_):
     """Bit for bit, whatever the gradients' precision: the full recording rebuilds θ_first by replaying its exact

@@ -16,7 +16,7 @@ from fixtures.tiny import fact_examples, tiny_llama, tiny_lora, tiny_tokenizer
 from llmeraser.curvature import gradient
 from llmeraser.finetune import FinetuneArguments, finetune, objective, step_gradient
 from llmeraser.params import ParamView
-from llmeraser.replay import PathArguments, Secant, first_edited_step
+from llmeraser.replay import KEPT_CHECK, PathArguments, Secant, first_edited_step, kept_loss_check
 from llmeraser.request import Request
 from llmeraser.task import CausalLMTask
 from llmeraser.updates import RequestContext
@@ -129,12 +129,14 @@ def test_forecast_in_seconds_is_the_calls_and_steps_each_replay_makes(fitted):
     steps, first = first_edited_step(trajectory, train, set(ctx.edits))
     args = PathArguments()
     plan = args.plan(steps, first, train, ctx.edits)
-    costs = StepCosts(call=3.0, example=0.5, update=0.25, replay=0.125, forward=2.0)
+    costs = StepCosts(call=3.0, example=0.5, update=0.25, replay=0.125, forward=2.0, collate=1.5)
     new_sizes = [len(b) for b in trajectory.schedule(ctx.effective)]
     got = forecast_seconds(costs, plan, len(steps), new_sizes, first, False, 19)
-    # by hand: a rewind replays from `first` one training step (a call over its batch, an Adam step) per step
+    # by hand: a rewind rebuilds its start on the host, then replays from `first` one training step (a call over its
+    # batch, an Adam step) per step; path replay rebuilds every recorded state on the device, and its kept-loss
+    # check tokenises each batch of 8 once and runs it at two points
     rewind = first * 0.125 + sum(3.0 + 0.5 * n + 0.25 for n in new_sizes[first:])
-    path = (len(steps) - 1) * 0.125 + 2 * math.ceil(19 / 8) * 2.0
+    path = (len(steps) - 1) * 0.25 + math.ceil(19 / 8) * (1.5 + 2 * 2.0)
     for s in plan:
         if s.kind == "exact":
             path += 3.0 + 0.5 * (s.kept + s.new) + 0.25
@@ -193,3 +195,40 @@ def test_memorised_share_is_the_edited_examples_loss_at_theta_hat_over_before_th
     ctx.report.clear()
     name, why = choose_update(trajectory, "", ctx, PathArguments(), None, {**got, "share": MEMORISED / 10})
     assert name == "rewind" and "memorised" in why and "update_forecast" not in ctx.report
+
+
+def test_the_kept_loss_check_tokenises_once_and_is_the_objective_at_both_points(fitted):
+    """The check evaluates each batch at θ̂ and at the result from one tokenising: the same batches, per-example
+    losses and float64 sums in the same order as `finetune.objective` at each point, so equal, not close."""
+    model, task, train, theta, trajectory = fitted
+    view = ParamView(model)
+    ctx = RequestContext.build(model, task, train, REQUESTS["mixed"])
+    other = trajectory.state(5)[0]
+    calls = []
+    collate = task.collate
+    task.collate = lambda examples: calls.append(len(examples)) or collate(examples)
+    try:
+        got = kept_loss_check(model, task, ctx.effective, ctx.edits, theta, other, view)
+    finally:
+        del task.collate
+    kept = [e for e in ctx.effective if e.id not in ctx.edits]
+    assert got["examples"] == len(kept) < KEPT_CHECK  # fewer than the sample's size: every kept example
+    assert calls == [8, 8, len(kept) - 16]  # each batch tokenised once
+    view.set_vector(theta)
+    before = objective(model, task, kept)
+    view.set_vector(other)
+    after = objective(model, task, kept)
+    assert (got["original"], got["result"], got["ratio"]) == (before, after, after / before)
+    view.set_vector(theta)
+
+
+def test_a_step_gradient_without_its_loss_is_the_same_gradient(fitted):
+    """Path replay's exact steps ask for no loss (nothing read back to the host): the same backward of the same
+    batch, so the gradient is equal, not close, and the loss is None."""
+    model, task, train, theta, trajectory = fitted
+    view = ParamView(model)
+    view.set_vector(theta)
+    batch = trajectory.schedule(train)[3]
+    g, loss = step_gradient(model, task, train, batch, view)
+    g2, none = step_gradient(model, task, train, batch, view, loss=False)
+    assert torch.equal(g, g2) and none is None and math.isfinite(loss)

@@ -385,16 +385,31 @@ def save_examples(examples: Iterable[Example], path: str | os.PathLike, fields: 
     atomic_write_text(path, text)
 
 
+_HASHED: list[tuple[tuple[Example, ...], str]] = []  # the last HASHES_KEPT sets hashed, newest first
+HASHES_KEPT = 2
+
+
 def examples_hash(examples: Iterable[Example]) -> str:
     """Return the sha256 identifying a training set: its (id, prompt, response) triples in order, chats as their
     messages and with their shape (text examples hash as they always did); `extra` keys do not affect it.
 
+    One command hashes the same set several times (the job's input check, the data check, the request's context, the
+    recording's check): 0.14 s each at 10,000 examples of 128 tokens, most of an `unlearn`'s fixed cost. The last
+    HASHES_KEPT results are kept with the examples they hashed, and the very same objects in the same order
+    (Examples are frozen, their texts immutable) return the kept digest after an identity check.
+
     Returns:
         A 64-character hex digest.
     """
+    examples = tuple(examples)
+    for seen, digest in _HASHED:
+        if len(seen) == len(examples) and all(a is b for a, b in zip(seen, examples, strict=True)):
+            return digest
     rows = [[ex.id, ex.prompt, ex.response] if not ex.is_chat and ex.shape == "prompt-response"
             else [ex.id, _plain(ex.prompt), _plain(ex.response), ex.shape] for ex in examples]
-    return sha256_bytes(canonical_json(rows).encode("utf-8"))
+    digest = sha256_bytes(canonical_json(rows).encode("utf-8"))
+    _HASHED[:] = [(examples, digest), *_HASHED][:HASHES_KEPT]
+    return digest
 
 
 def describe(example: Example, width: int = 60) -> str:

@@ -202,10 +202,11 @@ def adam_config(args: FinetuneArguments) -> AdamConfig:
 
 
 def step_gradient(model: torch.nn.Module, task: Task, examples: Sequence[Example], batch: Sequence[int],
-                  view: ParamView) -> tuple[torch.Tensor, float]:
+                  view: ParamView, *, loss: bool = True) -> tuple[torch.Tensor, float | None]:
     """(the data gradient of the mini-batch at θ, a flat vector; its loss), data-parallel under torchrun: the batch
     mean, or under a token-weighted task (`CausalLMTask.step_scale`) Σ token NLL / Σ tokens of the batch, as
-    transformers' Trainer forms a step's loss."""
+    transformers' Trainer forms a step's loss. `loss=False` (one process): the loss is not read back (None), so
+    nothing waits for the device — a path replay, which does not use it, prepares its next batch meanwhile."""
     mine = [batch[j] for j in distributed.shard(len(batch))]  # all of the step in a single process
     scale = getattr(task, "step_scale", lambda _: None)([examples[j] for j in batch])
     for p in view.params:
@@ -214,8 +215,11 @@ def step_gradient(model: torch.nn.Module, task: Task, examples: Sequence[Example
     if mine:
         loss_sum = per_example_loss(task, model, task.collate([examples[j] for j in mine])).sum()
         (loss_sum / len(batch) if scale is None else loss_sum * scale).backward()
-    total = _reduce_gradients(view, loss_sum)
-    data_loss = total / len(batch) if scale is None else total * scale
+    if loss or distributed.is_distributed():  # under torchrun the ranks' gradients are added up here
+        total = _reduce_gradients(view, loss_sum)
+        data_loss = total / len(batch) if scale is None else total * scale
+    else:
+        data_loss = None
     grad = view.flatten([p.grad for p in view.params])
     for p in view.params:
         p.grad = None

@@ -37,11 +37,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmeraser import distributed
 from llmeraser.data import Example
 from llmeraser.errors import AdapterError, ConfigError, RequestError, SolverError
 from llmeraser.params import ParamView
 from llmeraser.solvers.base import SolveResult
-from llmeraser.task import Task
+from llmeraser.task import Task, per_example_loss
 from llmeraser.trajectory import Trajectory, first_step_seeing
 
 logger = logging.getLogger(__name__)
@@ -270,23 +271,32 @@ class Secant:
 
 
 KEPT_CHECK = 64  # kept examples whose loss is compared before and after a path replay
+KEPT_BATCH = 8  # their forward batch (`finetune.objective`'s default, so the losses are its own)
 KEPT_RISE_WARNING = 1.2  # warn when their mean loss rises above this multiple of the original's
 
 
 def kept_loss_check(model, task, effective, edits, theta_hat, theta, view) -> dict:
     """Evidence against an approximate replay gone wrong: the mean loss of up to KEPT_CHECK kept examples (evenly
     spaced, never edited) at θ̂ and at the result. Retraining leaves examples it still trains on about where they
-    were; a large rise means the predicted steps drifted (then: more exact steps, or --method rewind)."""
-    from llmeraser.finetune import objective
+    were; a large rise means the predicted steps drifted (then: more exact steps, or --method rewind).
 
+    Each batch is tokenised once and evaluated at both points: the losses are `finetune.objective`'s at each, bit for
+    bit (the same batches, per-example losses and float64 sums in the same order), for half its host work. The model
+    is left at `theta`."""
     kept = [e for e in effective if e.id not in edits]
     sample = kept[:: max(1, len(kept) // KEPT_CHECK)][:KEPT_CHECK]
     if not sample:
         return {"examples": 0}
-    losses = []
-    for point in (theta_hat, theta):
-        view.set_vector(point)
-        losses.append(objective(model, task, sample))
+    points = (theta_hat, theta)
+    totals = [torch.zeros(1, dtype=torch.float64, device=view.device) for _ in points]  # one transfer, at the end
+    with torch.no_grad():
+        for idx in distributed.batches(len(sample), KEPT_BATCH):
+            batch = task.collate([sample[i] for i in idx])
+            for total, point in zip(totals, points, strict=True):
+                view.set_vector(point)
+                total += per_example_loss(task, model, batch).sum().double()
+    both = distributed.all_reduce(torch.cat(totals), "the kept examples' loss").tolist()
+    losses = [t / len(sample) for t in both]
     ratio = losses[1] / max(losses[0], 1e-12)
     if ratio > KEPT_RISE_WARNING:
         logger.warning("path replay: the kept examples' loss rose %.2f× (%.4g → %.4g on %d of them); retraining "

@@ -216,28 +216,39 @@ class Trajectory:
         theta, m, v = self.checkpoints[k]
         return theta.clone(), Adam(self.config, theta, m, v, t=k)
 
-    def states(self, stop: int | None = None, anchor=None) -> Iterator[tuple[int, torch.Tensor, Adam]]:
+    def states(self, stop: int | None = None, anchor=None, device: torch.device | str | None = None,
+               with_grads: bool = False) -> Iterator[tuple]:
         """(k, θ_k, Adam state before step k) for k = 0 … stop (default: every step, then the final θ at k = steps),
         rebuilt by replaying the recorded gradients: bit for bit the fine-tune's states with full-precision ones.
         With low-precision gradients the replay restarts from each full-precision checkpoint it reaches (exact
         there; within one interval's rounding between), calling `anchor(k, replayed θ_k, checkpoint θ_k)` first.
-        The yielded Adam is live: copy it to keep it."""
+        The yielded Adam is live: copy it to keep it. On `device` (default: the host, where the recording is read)
+        the states live and are stepped there — a path replay's every state, without a host step each or a
+        transfer of θ_k; there they are the fine-tune's own when it ran on that device. `with_grads`: also yield
+        step k's recorded gradient, on `device` (None at k = steps), the row this replay reads anyway, so a
+        caller needing it reads it once."""
         if self.grads is None:
             raise ConfigError("this trajectory kept checkpoints only (its per-step gradients exceeded the storage "
                               "budget): it serves exact rewind, not path replay")
         stop = self.steps if stop is None else stop
-        theta, adam = self.theta0.clone(), Adam(self.config, self.theta0)
+        theta = self.theta0.to(device, copy=True) if device is not None else self.theta0.clone()
+        adam = Adam(self.config, theta)
         lrs = self.meta.get("lrs")
         for k in range(stop + 1):
             if self.low_precision and k and k in self.checkpoints:
                 exact, exact_adam = self._checkpoint(k)
+                if device is not None:
+                    exact, exact_adam = exact.to(device), exact_adam.to(device)
                 if anchor is not None:
                     anchor(k, theta, exact)
                 theta, adam = exact, exact_adam
-            yield k, theta, adam
-            if k == self.steps:
+            g = self.grads[k] if k < self.steps else None
+            if g is not None and device is not None:
+                g = g.to(device, non_blocking=True)  # a host row, copied out before this returns: no device wait
+            yield (k, theta, adam, g) if with_grads else (k, theta, adam)
+            if k == stop or k == self.steps:  # no step past the last state asked for
                 return
-            theta = adam.step(theta, self.grads[k], None if lrs is None else lrs[k])
+            theta = adam.step(theta, g, None if lrs is None else lrs[k])
 
     def final(self) -> torch.Tensor:
         """θ after the last step (per-step gradients only)."""

@@ -114,8 +114,9 @@ def path_replay(ctx: RequestContext, trajectory: Trajectory, args: PathArguments
     edited examples — those are needed there only to pair the kept part's change with w_k − θ_k for a secant model
     (`history` > 0). A predicted step needs the edited examples' gradients at θ_k and the corrections' at w_k: two
     points, so two calls, and only on steps whose batch holds an edited example. Nothing is read back to the host
-    inside the loop but the exact steps' loss (fine-tuning's own); divergence is checked on the device and raised at
-    the end."""
+    inside the loop (not even the exact steps' loss, which it does not use), so the host tokenises the next batch
+    while the device computes; the recorded states are rebuilt on the device; divergence is checked there and
+    raised at the end."""
     args = args or PathArguments()
     start_time = time.perf_counter()
     model, task, train, edits = ctx.model, ctx.task, ctx.train, ctx.edits
@@ -127,13 +128,15 @@ def path_replay(ctx: RequestContext, trajectory: Trajectory, args: PathArguments
     model.eval()
     bar = tqdm(total=len(steps) - first, desc="path replay", disable=not ctx.progress)
     try:
-        for k, theta_k, adam_k in trajectory.states(stop=len(steps) - 1):
+        # the recorded states are rebuilt on the model's device, each row read once (its θ_k step and, on a predicted
+        # step, the kept gradient's prediction): no host Adam step or θ_k transfer a step
+        for k, theta_k, adam_k, g_k in trajectory.states(stop=len(steps) - 1, device=dev, with_grads=True):
             if k < first:
                 continue
             if state.w is None:  # before the first edited step the edited trajectory is the recorded one
-                state.w, state.adam = theta_k.to(dev, copy=True), adam_k.copy().to(dev)
+                state.w, state.adam = theta_k.clone(), adam_k.copy()
             bar.update(1)
-            state.step(plan[k], steps[k], theta_k)
+            state.step(plan[k], steps[k], theta_k, g_k)
         bad = int(state.first_bad)  # the one read-back of the divergence check
         if bad >= 0:
             raise SolverError(f"path replay diverged at step {bad} (non-finite parameters)")
@@ -189,11 +192,12 @@ class _ReplayState:
         self.n["gradients"] += len(examples)
         return gradient(self.ctx.model, self.ctx.task, examples, batch_size=len(examples))
 
-    def step(self, planned, batch: Sequence[int], theta_k: torch.Tensor) -> None:
-        """One recorded step on the edited trajectory: its gradient (exact or predicted), then Adam's step."""
+    def step(self, planned, batch: Sequence[int], theta_k: torch.Tensor, g_k: torch.Tensor) -> None:
+        """One recorded step on the edited trajectory: its gradient (exact or predicted), then Adam's step. θ_k and
+        the recorded gradient g_k are on the model's device (`Trajectory.states`)."""
         from llmeraser.finetune import step_gradient
 
-        train, edits, k, dev = self.ctx.train, self.ctx.edits, planned.k, self.view.device
+        train, edits, k = self.ctx.train, self.ctx.edits, planned.k
         if planned.kind == "skip":  # the whole batch was removed: retraining over these batches has no such step
             self.n["skipped"] += 1
             return
@@ -204,12 +208,8 @@ class _ReplayState:
         new_batch = [e for e in (edits.get(train[i].id, train[i]) for i in batch) if e is not None]
         new_weight = self.weight(new_batch)
         exact, secant = planned.kind == "exact", self.secant
-        need_kept_at_theta = kept and (not exact or secant is not None)
-        if (need_kept_at_theta and here) or secant is not None:  # θ_k moves to the device only where it is used
-            theta_k = theta_k.to(dev)
-        if need_kept_at_theta:
+        if kept and (not exact or secant is not None):
             # the kept examples' mean gradient at θ_k: the recorded batch gradient less the edited examples' own
-            g_k = self.trajectory.grads[k].to(dev)
             old_weight = self.weight([train[i] for i in batch])
             if here:
                 g_k = (old_weight * g_k - self.gradient(here, theta_k)) / kept
@@ -224,7 +224,8 @@ class _ReplayState:
             # fine-tuning's own step gradient on the edited batch: with every step exact this is, bit for bit,
             # retraining over the recorded batches
             self.view.set_vector(w)
-            g_w, _ = step_gradient(self.ctx.model, self.ctx.task, new_batch, range(len(new_batch)), self.view)
+            g_w, _ = step_gradient(self.ctx.model, self.ctx.task, new_batch, range(len(new_batch)), self.view,
+                                   loss=False)
             self.n["calls"] += 1
             self.n["gradients"] += len(new_batch)
             if secant is not None:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from llmeraser.eraser import Update
-from llmeraser.replay import KEPT_CHECK, PathArguments, PlannedStep, first_edited_step
+from llmeraser.replay import KEPT_BATCH, KEPT_CHECK, PathArguments, PlannedStep, first_edited_step
 from llmeraser.trajectory import Adam, Trajectory
 from llmeraser.updates.base import RequestContext, UnlearnOptions, get_method, register
 
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 # seconds measured once, before the run; on path_study's case rewind's forecast came within 3–5% of its time and path
 # replay's 23–27% low (docs/path.md), so a path forecast at 0.75 of rewind's is still no slower than a rewind
 PATH_MARGIN = 0.75
-CHECK_BATCH = 8  # the kept-loss check's forward batch (`finetune.objective`'s default)
+CHECK_BATCH = KEPT_BATCH  # the kept-loss check's forward batch
 # the request's examples count as memorised when fine-tuning took their loss below this share of their loss before
 # the first step that saw them: 0.057 and 0.138 on two memorised people cases (where path replay can land outside
 # retraining's spread, docs/path.md#overshoot); data a model fits without memorising stays near 1
@@ -47,9 +47,12 @@ class StepCosts:
         call: a gradient call's fixed part (kernel launches, Python, the autograd graph's setup): on a tiny model or
             a GPU it dominates a call of a few examples, which is why counting gradients misjudged path replay.
         example: each example's share of a gradient call.
-        update: one Adam step on the trainable vector on the model's device (the edited state's).
-        replay: one Adam step on the host (rebuilding a recorded state: `Trajectory.states`).
-        forward: a forward pass without gradients over CHECK_BATCH examples (path replay's kept-loss check).
+        update: one Adam step on the trainable vector on the model's device (the edited state's, and path replay's
+            rebuilding of each recorded state, which runs there).
+        replay: one Adam step on the host (a rewind rebuilding the state it starts from: `Trajectory.state`).
+        forward: a forward pass without gradients over CHECK_BATCH examples, already tokenised (path replay's
+            kept-loss check evaluates each batch at two points).
+        collate: tokenising and batching CHECK_BATCH examples (the check does it once a batch).
     """
 
     call: float
@@ -57,6 +60,7 @@ class StepCosts:
     update: float
     replay: float
     forward: float
+    collate: float = 0.0
 
     def gradient(self, n: int) -> float:
         """Seconds of one gradient call over n examples."""
@@ -83,11 +87,12 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> 
 def measure_costs(ctx: RequestContext, trajectory: Trajectory, batch: Sequence[int]) -> StepCosts:
     """Time, at θ̂, the calls both replays repeat: a training step's gradient over the recorded batch `batch` (the
     first edited step's) and a gradient of one of its examples — the two give the fixed and per-example parts —,
-    a forward pass over CHECK_BATCH examples, and an Adam step on the device and on the host, each the
-    fastest of three; the model is left at θ̂."""
+    tokenising CHECK_BATCH examples and a forward pass over them, and an Adam step on the device and on the host,
+    each the fastest of three; the model is left at θ̂."""
     from llmeraser.curvature import gradient
-    from llmeraser.finetune import objective, step_gradient
+    from llmeraser.finetune import step_gradient
     from llmeraser.params import ParamView
+    from llmeraser.task import per_example_loss
 
     model, task, train = ctx.model, ctx.task, ctx.train
     view = ParamView(model)
@@ -97,13 +102,17 @@ def measure_costs(ctx: RequestContext, trajectory: Trajectory, batch: Sequence[i
     one = _timed(lambda: gradient(model, task, [train[batch[0]]], batch_size=1), dev)
     example = max(full - one, 0.0) / (len(batch) - 1) if len(batch) > 1 else one
     check = [train[i] for i in batch][:CHECK_BATCH]
-    forward = _timed(lambda: objective(model, task, check), dev) * CHECK_BATCH / len(check)
+    collate = _timed(lambda: task.collate(check), dev) * CHECK_BATCH / len(check)
+    collated = task.collate(check)
+    with torch.no_grad():
+        forward = _timed(lambda: per_example_loss(task, model, collated).sum(), dev) * CHECK_BATCH / len(check)
     adam, g = Adam(trajectory.config, theta), torch.zeros_like(theta)
     update = _timed(lambda: adam.step(theta, g), dev, repeats=3)
     host = trajectory.theta0
     replay = _timed(lambda: Adam(trajectory.config, host).step(host, torch.zeros_like(host)), host.device, repeats=3)
     view.set_vector(theta)
-    return StepCosts(call=max(one - example, 0.0), example=example, update=update, replay=replay, forward=forward)
+    return StepCosts(call=max(one - example, 0.0), example=example, update=update, replay=replay, forward=forward,
+                     collate=collate)
 
 
 def forecast_seconds(costs: StepCosts, plan: Sequence[PlannedStep], n_steps: int, new_sizes: Sequence[int],
@@ -113,15 +122,15 @@ def forecast_seconds(costs: StepCosts, plan: Sequence[PlannedStep], n_steps: int
 
     - rewind: rebuilds the state at `start` (start host steps), then one training step — a gradient call over the
       edited set's batch (`new_sizes`, its schedule's batch sizes) and a device Adam step — per replayed step;
-    - path: rebuilds every recorded state (n_steps − 1 host steps), and per replayed step the gradient calls of
-      `PlannedStep.gradients` and a device Adam step; then the kept-loss check (two forward passes over n_check
-      kept examples).
+    - path: rebuilds every recorded state (n_steps − 1 Adam steps on the device), and per replayed step the gradient
+      calls of `PlannedStep.gradients` and a device Adam step; then the kept-loss check (n_check kept examples
+      tokenised once, a forward pass over them at two points).
     """
     rewind = start * costs.replay + sum(costs.gradient(n) + costs.update for n in new_sizes[start:])
-    path = (n_steps - 1) * costs.replay
+    path = (n_steps - 1) * costs.update
     for s in plan:
         path += sum(costs.gradient(n) for n in s.gradients(secant)) + (costs.update if s.kind != "skip" else 0.0)
-    path += 2 * math.ceil(n_check / CHECK_BATCH) * costs.forward
+    path += math.ceil(n_check / CHECK_BATCH) * (costs.collate + 2 * costs.forward)
     return {"rewind": rewind, "path": path}
 
 
