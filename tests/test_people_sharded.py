@@ -19,7 +19,8 @@ def run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("sharded")
     args = PeopleBenchArguments.tiny(splits=("forget10",), methods=("original", "retrain"))
-    result = run_sharded_people_benchmark(args, (2, 4), tmp / "out", work=tmp / "work")
+    # 8 people, 8 shards: forget10 (one person) would empty a shard, which unlearn_sharded refuses
+    result = run_sharded_people_benchmark(args, (2, 4, 8), tmp / "out", work=tmp / "work")
     return args, result, tmp
 
 
@@ -27,7 +28,7 @@ def test_rows_measures_and_files(run):
     _, result, tmp = run
     rows = {r["method"]: r for r in result["rows"]}
     assert list(rows) == ["original", "retrain", "sharded S=2 before", "sharded S=2", "sharded S=4 before",
-                          "sharded S=4"]
+                          "sharded S=4", "sharded S=8 before", "sharded S=8"]
     assert json.loads((tmp / "out" / "results.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     assert "### sharded adapters" in (tmp / "out" / "table.md").read_text()
     for name in ("sharded S=2", "sharded S=4"):
@@ -43,6 +44,9 @@ def test_rows_measures_and_files(run):
         r = rows[name]
         assert 0 < r["replayed_share"] <= 1 and r["time_ratio"] > 0 and r["rewind_ratio"] > 0
         assert r["cost"]["queries"] > 0 and r["cost"]["route_s_per_query"] > 0
+    # a request that empties a shard is a row that says so (nothing of it measured), not a crash
+    assert "cannot be empty" in rows["sharded S=8"]["failed"] and "model_utility" not in rows["sharded S=8"]
+    assert "(failed)" in (tmp / "out" / "table.md").read_text()
 
 
 def test_only_the_forgotten_peoples_shards_are_retrained(run):

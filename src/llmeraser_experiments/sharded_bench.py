@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from llmeraser.data import Example, examples_hash
-from llmeraser.errors import AdapterError, ConfigError
+from llmeraser.errors import AdapterError, ConfigError, RequestError
 from llmeraser.finetune import FinetuneArguments
 from llmeraser.io import atomic_write_json, atomic_write_text, check_new_output
 from llmeraser.params import ADAPTER_WEIGHTS
@@ -211,11 +211,15 @@ def sharded_rows(bench: PeopleBench, split: Split, shards: int, work: Path, embe
     before["utility_vs_single"] = _ratio(before["model_utility"], original["model_utility"])
     after_dir = work / f"sharded-{shards}-{split.setting.name}"
     if not after_dir.is_dir():
-        with PeakMemory() as mem:
-            start = time.perf_counter()
-            report = unlearn_sharded(folder, bench.data.train, split.setting.request, after_dir,
-                                     base_model=bench.base_path)
-            report["wall_seconds"], report["peak_mib"] = time.perf_counter() - start, mem.mib
+        try:
+            with PeakMemory() as mem:
+                start = time.perf_counter()
+                report = unlearn_sharded(folder, bench.data.train, split.setting.request, after_dir,
+                                         base_model=bench.base_path)
+                report["wall_seconds"], report["peak_mib"] = time.perf_counter() - start, mem.mib
+        except RequestError as e:  # a request that empties a shard is refused: a result of this S, not a crash
+            logger.warning("%s S=%d: %s", split.setting.name, shards, e)
+            return [before, {"split": split.setting.name, "method": f"sharded S={shards}", "failed": str(e)}]
         atomic_write_json(work / f"{after_dir.name}.json", report)
     report = json.loads((work / f"{after_dir.name}.json").read_text())
     rewind = sum(r["seconds"]["total"] for r in report["shard_reports"].values())
@@ -264,7 +268,7 @@ def run_sharded_people_benchmark(args: PeopleBenchArguments, shards: Sequence[in
             by = {r["method"]: r for r in single}
             for k in shards:
                 pair = sharded_rows(bench, split, k, work, embed, retain, unseen, seconds, by["original"])
-                for r in pair:
+                for r in (r for r in pair if "failed" not in r):
                     r["utility_vs_retrain"] = _ratio(r["model_utility"], by["retrain"]["model_utility"])
                 rows += pair
                 result = {"commit": commit, "arguments": dataclasses.asdict(args), "shards": list(shards),
@@ -304,5 +308,6 @@ def sharded_tables(rows: list[dict]) -> str:
             continue
         values = [(_get(r, k), f) for k, _, f in SHARDED_COLUMNS]
         cells = ["—" if v is None else ", ".join(v) if isinstance(v, list) else format(v, f) for v, f in values]
-        lines.append(f"| {r['split']} {r['method']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['split']} {r['method']}{' (failed)' if 'failed' in r else ''} | " + " | ".join(cells)
+                     + " |")
     return tables(rows) + "\n### sharded adapters\n\n" + "\n".join(lines) + "\n"
