@@ -4,6 +4,7 @@
     python bench/people.py --tiny                  a tiny random model, seconds (what the tests run)
     python bench/people.py --tofu-sized            200 people × 13 facts: for a GPU (hours on a CPU)
     python bench/people.py --splits forget05 --methods original retrain retrain@1 first-order/ekfac --out DIR
+    python bench/people.py --splits forget05 --shards 4 8 --out DIR   sharded adapters (docs/sharded.md)
 
 Builds the people (`llmeraser data people` writes the same records), fine-tunes the embedded model on their facts
 until it has memorised them (recording its trajectory, as `llmeraser finetune` does), and for forget01/05/10 and the
@@ -48,6 +49,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"forgetNN (NN a percentage of the people) or correct; default: {' '.join(SPLITS)}")
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), metavar="METHOD",
                    help=f"default: all of {' '.join(METHODS)}")
+    p.add_argument("--shards", nargs="+", type=int, default=None, metavar="S",
+                   help="sharded adapters of S shards by person (finetune_sharded / unlearn_sharded, routed), next to "
+                        "the single adapter's --methods (default then: original retrain); writes results.json, "
+                        "table.md")
+    p.add_argument("--work", default=None, metavar="DIR",
+                   help="with --shards: keep the fine-tuned θs and sharded folders here, reused by a rerun")
     p.add_argument("--n-people", type=int, default=None, help="people trained on (default 30)")
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 8)")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default 2e-3)")
@@ -98,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.tiny:
         torch.set_num_threads(1)
     overrides = {k: v for k, v in {"splits": tuple(a.splits) if a.splits else None,
-                                   "methods": tuple(a.methods) if a.methods else None, "n_people": a.n_people,
+                                   "methods": tuple(a.methods) if a.methods else
+                                   ("original", "retrain") if a.shards else None, "n_people": a.n_people,
                                    "epochs": a.epochs, "lr": a.lr}.items() if v is not None}
     if a.lora_targets:
         overrides["lora"] = LoraSettings(targets=tuple(a.lora_targets.split(","))).to_peft()
@@ -109,13 +117,19 @@ def main(argv: list[str] | None = None) -> int:
             else PeopleBenchArguments
         args = make(**overrides)
         out = Path(a.out or RESULTS / f"people-{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
-        result = run_people_benchmark(args, out)
+        if a.shards:
+            from llmeraser_experiments.sharded_bench import run_sharded_people_benchmark
+
+            result = run_sharded_people_benchmark(args, a.shards, out, work=a.work)
+        else:
+            result = run_people_benchmark(args, out)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print((out / "tables.md").read_text())
-    print(f"{len(result['rows'])} rows in {result['seconds']:.0f} s -> {out}/results.json, tables.md, "
-          "forget_quality.png")
+    table = "table.md" if a.shards else "tables.md"
+    print((out / table).read_text())
+    print(f"{len(result['rows'])} rows in {result['seconds']:.0f} s -> {out}/results.json, {table}"
+          + ("" if a.shards else ", forget_quality.png"))
     return 0
 
 

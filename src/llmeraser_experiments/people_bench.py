@@ -184,8 +184,8 @@ class Split:
 def make_split(data: PeopleData, name: str, seed: int) -> Split:
     request = data.requests([name] if name != "correct" else [])[name]
     setting = Setting(name, seed, data.train, request)
-    forget = setting.edited
-    corrected = [Example(id=f"{e.id}#new", prompt=e.prompt, response=e.response) for e in setting.corrected]
+    forget, corrected = setting.edited, [Example(id=f"{e.id}#new", prompt=e.prompt, response=e.response)
+                                         for e in setting.corrected]
     values = {e.id: e.extra["value"] for e in forget}
     values.update({f"{i}#new": v for i, v in data.correction_values.items()} if corrected else {})
     return Split(setting, forget, corrected, values)
@@ -206,10 +206,19 @@ def value_recall(scores: dict[str, dict], values: dict[str, str], ids: list[str]
 
 
 def measure(bench: PeopleBench, split: Split, theta: torch.Tensor, retain: list[Example]) -> dict:
+    s = bench.scores(theta, [*split.forget, *retain, *bench.data.general, *split.corrected])
+    s.update(bench.scores(theta, bench.data.heldout, generate=False))
+    out = summarise_split(bench, split, s, retain)
+    delta, target = theta - split.theta, split.theta_retrain - split.theta
+    out["delta_norm"] = float(delta.norm())
+    out["cosine"] = float(torch.nn.functional.cosine_similarity(delta, target, dim=0)) if delta.any() else math.nan
+    return out
+
+
+def summarise_split(bench: PeopleBench, split: Split, s: dict[str, dict], retain: list[Example]) -> dict:
+    """Every measure of one model from its per-question scores `s` (greedy answers but on held-out questions; a
+    sharded model's come from several adapters): forget quality against the retrain's, facts said, utility, MIA."""
     data = bench.data
-    questions = [*split.forget, *retain, *data.general, *split.corrected]
-    s = bench.scores(theta, questions)
-    s.update(bench.scores(theta, data.heldout, generate=False))
     ref = bench.scores(split.theta_retrain, split.forget)
     forget_ids = [e.id for e in split.forget]
     out = {"forget": fg.summarise(s, forget_ids, truth="forget"),
@@ -224,12 +233,8 @@ def measure(bench: PeopleBench, split: Split, theta: torch.Tensor, retain: list[
     out["forget_quality"] = fg.ks_pvalue([s[i]["truth_ratio"] for i in forget_ids],
                                          [ref[i]["truth_ratio"] for i in forget_ids])
     out["model_utility"] = fg.model_utility(out["retain"], out["general"])
-    heldout = [e.id for e in data.heldout]
-    out["mia_loss_auc"] = fg.mia_auc(s, forget_ids, heldout, "nll")
-    out["mia_mink_auc"] = fg.mia_auc(s, forget_ids, heldout, "min_k")
-    delta, target = theta - split.theta, split.theta_retrain - split.theta
-    out["delta_norm"] = float(delta.norm())
-    out["cosine"] = float(torch.nn.functional.cosine_similarity(delta, target, dim=0)) if delta.any() else math.nan
+    for key, by in (("mia_loss_auc", "nll"), ("mia_mink_auc", "min_k")):
+        out[key] = fg.mia_auc(s, forget_ids, [e.id for e in data.heldout], by)
     return out
 
 
@@ -270,8 +275,7 @@ def _cli_defaults(bench: PeopleBench, split: Split, workdir: Path) -> tuple[torc
 
 
 def _baseline(bench: PeopleBench, split: Split, name: str, lr: float) -> tuple[torch.Tensor, dict]:
-    examples, objective = _objective(bench, split, name)
-    theta, seconds = _descend(bench, split.theta, examples, objective, lr, split.setting.seed)
+    theta, seconds = _descend(bench, split.theta, *_objective(bench, split, name), lr, split.setting.seed)
     return theta, {"total": seconds, "lr": lr}
 
 
