@@ -84,10 +84,8 @@ def test_bad_folders_and_requests_are_refused_and_nothing_is_written(sharded, tm
     with pytest.raises(RequestError, match="not the one"):
         unlearn_sharded(root / "in", changed, Request([Edit("remove", train[0].id)]), tmp_path / "a",
                         base_model=base)
-    whole = ShardedAdapter.read(root / "in")
-    shard0 = [e.id for e in whole.partition.members(0, train)]
-    with pytest.raises(RequestError, match="removes every example of shard-00"):
-        unlearn_sharded(root / "in", train, Request([Edit("remove", i) for i in shard0]), tmp_path / "a",
+    with pytest.raises(RequestError, match="removes every example of every shard"):
+        unlearn_sharded(root / "in", train, Request([Edit("remove", e.id) for e in train]), tmp_path / "a",
                         base_model=base)
     assert not (tmp_path / "a").exists()
     # a shard edited by hand, a manifest that lies
@@ -240,3 +238,32 @@ def test_evaluate_answers_each_example_with_the_shard_its_router_picks(sharded, 
     assert main(["evaluate", "--base-model", base, "--adapter", str(root / "in"), "--data",
                  str(tmp_path / "data.jsonl"), "--quiet", "--out", str(tmp_path / "eval.json")]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["routing"]["shard_of"] == routed
+
+
+def test_a_request_that_empties_a_shard_drops_it(sharded, tmp_path):
+    """Retraining a shard on nothing leaves no adapter: the shard is dropped (no folder, no hash, no router row), no
+    step is run for it, and every query goes to the shards that remain; the folder still reads, evaluates and takes
+    the next request. A manifest that keeps an adapter for an empty shard is refused."""
+    from llmeraser.sharded import evaluate_sharded
+
+    root, train, recipe = sharded
+    base = recipe["base_model"]
+    whole = ShardedAdapter.read(root / "in")
+    shard0 = [e.id for e in whole.partition.members(0, train)]
+    report = unlearn_sharded(root / "in", train, Request([Edit("remove", i) for i in shard0]), tmp_path / "out",
+                             base_model=base)
+    assert report["emptied_shards"] == [whole.names[0]] and report["replayed_steps"] == 0
+    after = ShardedAdapter.read(tmp_path / "out")
+    assert after.live == [1, 2] and not (tmp_path / "out" / whole.names[0]).exists()
+    assert after.manifest["adapter_sha256"][whole.names[0]] is None and 0 not in after.router().shards.tolist()
+    edited = apply_request(train, Request([Edit("remove", i) for i in shard0]))
+    result = evaluate_sharded(tmp_path / "out", train, base_model=base, device="cpu")
+    assert result["routing"]["examples_per_shard"][whole.names[0]] == 0 and result["n"] == len(train)
+    again = unlearn_sharded(tmp_path / "out", edited, Request([Edit("remove", edited[0].id)]), tmp_path / "out2",
+                            base_model=base)
+    assert len(again["touched_shards"]) == 1
+    import shutil
+
+    shutil.copytree(root / "in" / whole.names[0], tmp_path / "out" / whole.names[0])
+    with pytest.raises(AdapterError, match="holds no example in the partition"):
+        ShardedAdapter.read(tmp_path / "out")

@@ -80,7 +80,13 @@ class ShardedAdapter:
         partition = Partition.from_json(read_json(folder / PARTITION, AdapterError), str(folder / PARTITION))
         if partition.shards != len(names):
             raise AdapterError(f"{folder}: the partition has {partition.shards} shards, the manifest {len(names)}")
-        for name in names:
+        empty = partition.empty()
+        for k, name in enumerate(names):
+            if k in empty:  # every example of it was removed: retraining on nothing leaves no adapter
+                if hashes[name] is not None or (folder / name).exists():
+                    raise AdapterError(f"{folder}: shard {name!r} holds no example in the partition but the manifest "
+                                       f"or the folder still has an adapter for it")
+                continue
             if not (folder / name).is_dir():
                 raise AdapterError(f"{folder}: shard folder {name!r} is missing")
             if adapter_hash(folder / name) != hashes[name]:
@@ -104,13 +110,19 @@ class ShardedAdapter:
     def shard_dir(self, k: int) -> Path:
         return self.folder / self.names[k]
 
+    @property
+    def live(self) -> list[int]:
+        """The shards that hold an adapter (not emptied by a request), in order."""
+        return [k for k in range(len(self.names)) if k not in self.partition.empty()]
+
     def load(self, base: torch.nn.Module):
         """`base` with every shard's adapter loaded frozen, side by side under the shard names (peft's named
         adapters; `set_adapter(name)` picks one)."""
         from llmeraser.params import check_adapter_dir, load_adapter
 
-        model = load_adapter(base, self.shard_dir(0), trainable=False, adapter_name=self.names[0])
-        for k in range(1, len(self.names)):
+        first, *rest = self.live
+        model = load_adapter(base, self.shard_dir(first), trainable=False, adapter_name=self.names[first])
+        for k in rest:
             model.load_adapter(str(check_adapter_dir(self.shard_dir(k))), adapter_name=self.names[k],
                                is_trainable=False)
         return model.eval()
@@ -222,7 +234,7 @@ def evaluate_sharded(folder: str | os.PathLike, data: Sequence[Example], *, base
     from llmeraser.record import TrainingRecord
 
     sharded = ShardedAdapter.read(folder)
-    record = TrainingRecord.read(sharded.shard_dir(0), max_length=max_length)
+    record = TrainingRecord.read(sharded.shard_dir(sharded.live[0]), max_length=max_length)
     base, task = _base_and_task(base_model, dtype, device, record.length, record.rendering)
     model = sharded.load(base)
     task.calibrate(data)
@@ -240,7 +252,7 @@ def _write_index(tmp: Path, names: list[str], partition: Partition, train: Seque
     atomic_write_json(tmp / MANIFEST, {
         "format": FORMAT, "kind": "sharded", "shards": len(names), "by": partition.by, "names": names,
         "sizes": partition.sizes(), "train_sha256": examples_hash(train), "n_train": len(train),
-        "adapter_sha256": {name: adapter_hash(tmp / name) for name in names},
+        "adapter_sha256": {name: adapter_hash(tmp / name) if (tmp / name).is_dir() else None for name in names},
         "router_sha256": sha256_file(tmp / ROUTER), **extra})
 
 
@@ -334,15 +346,18 @@ def _unlearn_shards(folder, train: Sequence[Example], requests: list[Request], o
     resolve(request, train)
     touched = sorted({partition.shard(e.id) for e in request.edits})
     new_train = apply_request(train, request)
-    for k in touched:
-        if not partition.members(k, new_train):
-            raise RequestError(f"the request removes every example of {sharded.names[k]}; a shard cannot be empty "
-                               f"(fine-tune with fewer shards)")
+    emptied = {k for k in touched if not partition.members(k, new_train)}
+    if not new_train:
+        raise RequestError("the request removes every example of every shard: nothing would be left to answer")
     start = time.perf_counter()
-    steps = sum(_steps(sharded.shard_dir(k)) for k in range(len(sharded.names)))  # every shard recorded, up front
+    steps = {k: _steps(sharded.shard_dir(k)) for k in sharded.live}  # every shard recorded, up front
     reports, replayed = {}, 0
     with atomic_dir(out, protect=(folder,), before_rename=before_rename) as tmp:
         for k, name in enumerate(sharded.names):
+            if k in emptied:  # retraining on nothing: no adapter (the router has no row left for it); no step run
+                continue
+            if k not in sharded.live:
+                continue
             if k not in touched:
                 shutil.copytree(sharded.shard_dir(k), tmp / name)
                 continue
@@ -357,7 +372,9 @@ def _unlearn_shards(folder, train: Sequence[Example], requests: list[Request], o
         report = {"status": "applied", "kind": "sharded-unlearn", "method": "rewind", "request": request.to_dict(),
                   "requests_sha256": [r.hash for r in requests],
                   "touched_shards": [sharded.names[k] for k in touched], "shards": len(sharded.names),
-                  "replayed_steps": replayed, "steps": steps, "replayed_share": replayed / max(1, steps),
+                  "emptied_shards": [sharded.names[k] for k in sorted(emptied)],
+                  "replayed_steps": replayed, "steps": sum(steps.values()),
+                  "replayed_share": replayed / max(1, sum(steps.values())),
                   "seconds": time.perf_counter() - start, "input": str(folder),
                   "input_train_sha256": sharded.train_sha256, "shard_reports": reports}
         _write_index(tmp, sharded.names, new_partition, new_train, _router_after(sharded, request, new_train, job), {
@@ -379,7 +396,7 @@ def _router_after(sharded: ShardedAdapter, request: Request, new_train: Sequence
     asked = [e.id for e in request.edits if e.op == "modify_query" and e.id in kept]
     if not asked:
         return router
-    record = TrainingRecord.read(sharded.shard_dir(0))
+    record = TrainingRecord.read(sharded.shard_dir(sharded.live[0]))
     model, task = _base_and_task(job.get("base_model", "default"), job.get("dtype", "float32"),
                                  job.get("device", "auto"), record.length, record.rendering)
     by_id = {e.id: e for e in new_train}

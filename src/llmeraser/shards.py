@@ -73,6 +73,10 @@ class Partition:
         except KeyError:
             raise DataError(f"example {example_id!r} is in no shard of this partition") from None
 
+    def empty(self) -> set[int]:
+        """The shards that hold no example (every one of them removed by a request)."""
+        return set(range(self.shards)) - set(self.shard_of.values())
+
     def sizes(self) -> list[int]:
         out = [0] * self.shards
         for s in self.shard_of.values():
@@ -111,10 +115,9 @@ class Partition:
                 isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < shards
                 for k, v in shard_of.items()):
             raise DataError(f"{where}: 'shard_of' must map example ids to shard indices 0..{shards - 1}")
-        empty = sorted(set(range(shards)) - set(shard_of.values()))
-        if empty:
-            raise DataError(f"{where}: shard(s) {empty} hold no example")
-        return cls(shards, by, dict(shard_of))
+        if not shard_of:
+            raise DataError(f"{where}: no example is in any shard")
+        return cls(shards, by, dict(shard_of))  # a shard may be empty: every example of it was removed
 
 
 def _key_hash(key: str) -> str:

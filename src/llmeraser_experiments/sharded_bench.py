@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 BY = "person"  # the record field naming the data subject: one person, one shard
 
 
-def shard_thetas(bench: PeopleBench, folder: Path, names: Sequence[str]) -> list[torch.Tensor]:
+def shard_thetas(bench: PeopleBench, folder: Path, names: Sequence[str]) -> list[torch.Tensor | None]:
     """Each shard adapter's weights as a θ of the bench's peft model (same LoRA layout), read from its safetensors
     with peft's own loader; the bench's θ is left as it was."""
     from peft import set_peft_model_state_dict
@@ -66,6 +66,9 @@ def shard_thetas(bench: PeopleBench, folder: Path, names: Sequence[str]) -> list
     saved, out = bench.view.vector(), []
     device = next(bench.model.parameters()).device
     for name in names:
+        if not (folder / name).is_dir():  # emptied by the request: no adapter, and the router sends nothing there
+            out.append(None)
+            continue
         result = set_peft_model_state_dict(bench.model, load_file(str(folder / name / ADAPTER_WEIGHTS),
                                                                   device=str(device)))
         if result.unexpected_keys:
@@ -217,7 +220,7 @@ def sharded_rows(bench: PeopleBench, split: Split, shards: int, work: Path, embe
                 report = unlearn_sharded(folder, bench.data.train, split.setting.request, after_dir,
                                          base_model=bench.base_path)
                 report["wall_seconds"], report["peak_mib"] = time.perf_counter() - start, mem.mib
-        except RequestError as e:  # a request that empties a shard is refused: a result of this S, not a crash
+        except RequestError as e:  # a request unlearn_sharded refuses: a result of this S, not a crash
             logger.warning("%s S=%d: %s", split.setting.name, shards, e)
             return [before, {"split": split.setting.name, "method": f"sharded S={shards}", "failed": str(e)}]
         atomic_write_json(work / f"{after_dir.name}.json", report)
@@ -226,7 +229,8 @@ def sharded_rows(bench: PeopleBench, split: Split, shards: int, work: Path, embe
     after = {"split": split.setting.name, "method": f"sharded S={shards}", "total": report["wall_seconds"],
              "time_ratio": report["wall_seconds"] / split.retrain_seconds,
              "rewind_ratio": rewind / split.retrain_seconds, "peak_mib": report["peak_mib"],
-             "touched_shards": report["touched_shards"], "replayed_share": report["replayed_share"],
+             "touched_shards": report["touched_shards"], "emptied_shards": report.get("emptied_shards", []),
+             "replayed_share": report["replayed_share"],
              "finetune_seconds": ft_seconds, "finetune_ratio": ft_seconds / finetune_seconds,
              **measure_sharded(bench, split, after_dir, shard_of, embed, retain, unseen)}
     after["cost"] = routing_cost(bench, after_dir, [*split.forget, *retain, *bench.data.general, *bench.data.heldout])
