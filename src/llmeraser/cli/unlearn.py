@@ -26,7 +26,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "examples, plus report.json (request hash, method and why, solver, damping, "
                                    "residual, timings, ‖Δθ‖). With the adapter's recorded trajectory the default "
                                    "(--method auto) rewinds exactly or replays the path; without, one influence "
-                                   "step (LLMEraser). The input adapter is never modified.",
+                                   "step (LLMEraser). A sharded adapter (finetune --shards) has only the shards a "
+                                   "request touches rewound. The input adapter is never modified.",
                        epilog="example: llmeraser unlearn --adapter adapters/original --train data/train.jsonl "
                               "--request request.json --out adapters/unlearned   (every default: --method auto "
                               "rewinds or replays the recorded path, else one influence step; 'llmeraser unlearn "
