@@ -113,7 +113,8 @@ class ShardedAdapter:
     @property
     def live(self) -> list[int]:
         """The shards that hold an adapter (not emptied by a request), in order."""
-        return [k for k in range(len(self.names)) if k not in self.partition.empty()]
+        empty = self.partition.empty()
+        return [k for k in range(len(self.names)) if k not in empty]
 
     def load(self, base: torch.nn.Module):
         """`base` with every shard's adapter loaded frozen, side by side under the shard names (peft's named
@@ -354,9 +355,7 @@ def _unlearn_shards(folder, train: Sequence[Example], requests: list[Request], o
     reports, replayed = {}, 0
     with atomic_dir(out, protect=(folder,), before_rename=before_rename) as tmp:
         for k, name in enumerate(sharded.names):
-            if k in emptied:  # retraining on nothing: no adapter (the router has no row left for it); no step run
-                continue
-            if k not in sharded.live:
+            if k in emptied or k not in steps:  # retraining on nothing leaves no adapter (nor router row); no step
                 continue
             if k not in touched:
                 shutil.copytree(sharded.shard_dir(k), tmp / name)
