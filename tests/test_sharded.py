@@ -211,6 +211,17 @@ def test_k_batched_requests_rewind_each_touched_shard_once_and_equal_applying_th
         a, b = (load_file(str(tmp_path / f / name / WEIGHTS)) for f in ("batched", "two"))
         assert all(torch.equal(a[t], b[t]) for t in a)
     assert json.loads((tmp_path / "batched" / "requests.json").read_text()) == [first.to_dict(), second.to_dict()]
+    # with a ledger: the same update, each request on its own row, verify passing
+    from llmeraser.ledger import Ledger
+
+    booked = unlearn_sharded(root / "in", train, [first, second], tmp_path / "booked", base_model=base,
+                             ledger=tmp_path / "book")
+    assert booked["seqs"] == [1, 2] and booked["replayed_steps"] == batched["replayed_steps"]
+    a, b = (load_file(str(tmp_path / f / whole.names[1] / WEIGHTS)) for f in ("batched", "booked"))
+    assert all(torch.equal(a[t], b[t]) for t in a)
+    with Ledger(tmp_path / "book", create=False) as book:
+        assert len(book.updates()) == 1 and [e.status for e in book.entries()] == ["applied"] * 2
+        assert book.verify() == []
 
 
 def test_evaluate_answers_each_example_with_the_shard_its_router_picks(sharded, tmp_path, capsys):

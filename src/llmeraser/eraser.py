@@ -388,12 +388,16 @@ def unlearn(model: torch.nn.Module, task: Task, train: Sequence[Example], reques
 
 
 def save_unlearned(model, out: str, update: Update, *, input_adapter: str | None = None,
-                   before_rename: Callable[[Path], None] | None = None) -> None:
+                   before_rename: Callable[[Path], None] | None = None,
+                   requests: Sequence[Request] | None = None) -> None:
     """Write the unlearned adapter, `report.json` and `request.json` to `out` atomically (never over the input);
-    `before_rename(tmp)` runs on the finished folder just before it is renamed into place."""
+    `before_rename(tmp)` runs on the finished folder just before it is renamed into place. `requests`: the requests
+    a batched update merged (`request.merge_requests`), kept as given in `requests.json`."""
     report = dict(update.report)
     if input_adapter is not None:
         report["input_adapter_sha256"] = adapter_hash(input_adapter)
     save_adapter(model, out, protect=(input_adapter,) if input_adapter else (), report=report,
-                 files={"request.json": update.request.to_dict()}, before_rename=before_rename,
+                 files={"request.json": update.request.to_dict()} | (
+                     {"requests.json": [r.to_dict() for r in requests]} if requests else {}),
+                 before_rename=before_rename,
                  write_more=(lambda tmp: write(update.trajectory, tmp)) if update.trajectory is not None else None)

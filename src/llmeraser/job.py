@@ -31,7 +31,7 @@ from llmeraser.params import ParamView, adapter_hash, check_adapter_dir
 from llmeraser.record import TrainingRecord
 from llmeraser.recording import read
 from llmeraser.replay import verify_recording
-from llmeraser.request import Request, apply_request, load_request
+from llmeraser.request import Request, apply_request, load_request, merge_requests
 from llmeraser.resources import OOM_ADVICE, device_memory
 from llmeraser.solvers.api import is_fitted
 from llmeraser.trajectory import Trajectory
@@ -50,12 +50,17 @@ class UnlearnResult:
     message: str
     out: str | None = None
     update: Update | None = None
-    seq: int | None = None
+    seqs: list[int] | None = None  # with a ledger: the numbers of the requests this update applied
     factors_note: str | None = None
 
     @property
     def report(self) -> dict | None:
         return self.update.report if self.update else None
+
+    @property
+    def seq(self) -> int | None:
+        """The ledger's number of the (last) request applied."""
+        return self.seqs[-1] if self.seqs else None
 
 
 class AdapterJob:
@@ -153,47 +158,53 @@ class AdapterJob:
         return record
 
     # ------------------------------------------------------------------------------------------------ unlearn
-    def unlearn(self, request: Request | str | os.PathLike, out: str | os.PathLike,
-                options: UnlearnOptions | None = None) -> UnlearnResult:
+    def unlearn(self, request: Request | str | os.PathLike | Sequence[Request | str | os.PathLike],
+                out: str | os.PathLike, options: UnlearnOptions | None = None) -> UnlearnResult:
         """Apply `request` to the adapter and write the new adapter, its report.json and request.json to `out`
         (atomically; the input is never touched).
 
         Args:
-            request: a Request or a request JSON path.
+            request: a Request or a request JSON path; or several, applied in order as one update
+                (`request.merge_requests`: one replay for all of them), each on record in the ledger.
             out: the new adapter folder (must not exist, or be empty).
             options: the update method and all it can be told (`updates.UnlearnOptions`: method, one-step, path and
                 refine arguments, damping, force, refit fraction, ledger, solver options); default: auto.
         """
         from llmeraser.io import check_output_paths
-        from llmeraser.ledger import Ledger
+        from llmeraser.ledger import Ledger, as_requests
 
         options = options or UnlearnOptions()
+        given = [request] if isinstance(request, Request | str | os.PathLike) else list(request)
+        paths = {f"request {k + 1}" if len(given) > 1 else "request": r for k, r in enumerate(given)
+                 if isinstance(r, str | os.PathLike)}
         check_output_paths(out, ledger=options.ledger, inputs={  # before anything is written, the ledger included
-            "adapter": self.adapter, "request": request if isinstance(request, str | os.PathLike) else None,
-            "base model": None if self.base_model == "default" else self.base_model})
-        request = load_request(request) if isinstance(request, str | os.PathLike) else request
+            "adapter": self.adapter, **paths, "base model": None if self.base_model == "default" else self.base_model})
+        requests = as_requests([load_request(r) if isinstance(r, str | os.PathLike) else r for r in given])
         out = str(out)
         distributed.check_same({"adapter": self.adapter_sha256, "training set": examples_hash(self.train),
-                                "request": request.hash}, "checking the inputs")
+                                "requests": [r.hash for r in requests]}, "checking the inputs")
         book = Ledger(options.ledger) if options.ledger and distributed.rank() == 0 else None  # rank 0's state
         try:
-            return self._unlearn(book, request, out, options)
+            return self._unlearn(book, requests, out, options)
         finally:
             if book:
                 book.close()
 
-    def _unlearn(self, book, request: Request, out: str, options: UnlearnOptions) -> UnlearnResult:
-        decision = distributed.on_rank0(lambda: self._preamble(book, request, out), "checking the request")
+    def _unlearn(self, book, requests: list[Request], out: str, options: UnlearnOptions) -> UnlearnResult:
+        decision = distributed.on_rank0(lambda: self._preamble(book, requests, out), "checking the request")
         if "done" in decision:
             return UnlearnResult(status=decision["status"], message=decision["done"], out=decision.get("out"))
         train = list(self.train)
         for earlier in decision["applied"]:  # the training set after the lineage's applied requests
             train = apply_request(train, Request.from_dict(earlier))
         self.check_data(train)
-        seq = distributed.on_rank0(lambda: book.begin(request, train, self.adapter, out) if book else None,
-                                   "recording the request")
+        request = merge_requests(requests, train) if len(requests) > 1 else requests[0]
+        batch = distributed.on_rank0(lambda: book.begin(requests, train, self.adapter, out) if book else None,
+                                     "recording the request")
         try:
             ctx = self.context(train, request)
+            if len(requests) > 1:
+                ctx.report["requests_sha256"] = [r.hash for r in requests]
             with device_memory(f"the {options.method!r} update of {len(train):,} examples", OOM_ADVICE["unlearn"]):
                 update = get_method(options.method).run(ctx, options)
             model, _ = self.model_and_task()
@@ -202,23 +213,23 @@ class AdapterJob:
             elif update.report.get("decision") != "declined":
                 ParamView(model).add_(update.delta)
 
-            def write() -> None:  # rank 0 writes; the others wait for it, so every rank exits with its outcome
+            def write() -> list[int] | None:  # rank 0 writes; the others wait for it: every rank exits with its outcome
                 save_unlearned(model, out, update, input_adapter=self.adapter,
-                               before_rename=(lambda tmp: book.stage(seq, tmp)) if book else None)
-                if book:
-                    book.finish(seq, update.report)
+                               requests=requests if len(requests) > 1 else None,
+                               before_rename=(lambda tmp: book.stage(batch, tmp)) if book else None)
+                return [e.seq for e in book.finish(batch, update.report)] if book else None
 
-            distributed.on_rank0(write, "writing the adapter")
+            seqs = distributed.on_rank0(write, "writing the adapter")
         except BaseException as e:
             if book:
-                book.fail(seq, e)
+                book.fail(batch, e)
             raise
         note = None
         if update.factors is not None and distributed.rank() == 0:
             note = self._hand_on(update.factors, ctx, out, options.refit_fraction)
         status = "declined" if update.report.get("decision") == "declined" else "applied"
-        return UnlearnResult(status=status, message=_summary(update, out, options.ledger, seq), out=out,
-                             update=update, seq=seq, factors_note=note)
+        return UnlearnResult(status=status, message=_summary(update, out, options.ledger, seqs), out=out,
+                             update=update, seqs=seqs, factors_note=note)
 
     def context(self, train: list[Example], request: Request) -> RequestContext:
         """The request's context on this adapter: its model and task, the record's l2 and the report's record
@@ -233,11 +244,11 @@ class AdapterJob:
             ctx.report["record_notes"] = notes
         return ctx
 
-    def _preamble(self, book, request: Request, out: str) -> dict:
-        """Rank 0: the ledger's say (already done, or the requests applied before this one) and the output check."""
+    def _preamble(self, book, requests: list[Request], out: str) -> dict:
+        """Rank 0: the ledger's say (already done, or the requests applied before these) and the output check."""
         from llmeraser.ledger import preamble
 
-        return preamble(book, self.adapter, self.train, request, out)
+        return preamble(book, self.adapter, self.train, requests, out)
 
     def trajectory(self, train: Sequence[Example]) -> tuple[Trajectory | None, str]:
         """(the adapter's recorded trajectory when it is the fine-tune of this adapter on `train`, else None; why
@@ -349,10 +360,11 @@ class AdapterJob:
         return result, path
 
 
-def _summary(update: Update, out: str, ledger, seq) -> str:
+def _summary(update: Update, out: str, ledger, seqs: list[int] | None) -> str:
     r = update.report
+    numbers = ", ".join(f"#{k}" for k in seqs or [])
     tail = (f"\nadapter: {out}\nreport:  {Path(out) / 'report.json'}"
-            + (f"\nledger:  {ledger} (request #{seq})" if ledger else ""))
+            + (f"\nledger:  {ledger} (request{'s' if len(seqs or []) > 1 else ''} {numbers})" if ledger else ""))
     if r.get("decision") == "declined":
         return f"declined: {r['reason']}" + tail
     choice = f"{r['update_choice']}\n" if "update_choice" in r else ""

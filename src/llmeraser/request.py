@@ -192,6 +192,10 @@ class Request:
             counts[e.op] += 1
         return counts
 
+    def summary(self) -> str:
+        """The counts as one line, e.g. ``"remove=2 correct_response=1"``."""
+        return " ".join(f"{k}={v}" for k, v in self.counts().items() if v)
+
 
 def load_request(path: str | os.PathLike) -> Request:
     """Read a request from a JSON file.

@@ -298,36 +298,33 @@ def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request
     the others, and write the new sharded folder `out` standing for the edited set. `job`: `AdapterJob`'s keyword
     arguments (base model, dtype, device, progress).
 
-    With `ledger` (one request at a time) the request is on record as for a single adapter (`ledger.Ledger`: the
-    lineage's head, an applied request a no-op, a cut-off run recovered, `ledger verify` over every file), and
-    `train` is the lineage's ORIGINAL set, the applied requests replayed on it.
+    With `ledger` the requests are on record as for a single adapter (`ledger.Ledger`: one row each, applied as one
+    update; the lineage's head, applied requests a no-op, a cut-off run recovered, `ledger verify` over every file),
+    and `train` is the lineage's ORIGINAL set, the applied requests replayed on it.
 
     Returns the report (also written as `out`/report.json, the requests as `out`/requests.json): status (applied;
     done or recovered with a ledger, with its message), the touched shards, each shard's rewind report, and the
     share of all shards' steps replayed."""
-    from llmeraser.errors import ConfigError
-    from llmeraser.ledger import Ledger, preamble
+    from llmeraser.ledger import Ledger, as_requests, preamble
 
-    requests = [request] if isinstance(request, Request) else list(request)
+    requests = as_requests(request)
     if ledger is None:
         return _unlearn_shards(folder, train, requests, out, job)
-    if len(requests) != 1:
-        raise ConfigError("the ledger records one request per update; give one request per run with a ledger")
     book = Ledger(ledger)
     try:
-        decision = preamble(book, folder, train, requests[0], out)
+        decision = preamble(book, folder, train, requests, out)
         if "done" in decision:
             return {"status": decision["status"], "out": decision["out"], "message": decision["done"]}
         for earlier in decision["applied"]:  # the set the lineage's head stands for
             train = apply_request(train, Request.from_dict(earlier))
-        seq = book.begin(requests[0], train, folder, out)
+        batch = book.begin(requests, train, folder, out)
         try:
-            report = _unlearn_shards(folder, train, requests, out, job, lambda tmp: book.stage(seq, tmp))
-            book.finish(seq, report)
+            report = _unlearn_shards(folder, train, requests, out, job, lambda tmp: book.stage(batch, tmp))
+            seqs = [e.seq for e in book.finish(batch, report)]
         except BaseException as e:
-            book.fail(seq, e)
+            book.fail(batch, e)
             raise
-        return report | {"seq": seq}
+        return report | {"seqs": seqs}
     finally:
         book.close()
 

@@ -33,10 +33,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                               "rewinds or replays the recorded path, else one influence step; 'llmeraser unlearn "
                               "... --method rewind' is exact retraining from the first edited step)")
     add_adapter_flags(p)
-    p.add_argument("--request", required=True, nargs="+",
+    p.add_argument("--request", nargs="+",
                    help='request JSON: {"edits": [{"op": "remove", "id": ...}, ...]}; several: applied in order, '
-                        'batched into one update (one replay for all of them; not with --ledger)')
-    p.add_argument("--out", required=True, help="new adapter folder (must not exist or be empty)")
+                        'batched into one update (one replay for all of them; with --ledger each on record)')
+    p.add_argument("--out", help="new adapter folder (must not exist or be empty)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
     p.add_argument("--method", default="auto", choices=method_names(), help=methods_help())
     add_fields(p, EraserArguments, skip=("solver_args", "progress", "l2", "damping", "method"), keep_default=False)
@@ -62,24 +62,31 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="record the request in the ledger in DIR (created on first use; its root is --adapter). "
                         "With a ledger, --train is the ORIGINAL training set: the applied requests are replayed "
                         "on it, --adapter must be the lineage's head, an applied request is a no-op")
+    when = p.add_argument_group("collecting requests until a deadline (with --ledger; docs/ledger.md#the-backlog)")
+    when.add_argument("--queue", action="store_true",
+                      help="put --request in the ledger's backlog instead of applying it (checked against the "
+                           "lineage now; no --out)")
+    when.add_argument("--deadline", default=None, metavar="WHEN",
+                      help="with --queue: by when the request must be applied: a duration (30d, 6h) or an ISO 8601 "
+                           "time (2027-01-31T00:00Z); default none (applied with the next batch)")
+    when.add_argument("--backlog", action="store_true",
+                      help="apply every queued request as one update (one replay for all; each on record) to --out")
+    when.add_argument("--due-within", default=None, metavar="DURATION",
+                      help="with --backlog: apply only when the earliest deadline is within DURATION (e.g. 6h: what "
+                           "the replay takes plus the time to the next run); otherwise write nothing and say when")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from llmeraser.eraser import EraserArguments
-    from llmeraser.errors import ConfigError
     from llmeraser.replay import PathArguments, RefineArguments
-    from llmeraser.request import load_request, merge_requests
     from llmeraser.sharded import is_sharded
     from llmeraser.updates import UnlearnOptions
 
-    requests = args.request
-    if len(requests) > 1 and args.ledger:
-        raise ConfigError("several --request files are batched into one update, which the ledger cannot yet record "
-                          "request by request; give one request per run with --ledger")
-    for path in requests:  # the output may overwrite none of them
-        check_outputs(argparse.Namespace(**{**vars(args), "request": path}), args.out, ledger=args.ledger)
+    requests = _requests(args)
+    if requests is None:  # queued, or nothing due
+        return 0
     if is_sharded(args.adapter):
         return _sharded(args, requests)
     damping = args.damping if args.damping in (None, "auto") else float_arg("--damping", args.damping)
@@ -90,21 +97,67 @@ def run(args: argparse.Namespace) -> int:
         solver_options=pick(args, solver_cls(), prefix="solver-"),
         path=PathArguments(**pick(args, PathArguments, prefix="path-")),
         refine=RefineArguments(**pick(args, RefineArguments, prefix="refine-")))
-    work = job(args, l2=args.l2)
-    request = requests[0] if len(requests) == 1 else merge_requests([load_request(r) for r in requests], work.train)
-    result = work.unlearn(request, args.out, options)
+    result = job(args, l2=args.l2).unlearn(requests, args.out, options)
     print(result.message)
     if result.factors_note:
         print(f"factors: {result.factors_note}")
     return 0
 
 
-def _sharded(args: argparse.Namespace, requests: list[str]) -> int:
+def _requests(args: argparse.Namespace) -> list | None:
+    """The requests to apply now — the --request files, or the ledger's backlog (`ledger.backlog.take`) — or None
+    when there is nothing to apply now: --queue put them in the backlog, or the backlog is not due (said, exit 0)."""
+    from llmeraser.errors import ConfigError
+    from llmeraser.ledger import Ledger
+    from llmeraser.ledger import backlog as bl
+    from llmeraser.request import load_request
+
+    if (args.queue or args.backlog) and not args.ledger:
+        raise ConfigError("--queue and --backlog work on a ledger's backlog: give --ledger DIR")
+    if args.queue == args.backlog == bool(args.request) or args.backlog and args.request:
+        raise ConfigError("give --request FILE… (to apply now, or with --queue to queue), or --backlog (to apply "
+                          "the queued requests)")
+    if (args.deadline and not args.queue) or (args.due_within and not args.backlog):
+        raise ConfigError("--deadline goes with --queue, --due-within with --backlog")
+    if not args.queue and not args.out:
+        raise ConfigError("--out is required (the new adapter folder)")
+    if args.queue and args.out:
+        raise ConfigError("--queue writes no adapter: drop --out (apply the backlog later with --backlog --out)")
+    for path in args.request or [None]:  # before anything is written: neither output may overwrite an input
+        given = argparse.Namespace(**{**vars(args), "request": path})
+        if args.queue:
+            check_outputs(given, args.ledger, new=False, what="ledger")
+        else:
+            check_outputs(given, args.out, ledger=args.ledger)
+    if not (args.queue or args.backlog):
+        return [load_request(r) for r in args.request]
+    now = bl.now()
+    with Ledger(args.ledger, create=args.queue) as book:
+        if args.queue:
+            due = bl.deadline(args.deadline, now) if args.deadline else None
+            print(bl.submit(book, [load_request(r) for r in args.request], _train(args), args.adapter, due=due,
+                            now=now))
+            return None
+        requests, why = bl.take(book, bl.duration(args.due_within) if args.due_within else None, now)
+    print(why)
+    return requests or None
+
+
+def _train(args: argparse.Namespace) -> list:
+    """The training set as the adapter reads it (a single adapter's record fields, or a sharded folder's)."""
+    from llmeraser.cli.common import fields
+    from llmeraser.sharded import ShardedAdapter, is_sharded
+
+    if is_sharded(args.adapter):
+        return ShardedAdapter.read(args.adapter).load_train(args.train, fields(args))
+    return job(args).train
+
+
+def _sharded(args: argparse.Namespace, requests: list) -> int:
     """A sharded adapter (`sharded.unlearn_sharded`): the touched shards rewound, exactly; one-step and path options
     do not apply."""
     from llmeraser.cli.common import fields
     from llmeraser.errors import ConfigError
-    from llmeraser.request import load_request
     from llmeraser.sharded import ShardedAdapter, unlearn_sharded
 
     if args.method not in ("auto", "rewind"):
@@ -112,7 +165,7 @@ def _sharded(args: argparse.Namespace, requests: list[str]) -> int:
                           f"retraining of those shards); --method {args.method} does not apply to it")
     sharded = ShardedAdapter.read(args.adapter)
     train = sharded.load_train(args.train, fields(args))
-    report = unlearn_sharded(args.adapter, train, [load_request(r) for r in requests], args.out, ledger=args.ledger,
+    report = unlearn_sharded(args.adapter, train, requests, args.out, ledger=args.ledger,
                              base_model=args.base_model, dtype=args.dtype, device=args.device,
                              progress=not args.quiet)
     if report["status"] != "applied":
