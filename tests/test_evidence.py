@@ -96,3 +96,143 @@ def test_scores_bad_input(lm):
             ev.membership_scores(model, task, examples, **kwargs)
     with pytest.raises(ev.ConfigError, match="at least one example"):
         ev.membership_scores(model, task, [])
+
+
+# ------------------------------------------------------------------------------------------ two-sample statistics
+def samples(m: int, n: int, seed: int, *, ties: bool = False, shift: float = 0.0):
+    rng = random.Random(seed)
+    draw = (lambda: round(rng.gauss(0, 1), 1)) if ties else (lambda: rng.gauss(0, 1))
+    return [draw() + shift for _ in range(m)], [draw() for _ in range(n)]
+
+
+SIZES = [(1, 1), (1, 7), (3, 5), (5, 5), (4, 12), (7, 13), (20, 20), (30, 45), (12, 9)]
+
+
+@pytest.mark.parametrize("m, n", SIZES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_ks_matches_scipy_exact(m, n, ties):
+    """D equals scipy's exactly (both are counts over m·n); p agrees to 1e-12 absolute or 1e-9 relative: ours is
+    exact (integer path counts, one rounding), scipy's sums the same counts in floats."""
+    from scipy.stats import ks_2samp
+
+    for seed, shift in itertools.product(range(3), (0.0, 0.8, 3.0)):
+        x, y = samples(m, n, seed, ties=ties, shift=shift)
+        d, p = ev.ks_2samp(x, y)
+        ref = ks_2samp(x, y, method="exact")
+        assert d == pytest.approx(ref.statistic, abs=1e-15)
+        assert p == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-12), (m, n, seed, shift)
+
+
+def test_ks_asymptotic_is_kolmogorovs_limit(monkeypatch):
+    """Beyond EXACT_KS the p-value is Kolmogorov's limit at √(mn/(m+n))·D (scipy's kstwobign), D as scipy's; the
+    limit itself matches kstwobign to 1e-12 on both sides of z = 1 (the two series)."""
+    from scipy.stats import ks_2samp, kstwobign
+
+    for z in (0.05, 0.3, 0.7, 0.99, 1.0, 1.3, 2.0, 4.0):
+        assert ev.kolmogorov_sf(z) == pytest.approx(float(kstwobign.sf(z)), abs=1e-12)
+    monkeypatch.setattr(ev, "EXACT_KS", 100)
+    x, y = samples(30, 45, 1, shift=0.5)
+    d, p = ev.ks_2samp(x, y)
+    assert d == pytest.approx(ks_2samp(x, y).statistic, abs=1e-15)
+    assert p == pytest.approx(float(kstwobign.sf(math.sqrt(30 * 45 / 75) * d)), abs=1e-12)
+
+
+def test_mann_whitney_counts_and_p_match_enumeration_and_scipy(monkeypatch):
+    """The U counts equal a brute-force enumeration of orderings; p matches scipy's exact mannwhitneyu without ties
+    (1e-12: both exact, ours in integers) and its asymptotic one (tie and continuity corrected) with ties (1e-12)."""
+    from scipy.stats import mannwhitneyu
+
+    for m, n in ((1, 4), (3, 3), (2, 5), (4, 6)):
+        counts = [0] * (m * n + 1)
+        for xs in itertools.combinations(range(m + n), m):  # positions of the x's in the sorted order
+            counts[sum(p - i for i, p in enumerate(xs))] += 1  # each x is above the y's before it
+        assert ev._mw_counts(m, n) == counts
+    for (m, n), shift in itertools.product(SIZES, (0.0, 1.0)):
+        x, y = samples(m, n, 7, shift=shift)
+        ref = mannwhitneyu(x, y, method="exact").pvalue
+        assert ev.mann_whitney_p(x, y) == pytest.approx(ref, rel=1e-9, abs=1e-12)
+        x, y = samples(m, n, 7, ties=True, shift=shift)
+        if len(set(x + y)) > 1:  # rounded draws: mostly tied (asymptotic), a few draws without a tie (exact)
+            ref = mannwhitneyu(x, y, method="exact" if len(set(x + y)) == m + n else "asymptotic").pvalue
+            assert ev.mann_whitney_p(x, y) == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    monkeypatch.setattr(ev, "EXACT_MW", 10)  # large samples without ties: the normal approximation
+    x, y = samples(30, 45, 2, shift=0.3)
+    assert ev.mann_whitney_p(x, y) == pytest.approx(mannwhitneyu(x, y, method="asymptotic").pvalue, rel=1e-9)
+
+
+def test_delong_matches_its_definition():
+    """AUC and DeLong's standard error equal the O(mn) definitions (placements over all pairs), to 1e-12."""
+    from llmeraser.metrics import roc_auc
+
+    for ties in (False, True):
+        x, y = samples(9, 14, 3, ties=ties, shift=0.4)
+        psi = [[1.0 if a > b else 0.5 if a == b else 0.0 for b in y] for a in x]
+        v10, v01 = [sum(r) / len(y) for r in psi], [sum(c) / len(x) for c in zip(*psi, strict=True)]
+        auc = sum(v10) / len(x)
+        var = (sum((v - auc) ** 2 for v in v10) / (len(x) - 1) / len(x)
+               + sum((v - auc) ** 2 for v in v01) / (len(y) - 1) / len(y))
+        got, se = ev.auc_delong(x, y)
+        assert got == pytest.approx(auc, abs=1e-12) and se == pytest.approx(math.sqrt(var), abs=1e-12)
+        assert got == pytest.approx(roc_auc(x + y, [1] * len(x) + [0] * len(y)), abs=1e-12)
+    assert ev.auc_delong([1.0], [0.0, 2.0])[1] is None
+
+
+def test_min_holdout_is_where_perfect_separation_becomes_significant():
+    """min_holdout(m) is the least n at which m examples all above n holdout scores give p < α/2, by both the exact
+    Mann–Whitney and the exact KS p-value; with one fewer neither test can."""
+    for m in (1, 2, 3, 5, 8):
+        n = ev.min_holdout(m)
+        for size, significant in ((n, True), (n - 1, False)):
+            if size < 1:
+                continue
+            x, y = [1000.0 + i for i in range(m)], [float(j) for j in range(size)]
+            assert (ev.mann_whitney_p(x, y) < ev.ALPHA / 2) is significant, (m, size)
+            assert (ev.ks_2samp(x, y)[1] < ev.ALPHA / 2) is significant, (m, size)
+    assert ev.min_holdout(1) == 80  # 2 / (1 + n) < 0.025
+    with pytest.raises(ev.HoldoutError):
+        ev.min_holdout(0)
+
+
+def test_holdout_size_reaches_the_resolution():
+    z = ev.NormalDist().inv_cdf(1 - ev.ALPHA / 4)
+    for m, r in ((20, 0.15), (50, 0.1), (200, 0.05)):
+        n = ev.holdout_size(m, r)
+        assert z * math.sqrt((m + n + 1) / (12 * m * n)) <= r < z * math.sqrt((m + n) / (12 * m * (n - 1)))
+    assert ev.holdout_size(5, 0.1) is None  # five examples never resolve 0.1, however large the holdout
+
+
+# ------------------------------------------------------------------------------------------------ the verdict
+def synthetic(m: int, n: int, seed: int, shift: float) -> tuple[ev.Scores, ev.Scores]:
+    """Member and holdout scores; shift > 0 makes the members' loss lower (more familiar), min-k%++ higher."""
+    x, y = samples(m, n, seed, shift=shift)
+    mk_x, mk_y = samples(m, n, seed + 1000, shift=shift)
+    return (ev.Scores(tuple(f"m{i}" for i in range(m)), tuple(-v for v in x), tuple(mk_x)),
+            ev.Scores(tuple(f"h{i}" for i in range(n)), tuple(-v for v in y), tuple(mk_y)))
+
+
+def test_verdict_on_known_cases():
+    more = ev.membership_test(*synthetic(20, 40, 0, 2.0))
+    less = ev.membership_test(*synthetic(20, 40, 0, -2.0))
+    like = ev.membership_test(*synthetic(20, 40, 0, 0.0))
+    assert more.verdict == ev.MORE and all(t.auc > 0.8 and t.ci[0] > 0.5 for t in more.tests)
+    assert less.verdict == ev.LESS and all(t.auc < 0.2 for t in less.tests)
+    assert like.verdict == ev.LIKE and all(t.p_auc >= ev.ALPHA / 2 for t in like.tests)
+    assert more.score("loss").mean_members < more.score("loss").mean_holdout
+
+
+def test_false_alarms_stay_below_alpha():
+    """Members and holdout drawn from one distribution: over 300 draws the test says anything but LIKE at most α of
+    the time, plus 3 binomial standard deviations (√(0.05·0.95/300) = 0.0126)."""
+    alarms = sum(ev.membership_test(*synthetic(15, 25, seed, 0.0)).verdict != ev.LIKE for seed in range(300))
+    assert alarms / 300 <= ev.ALPHA + 3 * 0.0126
+
+
+def test_records_round_trip_through_json():
+    before = ev.membership_test(*synthetic(12, 30, 1, 2.0))
+    after = ev.membership_test(*synthetic(12, 30, 1, 0.0))
+    record = ev.Comparison(before, after)
+    back = ev.Comparison.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert back == record
+    d = record.to_dict()
+    assert d["auc_change"]["loss"] == pytest.approx(after.score("loss").auc - before.score("loss").auc)
+    assert before.verdict in record.summary() and "membership test: 12 examples" in before.table()

@@ -43,7 +43,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from statistics import NormalDist
 
@@ -161,3 +161,288 @@ def membership_scores(model: torch.nn.Module, task: CausalLMTask, examples: Sequ
         raise ConfigError(f"{len(empty)} example(s) have no token the loss is taken on (cut by max_length?), e.g. "
                           f"{', '.join(map(repr, empty[:3]))}: no membership score")
     return Scores(tuple(e.id for e in examples), tuple(loss), tuple(mink), k)
+
+
+# ------------------------------------------------------------------------------------------ two-sample statistics
+def _midranks(values: Sequence[float]) -> tuple[list[float], list[int]]:
+    """(1-based ranks of `values`, ties sharing their mean rank; the sizes of the groups of ties)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks, ties, i = [0.0] * len(values), [], 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            ranks[order[t]] = (i + j) / 2 + 1
+        ties.append(j - i + 1)
+        i = j + 1
+    return ranks, ties
+
+
+def _check_samples(x: Sequence[float], y: Sequence[float]) -> None:
+    if not x or not y:
+        raise ConfigError(f"a two-sample test needs two non-empty samples, got {len(x)} and {len(y)} values")
+    if not all(math.isfinite(v) for v in (*x, *y)):
+        raise ConfigError("a two-sample test needs finite values")
+
+
+def auc_delong(x: Sequence[float], y: Sequence[float]) -> tuple[float, float | None]:
+    """(AUC = P(X > Y) + ½ P(X = Y), DeLong's standard error; None when a sample has one value).
+
+    DeLong, DeLong & Clarke-Pearson (1988): with V10ᵢ the fraction of y below xᵢ (ties ½) and V01ⱼ the fraction of x
+    above yⱼ, Var(AUC) ≈ s²(V10)/m + s²(V01)/n. Both come from midranks: V10ᵢ = (rank of xᵢ in x ∪ y − its rank in
+    x)/n, in O(N log N)."""
+    _check_samples(x, y)
+    m, n = len(x), len(y)
+    pooled, _ = _midranks([*x, *y])
+    v10 = [(r - s) / n for r, s in zip(pooled[:m], _midranks(x)[0], strict=True)]
+    v01 = [1 - (r - s) / m for r, s in zip(pooled[m:], _midranks(y)[0], strict=True)]
+    auc = sum(v10) / m
+    if m < 2 or n < 2:
+        return auc, None
+    s10 = sum((v - auc) ** 2 for v in v10) / (m - 1)
+    s01 = sum((v - auc) ** 2 for v in v01) / (n - 1)
+    return auc, math.sqrt(s10 / m + s01 / n)
+
+
+def _mw_counts(m: int, n: int) -> list[int]:
+    """The number of orderings of m x's and n y's with U = u (pairs with x above y), u = 0..mn: the coefficients of
+    the Gaussian binomial [m+n choose m]_q = Π_{i ≤ s} (1 − q^{t+i}) / (1 − q^i), s = min(m, n), t = max(m, n)."""
+    s, t = min(m, n), max(m, n)
+    poly = [1]
+    for i in range(1, s + 1):
+        poly = poly + [0] * (t + i)
+        for u in range(len(poly) - 1, t + i - 1, -1):  # × (1 − q^{t+i})
+            poly[u] -= poly[u - t - i]
+        for u in range(i, len(poly)):  # ÷ (1 − q^i): exact, the quotient's coefficients are counts
+            poly[u] += poly[u - i]
+        while len(poly) > 1 and poly[-1] == 0:
+            poly.pop()
+    return poly
+
+
+def mann_whitney_p(x: Sequence[float], y: Sequence[float]) -> float:
+    """Two-sided p-value of AUC = 0.5 (no shift between X and Y), as scipy's `mannwhitneyu`: exact (the counts of
+    `_mw_counts`) without ties when min(m, n)·m·n ≤ EXACT_MW, else normal with the tie-corrected variance and a
+    continuity correction of ½."""
+    _check_samples(x, y)
+    m, n = len(x), len(y)
+    ranks, ties = _midranks([*x, *y])
+    u = sum(ranks[:m]) - m * (m + 1) / 2
+    far = max(u, m * n - u)
+    if len(ties) == m + n and min(m, n) * m * n <= EXACT_MW:
+        counts = _mw_counts(m, n)
+        return min(1.0, float(Fraction(2 * sum(counts[int(far):]), math.comb(m + n, m))))
+    big = m + n
+    var = m * n / 12 * ((big + 1) - sum(t ** 3 - t for t in ties) / (big * (big - 1)))
+    if var <= 0:  # every value tied: nothing tells the samples apart
+        return 1.0
+    z = (far - m * n / 2 - 0.5) / math.sqrt(var)
+    return min(1.0, max(0.0, math.erfc(z / math.sqrt(2))))
+
+
+def kolmogorov_sf(z: float) -> float:
+    """P(K > z) for Kolmogorov's limit distribution K: 2 Σ (−1)^(j−1) e^(−2j²z²), or for small z 1 − √(2π)/z
+    Σ e^(−(2j−1)²π²/(8z²)) (both series converge fast on their side of 1)."""
+    if z <= 0:
+        return 1.0
+    if z < 1:
+        terms = sum(math.exp(-((2 * j - 1) ** 2) * math.pi ** 2 / (8 * z * z)) for j in range(1, 20))
+        return 1.0 - math.sqrt(2 * math.pi) / z * terms
+    return min(1.0, 2 * sum((-1) ** (j - 1) * math.exp(-2 * j * j * z * z) for j in range(1, 101)))
+
+
+def ks_2samp(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """(D, two-sided p) of the two-sample Kolmogorov–Smirnov test. D = max |F_x − F_y| over the pooled values, held as
+    the integer h = max |cₓ·n − c_y·m| / gcd(m, n) (so that the test below needs no float comparison). For m·n ≤
+    EXACT_KS p is exact: 1 − (lattice paths from (0, 0) to (m, n) with every |i·n − j·m| < h·g) / C(m+n, m), counted
+    in integers (scipy's `ks_2samp(method='exact')`); beyond, Kolmogorov's limit at √(mn/(m+n))·D."""
+    _check_samples(x, y)
+    m, n, g = len(x), len(y), math.gcd(len(x), len(y))
+    xs, ys = sorted(x), sorted(y)
+    span = max(abs(bisect.bisect_right(xs, v) * n - bisect.bisect_right(ys, v) * m) for v in (*xs, *ys))
+    h, d = span // g, span / (m * n)
+    if h == 0:
+        return d, 1.0
+    if m * n > EXACT_KS:
+        return d, kolmogorov_sf(math.sqrt(m * n / (m + n)) * d)
+    row = [1 if abs(j * m) < span else 0 for j in range(n + 1)]  # i = 0
+    for j in range(1, n + 1):
+        row[j] = row[j - 1] if row[j] else 0
+    for i in range(1, m + 1):
+        new = [0] * (n + 1)
+        for j in range(n + 1):
+            if abs(i * n - j * m) < span:
+                new[j] = row[j] + (new[j - 1] if j else 0)
+        row = new
+    total = math.comb(m + n, m)
+    return d, float(Fraction(total - row[n], total))
+
+
+# ------------------------------------------------------------------------------------------------ the membership test
+def min_holdout(n_members: int, alpha: float = ALPHA, n_scores: int = len(SCORES)) -> int:
+    """The smallest holdout for which the test can say anything: the least n with 2 / C(m + n, m) < α / n_scores, the
+    exact two-sided p-value (Mann–Whitney's and KS's alike) of m examples perfectly separated from n."""
+    if n_members < 1:
+        raise HoldoutError("the membership test needs at least one example to test")
+    n, level = 1, alpha / n_scores
+    while 2 / math.comb(n_members + n, n_members) >= level:
+        n += 1
+    return n
+
+
+def holdout_size(n_members: int, resolution: float, alpha: float = ALPHA, n_scores: int = len(SCORES)) -> int | None:
+    """The smallest holdout with which the test tells |AUC − 0.5| ≥ `resolution` from noise: z·√((m+n+1)/(12mn)) ≤
+    resolution, z the normal quantile of 1 − α/(2·n_scores); None when no holdout suffices (too few examples: the band
+    stays above z/√(12m) however large the holdout)."""
+    c = (resolution / NormalDist().inv_cdf(1 - alpha / (2 * n_scores))) ** 2
+    if 12 * n_members * c <= 1:
+        return None
+    return max(min_holdout(n_members, alpha, n_scores), math.ceil((n_members + 1) / (12 * n_members * c - 1)))
+
+
+@dataclass(frozen=True)
+class ScoreTest:
+    """One score's comparison of the examples (members) with the holdout; AUC oriented: > 0.5 = more familiar."""
+
+    score: str
+    mean_members: float
+    mean_holdout: float
+    auc: float
+    ci: tuple[float, float] | None  # DeLong's 95% interval, clipped to [0, 1]; None with a sample of one
+    p_auc: float
+    ks: float
+    ks_p: float
+    verdict: str
+
+
+@dataclass(frozen=True)
+class MembershipTest:
+    """The membership test of `n_members` examples against `n_holdout` holdout examples (`membership_test`)."""
+
+    n_members: int
+    n_holdout: int
+    alpha: float
+    resolution: float
+    tests: tuple[ScoreTest, ...]
+    verdict: str
+    k: float = MIN_K
+
+    def to_dict(self) -> dict:
+        return {"n_members": self.n_members, "n_holdout": self.n_holdout, "alpha": self.alpha, "k": self.k,
+                "resolution": self.resolution, "verdict": self.verdict,
+                "scores": {t.score: {**asdict(t), "ci": list(t.ci) if t.ci else None} for t in self.tests}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MembershipTest:
+        tests = tuple(ScoreTest(**{**t, "ci": tuple(t["ci"]) if t.get("ci") else None}) for t in d["scores"].values())
+        return cls(d["n_members"], d["n_holdout"], d["alpha"], d["resolution"], tests, d["verdict"], d.get("k", MIN_K))
+
+    def score(self, name: str) -> ScoreTest:
+        return next(t for t in self.tests if t.score == name)
+
+    def table(self) -> str:
+        """The test as a text table, with how to read it."""
+        head = (f"membership test: {self.n_members} examples against a holdout of {self.n_holdout} "
+                f"(α = {self.alpha:g}, {self.alpha / len(self.tests):g} per score)")
+        rows = [("score", "examples", "holdout", "AUC", "95% CI", "p(AUC=0.5)", "KS p", "verdict")]
+        for t in self.tests:
+            ci = f"[{t.ci[0]:.2f}, {t.ci[1]:.2f}]" if t.ci else "-"
+            name = "loss" if t.score == "loss" else f"min-{self.k:.0%}++"
+            rows.append((name, f"{t.mean_members:.4g}", f"{t.mean_holdout:.4g}", f"{t.auc:.3f}", ci,
+                         f"{t.p_auc:.2g}", f"{t.ks_p:.2g}", t.verdict))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        return "\n".join([head, *lines, f"verdict: {self.verdict}",
+                          f"(AUC: the chance an example looks more familiar than a holdout example; 0.5 = "
+                          f"indistinguishable. At these sizes the test sees |AUC − 0.5| ≥ {self.resolution:.2f}.)"])
+
+
+def evidence(model: torch.nn.Module, task: CausalLMTask, members: Sequence[Example], holdout: Sequence[Example], *,
+             k: float = MIN_K, batch_size: int = 8, alpha: float = ALPHA) -> MembershipTest:
+    """`membership_test` of `members` against `holdout` under `model` (scores by `membership_scores`); check the
+    holdout first (`check_holdout`)."""
+    scores = [membership_scores(model, task, s, k=k, batch_size=batch_size) for s in (members, holdout)]
+    return membership_test(*scores, alpha=alpha)
+
+
+def _verdict(auc: float, p: float, level: float) -> str:
+    return LIKE if p >= level else (MORE if auc > 0.5 else LESS)
+
+
+def membership_test(members: Scores, holdout: Scores, *, alpha: float = ALPHA) -> MembershipTest:
+    """The test of the examples' scores against the holdout's (see the module's docstring), every score at α / 2."""
+    if not 0 < alpha < 1:
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
+    m, n = len(members.ids), len(holdout.ids)
+    if min(m, n) < 1:
+        raise HoldoutError(f"the membership test needs examples and a holdout, got {m} and {n}")
+    level = alpha / len(SCORES)
+    tests = []
+    for name in SCORES:
+        x, y = members.familiarity(name), holdout.familiarity(name)
+        auc, se = auc_delong(x, y)
+        half = None if se is None else NormalDist().inv_cdf(0.975) * se
+        ks, ks_p = ks_2samp(x, y)
+        p = mann_whitney_p(x, y)
+        tests.append(ScoreTest(name, sum(getattr(members, name)) / m, sum(getattr(holdout, name)) / n, auc,
+                               None if half is None else (max(0.0, auc - half), min(1.0, auc + half)), p, ks, ks_p,
+                               _verdict(auc, p, level)))
+    said = {t.verdict for t in tests}
+    verdict = MORE if MORE in said else LESS if LESS in said else LIKE
+    resolution = NormalDist().inv_cdf(1 - level / 2) * math.sqrt((m + n + 1) / (12 * m * n))
+    return MembershipTest(m, n, alpha, resolution, tuple(tests), verdict, members.k)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The same membership test on the model before and after a request (what a report holds)."""
+
+    before: MembershipTest
+    after: MembershipTest
+
+    def to_dict(self) -> dict:
+        moved = {t.score: t.auc - self.before.score(t.score).auc for t in self.after.tests}
+        return {"before": self.before.to_dict(), "after": self.after.to_dict(), "auc_change": moved}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Comparison:
+        return cls(MembershipTest.from_dict(d["before"]), MembershipTest.from_dict(d["after"]))
+
+    def summary(self) -> str:
+        aucs = ", ".join(f"{t.score} AUC {self.before.score(t.score).auc:.3f} → {t.auc:.3f}" for t in self.after.tests)
+        return f"before: {self.before.verdict}; after: {self.after.verdict} ({aucs})"
+
+
+# --------------------------------------------------------------------------------------------- holdout checks
+def _kind(e: Example) -> str:
+    return f"{'chat' if e.is_chat else 'text'} '{e.shape}'"
+
+
+def check_holdout(holdout: Sequence[Example], *, train: Sequence[Example] | None = None,
+                  members: Sequence[Example] = (), alpha: float = ALPHA) -> None:
+    """Refuse a holdout the test cannot use (HoldoutError, one line): records of another kind or shape than the
+    training data (or, without it, the examples: text vs chat, prompt-response / prompt-completion / messages /
+    text); ids, or prompt and response, that are in the training set or among the examples; fewer than
+    `min_holdout(len(members))` examples."""
+    reference = list(train) if train else list(members)
+    kinds, theirs = {_kind(e) for e in holdout}, {_kind(e) for e in reference}
+    if reference and not kinds <= theirs:
+        raise HoldoutError(f"the holdout holds {', '.join(sorted(kinds - theirs))} records, the "
+                           f"{'training data' if train else 'examples'} {', '.join(sorted(theirs))}: a holdout must be "
+                           f"of the same kind and format as the data the adapter was trained on")
+    seen = [*(train or ()), *members]
+    ids, contents = {e.id for e in seen}, {(e.prompt, e.response) for e in seen}
+    clash = [e.id for e in holdout if e.id in ids or (e.prompt, e.response) in contents]
+    if clash:
+        more = ", ..." if len(clash) > 5 else ""
+        raise HoldoutError(f"{len(clash)} holdout example(s) are in the training set or among the examples tested "
+                           f"(by id or by content): {', '.join(map(repr, clash[:5]))}{more}; a holdout must be "
+                           f"examples the adapter never saw")
+    if members:
+        need = min_holdout(len(members), alpha)
+        if len(holdout) < need:
+            raise HoldoutError(f"a holdout of {len(holdout)} is too small for {len(members)} examples: the test can "
+                               f"reach p < {alpha / len(SCORES):g} (α = {alpha:g} over {len(SCORES)} scores) only with "
+                               f"≥ {need} holdout examples, and tells |AUC − 0.5| ≥ 0.1 only with "
+                               f"{holdout_size(len(members), 0.1, alpha) or 'more examples to test than these'}")
