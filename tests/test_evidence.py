@@ -13,7 +13,7 @@ import torch
 from fixtures.tiny import tiny_lora_lm
 
 from llmeraser import evidence as ev
-from llmeraser.data import Example
+from llmeraser.data import Example, Message
 from llmeraser.task import IGNORE_INDEX
 
 
@@ -236,3 +236,68 @@ def test_records_round_trip_through_json():
     d = record.to_dict()
     assert d["auc_change"]["loss"] == pytest.approx(after.score("loss").auc - before.score("loss").auc)
     assert before.verdict in record.summary() and "membership test: 12 examples" in before.table()
+
+
+def codes(n: int, seed: int, start: int = 0) -> list[Example]:
+    """n examples from one generator: a numbered code and four random words (nothing to learn but by heart)."""
+    from llmeraser.testing import ANIMALS, COLORS
+
+    rng = random.Random(seed)
+    words = ANIMALS + COLORS
+    return [Example(f"c{start + i}", f"Code {start + i}:", " " + " ".join(rng.choice(words) for _ in range(4)))
+            for i in range(n)]
+
+
+def test_the_verdict_on_a_model_that_memorised_its_examples():
+    """Eight examples, and a holdout of 30 from the same generator: on the model before fine-tuning they look like
+    the holdout; after fine-tuning hard on the eight, they are more familiar (AUC 1 by both scores)."""
+    from llmeraser.task import CausalLMTask
+    from llmeraser.testing import tiny_llama, tiny_lora, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_lora(tiny_llama(len(tok), hidden=16, dtype=torch.float32, init_std=0.3), r=4)
+    task = CausalLMTask(tok, max_length=24)
+    members, holdout = codes(8, 0), codes(30, 1, start=100)
+    ev.check_holdout(holdout, train=members, members=members)
+    before = ev.evidence(model, task, members, holdout)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=3e-2)
+    batch = task.collate(members)
+    model.train()
+    for _ in range(150):
+        opt.zero_grad()
+        task.loss(task.forward(model, batch), batch).mean().backward()
+        opt.step()
+    after = ev.evidence(model, task, members, holdout)
+    assert before.verdict == ev.LIKE, before.table()
+    assert after.verdict == ev.MORE and after.score("loss").auc == 1.0, after.table()
+    assert after.score("min_k_pp").auc > 0.9, after.table()
+    assert "before: looks like the holdout; after: more familiar" in ev.Comparison(before, after).summary()
+
+
+# ----------------------------------------------------------------------------------------------- holdout checks
+def test_bad_holdouts_are_refused_with_one_line():
+    from llmeraser.errors import UserInputError
+
+    train, members = codes(20, 0), codes(20, 0)[:4]
+    chat = [Example(f"h{i}", (Message("user", "hi"),), (Message("assistant", f"hello {i}"),), shape="messages")
+            for i in range(30)]
+    completion = [Example(f"h{i}", "Code:", " cat", shape="prompt-completion") for i in range(30)]
+    cases = [
+        (chat, "holdout holds chat 'messages' records, the training data text 'prompt-response'"),
+        (completion, "text 'prompt-completion' records"),
+        (codes(30, 5, start=15), "5 holdout example(s) are in the training set or among the examples tested (by id "
+                                 "or by content): 'c15', 'c16', 'c17', 'c18', 'c19'"),
+        ([Example("new", train[3].prompt, train[3].response), *codes(30, 9, start=100)], "'new'"),
+        (codes(4, 9, start=100), "a holdout of 4 is too small for 4 examples"),
+    ]
+    for holdout, expect in cases:
+        with pytest.raises(ev.HoldoutError) as info:
+            ev.check_holdout(holdout, train=train, members=members)
+        assert isinstance(info.value, UserInputError)
+        message = str(info.value)
+        assert expect in message and "\n" not in message, message
+    n = ev.min_holdout(4)
+    ev.check_holdout(codes(n, 9, start=100), train=train, members=members)  # just big enough
+    with pytest.raises(ev.HoldoutError, match=f"only with ≥ {n} holdout examples"):
+        ev.check_holdout(codes(n - 1, 9, start=100), train=train, members=members)
