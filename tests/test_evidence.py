@@ -239,13 +239,15 @@ def test_records_round_trip_through_json():
 
 
 def codes(n: int, seed: int, start: int = 0) -> list[Example]:
-    """n examples from one generator: a numbered code and four random words (nothing to learn but by heart)."""
+    """n examples from one generator: a random code and four random words (nothing to learn but by heart). The
+    prompt must not depend on the id: members numbered 0-3 against a holdout numbered 100-129 differ in their
+    prompts, and the base model's scores tell them apart (min-k%++ did here, p = 0.013)."""
     from llmeraser.testing import ANIMALS, COLORS
 
     rng = random.Random(seed)
     words = ANIMALS + COLORS
-    return [Example(f"c{start + i}", f"Code {start + i}:", " " + " ".join(rng.choice(words) for _ in range(4)))
-            for i in range(n)]
+    return [Example(f"c{start + i}", f"Code {rng.randrange(100, 1000)}:",
+                    " " + " ".join(rng.choice(words) for _ in range(4))) for i in range(n)]
 
 
 def test_the_verdict_on_a_model_that_memorised_its_examples():
@@ -301,3 +303,91 @@ def test_bad_holdouts_are_refused_with_one_line():
     ev.check_holdout(codes(n, 9, start=100), train=train, members=members)  # just big enough
     with pytest.raises(ev.HoldoutError, match=f"only with ≥ {n} holdout examples"):
         ev.check_holdout(codes(n - 1, 9, start=100), train=train, members=members)
+
+
+# ---------------------------------------------------------------------------------------------- llmeraser verify
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory):
+    """A tiny base model folder, 16 training examples, an adapter fine-tuned hard on them (through the CLI), a
+    holdout of 30 from the same generator, and a request removing four."""
+    from fixtures.tiny import save_tiny_base
+
+    from llmeraser.cli import main
+    from llmeraser.data import save_examples
+
+    root = tmp_path_factory.mktemp("verify")
+    save_tiny_base(root / "base")
+    save_examples(codes(16, 0), root / "train.jsonl")
+    save_examples(codes(16, 0)[:4], root / "forget.jsonl")
+    save_examples(codes(30, 1, start=100), root / "holdout.jsonl")
+    (root / "request.json").write_text(json.dumps({"edits": [{"op": "remove", "id": f"c{i}"} for i in range(4)]}))
+    assert main(["finetune", "--base-model", str(root / "base"), "--train", str(root / "train.jsonl"), "--out",
+                 str(root / "adapter"), "--epochs", "40", "--lr", "3e-2", "--batch-size", "16", "--lora-r", "4",
+                 "--max-length", "24", "--no-final-check", "--quiet"]) == 0
+    return root
+
+
+def test_verify_through_the_cli(lineage, tmp_path, capsys):
+    """The adapter remembers the four examples (more familiar); the base model alone sees them like the holdout;
+    --request takes the same four from --train as --data gives them."""
+    from llmeraser.cli import main
+
+    common = ["verify", "--base-model", str(lineage / "base"), "--holdout", str(lineage / "holdout.jsonl"), "--quiet"]
+    assert main([*common, "--adapter", str(lineage / "adapter"), "--request", str(lineage / "request.json"),
+                 "--train", str(lineage / "train.jsonl"), "--json", str(tmp_path / "a.json")]) == 0
+    out = capsys.readouterr().out
+    assert "membership test: 4 examples against a holdout of 30" in out and f"verdict: {ev.MORE}" in out
+    record = json.loads((tmp_path / "a.json").read_text())
+    assert record["verdict"] == ev.MORE and record["n_members"] == 4 and record["n_holdout"] == 30
+    assert record["per_example"]["examples"]["ids"] == ["c0", "c1", "c2", "c3"]
+    assert ev.MembershipTest.from_dict(record).verdict == ev.MORE
+    assert main([*common, "--adapter", str(lineage / "adapter"), "--data", str(lineage / "forget.jsonl"),
+                 "--json", str(tmp_path / "b.json")]) == 0
+    same = json.loads((tmp_path / "b.json").read_text())
+    assert same["scores"] == record["scores"]
+    assert main([*common, "--data", str(lineage / "forget.jsonl")]) == 0  # the base model alone
+    assert f"verdict: {ev.LIKE}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("problem, expect", [
+    ("in-train", "holdout example(s) are in the training set"),
+    ("format", "a holdout must be of the same kind and format"),
+    ("small", "a holdout of 4 is too small for 4 examples"),
+    ("request-alone", "--request takes the edited examples from the training set: give --train"),
+    ("json-exists", "already exists"),
+])
+def test_verify_bad_input_is_one_line_exit_2_nothing_written(lineage, tmp_path, capsys, problem, expect):
+    from llmeraser.cli import main
+    from llmeraser.data import save_examples
+
+    holdout = lineage / "holdout.jsonl"
+    if problem == "in-train":
+        save_examples([*codes(16, 0)[10:], *codes(30, 1, start=100)], holdout := tmp_path / "h.jsonl")
+    elif problem == "format":
+        save_examples([Example(f"h{i}", "Code:", f" cat {i}", shape="prompt-completion") for i in range(30)],
+                      holdout := tmp_path / "h.jsonl")
+    elif problem == "small":
+        save_examples(codes(4, 1, start=100), holdout := tmp_path / "h.jsonl")
+    out = tmp_path / "out.json"
+    if problem == "json-exists":
+        out.write_text("{}")
+    argv = ["verify", "--base-model", str(lineage / "base"), "--adapter", str(lineage / "adapter"), "--request",
+            str(lineage / "request.json"), "--holdout", str(holdout), "--json", str(out), "--quiet"]
+    if problem != "request-alone":
+        argv += ["--train", str(lineage / "train.jsonl")]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert expect in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert out.exists() == (problem == "json-exists")
+
+
+def test_verify_help_numbers_are_the_rules():
+    """The sizes `verify --help` quotes are what min_holdout and holdout_size compute."""
+    from llmeraser.cli.verify import EPILOG
+
+    for m, n in ((1, 80), (2, 12), (3, 6), (5, 4), (10, 3)):
+        assert ev.min_holdout(m) == n
+        assert (f"{m} need {n}" if m > 1 else f"1 example needs {n}") in EPILOG.replace("\n", " ")
+    assert (ev.holdout_size(20, 0.15), ev.holdout_size(50, 0.15)) == (281, 31)
+    assert (ev.holdout_size(50, 0.1), ev.holdout_size(100, 0.1)) == (263, 73)
