@@ -81,12 +81,17 @@ def test_loss_is_the_tasks_example_mean(lm):
     assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= 1e-12
 
 
-def test_min_k_pp_floor_on_a_uniform_distribution():
-    """A uniform next-token distribution has σ = 0: z is exactly 0 there (σ within rounding is taken as flat)."""
+def test_min_k_pp_on_degenerate_distributions():
+    """A uniform next-token distribution has σ = 0: z is exactly 0 there (σ within rounding is taken as flat). A
+    token masked to −inf (p = 0) changes nothing: μ, σ as without it (to 1e-14 relative: the same sums)."""
     logits = torch.zeros(1, 2, 5, dtype=torch.float64)
     tok, mu, sigma = ev.token_statistics(logits, torch.tensor([[1, 3]]))
     z = (tok - mu) / sigma
     assert (z == 0).all()
+    masked = torch.tensor([[[0.3, -math.inf, 1.2, -0.4]]], dtype=torch.float64)  # a vocabulary entry masked out
+    got = ev.token_statistics(masked, torch.tensor([[2]]))
+    want = ev.token_statistics(masked[..., [0, 2, 3]], torch.tensor([[1]]))
+    assert all(torch.allclose(a, b, rtol=1e-14, atol=0) for a, b in zip(got, want, strict=True))
 
 
 def test_scores_bad_input(lm):

@@ -102,10 +102,10 @@ def token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch
     tok, mu, var = [], [], []
     for s in range(0, logits.shape[1], step):
         logp = torch.log_softmax(logits[:, s : s + step].to(dtype), dim=-1)
-        p = logp.exp()
+        tok.append(logp.gather(-1, targets[:, s : s + step].clamp(min=0)[..., None]).squeeze(-1).double())
+        p, logp = logp.exp(), logp.nan_to_num(neginf=0.0)  # a token masked to −inf has p = 0 and adds nothing
         m = (p * logp).sum(-1)
         var.append((p * (logp - m[..., None]).square()).sum(-1).double())
-        tok.append(logp.gather(-1, targets[:, s : s + step].clamp(min=0)[..., None]).squeeze(-1).double())
         mu.append(m.double())
     mu_all = torch.cat(mu, 1)
     sigma = torch.cat(var, 1).sqrt()  # var ≥ 0: a sum of squares
