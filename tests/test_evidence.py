@@ -56,6 +56,22 @@ def test_scores_match_the_token_by_token_reference(lm, k):
         assert abs(scores.loss[i] - loss) <= 1e-10 and abs(scores.min_k_pp[i] - mink) <= 1e-10, e.id
 
 
+def test_chat_scores_match_the_reference_under_trls_rendering():
+    """Chats rendered as TRL's SFTTrainer does (the chat template, the loss on the completion): the same 1e-10."""
+    from llmeraser.data import parse_records
+    from llmeraser.task import CausalLMTask, Rendering
+    from llmeraser.testing import chat_records, tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer(chat=True)
+    model = tiny_llama(len(tok), hidden=16, dtype=torch.float64, init_std=0.3)
+    examples = parse_records((f"record {i}", r) for i, r in enumerate(chat_records(6)))
+    task = CausalLMTask(tok, max_length=48, rendering=Rendering(format="trl"))
+    scores = ev.membership_scores(model, task, examples, batch_size=4)
+    for i, e in enumerate(examples):
+        loss, mink = reference_scores(model, task, e, ev.MIN_K)
+        assert abs(scores.loss[i] - loss) <= 1e-10 and abs(scores.min_k_pp[i] - mink) <= 1e-10, e.id
+
+
 def test_scores_do_not_depend_on_batching_or_padding(lm):
     """Batch sizes 1, 3 and all, and the examples' order, give the same scores to 1e-12 (float64: padding only adds
     masked keys, whose weights are exactly 0; the batched products sum in another order, ~ε relative)."""
@@ -223,6 +239,9 @@ def test_verdict_on_known_cases():
     assert less.verdict == ev.LESS and all(t.auc < 0.2 for t in less.tests)
     assert like.verdict == ev.LIKE and all(t.p_auc >= ev.ALPHA / 2 for t in like.tests)
     assert more.score("loss").mean_members < more.score("loss").mean_holdout
+    members, holdout = synthetic(20, 40, 0, 0.0)
+    with pytest.raises(ev.HoldoutError, match="scored with k = 0.2 and 0.5"):
+        ev.membership_test(members, ev.Scores(holdout.ids, holdout.loss, holdout.min_k_pp, k=0.5))
 
 
 def test_false_alarms_stay_below_alpha():

@@ -375,19 +375,18 @@ def membership_test(members: Scores, holdout: Scores, *, alpha: float = ALPHA) -
     if not 0 < alpha < 1:
         raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
     m, n = len(members.ids), len(holdout.ids)
-    if min(m, n) < 1:
-        raise HoldoutError(f"the membership test needs examples and a holdout, got {m} and {n}")
+    if min(m, n) < 1 or members.k != holdout.k:
+        raise HoldoutError(f"the membership test needs examples and a holdout scored alike, got {m} and {n} scored "
+                           f"with k = {members.k} and {holdout.k}")
     level = alpha / len(SCORES)
     tests = []
     for name in SCORES:
         x, y = members.familiarity(name), holdout.familiarity(name)
         auc, se = auc_delong(x, y)
-        half = None if se is None else NormalDist().inv_cdf(0.975) * se
-        ks, ks_p = ks_2samp(x, y)
-        p = mann_whitney_p(x, y)
-        tests.append(ScoreTest(name, sum(getattr(members, name)) / m, sum(getattr(holdout, name)) / n, auc,
-                               None if half is None else (max(0.0, auc - half), min(1.0, auc + half)), p, ks, ks_p,
-                               _verdict(auc, p, level)))
+        ci = None if se is None else (max(0.0, auc - 1.959964 * se), min(1.0, auc + 1.959964 * se))  # z₀.₉₇₅
+        ks, ks_p, p = *ks_2samp(x, y), mann_whitney_p(x, y)
+        tests.append(ScoreTest(name, sum(getattr(members, name)) / m, sum(getattr(holdout, name)) / n, auc, ci, p,
+                               ks, ks_p, _verdict(auc, p, level)))
     said = {t.verdict for t in tests}
     verdict = MORE if MORE in said else LESS if LESS in said else LIKE
     resolution = NormalDist().inv_cdf(1 - level / 2) * math.sqrt((m + n + 1) / (12 * m * n))
