@@ -22,7 +22,7 @@ from llmeraser.errors import LLMEraserError, UserInputError
 __all__ = ["COMMANDS", "DISTRIBUTED_COMMANDS", "PLUGINS", "add_fields", "build_parser", "main", "pick", "plugins"]
 
 # the modules of llmeraser.cli, one per command, in the order `llmeraser --help` lists them (the plug-ins' after)
-COMMANDS = ("finetune", "unlearn", "fit_curvature", "tune_damping", "ledger", "evaluate", "data")
+COMMANDS = ("finetune", "unlearn", "fit_curvature", "tune_damping", "ledger", "evaluate", "verify", "data")
 # the entry-point group of command plug-ins (pyproject.toml's [project.entry-points."llmeraser.commands"]): each a
 # callable add_commands(commands, datasets) that adds its subparsers to the top level's (`llmeraser COMMAND`) and to
 # the `data` command's (`llmeraser data DATASET`); loaded in name order

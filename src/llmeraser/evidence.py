@@ -1,0 +1,447 @@
+"""Evidence that examples were forgotten: a membership test of the edited examples against a holdout (docs/evidence.md).
+
+After a good erasure the forgotten examples look to the model like examples it never saw (MUSE's PrivLeak): neither
+more familiar (not forgotten) nor less (over-forgotten, a signature of its own). The API, in the order a report uses it:
+
+    scores = membership_scores(model, task, examples)        # per example: response loss, min-k%++ (`Scores`)
+    check_holdout(holdout, train=train, members=examples)     # same format, unseen, big enough; else HoldoutError
+    test = membership_test(scores, membership_scores(model, task, holdout))     # `MembershipTest`
+    print(test.table()); json.dump(test.to_dict(), f)        # MembershipTest.from_dict(d) reads it back
+    record = Comparison(before=test_on_original, after=test_on_unlearned)      # `.to_dict()` for a report
+
+Scores (`membership_scores`, batched, all on the model's device, one transfer to the host at the end):
+- `loss`: the mean NLL of the tokens the task's loss is taken on (its Rendering's masks), averaged per example
+  whatever the rendering's normalization (Σ NLL / t̄ would rank long examples as less familiar). Lower = familiar.
+- `min_k_pp` (Min-K%++, Zhang et al. 2024): per loss token t, z_t = (log p(x_t|x<t) − μ_t)/σ_t with μ_t, σ_t the mean
+  and standard deviation of log p(z|x<t) for z ~ p(·|x<t) over the vocabulary; the mean of the lowest max(1, ⌊k·n⌋)
+  of an example's n values (k = 0.2). Higher = familiar (a trained token sits near a mode of its distribution).
+
+The test (`membership_test`), for each score oriented so that higher = more familiar:
+- AUC = P(an example is more familiar than a holdout example) (ties ½): 0.5 indistinguishable, > 0.5 the examples look
+  more familiar than the holdout, < 0.5 less. With DeLong's 95% interval (its nonparametric standard error).
+- p_auc: the two-sided p-value of AUC = 0.5, the Mann–Whitney test (whose statistic is the AUC): exact (the null
+  distribution of U counted by the Gaussian binomial coefficient) when there are no ties and the sets are small,
+  else normal with the tie-corrected variance and continuity correction (scipy's `mannwhitneyu` defaults).
+- ks_p: the two-sample Kolmogorov–Smirnov p-value of the two score distributions (TOFU's forget quality takes it
+  against a retrain; here against the holdout): exact path counting for small samples, Kolmogorov's limit beyond.
+- verdict (`LIKE`, `MORE`, `LESS`): p_auc < α / (number of scores) decides, by AUC's side of 0.5 (Bonferroni over the
+  scores, so the verdict's false-alarm rate stays ≤ α). The null test decides rather than DeLong's interval: the
+  interval's standard error vanishes at perfect separation, so it would call 2 against 2 separated examples
+  significant, where the exact p is 1/3. The overall verdict is MORE when a score says so (a score that still
+  recognises the examples is evidence they are not forgotten), else LESS when one says so, else LIKE.
+- resolution: the |AUC − 0.5| the test can tell from noise at these sizes (the normal null band's half-width), so
+  "looks like the holdout" is read as "within ±resolution".
+
+`check_holdout` refuses a holdout the test cannot use: another format than the training data, ids (or contents) that
+are in the training set, or fewer examples than `min_holdout`: the smallest holdout for which the test can reach
+p < α / (number of scores) at all, i.e. when the sets are perfectly separated, where both the exact Mann–Whitney and
+the exact KS p-value are 2 / C(m + n, m). `holdout_size` gives the holdout a chosen resolution needs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from statistics import NormalDist
+
+import torch
+
+from llmeraser.data import Example
+from llmeraser.errors import ConfigError, UserInputError
+from llmeraser.task import IGNORE_INDEX, CausalLMTask
+
+MIN_K = 0.2  # Min-K%++'s fraction of lowest token scores (Zhang et al.'s default)
+ALPHA = 0.05
+SCORES = ("loss", "min_k_pp")
+SIGN = {"loss": -1.0, "min_k_pp": 1.0}  # the orientation that makes higher = more familiar
+LIKE = "looks like the holdout"
+MORE = "more familiar than the holdout (not forgotten)"
+LESS = "less familiar than the holdout (over-forgotten)"
+EXACT_MW = 2_000_000  # min(m, n)·m·n up to which the Mann–Whitney null is counted exactly (≈ 1 s in Python)
+EXACT_KS = 250_000  # m·n up to which the KS p-value counts lattice paths exactly
+CHUNK = 1 << 24  # logits elements per slice of the vocabulary statistics (bounds the temporaries)
+
+
+class HoldoutError(UserInputError):
+    """A holdout the membership test cannot use (format, overlap with the training set, size)."""
+
+
+# ------------------------------------------------------------------------------------------------------ scores
+@dataclass(frozen=True)
+class Scores:
+    """Per-example membership scores (`membership_scores`), in the examples' order."""
+
+    ids: tuple[str, ...]
+    loss: tuple[float, ...]
+    min_k_pp: tuple[float, ...]
+    k: float = MIN_K
+
+    def familiarity(self, score: str) -> list[float]:
+        """The score oriented so that higher = more familiar."""
+        return [SIGN[score] * v for v in getattr(self, score)]
+
+    def to_dict(self) -> dict:
+        return {"ids": list(self.ids), "loss": list(self.loss), "min_k_pp": list(self.min_k_pp), "k": self.k}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Scores:
+        return cls(tuple(d["ids"]), tuple(d["loss"]), tuple(d["min_k_pp"]), d.get("k", MIN_K))
+
+
+def token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(log p(target), μ, σ) at each position, each (batch, k), in float64 from logits promoted to at least float32.
+
+    Computed over slices of positions so that the temporaries (log p, p, centred log p) never exceed CHUNK elements.
+    σ is set to +inf where it is within the rounding of the centred log-probabilities (16 ε (1 + |μ|)), so z = 0
+    there: a uniform distribution has σ = 0, and log p − μ would be rounding noise divided by rounding noise."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    step = max(1, CHUNK // max(1, logits.shape[0] * logits.shape[2]))
+    tok, mu, var = [], [], []
+    for s in range(0, logits.shape[1], step):
+        logp = torch.log_softmax(logits[:, s : s + step].to(dtype), dim=-1)
+        tok.append(logp.gather(-1, targets[:, s : s + step].clamp(min=0)[..., None]).squeeze(-1).double())
+        p, logp = logp.exp(), logp.nan_to_num(neginf=0.0)  # a token masked to −inf has p = 0 and adds nothing
+        m = (p * logp).sum(-1)
+        var.append((p * (logp - m[..., None]).square()).sum(-1).double())
+        mu.append(m.double())
+    mu_all = torch.cat(mu, 1)
+    sigma = torch.cat(var, 1).sqrt()  # var ≥ 0: a sum of squares
+    sigma = torch.where(sigma > 16 * torch.finfo(dtype).eps * (1 + mu_all.abs()), sigma, math.inf)
+    return torch.cat(tok, 1), mu_all, sigma
+
+
+def _batch_scores(logits: torch.Tensor, targets: torch.Tensor, k: float) -> torch.Tensor:
+    """(3, batch) float64 on the logits' device: mean loss-token NLL, Min-K%++, number of loss tokens (NaN scores
+    for an example without one)."""
+    valid = targets != IGNORE_INDEX
+    tok, mu, sigma = token_statistics(logits, targets)
+    n = valid.sum(1).double()
+    loss = -torch.where(valid, tok, torch.zeros_like(tok)).sum(1) / n  # 0/0 = NaN without loss tokens
+    z = torch.where(valid, (tok - mu) / sigma, torch.full_like(tok, math.inf))
+    lowest = z.sort(1).values
+    m = (n * k).floor().clamp(min=1)  # max(1, ⌊k·n⌋), the same float64 product as Python's int(k * n)
+    take = torch.arange(z.shape[1], device=z.device)[None] < m[:, None]
+    mink = torch.where(take, lowest, torch.zeros_like(lowest)).sum(1) / m
+    mink = torch.where(n > 0, mink, torch.full_like(mink, math.nan))
+    return torch.stack([loss, mink, n])
+
+
+def membership_scores(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Example], *, k: float = MIN_K,
+                      batch_size: int = 8) -> Scores:
+    """The response loss and Min-K%++ of each example under `model` (eval mode, no grad; its mode is restored).
+
+    Batches of similar length (less padding); every result stays on the model's device until one transfer at the end.
+    Raises ConfigError for no examples, k outside (0, 1], batch_size < 1, or an example whose loss covers no token."""
+    if not examples:
+        raise ConfigError("membership scores need at least one example")
+    if not 0 < k <= 1:
+        raise ConfigError(f"k (the fraction of lowest token scores Min-K%++ averages) must be in (0, 1], got {k}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}")
+    device = next(model.parameters()).device
+    out = torch.zeros((3, len(examples)), dtype=torch.float64, device=device)
+    order = sorted(range(len(examples)), key=lambda i: len(task.encode(examples[i])[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                batch = task.collate([examples[i] for i in idx])
+                logits = task.forward(model, batch)
+                out[:, torch.tensor(idx, device=device)] = _batch_scores(logits, batch["targets"].to(device), k)
+    finally:
+        model.train(was_training)
+    loss, mink, n = out.cpu().tolist()  # host: the one transfer
+    empty = [e.id for e, c in zip(examples, n, strict=True) if c == 0]
+    if empty:
+        raise ConfigError(f"{len(empty)} example(s) have no token the loss is taken on (cut by max_length?), e.g. "
+                          f"{', '.join(map(repr, empty[:3]))}: no membership score")
+    return Scores(tuple(e.id for e in examples), tuple(loss), tuple(mink), k)
+
+
+# ------------------------------------------------------------------------------------------ two-sample statistics
+def _midranks(values: Sequence[float]) -> tuple[list[float], list[int]]:
+    """(1-based ranks of `values`, ties sharing their mean rank; the sizes of the groups of ties)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks, ties, i = [0.0] * len(values), [], 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            ranks[order[t]] = (i + j) / 2 + 1
+        ties.append(j - i + 1)
+        i = j + 1
+    return ranks, ties
+
+
+def _check_samples(x: Sequence[float], y: Sequence[float]) -> None:
+    if not x or not y:
+        raise ConfigError(f"a two-sample test needs two non-empty samples, got {len(x)} and {len(y)} values")
+    if not all(math.isfinite(v) for v in (*x, *y)):
+        raise ConfigError("a two-sample test needs finite values")
+
+
+def auc_delong(x: Sequence[float], y: Sequence[float]) -> tuple[float, float | None]:
+    """(AUC = P(X > Y) + ½ P(X = Y), DeLong's standard error; None when a sample has one value).
+
+    DeLong, DeLong & Clarke-Pearson (1988): with V10ᵢ the fraction of y below xᵢ (ties ½) and V01ⱼ the fraction of x
+    above yⱼ, Var(AUC) ≈ s²(V10)/m + s²(V01)/n. Both come from midranks: V10ᵢ = (rank of xᵢ in x ∪ y − its rank in
+    x)/n, in O(N log N)."""
+    _check_samples(x, y)
+    m, n = len(x), len(y)
+    pooled, _ = _midranks([*x, *y])
+    v10 = [(r - s) / n for r, s in zip(pooled[:m], _midranks(x)[0], strict=True)]
+    v01 = [1 - (r - s) / m for r, s in zip(pooled[m:], _midranks(y)[0], strict=True)]
+    auc = sum(v10) / m
+    if m < 2 or n < 2:
+        return auc, None
+    s10 = sum((v - auc) ** 2 for v in v10) / (m - 1)
+    s01 = sum((v - auc) ** 2 for v in v01) / (n - 1)
+    return auc, math.sqrt(s10 / m + s01 / n)
+
+
+def _mw_counts(m: int, n: int) -> list[int]:
+    """The number of orderings of m x's and n y's with U = u (pairs with x above y), u = 0..mn: the coefficients of
+    the Gaussian binomial [m+n choose m]_q = Π_{i ≤ s} (1 − q^{t+i}) / (1 − q^i), s = min(m, n), t = max(m, n)."""
+    s, t = min(m, n), max(m, n)
+    poly = [1]
+    for i in range(1, s + 1):
+        poly = poly + [0] * (t + i)
+        for u in range(len(poly) - 1, t + i - 1, -1):  # × (1 − q^{t+i})
+            poly[u] -= poly[u - t - i]
+        for u in range(i, len(poly)):  # ÷ (1 − q^i): exact, the quotient's coefficients are counts
+            poly[u] += poly[u - i]
+        while len(poly) > 1 and poly[-1] == 0:
+            poly.pop()
+    return poly
+
+
+def mann_whitney_p(x: Sequence[float], y: Sequence[float]) -> float:
+    """Two-sided p-value of AUC = 0.5 (no shift between X and Y), as scipy's `mannwhitneyu`: exact (the counts of
+    `_mw_counts`) without ties when min(m, n)·m·n ≤ EXACT_MW, else normal with the tie-corrected variance and a
+    continuity correction of ½."""
+    _check_samples(x, y)
+    m, n = len(x), len(y)
+    ranks, ties = _midranks([*x, *y])
+    u = sum(ranks[:m]) - m * (m + 1) / 2
+    far = max(u, m * n - u)
+    if len(ties) == m + n and min(m, n) * m * n <= EXACT_MW:
+        counts = _mw_counts(m, n)
+        return min(1.0, float(Fraction(2 * sum(counts[int(far):]), math.comb(m + n, m))))
+    big = m + n
+    var = m * n / 12 * ((big + 1) - sum(t ** 3 - t for t in ties) / (big * (big - 1)))
+    if var <= 0:  # every value tied: nothing tells the samples apart
+        return 1.0
+    z = (far - m * n / 2 - 0.5) / math.sqrt(var)
+    return min(1.0, max(0.0, math.erfc(z / math.sqrt(2))))
+
+
+def kolmogorov_sf(z: float) -> float:
+    """P(K > z) for Kolmogorov's limit distribution K: 2 Σ (−1)^(j−1) e^(−2j²z²), or for small z 1 − √(2π)/z
+    Σ e^(−(2j−1)²π²/(8z²)) (both series converge fast on their side of 1)."""
+    if z <= 0:
+        return 1.0
+    if z < 1:
+        terms = sum(math.exp(-((2 * j - 1) ** 2) * math.pi ** 2 / (8 * z * z)) for j in range(1, 20))
+        return 1.0 - math.sqrt(2 * math.pi) / z * terms
+    return min(1.0, 2 * sum((-1) ** (j - 1) * math.exp(-2 * j * j * z * z) for j in range(1, 101)))
+
+
+def ks_2samp(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """(D, two-sided p) of the two-sample Kolmogorov–Smirnov test. D = max |F_x − F_y| over the pooled values, held as
+    the integer h = max |cₓ·n − c_y·m| / gcd(m, n) (so that the test below needs no float comparison). For m·n ≤
+    EXACT_KS p is exact: 1 − (lattice paths from (0, 0) to (m, n) with every |i·n − j·m| < h·g) / C(m+n, m), counted
+    in integers (scipy's `ks_2samp(method='exact')`); beyond, Kolmogorov's limit at √(mn/(m+n))·D."""
+    _check_samples(x, y)
+    m, n, g = len(x), len(y), math.gcd(len(x), len(y))
+    xs, ys = sorted(x), sorted(y)
+    span = max(abs(bisect.bisect_right(xs, v) * n - bisect.bisect_right(ys, v) * m) for v in (*xs, *ys))
+    h, d = span // g, span / (m * n)
+    if h == 0:
+        return d, 1.0
+    if m * n > EXACT_KS:
+        return d, kolmogorov_sf(math.sqrt(m * n / (m + n)) * d)
+    row = [1 if abs(j * m) < span else 0 for j in range(n + 1)]  # i = 0
+    for j in range(1, n + 1):
+        row[j] = row[j - 1] if row[j] else 0
+    for i in range(1, m + 1):
+        new = [0] * (n + 1)
+        for j in range(n + 1):
+            if abs(i * n - j * m) < span:
+                new[j] = row[j] + (new[j - 1] if j else 0)
+        row = new
+    total = math.comb(m + n, m)
+    return d, float(Fraction(total - row[n], total))
+
+
+# ------------------------------------------------------------------------------------------------ the membership test
+def min_holdout(n_members: int, alpha: float = ALPHA, n_scores: int = len(SCORES)) -> int:
+    """The smallest holdout for which the test can say anything: the least n with 2 / C(m + n, m) < α / n_scores, the
+    exact two-sided p-value (Mann–Whitney's and KS's alike) of m examples perfectly separated from n."""
+    if n_members < 1:
+        raise HoldoutError("the membership test needs at least one example to test")
+    n, level = 1, alpha / n_scores
+    while 2 / math.comb(n_members + n, n_members) >= level:
+        n += 1
+    return n
+
+
+def holdout_size(n_members: int, resolution: float, alpha: float = ALPHA, n_scores: int = len(SCORES)) -> int | None:
+    """The smallest holdout with which the test tells |AUC − 0.5| ≥ `resolution` from noise: z·√((m+n+1)/(12mn)) ≤
+    resolution, z the normal quantile of 1 − α/(2·n_scores); None when no holdout suffices (too few examples: the band
+    stays above z/√(12m) however large the holdout)."""
+    c = (resolution / NormalDist().inv_cdf(1 - alpha / (2 * n_scores))) ** 2
+    if 12 * n_members * c <= 1:
+        return None
+    return max(min_holdout(n_members, alpha, n_scores), math.ceil((n_members + 1) / (12 * n_members * c - 1)))
+
+
+@dataclass(frozen=True)
+class ScoreTest:
+    """One score's comparison of the examples (members) with the holdout; AUC oriented: > 0.5 = more familiar."""
+
+    score: str
+    mean_members: float
+    mean_holdout: float
+    auc: float
+    ci: tuple[float, float] | None  # DeLong's 95% interval, clipped to [0, 1]; None with a sample of one
+    p_auc: float
+    ks: float
+    ks_p: float
+    verdict: str
+
+
+@dataclass(frozen=True)
+class MembershipTest:
+    """The membership test of `n_members` examples against `n_holdout` holdout examples (`membership_test`)."""
+
+    n_members: int
+    n_holdout: int
+    alpha: float
+    resolution: float
+    tests: tuple[ScoreTest, ...]
+    verdict: str
+    k: float = MIN_K
+
+    def to_dict(self) -> dict:
+        return {"n_members": self.n_members, "n_holdout": self.n_holdout, "alpha": self.alpha, "k": self.k,
+                "resolution": self.resolution, "verdict": self.verdict,
+                "scores": {t.score: {**asdict(t), "ci": list(t.ci) if t.ci else None} for t in self.tests}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MembershipTest:
+        tests = tuple(ScoreTest(**{**t, "ci": tuple(t["ci"]) if t.get("ci") else None}) for t in d["scores"].values())
+        return cls(d["n_members"], d["n_holdout"], d["alpha"], d["resolution"], tests, d["verdict"], d.get("k", MIN_K))
+
+    def score(self, name: str) -> ScoreTest:
+        return next(t for t in self.tests if t.score == name)
+
+    def table(self) -> str:
+        """The test as a text table, with how to read it."""
+        head = (f"membership test: {self.n_members} examples against a holdout of {self.n_holdout} "
+                f"(α = {self.alpha:g}, {self.alpha / len(self.tests):g} per score)")
+        rows = [("score", "examples", "holdout", "AUC", "95% CI", "p(AUC=0.5)", "KS p", "verdict")]
+        for t in self.tests:
+            ci = f"[{t.ci[0]:.2f}, {t.ci[1]:.2f}]" if t.ci else "-"
+            name = "loss" if t.score == "loss" else f"min-{self.k:.0%}++"
+            rows.append((name, f"{t.mean_members:.4g}", f"{t.mean_holdout:.4g}", f"{t.auc:.3f}", ci,
+                         f"{t.p_auc:.2g}", f"{t.ks_p:.2g}", t.verdict))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        return "\n".join([head, *lines, f"verdict: {self.verdict}",
+                          f"(AUC: the chance an example looks more familiar than a holdout example; 0.5 = "
+                          f"indistinguishable. At these sizes the test sees |AUC − 0.5| ≥ {self.resolution:.2f}.)"])
+
+
+def evidence(model: torch.nn.Module, task: CausalLMTask, members: Sequence[Example], holdout: Sequence[Example], *,
+             k: float = MIN_K, batch_size: int = 8, alpha: float = ALPHA) -> MembershipTest:
+    """`membership_test` of `members` against `holdout` under `model` (scores by `membership_scores`); check the
+    holdout first (`check_holdout`)."""
+    scores = [membership_scores(model, task, s, k=k, batch_size=batch_size) for s in (members, holdout)]
+    return membership_test(*scores, alpha=alpha)
+
+
+def _verdict(auc: float, p: float, level: float) -> str:
+    return LIKE if p >= level else (MORE if auc > 0.5 else LESS)
+
+
+def membership_test(members: Scores, holdout: Scores, *, alpha: float = ALPHA) -> MembershipTest:
+    """The test of the examples' scores against the holdout's (see the module's docstring), every score at α / 2."""
+    if not 0 < alpha < 1:
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
+    m, n = len(members.ids), len(holdout.ids)
+    if min(m, n) < 1 or members.k != holdout.k:
+        raise HoldoutError(f"the membership test needs examples and a holdout scored alike, got {m} and {n} scored "
+                           f"with k = {members.k} and {holdout.k}")
+    level = alpha / len(SCORES)
+    tests = []
+    for name in SCORES:
+        x, y = members.familiarity(name), holdout.familiarity(name)
+        auc, se = auc_delong(x, y)
+        ci = None if se is None else (max(0.0, auc - 1.959964 * se), min(1.0, auc + 1.959964 * se))  # z₀.₉₇₅
+        ks, ks_p, p = *ks_2samp(x, y), mann_whitney_p(x, y)
+        tests.append(ScoreTest(name, sum(getattr(members, name)) / m, sum(getattr(holdout, name)) / n, auc, ci, p,
+                               ks, ks_p, _verdict(auc, p, level)))
+    said = {t.verdict for t in tests}
+    verdict = MORE if MORE in said else LESS if LESS in said else LIKE
+    resolution = NormalDist().inv_cdf(1 - level / 2) * math.sqrt((m + n + 1) / (12 * m * n))
+    return MembershipTest(m, n, alpha, resolution, tuple(tests), verdict, members.k)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The same membership test on the model before and after a request (what a report holds)."""
+
+    before: MembershipTest
+    after: MembershipTest
+
+    def to_dict(self) -> dict:
+        moved = {t.score: t.auc - self.before.score(t.score).auc for t in self.after.tests}
+        return {"before": self.before.to_dict(), "after": self.after.to_dict(), "auc_change": moved}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Comparison:
+        return cls(MembershipTest.from_dict(d["before"]), MembershipTest.from_dict(d["after"]))
+
+    def summary(self) -> str:
+        aucs = ", ".join(f"{t.score} AUC {self.before.score(t.score).auc:.3f} → {t.auc:.3f}" for t in self.after.tests)
+        return f"before: {self.before.verdict}; after: {self.after.verdict} ({aucs})"
+
+
+# --------------------------------------------------------------------------------------------- holdout checks
+def _kind(e: Example) -> str:
+    return f"{'chat' if e.is_chat else 'text'} '{e.shape}'"
+
+
+def check_holdout(holdout: Sequence[Example], *, train: Sequence[Example] | None = None,
+                  members: Sequence[Example] = (), alpha: float = ALPHA) -> None:
+    """Refuse a holdout the test cannot use (HoldoutError, one line): records of another kind or shape than the
+    training data (or, without it, the examples: text vs chat, prompt-response / prompt-completion / messages /
+    text); ids, or prompt and response, that are in the training set or among the examples; fewer than
+    `min_holdout(len(members))` examples."""
+    reference = list(train) if train else list(members)
+    kinds, theirs = {_kind(e) for e in holdout}, {_kind(e) for e in reference}
+    if reference and not kinds <= theirs:
+        raise HoldoutError(f"the holdout holds {', '.join(sorted(kinds - theirs))} records, the "
+                           f"{'training data' if train else 'examples'} {', '.join(sorted(theirs))}: a holdout must be "
+                           f"of the same kind and format as the data the adapter was trained on")
+    seen = [*(train or ()), *members]
+    ids, contents = {e.id for e in seen}, {(e.prompt, e.response) for e in seen}
+    clash = [e.id for e in holdout if e.id in ids or (e.prompt, e.response) in contents]
+    if clash:
+        more = ", ..." if len(clash) > 5 else ""
+        raise HoldoutError(f"{len(clash)} holdout example(s) are in the training set or among the examples tested "
+                           f"(by id or by content): {', '.join(map(repr, clash[:5]))}{more}; a holdout must be "
+                           f"examples the adapter never saw")
+    if members:
+        need = min_holdout(len(members), alpha)
+        if len(holdout) < need:
+            raise HoldoutError(f"a holdout of {len(holdout)} is too small for {len(members)} examples: the test can "
+                               f"reach p < {alpha / len(SCORES):g} (α = {alpha:g} over {len(SCORES)} scores) only with "
+                               f"≥ {need} holdout examples, and tells |AUC − 0.5| ≥ 0.1 only with "
+                               f"{holdout_size(len(members), 0.1, alpha) or 'more examples to test than these'}")
