@@ -18,6 +18,7 @@ FACTORIES = {"zeros", "ones", "empty", "full", "tensor", "arange", "eye", "rand"
              "linspace", "as_tensor"}
 # the modules that compute with the model's tensors (data loading, files and the command line do not)
 NUMERIC = ["solvers", "factors", "updates", "curvature.py", "damping.py", "replay.py", "eraser.py", "metrics.py",
+           "evidence.py",
            "trajectory.py", "finetune.py", "task.py", "params.py", "distributed.py", "callback.py", "recorder.py",
            "storage.py", "logits.py"]
 
