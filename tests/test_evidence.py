@@ -13,6 +13,7 @@ import torch
 from fixtures.tiny import tiny_lora_lm
 
 from llmeraser import evidence as ev
+from llmeraser import twosample as ts
 from llmeraser.data import Example, Message
 from llmeraser.task import IGNORE_INDEX
 
@@ -150,8 +151,8 @@ def test_ks_asymptotic_is_kolmogorovs_limit(monkeypatch):
     from scipy.stats import ks_2samp, kstwobign
 
     for z in (0.05, 0.3, 0.7, 0.99, 1.0, 1.3, 2.0, 4.0):
-        assert ev.kolmogorov_sf(z) == pytest.approx(float(kstwobign.sf(z)), abs=1e-12)
-    monkeypatch.setattr(ev, "EXACT_KS", 100)
+        assert ts.kolmogorov_sf(z) == pytest.approx(float(kstwobign.sf(z)), abs=1e-12)
+    monkeypatch.setattr(ts, "EXACT_KS", 100)
     x, y = samples(30, 45, 1, shift=0.5)
     d, p = ev.ks_2samp(x, y)
     assert d == pytest.approx(ks_2samp(x, y).statistic, abs=1e-15)
@@ -167,7 +168,7 @@ def test_mann_whitney_counts_and_p_match_enumeration_and_scipy(monkeypatch):
         counts = [0] * (m * n + 1)
         for xs in itertools.combinations(range(m + n), m):  # positions of the x's in the sorted order
             counts[sum(p - i for i, p in enumerate(xs))] += 1  # each x is above the y's before it
-        assert ev._mw_counts(m, n) == counts
+        assert ts._mw_counts(m, n) == counts
     for (m, n), shift in itertools.product(SIZES, (0.0, 1.0)):
         x, y = samples(m, n, 7, shift=shift)
         ref = mannwhitneyu(x, y, method="exact").pvalue
@@ -176,7 +177,7 @@ def test_mann_whitney_counts_and_p_match_enumeration_and_scipy(monkeypatch):
         if len(set(x + y)) > 1:  # rounded draws: mostly tied (asymptotic), a few draws without a tie (exact)
             ref = mannwhitneyu(x, y, method="exact" if len(set(x + y)) == m + n else "asymptotic").pvalue
             assert ev.mann_whitney_p(x, y) == pytest.approx(ref, rel=1e-9, abs=1e-12)
-    monkeypatch.setattr(ev, "EXACT_MW", 10)  # large samples without ties: the normal approximation
+    monkeypatch.setattr(ts, "EXACT_MW", 10)  # large samples without ties: the normal approximation
     x, y = samples(30, 45, 2, shift=0.3)
     assert ev.mann_whitney_p(x, y) == pytest.approx(mannwhitneyu(x, y, method="asymptotic").pvalue, rel=1e-9)
 
@@ -415,3 +416,34 @@ def test_verify_help_numbers_are_the_rules():
         assert (f"{m} need {n}" if m > 1 else f"1 example needs {n}") in EPILOG.replace("\n", " ")
     assert (ev.holdout_size(20, 0.15), ev.holdout_size(50, 0.15)) == (281, 31)
     assert (ev.holdout_size(50, 0.1), ev.holdout_size(100, 0.1)) == (263, 73)
+
+
+def test_unlearn_reports_the_membership_test_before_and_after(lineage, tmp_path, capsys):
+    """`unlearn --holdout`: the report's evidence holds the test at the adapter as given (the four examples it was
+    fine-tuned hard on: more familiar than the holdout) and after the update (a rewind: retraining without them, so
+    their loss AUC against the holdout falls); without a holdout the report says it cannot tell; a holdout the test
+    cannot use is refused before anything is recorded or written."""
+    from llmeraser.cli import main
+    from llmeraser.data import save_examples
+    from llmeraser.ledger import Ledger
+
+    common = ["unlearn", "--base-model", str(lineage / "base"), "--adapter", str(lineage / "adapter"), "--train",
+              str(lineage / "train.jsonl"), "--request", str(lineage / "request.json"), "--method", "rewind",
+              "--quiet"]
+    assert main([*common, "--holdout", str(lineage / "holdout.jsonl"), "--out", str(tmp_path / "a")]) == 0
+    assert "evidence: before: more familiar" in capsys.readouterr().out
+    proof = json.loads((tmp_path / "a" / "report.json").read_text())["evidence"]
+    record = ev.Comparison.from_dict(proof)
+    assert proof["status"] == "measured" and proof["n_holdout"] == 30 and record.before.verdict == ev.MORE
+    assert record.before.n_members == record.after.n_members == 4
+    before, after = record.before.score("loss").auc, record.after.score("loss").auc
+    assert after < before and proof["auc_change"]["loss"] == pytest.approx(after - before)
+    assert main([*common, "--out", str(tmp_path / "b")]) == 0
+    assert "evidence: not measured" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["evidence"]["status"] == "not measured"
+    save_examples(codes(4, 1, start=100), tmp_path / "small.jsonl")
+    assert main([*common, "--holdout", str(tmp_path / "small.jsonl"), "--out", str(tmp_path / "c"), "--ledger",
+                 str(tmp_path / "book")]) == 2
+    assert "too small" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    with Ledger(tmp_path / "book", create=False) as book:
+        assert book.entries() == []

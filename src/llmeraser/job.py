@@ -25,13 +25,14 @@ from llmeraser import distributed
 from llmeraser.data import DataFields, Example, examples_hash, load_examples
 from llmeraser.eraser import EraserArguments, Update, choose_solver, example_tokens, fit_for_solver, save_unlearned
 from llmeraser.errors import UserInputError
+from llmeraser.evidence import check_holdout, evidence, report_entry, summary
 from llmeraser.factors import FactorArguments, Factors, FactorStore, default_store, fit_factors
 from llmeraser.factors.fit import sample_size
 from llmeraser.params import ParamView, adapter_hash, check_adapter_dir
 from llmeraser.record import TrainingRecord
 from llmeraser.recording import read
 from llmeraser.replay import verify_recording
-from llmeraser.request import Request, apply_request, load_request, merge_requests
+from llmeraser.request import Request, apply_request, load_request, merge_requests, resolve
 from llmeraser.resources import OOM_ADVICE, device_memory
 from llmeraser.solvers.api import is_fitted
 from llmeraser.trajectory import Trajectory
@@ -89,8 +90,9 @@ class AdapterJob:
         check_adapter_dir(adapter)
         self.adapter = str(adapter)
         self.record = TrainingRecord.read(adapter, max_length=max_length, l2=l2)
-        fields = fields or DataFields.from_dict(self.record.data_fields)
+        self.fields = fields = fields or DataFields.from_dict(self.record.data_fields)
         self.train = load_examples(train, fields) if isinstance(train, str | os.PathLike) else list(train)
+        self.holdout: list[Example] | None = None
         self.base_model, self.dtype, self.device, self.progress = base_model, dtype, device, progress
         if distributed.rank() == 0:
             for line in filter(None, [self.record.warning(adapter), *self.record.notes()]):
@@ -159,7 +161,8 @@ class AdapterJob:
 
     # ------------------------------------------------------------------------------------------------ unlearn
     def unlearn(self, request: Request | str | os.PathLike | Sequence[Request | str | os.PathLike],
-                out: str | os.PathLike, options: UnlearnOptions | None = None) -> UnlearnResult:
+                out: str | os.PathLike, options: UnlearnOptions | None = None, *,
+                holdout: str | os.PathLike | Sequence[Example] | None = None) -> UnlearnResult:
         """Apply `request` to the adapter and write the new adapter, its report.json and request.json to `out`
         (atomically; the input is never touched).
 
@@ -169,6 +172,10 @@ class AdapterJob:
             out: the new adapter folder (must not exist, or be empty).
             options: the update method and all it can be told (`updates.UnlearnOptions`: method, one-step, path and
                 refine arguments, damping, force, refit fraction, ledger, solver options); default: auto.
+            holdout: examples of the training data's kind the adapter never saw (a path, read with the training
+                set's fields, or examples): the report's `evidence` is the membership test of the edited examples
+                against them before and after the update (`evidence.Comparison`); without, it says what it cannot
+                show.
         """
         from llmeraser.io import check_output_paths
         from llmeraser.ledger import Ledger, as_requests
@@ -178,7 +185,10 @@ class AdapterJob:
         paths = {f"request {k + 1}" if len(given) > 1 else "request": r for k, r in enumerate(given)
                  if isinstance(r, str | os.PathLike)}
         check_output_paths(out, ledger=options.ledger, inputs={  # before anything is written, the ledger included
-            "adapter": self.adapter, **paths, "base model": None if self.base_model == "default" else self.base_model})
+            "adapter": self.adapter, **paths, "base model": None if self.base_model == "default" else self.base_model,
+            "holdout": holdout if isinstance(holdout, str | os.PathLike) else None})
+        self.holdout = (load_examples(holdout, self.fields) if isinstance(holdout, str | os.PathLike)
+                        else None if holdout is None else list(holdout))
         requests = as_requests([load_request(r) if isinstance(r, str | os.PathLike) else r for r in given])
         out = str(out)
         distributed.check_same({"adapter": self.adapter_sha256, "training set": examples_hash(self.train),
@@ -199,12 +209,16 @@ class AdapterJob:
             train = apply_request(train, Request.from_dict(earlier))
         self.check_data(train)
         request = merge_requests(requests, train) if len(requests) > 1 else requests[0]
+        if self.holdout is not None:  # before anything is recorded: a holdout the test cannot use is bad input
+            check_holdout(self.holdout, train=self.train, members=[old for old, _ in resolve(request, train)])
         batch = distributed.on_rank0(lambda: book.begin(requests, train, self.adapter, out) if book else None,
                                      "recording the request")
         try:
             ctx = self.context(train, request)
             if len(requests) > 1:
                 ctx.report["requests_sha256"] = [r.hash for r in requests]
+            members = [old for old, _ in ctx.pairs]  # what must now look unseen: every edited example as it was
+            before = None if self.holdout is None else evidence(ctx.model, ctx.task, members, self.holdout)
             with device_memory(f"the {options.method!r} update of {len(train):,} examples", OOM_ADVICE["unlearn"]):
                 update = get_method(options.method).run(ctx, options)
             model, _ = self.model_and_task()
@@ -212,6 +226,8 @@ class AdapterJob:
                 ParamView(model).set_vector(update.theta)
             elif update.report.get("decision") != "declined":
                 ParamView(model).add_(update.delta)
+            update.report["evidence"] = report_entry(
+                before, before and evidence(ctx.model, ctx.task, members, self.holdout), self.holdout)
 
             def write() -> list[int] | None:  # rank 0 writes; the others wait for it: every rank exits with its outcome
                 save_unlearned(model, out, update, input_adapter=self.adapter,
@@ -363,7 +379,7 @@ class AdapterJob:
 def _summary(update: Update, out: str, ledger, seqs: list[int] | None) -> str:
     r = update.report
     numbers = ", ".join(f"#{k}" for k in seqs or [])
-    tail = (f"\nadapter: {out}\nreport:  {Path(out) / 'report.json'}"
+    tail = (f"\nevidence: {summary(r.get('evidence', {}))}\nadapter: {out}\nreport:  {Path(out) / 'report.json'}"
             + (f"\nledger:  {ledger} (request{'s' if len(seqs or []) > 1 else ''} {numbers})" if ledger else ""))
     if r.get("decision") == "declined":
         return f"declined: {r['reason']}" + tail

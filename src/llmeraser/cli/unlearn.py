@@ -37,6 +37,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help='request JSON: {"edits": [{"op": "remove", "id": ...}, ...]}; several: applied in order, '
                         'batched into one update (one replay for all of them; with --ledger each on record)')
     p.add_argument("--out", help="new adapter folder (must not exist or be empty)")
+    p.add_argument("--holdout", default=None, metavar="FILE",
+                   help="examples of the training data's kind and format that the adapter never saw: the report's "
+                        "'evidence' then holds a membership test of the edited examples against them, before and "
+                        "after (do they now look like unseen examples? docs/evidence.md); without, it says it "
+                        "cannot tell")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
     p.add_argument("--method", default="auto", choices=method_names(), help=methods_help())
     add_fields(p, EraserArguments, skip=("solver_args", "progress", "l2", "damping", "method"), keep_default=False)
@@ -97,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         solver_options=pick(args, solver_cls(), prefix="solver-"),
         path=PathArguments(**pick(args, PathArguments, prefix="path-")),
         refine=RefineArguments(**pick(args, RefineArguments, prefix="refine-")))
-    result = job(args, l2=args.l2).unlearn(requests, args.out, options)
+    result = job(args, l2=args.l2).unlearn(requests, args.out, options, holdout=args.holdout)
     print(result.message)
     if result.factors_note:
         print(f"factors: {result.factors_note}")
