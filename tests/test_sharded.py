@@ -278,3 +278,40 @@ def test_a_request_that_empties_a_shard_drops_it(sharded, tmp_path):
     shutil.copytree(root / "in" / whole.names[0], tmp_path / "out" / whole.names[0])
     with pytest.raises(AdapterError, match="holds no example in the partition"):
         ShardedAdapter.read(tmp_path / "out")
+
+
+def test_a_holdout_gives_the_request_its_membership_test_as_the_folder_serves_it(sharded, tmp_path):
+    """With a holdout, the report's evidence is the membership test of the removed examples against it before and
+    after, each example scored by the shard the router sends it to (`sharded.membership`): the numbers are those of
+    scoring each example with that shard alone. A holdout that overlaps the training set is refused before any
+    work."""
+    from llmeraser.evidence import Comparison, HoldoutError, membership_scores
+
+    root, train, recipe = sharded
+    whole = ShardedAdapter.read(root / "in")
+    seen = {(e.prompt, e.response) for e in train}
+    holdout = [dataclasses.replace(e, id=f"h{i}") for i, e in enumerate(fact_examples(60, seed=7))
+               if (e.prompt, e.response) not in seen][:12]
+    prompts = [e.prompt for e in train]
+    user = next(u for u in sorted({e.extra["user"] for e in train})  # one subject whose prompts no one else has
+                if all(prompts.count(e.prompt) == 1 for e in train if e.extra["user"] == u))
+    gone = [e for e in train if e.extra["user"] == user]  # four examples, one shard
+    request = Request([Edit("remove", e.id) for e in gone])
+    with pytest.raises(HoldoutError, match="in the training set"):
+        unlearn_sharded(root / "in", train, request, tmp_path / "x", base_model=recipe["base_model"],
+                        holdout=[*holdout, train[0]])
+    assert not (tmp_path / "x").exists()
+    report = unlearn_sharded(root / "in", train, request, tmp_path / "out", base_model=recipe["base_model"],
+                             holdout=holdout)
+    proof = Comparison.from_dict(report["evidence"])
+    assert report["evidence"]["status"] == "measured" and proof.before.n_members == len(gone) == 4
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["evidence"] == report["evidence"]
+    # before: each removed example goes to its own shard (its prompt is stored there alone); its score is that shard's
+    model, task = _base_and_task(recipe["base_model"], "float32", "cpu", 24)
+    served = whole.load(model)
+    own = whole.names[whole.partition.shard(gone[0].id)]
+    assert whole.route(served, task, gone) == [own] * 4
+    served.set_adapter(own)
+    alone = membership_scores(served, task, gone)
+    # the same arithmetic on the same inputs, up to the batch it ran in (float32 rounding)
+    assert proof.before.score("loss").mean_members == pytest.approx(sum(alone.loss) / 4, rel=1e-5)

@@ -29,9 +29,10 @@ import torch
 
 from llmeraser.data import Example, examples_hash
 from llmeraser.errors import AdapterError, RequestError
+from llmeraser.evidence import check_holdout, report_entry
 from llmeraser.io import atomic_dir, atomic_write_json, sha256_file
 from llmeraser.params import SHARDED_MANIFEST, adapter_hash
-from llmeraser.request import Request, apply_request, resolve
+from llmeraser.request import Request, apply_request, merge_requests, resolve
 from llmeraser.router import ROUTER, Router, embed_prompts
 from llmeraser.schema import read_json
 from llmeraser.shards import Partition
@@ -292,7 +293,8 @@ def finetune_sharded(train: Sequence[Example], out: str | os.PathLike, *, shards
 
 
 def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request: Request | Sequence[Request],
-                    out: str | os.PathLike, *, ledger: str | os.PathLike | None = None, **job: object) -> dict:
+                    out: str | os.PathLike, *, ledger: str | os.PathLike | None = None,
+                    holdout: Sequence[Example] | None = None, **job: object) -> dict:
     """Apply `request` — or several, in order, batched into one replay (`request.merge_requests`) — to the sharded
     adapter `folder` (fine-tuned on `train`): rewind each shard the requests touch, once, on its edited members, copy
     the others, and write the new sharded folder `out` standing for the edited set. `job`: `AdapterJob`'s keyword
@@ -300,7 +302,9 @@ def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request
 
     With `ledger` the requests are on record as for a single adapter (`ledger.Ledger`: one row each, applied as one
     update; the lineage's head, applied requests a no-op, a cut-off run recovered, `ledger verify` over every file),
-    and `train` is the lineage's ORIGINAL set, the applied requests replayed on it.
+    and `train` is the lineage's ORIGINAL set, the applied requests replayed on it. With `holdout`, the report's
+    `evidence` is the membership test of the edited examples against it, as the folder serves them (each example
+    scored by the shard its router picks), before and after (`evidence.report_entry`).
 
     Returns the report (also written as `out`/report.json, the requests as `out`/requests.json): status (applied;
     done or recovered with a ledger, with its message), the touched shards, each shard's rewind report, and the
@@ -308,6 +312,8 @@ def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request
     from llmeraser.ledger import Ledger, as_requests, preamble
 
     requests = as_requests(request)
+    holdout = None if holdout is None else list(holdout)
+    job = job | {"holdout": holdout}
     if ledger is None:
         return _unlearn_shards(folder, train, requests, out, job)
     book = Ledger(ledger)
@@ -317,6 +323,7 @@ def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request
             return {"status": decision["status"], "out": decision["out"], "message": decision["done"]}
         for earlier in decision["applied"]:  # the set the lineage's head stands for
             train = apply_request(train, Request.from_dict(earlier))
+        _merged(requests, train, holdout)  # a bad holdout is refused before anything is recorded
         batch = book.begin(requests, train, folder, out)
         try:
             report = _unlearn_shards(folder, train, requests, out, job, lambda tmp: book.stage(batch, tmp))
@@ -333,15 +340,15 @@ def _unlearn_shards(folder, train: Sequence[Example], requests: list[Request], o
                     before_rename=None) -> dict:
     """`unlearn_sharded`'s work, after the ledger's say: check, rewind the touched shards, write `out`."""
     from llmeraser.job import AdapterJob
-    from llmeraser.request import merge_requests
     from llmeraser.updates import UnlearnOptions
 
     sharded = ShardedAdapter.read(folder)
     sharded.check_train(train)
     partition = sharded.partition
     # unknown ids, duplicates: the requests' own errors, before any work
-    request = merge_requests(requests, train) if len(requests) > 1 else requests[0]
-    resolve(request, train)
+    holdout = job.pop("holdout", None)
+    request, members = _merged(requests, train, holdout)
+    before = None if holdout is None else membership(folder, members, holdout, job)
     touched = sorted({partition.shard(e.id) for e in request.edits})
     new_train = apply_request(train, request)
     emptied = {k for k in touched if not partition.members(k, new_train)}
@@ -377,9 +384,41 @@ def _unlearn_shards(folder, train: Sequence[Example], requests: list[Request], o
             "data_fields": sharded.manifest.get("data_fields"),
             "lineage": {"from": sharded.manifest["adapter_sha256"], "request_sha256": request.hash,
                         "requests_sha256": [r.hash for r in requests]}})
+        report["evidence"] = report_entry(before, before and membership(tmp, members, holdout, job), holdout)
         atomic_write_json(tmp / "report.json", report)
         atomic_write_json(tmp / "requests.json", [r.to_dict() for r in requests])
     return report
+
+
+def _merged(requests: list[Request], train: Sequence[Example], holdout) -> tuple[Request, list[Example]]:
+    """The requests as one (`merge_requests`), the edited examples as they were, and the holdout checked for them."""
+    request = merge_requests(requests, train) if len(requests) > 1 else requests[0]
+    members = [old for old, _ in resolve(request, train)]
+    if holdout is not None:
+        check_holdout(holdout, train=train, members=members)
+    return request, members
+
+
+def membership(folder: str | os.PathLike, members: Sequence[Example], holdout: Sequence[Example], job: dict):
+    """`evidence.membership_test` of `members` against `holdout` as the sharded adapter in `folder` serves them: each
+    example scored by the shard its router picks (after a removal, the router holds no row of the removed examples:
+    they go where the nearest remaining prompt is)."""
+    from llmeraser.evidence import Scores, membership_scores, membership_test
+    from llmeraser.record import TrainingRecord
+
+    sharded = ShardedAdapter.read(folder)
+    record = TrainingRecord.read(sharded.shard_dir(sharded.live[0]))
+    base, task = _base_and_task(job.get("base_model", "default"), job.get("dtype", "float32"),
+                                job.get("device", "auto"), record.length, record.rendering)
+    model, scores = sharded.load(base), []
+    for group in (members, holdout):
+        names, by_id = sharded.route(model, task, group), {}
+        for name in dict.fromkeys(names):
+            model.set_adapter(name)
+            s = membership_scores(model, task, [e for e, n in zip(group, names, strict=True) if n == name])
+            by_id |= {i: (loss, mink) for i, loss, mink in zip(s.ids, s.loss, s.min_k_pp, strict=True)}
+        scores.append(Scores(tuple(e.id for e in group), *(tuple(by_id[e.id][j] for e in group) for j in (0, 1))))
+    return membership_test(*scores)
 
 
 def _router_after(sharded: ShardedAdapter, request: Request, new_train: Sequence[Example], job: dict) -> Router:

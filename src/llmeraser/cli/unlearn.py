@@ -163,6 +163,7 @@ def _sharded(args: argparse.Namespace, requests: list) -> int:
     do not apply."""
     from llmeraser.cli.common import fields
     from llmeraser.errors import ConfigError
+    from llmeraser.evidence import summary
     from llmeraser.sharded import ShardedAdapter, unlearn_sharded
 
     if args.method not in ("auto", "rewind"):
@@ -170,7 +171,8 @@ def _sharded(args: argparse.Namespace, requests: list) -> int:
                           f"retraining of those shards); --method {args.method} does not apply to it")
     sharded = ShardedAdapter.read(args.adapter)
     train = sharded.load_train(args.train, fields(args))
-    report = unlearn_sharded(args.adapter, train, requests, args.out, ledger=args.ledger,
+    holdout = sharded.load_train(args.holdout, fields(args)) if args.holdout else None
+    report = unlearn_sharded(args.adapter, train, requests, args.out, ledger=args.ledger, holdout=holdout,
                              base_model=args.base_model, dtype=args.dtype, device=args.device,
                              progress=not args.quiet)
     if report["status"] != "applied":
@@ -179,5 +181,5 @@ def _sharded(args: argparse.Namespace, requests: list) -> int:
     touched = report["touched_shards"]
     print(f"rewound {len(touched)} of {report['shards']} shards ({', '.join(touched)}): "
           f"exact retraining of those shards, {report['replayed_share']:.0%} of all shards' steps replayed, "
-          f"{report['seconds']:.1f} s\nsharded adapter: {args.out}")
+          f"{report['seconds']:.1f} s\nevidence: {summary(report['evidence'])}\nsharded adapter: {args.out}")
     return 0
