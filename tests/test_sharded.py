@@ -230,7 +230,7 @@ def test_evaluate_answers_each_example_with_the_shard_its_router_picks(sharded, 
     from llmeraser.cli import main
     from llmeraser.data import save_examples
     from llmeraser.job import AdapterJob
-    from llmeraser.sharded import evaluate_sharded
+    from llmeraser.serving import evaluate_sharded
 
     root, train, recipe = sharded
     base = recipe["base_model"]
@@ -255,7 +255,7 @@ def test_a_request_that_empties_a_shard_drops_it(sharded, tmp_path):
     """Retraining a shard on nothing leaves no adapter: the shard is dropped (no folder, no hash, no router row), no
     step is run for it, and every query goes to the shards that remain; the folder still reads, evaluates and takes
     the next request. A manifest that keeps an adapter for an empty shard is refused."""
-    from llmeraser.sharded import evaluate_sharded
+    from llmeraser.serving import evaluate_sharded
 
     root, train, recipe = sharded
     base = recipe["base_model"]

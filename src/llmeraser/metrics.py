@@ -7,8 +7,9 @@ logits at the position right after the prompt (the one that predicts the first r
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -171,7 +172,8 @@ def yes_no_probabilities(model: torch.nn.Module, task: CausalLMTask, examples: S
 
 
 def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Example], *, batch_size: int = 8,
-             yes: str = YES, no: str = NO, progress: bool = False, adapters: Sequence[str] | None = None) -> dict:
+             yes: str = YES, no: str = NO, progress: bool = False, adapters: Sequence[Hashable] | None = None,
+             activate: Callable[[Hashable], contextlib.AbstractContextManager] | None = None) -> dict:
     """Response loss of each example and, for a yes/no task, AUC and accuracy.
 
     Args:
@@ -181,8 +183,11 @@ def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Exam
         batch_size: Examples per forward pass.
         yes: The positive answer.
         no: The negative answer.
-        adapters: with a peft model holding several named adapters (a sharded adapter's shards), the adapter that
-            answers each example (its router's choice): each is made active for its examples in turn.
+        adapters: with a peft model holding several named adapters (a sharded adapter's shards), what answers each
+            example: an adapter's name (its router's choice), made active for its examples in turn; or any setting
+            `activate` puts in place for them (`serving.mixture`: the shards weighted).
+        activate: setting → a context manager within which the model answers as that setting says (default: the
+            named adapter made active).
 
     Returns:
         ``{"n", "loss" (mean response NLL), "losses" ({id: loss})}``; when every response is `yes` or `no`, also
@@ -201,7 +206,7 @@ def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Exam
     yes_id, no_id = _answer_tokens(task, yes, no) if binary else (0, 0)
     if adapters is not None and len(adapters) != len(examples):
         raise ConfigError(f"{len(adapters)} adapter names for {len(examples)} examples")
-    groups: dict[str | None, list[int]] = {}
+    groups: dict[Hashable, list[int]] = {}
     for i in range(len(examples)):
         groups.setdefault(None if adapters is None else adapters[i], []).append(i)
     device = next(model.parameters()).device  # results stay with the model until one transfer at the end
@@ -210,19 +215,8 @@ def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Exam
     bar = tqdm(total=len(examples), desc="evaluate", disable=not progress, leave=False)
     with _EvalMode(model):
         for name, members in groups.items():
-            if name is not None:
-                model.set_adapter(name)
-            # Batches of similar length waste less compute on padding; results go back to the examples' order.
-            order = sorted(members, key=lambda i: len(task.encode(examples[i])[0]))
-            for start in range(0, len(order), batch_size):
-                idx = torch.tensor(order[start : start + batch_size], device=device)
-                batch = _to_device(task.collate([examples[i] for i in order[start : start + batch_size]]), model)
-                logits = task.forward(model, batch)  # (batch, k, vocab)
-                loss[idx] = task.loss(logits, batch).double().to(device)
-                if binary:  # the prompt ends at the same position whatever the answer
-                    z = _prompt_end_logits(logits, batch).double()
-                    p[idx] = torch.sigmoid(z[:, yes_id] - z[:, no_id]).to(device)
-                bar.update(len(idx))
+            with contextlib.nullcontext() if name is None else (activate or _named(model))(name):
+                _evaluate_group(model, task, examples, members, batch_size, binary, (yes_id, no_id), loss, p, bar)
     bar.close()
     loss, p = loss.cpu(), p.cpu()
     out: dict = {"n": len(examples), "loss": loss.mean().item(),
@@ -238,3 +232,29 @@ def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Exam
             logger.warning("all %d responses are %r: AUC is undefined", len(labels), examples[0].response)
             out["auc"] = None
     return out
+
+
+def _named(model: torch.nn.Module) -> Callable[[str], contextlib.AbstractContextManager]:
+    """The default `activate`: the named adapter made active (left so afterwards)."""
+    def activate(name: str) -> contextlib.AbstractContextManager:
+        model.set_adapter(name)
+        return contextlib.nullcontext()
+
+    return activate
+
+
+def _evaluate_group(model, task: CausalLMTask, examples: Sequence[Example], members: list[int], batch_size: int,
+                    binary: bool, answers: tuple[int, int], loss: torch.Tensor, p: torch.Tensor, bar) -> None:
+    """`evaluate`'s forward passes over `members`, written into `loss` and `p` (on the model's device)."""
+    device, (yes_id, no_id) = loss.device, answers
+    # Batches of similar length waste less compute on padding; results go back to the examples' order.
+    order = sorted(members, key=lambda i: len(task.encode(examples[i])[0]))
+    for start in range(0, len(order), batch_size):
+        idx = torch.tensor(order[start : start + batch_size], device=device)
+        batch = _to_device(task.collate([examples[i] for i in order[start : start + batch_size]]), model)
+        logits = task.forward(model, batch)  # (batch, k, vocab)
+        loss[idx] = task.loss(logits, batch).double().to(device)
+        if binary:  # the prompt ends at the same position whatever the answer
+            z = _prompt_end_logits(logits, batch).double()
+            p[idx] = torch.sigmoid(z[:, yes_id] - z[:, no_id]).to(device)
+        bar.update(len(idx))

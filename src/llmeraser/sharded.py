@@ -226,26 +226,6 @@ class ShardPlan:
         return ShardedAdapter.read(self.out)
 
 
-def evaluate_sharded(folder: str | os.PathLike, data: Sequence[Example], *, base_model: str = "default",
-                     dtype: str = "float32", device: str = "auto", max_length: int | None = None,
-                     batch_size: int = 8, progress: bool = False) -> dict:
-    """`metrics.evaluate` of a sharded adapter on `data`: each example answered by the shard its router picks (the
-    shards loaded side by side on one base, the task as the shards' training record says). The result adds
-    `routing`: each example's shard and the examples per shard."""
-    from llmeraser.metrics import evaluate
-    from llmeraser.record import TrainingRecord
-
-    sharded = ShardedAdapter.read(folder)
-    record = TrainingRecord.read(sharded.shard_dir(sharded.live[0]), max_length=max_length)
-    base, task = _base_and_task(base_model, dtype, device, record.length, record.rendering)
-    model = sharded.load(base)
-    task.calibrate(data)
-    names = sharded.route(model, task, data)
-    out = evaluate(model, task, data, batch_size=batch_size, progress=progress, adapters=names)
-    return out | {"routing": {"shard_of": {e.id: n for e, n in zip(data, names, strict=True)},
-                              "examples_per_shard": {n: names.count(n) for n in sharded.names}}}
-
-
 def _write_index(tmp: Path, names: list[str], partition: Partition, train: Sequence[Example], router: Router,
                  extra: dict) -> None:
     """The router, the partition and the manifest, beside the finished shard folders inside `tmp`."""

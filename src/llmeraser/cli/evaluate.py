@@ -22,21 +22,33 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the full JSON (with per-example losses) here")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+    p.add_argument("--aggregate", default="top1", choices=["top1", "weighted"],
+                   help="a sharded adapter: top1 answers each example with the shard its router picks; weighted "
+                        "(APA-style) with every shard's LoRA update summed, weighted per example by the router "
+                        "(one forward pass per example; plain LoRA only; docs/sharded.md#serving)")
+    p.add_argument("--temperature", type=float, default=0.05,
+                   help="with --aggregate weighted: the router's softmax temperature over cosine similarities "
+                        "(smaller: closer to top-1)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmeraser.errors import ConfigError
     from llmeraser.io import atomic_write_json
     from llmeraser.job import AdapterJob
-    from llmeraser.sharded import ShardedAdapter, evaluate_sharded, is_sharded
+    from llmeraser.serving import evaluate_sharded
+    from llmeraser.sharded import ShardedAdapter, is_sharded
 
     common = {"base_model": args.base_model, "dtype": args.dtype, "device": args.device,
               "max_length": args.max_length, "batch_size": args.batch_size, "progress": not args.quiet}
     if args.adapter and is_sharded(args.adapter):  # each example answered by the shard its router picks
         data = ShardedAdapter.read(args.adapter).load_train(args.data, fields(args))
-        result = evaluate_sharded(args.adapter, data, **common)
+        result = evaluate_sharded(args.adapter, data, aggregate=args.aggregate, temperature=args.temperature,
+                                  **common)
     else:
+        if args.aggregate != "top1":
+            raise ConfigError("--aggregate weighted combines the shards of a sharded adapter; --adapter is not one")
         result = AdapterJob.evaluate(args.adapter, args.data, fields=fields(args), **common)
     if args.out:
         atomic_write_json(args.out, result)
