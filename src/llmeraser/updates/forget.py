@@ -84,13 +84,18 @@ def retain_kl(reference: torch.Tensor, outputs: torch.Tensor, batch: dict) -> to
     """Per example: the mean over its response positions of KL(p_ref ‖ p_θ), `reference` the log-softmax of the
     original logits and `outputs` the current ones ((batch, k, vocab)); positions without a target do not count (a
     task without `targets` counts every position)."""
-    logq = F.log_softmax(outputs, dim=-1)
+    logq = F.log_softmax(_wide(outputs), dim=-1)
     kl = (reference.exp() * (reference - logq)).sum(-1)  # (batch, k)
     targets = batch.get("targets")
     if targets is None:
         return kl.mean(1)
     valid = (targets != IGNORE_INDEX).to(device=kl.device, dtype=kl.dtype)
     return (kl * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32: a half-precision softmax's rounding would swamp a KL that starts at 0."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 @dataclasses.dataclass
@@ -205,10 +210,9 @@ class _Run:
     def retain_batch(self, k: int) -> dict | None:
         if not self.kept:
             return None
-        b = min(self.knobs.batch_size, len(self.kept))
-        start = (k * b) % len(self.kept)
-        chunk = (self.kept + self.kept)[start:start + b]
-        return self.ctx.task.collate(chunk)
+        n = len(self.kept)
+        b = min(self.knobs.batch_size, n)
+        return self.ctx.task.collate([self.kept[(k * b + i) % n] for i in range(b)])
 
     def gradient(self, theta: torch.Tensor, k: int) -> torch.Tensor:
         """∇ of step k's objective at θ: the forget batch's mean objective, plus retain_weight × (the retain
@@ -220,7 +224,7 @@ class _Run:
         if retain is not None and args.retain == "kl":
             view.set_vector(self.theta_hat)  # the original adapter's distribution, not kept past this step
             with torch.no_grad():
-                ref_logp = F.log_softmax(task.forward(model, retain), dim=-1)
+                ref_logp = F.log_softmax(_wide(task.forward(model, retain)), dim=-1)
         view.set_vector(theta)
         loss, mean, total = token_nll(task, model, batch)[:3]
         objective = forget_loss(self.objective, loss, mean, total, reference, args.beta, args.gamma).mean()

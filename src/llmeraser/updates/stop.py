@@ -117,7 +117,8 @@ def check_holdout(n_members: int, holdout: Sequence[Example] | None, z: float = 
     """Why the stop rule cannot run on this request's `n_members` forgotten examples and this holdout (None: it
     can)."""
     if not holdout:
-        return "no holdout was given (examples of the same kind the adapter never saw)"
+        return ("no holdout was given (unlearn --holdout FILE: examples of the same kind and format the adapter never "
+                "saw)")
     need = holdout_needed(n_members, z)
     if need is None:
         return (f"the membership test needs at least 2 edited examples to tell forgotten from familiar at z = {z:g} "
