@@ -29,7 +29,7 @@ from llmeraser.request import Edit, Request
 from llmeraser.task import IGNORE_INDEX, CausalLMTask, Rendering, per_example_loss
 from llmeraser.testing import tiny_llama, tiny_lora
 from llmeraser.updates import RequestContext, UnlearnOptions, get_method, method_names
-from llmeraser.updates.choose import StepCosts, choose_update
+from llmeraser.updates.choose import StepCosts, choose_update, would_add
 from llmeraser.updates.forget import DEFAULT, Knobs, _Run, forget_loss, resolve_defaults, retain_kl
 from llmeraser.updates.stop import (
     LESS,
@@ -293,6 +293,10 @@ def test_the_unlearner_stops_when_the_forgotten_facts_look_like_the_holdout(memo
     kept = train[12:]
     kept_rise = mean_loss(model, task, kept, theta) - mean_loss(model, task, kept, theta_hat)
     assert forget_rise > 1.0 and kept_rise < 0.5 * forget_rise, (forget_rise, kept_rise)
+    # the report's kept-loss check is over all 48 kept facts here (fewer than KEPT_CHECK), the same sums in float64
+    check = report["kept_loss_check"]
+    assert check["examples"] == 48 and check["result"] == pytest.approx(mean_loss(model, task, kept, theta), rel=1e-12)
+    assert ("kept_warning" in report) == (check["ratio"] > 1.2)
     assert update.report["method"] == method and update.report["n_effective"] == 48
     ParamView(model).set_vector(theta_hat)
 
@@ -353,7 +357,12 @@ def test_auto_picks_the_unlearner_only_with_a_holdout_and_no_recording(memorised
     name, _ = choose_update(result.trajectory, "", ctx, PathArguments(), counting, {"before": 1, "after": 1,
                                                                                    "share": 1.0})
     assert name in ("rewind", "path")
-    # the run: auto → npo, saying why
+    # the runs: auto → npo with a holdout, saying why; without one the one-step update, saying what a holdout and a
+    # recording would add
     update = get_method("auto").run(context(memorised, request), UnlearnOptions())
     assert update.report["method"] == DEFAULT and update.report["update_choice"].startswith(f"auto chose {DEFAULT}")
     ParamView(model).set_vector(theta_hat)
+    ctx = RequestContext.build(small, small_task, facts, Request.remove(facts[0].id, facts[1].id))
+    update = get_method("auto").run(ctx, UnlearnOptions())
+    assert update.report["method"] == "first-order" and would_add(False) in update.report["update_choice"]
+    assert "holdout" in would_add(False) and "holdout" not in would_add(True) and "rewind" in would_add(True)

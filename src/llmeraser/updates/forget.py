@@ -31,7 +31,7 @@ from llmeraser.data import Example
 from llmeraser.eraser import Update
 from llmeraser.errors import SolverError
 from llmeraser.params import ParamView
-from llmeraser.replay import KEPT_CHECK, path_update
+from llmeraser.replay import KEPT_CHECK, KEPT_RISE_WARNING, path_update
 from llmeraser.task import IGNORE_INDEX, per_example_loss
 from llmeraser.trajectory import Adam, AdamConfig
 from llmeraser.updates.base import RequestContext, UnlearnOptions, register
@@ -178,7 +178,14 @@ def forget(ctx: RequestContext, options: UnlearnOptions, objective: str) -> Upda
                "lr": knobs.lr, "max_steps": knobs.max_steps, "batch_size": knobs.batch_size,
                "check_every": knobs.check_every, "defaults_from": knobs.source,
                "arguments": dataclasses.asdict(args)}
-    logger.info("%s: %s at step %d (%s)", objective, "stopped" if report["stop"]["met"] else "gave up",
+    if kept_check.get("ratio", 1.0) > KEPT_RISE_WARNING:
+        k = kept_check
+        report["kept_warning"] = (f"the kept examples' loss rose {k['ratio']:.2f}× ({k['original']:.4g} → "
+                                  f"{k['result']:.4g} on {k['examples']} of them): a heavier retain term "
+                                  f"(retain_weight), a larger beta (the forget weight fades sooner) or a lower lr "
+                                  f"trade steps for less drift (docs/forget.md#measured-tiny-memorised-case)")
+        logger.warning("%s: %s", objective, report["kept_warning"])
+    logger.info("%s: %s at step %s (%s)", objective, "stopped" if report["stop"]["met"] else "gave up",
                 report["returned_step"], report["stop"]["why"])
     update = path_update(ctx, theta_hat, theta, objective, report, time.perf_counter() - t0)
     update.report |= ctx.report
