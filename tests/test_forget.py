@@ -191,7 +191,7 @@ def test_a_step_gradient_is_the_full_objective_with_the_original_adapter_as_refe
     args = ForgetArguments(retain_weight=0.7)
     knobs = Knobs(lr=1e-3, max_steps=5, batch_size=4, check_every=1, source={})
     kept = [e for e in ctx.effective if e.id not in ctx.edits]
-    run = _Run(ctx, args, knobs, "npo", ParamView(model), [train[0], train[1]], [ctx.edits[train[1].id]], kept)
+    run = _Run(ctx, args, knobs, "npo", ParamView(model), [train[0], train[1]], kept)
     retain = run.kept[:4]
     view = ParamView(model)
     with torch.no_grad():

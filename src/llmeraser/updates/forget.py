@@ -168,7 +168,7 @@ def forget(ctx: RequestContext, options: UnlearnOptions, objective: str) -> Upda
     theta_hat = view.vector()
     ctx.model.eval()
     try:
-        run = _Run(ctx, args, knobs, objective, view, members, corrected, kept)
+        run = _Run(ctx, args, knobs, objective, view, members, kept)
         theta, report = run.loop(rule)
         kept_check = kept_losses(ctx, kept, theta_hat, theta, view, knobs.batch_size)
     finally:
@@ -197,7 +197,7 @@ class _Run:
     between checks."""
 
     def __init__(self, ctx: RequestContext, args: ForgetArguments, knobs: Knobs, objective: str, view: ParamView,
-                 members: Sequence[Example], corrected: Sequence[Example], kept: Sequence[Example]):
+                 members: Sequence[Example], kept: Sequence[Example]):
         self.ctx, self.args, self.knobs, self.objective, self.view = ctx, args, knobs, objective, view
         self.theta_hat = view.vector()
         task, b, new = ctx.task, knobs.batch_size, ctx.edits
@@ -212,7 +212,6 @@ class _Run:
         order = list(range(len(kept)))
         random.Random(args.seed).shuffle(order)  # host: which kept examples each step's retain batch holds
         self.kept = [kept[i] for i in order]
-        self.n_corrected = len(corrected)
 
     def retain_batch(self, k: int) -> dict | None:
         if not self.kept:
@@ -226,7 +225,7 @@ class _Run:
         batch's mean KL to θ̂ (or NLL), and the corrected versions' mean loss)."""
         model, task, args, view = self.ctx.model, self.ctx.task, self.args, self.view
         batch, reference, fixes = self.forget[k % len(self.forget)]
-        retain = self.retain_batch(k)
+        retain = self.retain_batch(k) if args.retain_weight else None
         ref_logp = None
         if retain is not None and args.retain == "kl":
             view.set_vector(self.theta_hat)  # the original adapter's distribution, not kept past this step
@@ -237,7 +236,7 @@ class _Run:
         objective = forget_loss(self.objective, loss, mean, total, reference, args.beta, args.gamma).mean()
         if fixes is not None:
             objective = objective + args.retain_weight * task.loss(task.forward(model, fixes), fixes).mean()
-        if retain is not None and args.retain_weight:
+        if retain is not None:
             outputs = task.forward(model, retain)
             term = retain_kl(ref_logp, outputs, retain) if ref_logp is not None else task.loss(outputs, retain)
             objective = objective + args.retain_weight * term.mean()
