@@ -209,6 +209,16 @@ def test_a_step_gradient_is_the_full_objective_with_the_original_adapter_as_refe
                  + 0.7 * per_example_loss(task, model, fixes).mean()
                  + 0.7 * retain_kl(reference, task.forward(model, retain_batch), retain_batch).mean())
         assert torch.allclose(got, grad(value, model), rtol=1e-9, atol=1e-12)
+    # retain "nll": the kept batch's own loss in place of the KL (no reference pass); a run starts at θ̂
+    view.set_vector(theta_hat)
+    nll = _Run(ctx, ForgetArguments(retain_weight=0.7, retain="nll"), knobs, "npo", view, [train[0], train[1]], kept)
+    got = nll.gradient(theta, 0)
+    view.set_vector(theta)
+    loss, mean, total, _ = token_nll(task, model, task.collate(train[:2]))
+    value = (forget_loss("npo", loss, mean, total, reference_nll, args.beta, 0.0).mean()
+             + 0.7 * per_example_loss(task, model, fixes).mean()
+             + 0.7 * per_example_loss(task, model, retain_batch).mean())
+    assert torch.allclose(got, grad(value, model), rtol=1e-9, atol=1e-12)
     view.set_vector(theta_hat)
 
 
