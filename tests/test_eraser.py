@@ -253,7 +253,8 @@ def test_damping_path_equals_one_dense_solve_per_damping(method):
 def test_update_methods_are_registered_with_what_they_need():
     from llmeraser.updates import METHODS, UnlearnOptions, method_names
 
-    assert method_names() == ("auto", "first-order", "newton", "refine", "path", "rewind")
+    assert method_names() == ("auto", "first-order", "newton", "refine", "path", "rewind", "gradient-difference", "npo",
+                              "simnpo")
     assert METHODS["rewind"].needs == ("recording",) and METHODS["rewind"].exact
     assert METHODS["first-order"].needs == ("curvature",) and not METHODS["path"].exact
     with pytest.raises(ConfigError, match="unknown method 'second-order'"):

@@ -27,10 +27,12 @@ from llmeraser.replay import PathArguments, RefineArguments
 from llmeraser.request import Request, apply_request, resolve
 from llmeraser.solvers.api import is_fitted, solver_arguments
 from llmeraser.task import Task
+from llmeraser.updates.stop import ForgetArguments
 
 REFIT_FRACTION = 0.05  # edits since the last real fit, as a fraction of N, beyond which the next request refits
 NEEDS = {"recording": "the adapter's recorded fine-tune (trajectory.safetensors)",
-         "curvature": "curvature: products over the training set, or factors fitted once (--solver)"}
+         "curvature": "curvature: products over the training set, or factors fitted once (--solver)",
+         "holdout": "a holdout: examples of the same kind the adapter never saw (the stop rule's evidence)"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class UnlearnOptions:
             exceed this fraction of the training set.
         ledger: record the request in this ledger folder (`llmeraser.ledger`).
         solver_options: `SolverArguments` fields for the iterative solver used (also the one auto picks).
+        forget: options of the unlearners without a recording (`updates.forget`: gradient-difference, npo, simnpo)
+            and their stop rule.
     """
 
     method: str = "auto"
@@ -106,6 +110,7 @@ class UnlearnOptions:
     refit_fraction: float = REFIT_FRACTION
     ledger: str | None = None
     solver_options: dict = field(default_factory=dict)
+    forget: ForgetArguments = field(default_factory=ForgetArguments)
 
     def __post_init__(self) -> None:
         get_method(self.method)
@@ -139,6 +144,8 @@ class RequestContext:
         fit: (eraser arguments) → (fitted factors for a fitted solver, seconds spent fitting now); the job's reuses
             its factor store, the default fits now.
         damping_choice: () → the damping `tune-damping` stored (for damping 'auto').
+        holdout: examples of the same kind as the training set that the adapter never saw (None: none given): the
+            evidence the unlearners without a recording stop by (`updates.stop`), and auto's reason to pick one.
     """
 
     model: torch.nn.Module
@@ -154,6 +161,7 @@ class RequestContext:
     fit: Callable[[EraserArguments], tuple[object, float]] | None = None
     damping_choice: Callable[[], dict] | None = None
     progress: bool = False
+    holdout: list[Example] | None = None
 
     @classmethod
     def build(cls, model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
@@ -162,12 +170,15 @@ class RequestContext:
 
         Raises:
             RequestError: the request does not fit `train`, or removes every example.
+            UserInputError: the holdout (kwarg `holdout`) shares ids with `train` or is of another record shape.
         """
         train = list(train)
         pairs = resolve(request, train)
         effective = apply_request(train, request)
         if not effective:
             raise RequestError("the request removes every training example; there is nothing left to fit")
+        if kwargs.get("holdout") is not None:
+            kwargs["holdout"] = check_holdout_examples(kwargs["holdout"], train)
         return cls(model=model, task=task, train=train, request=request, pairs=pairs, effective=effective,
                    train_sha256=examples_hash(train), **kwargs)
 
@@ -187,3 +198,21 @@ class RequestContext:
         """The options' one-step arguments with the record's l2 unless one was set."""
         args = options.eraser
         return args if args.l2 else dataclasses.replace(args, l2=self.l2)
+
+
+def check_holdout_examples(holdout: Sequence[Example], train: Sequence[Example]) -> list[Example]:
+    """The holdout as a list, refused (UserInputError, one line) when an example shares an id with the training set
+    (it was seen, so it cannot stand for unseen data) or is written in a record shape the training set does not use
+    (its losses would measure the format, not familiarity)."""
+    holdout = list(holdout)
+    ids = {e.id for e in train}
+    seen = [e.id for e in holdout if e.id in ids]
+    if seen:
+        raise UserInputError(f"{len(seen)} holdout example(s) are in the training set (e.g. id {seen[0]!r}): a "
+                             f"holdout must be examples the adapter never saw")
+    shapes = {e.shape for e in train}
+    other = sorted({e.shape for e in holdout} - shapes)
+    if other:
+        raise UserInputError(f"the holdout holds {other[0]!r} records and the training set only "
+                             f"{', '.join(sorted(shapes))}: the holdout must be in the training data's format")
+    return holdout

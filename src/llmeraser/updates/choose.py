@@ -29,11 +29,24 @@ CHECK_BATCH = KEPT_BATCH  # the kept-loss check's forward batch
 MEMORISED = 0.5
 
 
+def would_add(has_holdout: bool) -> str:
+    """What auto's first-order choice says a holdout (when none was given) and a recording would add."""
+    recording = ("a recorded fine-tune (LLMEraserCallback, or llmeraser finetune) would let auto rewind, which is "
+                 "retraining itself")
+    if has_holdout:
+        return recording
+    return ("a holdout (examples of the same kind the adapter never saw) would let auto run an unlearner that stops "
+            "when the forgotten examples look like it, and show whether they do; " + recording)
+
+
 @register("auto", order=0, help="rewind or path when the adapter has a recorded trajectory (whichever its forecast "
-                                "in seconds says is faster), else first-order; the report says which and why")
+                                "in seconds says is faster), else with a holdout npo stopped by its evidence, else "
+                                "first-order; the report says which and why")
 def _auto(ctx: RequestContext, options: UnlearnOptions) -> Update:
     trajectory, why_not = ctx.recording()
-    method, why = choose_update(trajectory, why_not, ctx, options.path)
+    method, why = choose_update(trajectory, why_not, ctx, options.path, z=options.forget.z)
+    if method == "first-order":
+        why = f"{why}; {would_add(ctx.holdout is not None)}"
     logger.info("%s", why)
     ctx.report["update_choice"] = why
     return get_method(method).run(ctx, options)
@@ -154,10 +167,15 @@ def memorised_share(ctx: RequestContext, trajectory: Trajectory, first: int) -> 
 
 
 def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestContext, path: PathArguments,
-                  costs: StepCosts | None = None, memorised: dict | None = None) -> tuple[str, str]:
+                  costs: StepCosts | None = None, memorised: dict | None = None, *,
+                  z: float = 1.96) -> tuple[str, str]:
     """The update `auto` stands for, and why:
 
-    - no usable recorded trajectory: first-order (the one-step influence update; the only one θ̂ alone allows);
+    - no usable recorded trajectory and a holdout the membership test can use (`updates.stop.check_holdout`, at
+      interval width `z`): `forget.DEFAULT` (npo), stopped when the forgotten examples look like the holdout — on
+      memorised facts every one-step update equals doing nothing (docs/forget.md);
+    - no usable recorded trajectory otherwise: first-order (the one-step influence update; the only one θ̂ alone
+      allows), the reason saying why the holdout could not be used when one was given;
     - a trajectory with checkpoints only: rewind (exact);
     - rewind when path replay's exact tail would not revisit every kept example (it covers less than one epoch):
       the tail is what repairs the predicted steps, and on one-epoch MovieLens fine-tunes, where it cannot, path
@@ -171,7 +189,17 @@ def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestConte
       time). The reason names both forecasts and the measured costs; `ctx.report['update_forecast']` holds them.
     """
     if trajectory is None:
-        return "first-order", f"auto chose first-order: {why_not}"
+        from llmeraser.updates.forget import DEFAULT
+        from llmeraser.updates.stop import check_holdout
+
+        if ctx.holdout is None:
+            return "first-order", f"auto chose first-order: {why_not}"
+        unusable = check_holdout(len(ctx.pairs), ctx.holdout, z)
+        if unusable is None:
+            return DEFAULT, (f"auto chose {DEFAULT}: {why_not}, and a holdout of {len(ctx.holdout)} examples was "
+                             f"given: {DEFAULT} on the forgotten examples with a retain term, stopped as soon as they "
+                             f"look like the holdout by the membership test")
+        return "first-order", f"auto chose first-order: {why_not}, and the holdout cannot be used: {unusable}"
     edits, train = ctx.edits, ctx.train
     steps, first = first_edited_step(trajectory, train, set(edits))
     start = trajectory.start_before(first)

@@ -1,0 +1,334 @@
+"""Unlearners that need no recording: descent on the adapter's parameters with an objective on the forget set (the
+request's old versions of its edited examples) and a retain term, stopped by evidence instead of a fixed learning
+rate and epoch count (docs/forget.md). Registered as update methods (`updates.base`):
+
+- `gradient-difference`: −ℓ(z) on the forget set (ascent on the training loss) + the retain term;
+- `npo` (Zhang et al., 2024): (2/β) log(1 + (π_θ(y|x)/π_ref(y|x))^β) on the forget set, π_ref the adapter as given,
+  log π the response's summed token log-likelihood: at θ = θ_ref it is (2/β) log 2 with gradient −∇ log π (gradient
+  ascent on the summed NLL), and its weight 2σ(β log π_θ/π_ref) fades as an example is forgotten;
+- `simnpo` (Fan et al., 2024): −(2/β) log σ(−(β/|y|) log π_θ(y|x) − γ), reference-free and length-normalised.
+
+The retain term (weight `retain_weight`): the KL from the original adapter's next-token distribution to the current
+one at the response positions of kept examples (0 with zero gradient at θ̂; computed by setting θ to θ̂ and back on
+each retain batch, so no vocabulary-sized tensor is kept), or their NLL (`retain="nll"`), plus the NLL of the
+corrected versions of `correct_response` / `modify_query` edits. The stop rule (`updates.stop.HoldoutStop`) ends the
+run as soon as the forget set looks like the holdout, and never past it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from llmeraser.data import Example
+from llmeraser.eraser import Update
+from llmeraser.errors import SolverError
+from llmeraser.params import ParamView
+from llmeraser.replay import KEPT_CHECK, KEPT_RISE_WARNING, path_update
+from llmeraser.task import IGNORE_INDEX, per_example_loss
+from llmeraser.trajectory import Adam, AdamConfig
+from llmeraser.updates.base import RequestContext, UnlearnOptions, register
+from llmeraser.updates.stop import ForgetArguments, HoldoutStop, StopRule, token_nll
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = ("gradient-difference", "npo", "simnpo")
+DEFAULT = "npo"  # auto's pick without a recording: NPO's weight fades as examples are forgotten (gradient
+#                  difference's does not), and it keeps the reference's per-example scale (SimNPO's length
+#                  normalisation drops it)
+MAX_STEPS_FACTOR = 10  # the default cap: this many times the fine-tune's passes over the forget set (see defaults)
+
+
+@register("gradient-difference", order=6, needs=("holdout",),
+          help="no recording needed: ascent on the forgotten examples' loss with a retain term (KL to the original "
+               "on kept examples), stopped when they look like the holdout")
+def _gradient_difference(ctx: RequestContext, options: UnlearnOptions) -> Update:
+    return forget(ctx, options, "gradient-difference")
+
+
+@register("npo", order=7, needs=("holdout",),
+          help="no recording needed: negative preference optimisation (Zhang et al. 2024) on the forgotten examples "
+               "with a retain term, stopped when they look like the holdout")
+def _npo(ctx: RequestContext, options: UnlearnOptions) -> Update:
+    return forget(ctx, options, "npo")
+
+
+@register("simnpo", order=8, needs=("holdout",),
+          help="no recording needed: SimNPO (Fan et al. 2024; reference-free, length-normalised) with a retain term, "
+               "stopped when the forgotten examples look like the holdout")
+def _simnpo(ctx: RequestContext, options: UnlearnOptions) -> Update:
+    return forget(ctx, options, "simnpo")
+
+
+def forget_loss(objective: str, loss: torch.Tensor, mean: torch.Tensor, total: torch.Tensor,
+                reference: torch.Tensor | None, beta: float, gamma: float) -> torch.Tensor:
+    """Per-example forget objective. `loss`: the task's ℓ; `mean`: the mean token NLL (−log π / |y|); `total`: the
+    summed NLL (−log π); `reference`: the summed NLL at θ_ref (NPO)."""
+    if objective == "gradient-difference":
+        return -loss
+    if objective == "npo":  # (2/β) log(1 + exp(β (log π − log π_ref)))
+        return 2 / beta * F.softplus(beta * (reference - total))
+    if objective == "simnpo":  # −(2/β) log σ(β·mean − γ) = (2/β) softplus(γ − β·mean)
+        return 2 / beta * F.softplus(gamma - beta * mean)
+    raise ValueError(f"unknown forget objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+
+
+def retain_kl(reference: torch.Tensor, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per example: the mean over its response positions of KL(p_ref ‖ p_θ), `reference` the log-softmax of the
+    original logits and `outputs` the current ones ((batch, k, vocab)); positions without a target do not count (a
+    task without `targets` counts every position)."""
+    logq = F.log_softmax(_wide(outputs), dim=-1)
+    kl = (reference.exp() * (reference - logq)).sum(-1)  # (batch, k)
+    targets = batch.get("targets")
+    if targets is None:
+        return kl.mean(1)
+    valid = (targets != IGNORE_INDEX).to(device=kl.device, dtype=kl.dtype)
+    return (kl * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32: a half-precision softmax's rounding would swamp a KL that starts at 0."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+@dataclasses.dataclass
+class Knobs:
+    """The resolved settings of one run and where each default came from (for the report)."""
+
+    lr: float
+    max_steps: int
+    batch_size: int
+    check_every: int
+    source: dict
+
+
+def resolve_defaults(ctx: RequestContext, args: ForgetArguments, n_forget: int, n_check: int) -> Knobs:
+    """Fill the arguments left None from the adapter's training record (`ctx.report['task']['optimizer']`, which a
+    Trainer run's callback records), else from llmeraser finetune's own defaults (its record has no optimiser block,
+    and those are what it trained with unless told otherwise).
+
+    - lr: the fine-tune's. Adam's step is about lr per coordinate whatever the gradient's scale, so at the rate that
+      wrote the forgotten examples into θ a run takes them out in about as many steps as fine-tuning took to put
+      them in; a fixed constant would be 10× off for one adapter or another (LoRA runs use 1e-5 to 1e-3).
+    - max_steps: MAX_STEPS_FACTOR × epochs × ⌈n_forget / batch⌉ — the fine-tune's steps on the forget set, with a
+      margin: a cap, not a target (the stop rule ends the run), past which the report says it was not met.
+    - batch_size: the fine-tune's per-device batch.
+    - check_every: a check is a forward pass over the forgotten, holdout and corrected examples (`n_check`), a step
+      a forward and backward pass (≈ 3 forwards) over a forget batch and its corrections and two forwards and one
+      backward (≈ 4) over a retain batch: checking every ⌈n_check / that⌉ steps spends about as much on the
+      evidence as on the steps, so a check comes at least every other step's worth of work.
+    """
+    from llmeraser.finetune import FinetuneArguments
+
+    recorded = (ctx.report.get("task") or {}).get("optimizer") or {}
+    ours, source = FinetuneArguments(), {}
+
+    def pick(name: str, given, key: str, fallback):
+        if given is not None:
+            source[name] = "given"
+            return given
+        if isinstance(recorded.get(key), int | float) and recorded[key] > 0:
+            source[name] = "the training record"
+            return recorded[key]
+        source[name] = "llmeraser finetune's default (the training record has none)"
+        return fallback
+
+    lr = float(pick("lr", args.lr, "lr", ours.lr))
+    batch = int(pick("batch_size", args.batch_size, "batch_size", ours.batch_size))
+    epochs = math.ceil(pick("epochs", None, "epochs", ours.epochs))
+    if args.max_steps is None:
+        max_steps = MAX_STEPS_FACTOR * epochs * math.ceil(n_forget / batch)
+        source["max_steps"] = f"{MAX_STEPS_FACTOR} × {epochs} epochs × {math.ceil(n_forget / batch)} forget batches"
+    else:
+        max_steps, source["max_steps"] = args.max_steps, "given"
+    step_cost = 3 * min(batch, n_forget) * 2 + 4 * batch  # a forget batch and its corrections (at most as many)
+    check_every = args.check_every or max(1, math.ceil(n_check / step_cost))
+    return Knobs(lr=lr, max_steps=max_steps, batch_size=batch, check_every=check_every, source=source)
+
+
+def forget(ctx: RequestContext, options: UnlearnOptions, objective: str) -> Update:
+    """The new θ by `objective` on the request's forget set with the retain term, stopped by the holdout test; θ is
+    left at θ̂. Raises UserInputError when there is no holdout, or one too small for the test to say anything."""
+    t0 = time.perf_counter()
+    args = options.forget
+    members = [old for old, _ in ctx.pairs]
+    corrected = [new for _, new in ctx.pairs if new is not None]
+    kept = [e for e in ctx.effective if e.id not in ctx.edits]
+    holdout = ctx.holdout or []
+    knobs = resolve_defaults(ctx, args, len(members), len(members) + len(holdout) + len(corrected))
+    rule = HoldoutStop(ctx.task, members, holdout, corrected, z=args.z, batch_size=knobs.batch_size)
+    view = ParamView(ctx.model)
+    theta_hat = view.vector()
+    ctx.model.eval()
+    try:
+        run = _Run(ctx, args, knobs, objective, view, members, kept)
+        theta, report = run.loop(rule)
+        kept_check = kept_losses(ctx, kept, theta_hat, theta, view, knobs.batch_size)
+    finally:
+        view.set_vector(theta_hat)
+    report |= {"objective": objective, "kept_loss_check": kept_check, "forget_examples": len(members),
+               "corrected_examples": len(corrected), "holdout_examples": len(holdout), "kept_examples": len(kept),
+               "lr": knobs.lr, "max_steps": knobs.max_steps, "batch_size": knobs.batch_size,
+               "check_every": knobs.check_every, "defaults_from": knobs.source,
+               "arguments": dataclasses.asdict(args)}
+    if kept_check.get("ratio", 1.0) > KEPT_RISE_WARNING:
+        k = kept_check
+        report["kept_warning"] = (f"the kept examples' loss rose {k['ratio']:.2f}× ({k['original']:.4g} → "
+                                  f"{k['result']:.4g} on {k['examples']} of them): a heavier retain term "
+                                  f"(retain_weight), a larger beta (the forget weight fades sooner) or a lower lr "
+                                  f"trade steps for less drift (docs/forget.md#measured-tiny-memorised-case)")
+        logger.warning("%s: %s", objective, report["kept_warning"])
+    logger.info("%s: %s at step %s (%s)", objective, "stopped" if report["stop"]["met"] else "gave up",
+                report["returned_step"], report["stop"]["why"])
+    update = path_update(ctx, theta_hat, theta, objective, report, time.perf_counter() - t0)
+    update.report |= ctx.report
+    return update
+
+
+class _Run:
+    """One run's batches, reference values and step: everything on the model's device, nothing read back to the host
+    between checks."""
+
+    def __init__(self, ctx: RequestContext, args: ForgetArguments, knobs: Knobs, objective: str, view: ParamView,
+                 members: Sequence[Example], kept: Sequence[Example]):
+        self.ctx, self.args, self.knobs, self.objective, self.view = ctx, args, knobs, objective, view
+        self.theta_hat = view.vector()
+        task, b, new = ctx.task, knobs.batch_size, ctx.edits
+        self.forget = []  # (forget batch, its NPO reference −log π_ref on the device, its corrections' batch)
+        for i in range(0, len(members), b):
+            chunk = members[i:i + b]
+            batch = task.collate(chunk)
+            with torch.no_grad():
+                reference = token_nll(task, ctx.model, batch)[2] if objective == "npo" else None
+            fixes = [new[e.id] for e in chunk if new[e.id] is not None]
+            self.forget.append((batch, reference, task.collate(fixes) if fixes else None))
+        order = list(range(len(kept)))
+        random.Random(args.seed).shuffle(order)  # host: which kept examples each step's retain batch holds
+        self.kept = [kept[i] for i in order]
+
+    def retain_batch(self, k: int) -> dict | None:
+        if not self.kept:
+            return None
+        n = len(self.kept)
+        b = min(self.knobs.batch_size, n)
+        return self.ctx.task.collate([self.kept[(k * b + i) % n] for i in range(b)])
+
+    def gradient(self, theta: torch.Tensor, k: int) -> torch.Tensor:
+        """∇ of step k's objective at θ: the forget batch's mean objective, plus retain_weight × (the retain
+        batch's mean KL to θ̂ (or NLL), and the corrected versions' mean loss)."""
+        model, task, args, view = self.ctx.model, self.ctx.task, self.args, self.view
+        batch, reference, fixes = self.forget[k % len(self.forget)]
+        retain = self.retain_batch(k) if args.retain_weight else None
+        ref_logp = None
+        if retain is not None and args.retain == "kl":
+            view.set_vector(self.theta_hat)  # the original adapter's distribution, not kept past this step
+            with torch.no_grad():
+                ref_logp = F.log_softmax(_wide(task.forward(model, retain)), dim=-1)
+        view.set_vector(theta)
+        loss, mean, total = token_nll(task, model, batch)[:3]
+        objective = forget_loss(self.objective, loss, mean, total, reference, args.beta, args.gamma).mean()
+        if fixes is not None:
+            objective = objective + args.retain_weight * task.loss(task.forward(model, fixes), fixes).mean()
+        if retain is not None:
+            outputs = task.forward(model, retain)
+            term = retain_kl(ref_logp, outputs, retain) if ref_logp is not None else task.loss(outputs, retain)
+            objective = objective + args.retain_weight * term.mean()
+        grads = torch.autograd.grad(objective, view.params, allow_unused=True)
+        return view.flatten(list(grads))
+
+    def loop(self, rule: StopRule) -> tuple[torch.Tensor, dict]:
+        """Adam steps from θ̂ until `rule` says stop, checking every `check_every` steps (and at θ̂ first); on an
+        overshoot, the point on the segment back to the previous check that the rule accepts, or the one closest to
+        its target (`_bisect`); at the cap, the checked point closest to the target, reported as not met."""
+        view, knobs, model = self.view, self.knobs, self.ctx.model
+        theta = self.theta_hat.clone()
+        stop, stats = rule.check(model)
+        history = [{"step": 0, **stats}]
+        if stop:
+            return theta, _outcome(history, 0, True, "the forgotten examples already look like the holdout at θ̂")
+        adam = Adam(AdamConfig(lr=knobs.lr), theta)
+        bad = torch.zeros((), dtype=torch.bool, device=view.device)
+        prev, best = (0, theta, stats), (rule.distance(stats), 0, theta)
+        for k in range(1, knobs.max_steps + 1):
+            theta = adam.step(theta, self.gradient(theta, k - 1))
+            view.set_vector(theta)
+            bad |= ~torch.isfinite(theta).all()
+            if k % knobs.check_every and k != knobs.max_steps:
+                continue
+            if bool(bad):  # read back at a check only
+                raise SolverError(f"the {self.objective} run diverged by step {k} (non-finite parameters); lower "
+                                  f"the forget learning rate")
+            stop, stats = rule.check(model)
+            history.append({"step": k, **stats})
+            if stop:
+                said = f"the forgotten examples look like the holdout ({_says(stats)})"
+                return theta, _outcome(history, k, True, said)
+            if rule.overshot(stats):
+                return self._bisect(rule, prev, (k, theta, stats), history)
+            if rule.distance(stats) < best[0]:
+                best = (rule.distance(stats), k, theta)
+            prev = (k, theta, stats)
+        _, step, theta = best
+        return theta, _outcome(history, step, False, f"{knobs.max_steps} steps (max_steps) without the forgotten "
+                                                      f"examples looking like the holdout; returned the checked "
+                                                      f"point closest to it")
+
+    def _bisect(self, rule: StopRule, before: tuple, after: tuple, history: list) -> tuple[torch.Tensor, dict]:
+        """The last step went past the target (from `before`, still more familiar, to `after`, less familiar):
+        bisect the segment between them (`bisect` evaluations) for a point the rule accepts; else return the
+        closest evaluated point. Never the overshooting side unless it is the closest."""
+        (k0, a, sa), (k1, b, sb) = before, after
+        candidates = [(rule.distance(sa), 0.0, a, sa), (rule.distance(sb), 1.0, b, sb)]
+        lo, hi = 0.0, 1.0
+        for _ in range(self.args.bisect):
+            t = (lo + hi) / 2
+            theta = a + t * (b - a)
+            self.view.set_vector(theta)
+            stop, stats = rule.check(self.ctx.model)
+            history.append({"step": k0 + t * (k1 - k0), **stats})
+            if stop:
+                return theta, _outcome(history, k0 + t * (k1 - k0), True,
+                                       f"a step overshot; bisected back to a point that looks like the holdout "
+                                       f"({_says(stats)})")
+            candidates.append((rule.distance(stats), t, theta, stats))
+            lo, hi = (lo, t) if rule.overshot(stats) else (t, hi)
+        _, t, theta, stats = min(candidates, key=lambda c: c[0])
+        return theta, _outcome(history, k0 + t * (k1 - k0), False,
+                               f"a step overshot and no point between the last two checks passed the test; returned "
+                               f"the closest ({_says(stats)})")
+
+
+def kept_losses(ctx: RequestContext, kept: Sequence[Example], theta_hat: torch.Tensor, theta: torch.Tensor,
+                view: ParamView, batch_size: int) -> dict:
+    """The mean loss of up to KEPT_CHECK kept examples (evenly spaced) at θ̂ and at the result: what the retain term
+    was for (retraining leaves the examples it keeps about where they were). One transfer, at the end."""
+    sample = list(kept[:: max(1, len(kept) // KEPT_CHECK)][:KEPT_CHECK])
+    if not sample:
+        return {"examples": 0}
+    totals = torch.zeros(2, dtype=torch.float64, device=view.device)
+    with torch.no_grad():
+        for i in range(0, len(sample), batch_size):
+            batch = ctx.task.collate(sample[i:i + batch_size])
+            for j, point in enumerate((theta_hat, theta)):
+                view.set_vector(point)
+                totals[j] += per_example_loss(ctx.task, ctx.model, batch).sum().double()
+    before, after = (totals / len(sample)).tolist()
+    return {"examples": len(sample), "original": before, "result": after, "ratio": after / max(before, 1e-12)}
+
+
+def _says(stats: dict) -> str:
+    return f"AUC {stats['auc']:.3f}, interval [{stats['lo']:.3f}, {stats['hi']:.3f}]: {stats['verdict']}"
+
+
+def _outcome(history: list[dict], step: float, met: bool, why: str) -> dict:
+    return {"stop": {"met": met, "why": why, "rule": "membership AUC of the forgotten examples against the holdout "
+                                                     "by response loss; stop when its interval holds 0.5",
+                     "checks": history},
+            "returned_step": step, "steps_taken": max(h["step"] for h in history)}

@@ -1,0 +1,378 @@
+"""The unlearners that need no recording (`updates.forget`) and their stop rule (`updates.stop`).
+
+Each objective against its closed form computed another way (the sequence log-likelihood gathered from the model's
+full logits, not the task's response-position logits); NPO's value and gradient at θ = θ_ref derived by hand; the KL
+retain term's zero at θ̂ and the step gradient's θ̂ toggle against an explicitly stored reference; the membership test
+against hand-counted pairs. Then on a tiny model fine-tuned here to memorise random facts: the unlearner stops when
+the forgotten facts look like a holdout (never past it), a correction is learned, the cap says 'not met', and auto
+picks the unlearner only with a holdout and no recording.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fixtures.tiny import tiny_lora_lm
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from llmeraser.data import Example, Message
+from llmeraser.errors import ConfigError, UserInputError
+from llmeraser.finetune import FinetuneArguments, finetune
+from llmeraser.params import ParamView
+from llmeraser.replay import PathArguments
+from llmeraser.request import Edit, Request
+from llmeraser.task import IGNORE_INDEX, CausalLMTask, Rendering, per_example_loss
+from llmeraser.testing import tiny_llama, tiny_lora
+from llmeraser.updates import RequestContext, UnlearnOptions, get_method, method_names
+from llmeraser.updates.choose import StepCosts, choose_update, would_add
+from llmeraser.updates.forget import DEFAULT, Knobs, _Run, forget_loss, resolve_defaults, retain_kl
+from llmeraser.updates.stop import (
+    LESS,
+    LOOKS_LIKE,
+    ForgetArguments,
+    HoldoutStop,
+    hanley_mcneil_se,
+    holdout_needed,
+    membership_test,
+    token_nll,
+)
+
+ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "eel", "yak", "ant", "bat"]
+COLORS = ["red", "blue", "green", "black", "white", "gold", "pink", "grey", "teal", "plum"]
+FT_LR, FT_EPOCHS, FT_BATCH = 1e-2, 100, 8
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the facts' 28 words (a small softmax keeps the model cheap)."""
+    words = ["<pad>", "<s>", "</s>", "Does", "the", "like", "?", *ANIMALS, *COLORS]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def random_facts(seed: int = 0) -> list[Example]:
+    """100 facts: each (animal, colour) question answered by two random words, so an unseen fact's answer is one of
+    100 and only memorisation gets a trained one right."""
+    rng = random.Random(seed)
+    pairs = [(a, c) for a in ANIMALS for c in COLORS]
+    rng.shuffle(pairs)
+    return [Example(id=f"f{i}", prompt=f"Does the {a} like {c} ?",
+                    response=f" {rng.choice(ANIMALS)} {rng.choice(COLORS)}") for i, (a, c) in enumerate(pairs)]
+
+
+@pytest.fixture(scope="module")
+def memorised():
+    """(model, task, train (60), holdout (40), θ̂): a float64 tiny Llama (logit scale 25, as test_tiny_lm's) with LoRA
+    r = 8 on every projection, fine-tuned by llmeraser's own loop for 100 epochs on 60 random facts (~10 s)."""
+    tok = word_tokenizer()
+    base = tiny_llama(len(tok), hidden=16, dtype=torch.float64)
+    with torch.no_grad():
+        base.model.norm.weight.mul_(25.0)
+    model = tiny_lora(base, r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj",
+                                          "gate_proj"))
+    task = CausalLMTask(tok, max_length=24)
+    facts = random_facts()
+    train, holdout = facts[:60], facts[60:]
+    finetune(model, task, train, FinetuneArguments(epochs=FT_EPOCHS, lr=FT_LR, batch_size=FT_BATCH, record=False,
+                                                   final_check=False))
+    return model, task, train, holdout, ParamView(model).vector()
+
+
+def context(memorised, request, **kw) -> RequestContext:
+    model, task, train, holdout, theta_hat = memorised
+    ParamView(model).set_vector(theta_hat)
+    ctx = RequestContext.build(model, task, train, request, holdout=kw.pop("holdout", holdout), **kw)
+    ctx.report["task"] = {"optimizer": {"lr": FT_LR, "batch_size": FT_BATCH, "epochs": FT_EPOCHS}}
+    return ctx
+
+
+def mean_loss(model, task, examples, theta) -> float:
+    ParamView(model).set_vector(theta)
+    with torch.no_grad():
+        return float(per_example_loss(task, model, task.collate(examples)).mean())
+
+
+def sequence_logprob(model, task, examples) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π(y|x), |y|) per example from the model's logits at every position (not the task's positions), with the
+    graph: the independent closed form the objectives are checked against."""
+    batch = task.collate(examples)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    valid = labels != IGNORE_INDEX
+    logp = F.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return (logp * valid).sum(1), valid.sum(1).to(logp.dtype)
+
+
+def grad(value: torch.Tensor, model) -> torch.Tensor:
+    view = ParamView(model)
+    return view.flatten(list(torch.autograd.grad(value, view.params, allow_unused=True)))
+
+
+# ------------------------------------------------------------------------------------------------ the objectives
+def test_npo_at_the_reference_is_2_over_beta_log_2_with_gradient_ascent_on_the_summed_nll():
+    """NPO(θ) = (2/β) log(1 + (π_θ/π_ref)^β). At θ = θ_ref the ratio is 1: the value is (2/β) log 2 per example, and
+    ∇ = (2/β) · σ(0) · β · ∇log π = ∇log π = −∇(Σ token NLL), gradient ascent on the summed NLL. Away from θ_ref it
+    equals the closed form evaluated from log π gathered on the full logits. float64: agreement to rounding."""
+    model, task, examples = tiny_lora_lm(6)
+    beta = 0.1
+    batch = task.collate(examples)
+    loss, mean, total, _ = token_nll(task, model, batch)
+    value = forget_loss("npo", loss, mean, total, total.detach(), beta, 0.0)
+    assert torch.allclose(value, torch.full_like(value, 2 / beta * math.log(2)), rtol=0, atol=1e-12)
+    logp, _ = sequence_logprob(model, task, examples)
+    assert torch.allclose(-total, logp, rtol=1e-10, atol=1e-12)  # Σ NLL is −log π(y|x)
+    assert torch.allclose(grad(value.sum(), model), grad(logp.sum(), model), rtol=1e-9, atol=1e-12)
+    # away from θ_ref: the closed form (2/β) log(1 + exp(β (log π − log π_ref))), value and gradient
+    reference = total.detach()
+    view = ParamView(model)
+    view.set_vector(view.vector() + 0.05 * torch.randn(view.dim, generator=torch.Generator().manual_seed(1),
+                                                      dtype=torch.float64))
+    loss, mean, total, _ = token_nll(task, model, task.collate(examples))
+    ours = forget_loss("npo", loss, mean, total, reference, beta, 0.0)
+    logp, _ = sequence_logprob(model, task, examples)
+    closed = 2 / beta * torch.log1p((beta * (logp + reference)).exp())
+    assert not torch.allclose(ours, torch.full_like(ours, 2 / beta * math.log(2)))  # moved off the reference
+    assert torch.allclose(ours, closed, rtol=1e-10)
+    assert torch.allclose(grad(ours.sum(), model), grad(closed.sum(), model), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("normalization", ["example", "token"])
+def test_simnpo_and_gradient_difference_against_their_closed_forms(normalization):
+    """SimNPO = −(2/β) log σ(−(β/|y|) log π_θ(y|x) − γ), with log π and |y| counted on the full logits and labels;
+    gradient difference's forget part is −ℓ, the task's own loss. Under the token-weighted mean (ℓ = Σ NLL / t̄) the
+    length-normalised NLL must still be Σ NLL / |y|, not ℓ."""
+    model, task, examples = tiny_lora_lm(5)
+    if normalization == "token":
+        task = CausalLMTask(task.tokenizer, max_length=24, rendering=Rendering(normalization="token"))
+        task.calibrate(examples + [Example(id="long", prompt="Does the fox", response=" like red? Yes")])
+    beta, gamma = 0.5, 0.3
+    loss, mean, total, _ = token_nll(task, model, task.collate(examples))
+    logp, length = sequence_logprob(model, task, examples)
+    closed = -2 / beta * F.logsigmoid(-(beta / length) * logp - gamma)
+    ours = forget_loss("simnpo", loss, mean, total, None, beta, gamma)
+    assert torch.allclose(ours, closed, rtol=1e-10)
+    assert torch.allclose(grad(ours.sum(), model), grad(closed.sum(), model), rtol=1e-8, atol=1e-12)
+    assert torch.equal(forget_loss("gradient-difference", loss, mean, total, None, beta, gamma), -loss)
+    with pytest.raises(ValueError, match="unknown forget objective"):
+        forget_loss("nope", loss, mean, total, None, beta, gamma)
+
+
+def test_kl_retain_term_is_zero_with_zero_gradient_at_the_original_and_positive_away():
+    """KL(p ‖ q) = Σ p (log p − log q) ≥ 0, = 0 iff q = p, and its gradient in q's logits is q − p: both exactly 0 at
+    θ̂ (the same logits; float64 rounding of log_softmax is identical on identical inputs, so the bound is tiny)."""
+    model, task, examples = tiny_lora_lm(4)
+    batch = task.collate(examples)
+    outputs = task.forward(model, batch)
+    reference = F.log_softmax(outputs.detach(), -1)
+    kl = retain_kl(reference, outputs, batch)
+    assert kl.abs().max() <= 1e-15
+    assert grad(kl.sum(), model).abs().max() <= 1e-14
+    view = ParamView(model)
+    view.set_vector(view.vector() + 0.1)
+    moved = task.forward(model, batch)
+    kl = retain_kl(reference, moved, batch)
+    valid = batch["targets"] != IGNORE_INDEX
+    by_torch = (F.kl_div(F.log_softmax(moved, -1), reference, log_target=True, reduction="none").sum(-1) * valid)
+    assert torch.allclose(kl, by_torch.sum(1) / valid.sum(1), rtol=1e-10) and (kl > 0).all()
+
+
+def test_a_step_gradient_is_the_full_objective_with_the_original_adapter_as_reference(memorised):
+    """`_Run.gradient` sets θ to θ̂ for the retain batch's reference distribution and back: its result must be the
+    autograd gradient of NPO + corrected NLL + KL computed here with the reference taken directly at θ̂ — and at θ̂
+    the KL contributes nothing (previous test), so there it is the forget and correction terms' alone."""
+    model, task, train, holdout, theta_hat = memorised
+    request = Request([Edit("remove", train[0].id), Edit("correct_response", train[1].id, response=" cat red")])
+    ctx = context(memorised, request)
+    args = ForgetArguments(retain_weight=0.7)
+    knobs = Knobs(lr=1e-3, max_steps=5, batch_size=4, check_every=1, source={})
+    kept = [e for e in ctx.effective if e.id not in ctx.edits]
+    run = _Run(ctx, args, knobs, "npo", ParamView(model), [train[0], train[1]], kept)
+    retain = run.kept[:4]
+    view = ParamView(model)
+    with torch.no_grad():
+        view.set_vector(theta_hat)
+        reference_nll = token_nll(task, model, task.collate(train[:2]))[2]
+        reference = F.log_softmax(task.forward(model, task.collate(retain)), -1)
+    for theta in (theta_hat, theta_hat + 0.01 * torch.randn(view.dim, generator=torch.Generator().manual_seed(2),
+                                                             dtype=torch.float64)):
+        got = run.gradient(theta, 0)
+        view.set_vector(theta)
+        loss, mean, total, _ = token_nll(task, model, task.collate(train[:2]))
+        fixes = task.collate([ctx.edits[train[1].id]])
+        retain_batch = task.collate(retain)
+        value = (forget_loss("npo", loss, mean, total, reference_nll, args.beta, 0.0).mean()
+                 + 0.7 * per_example_loss(task, model, fixes).mean()
+                 + 0.7 * retain_kl(reference, task.forward(model, retain_batch), retain_batch).mean())
+        assert torch.allclose(got, grad(value, model), rtol=1e-9, atol=1e-12)
+    # retain "nll": the kept batch's own loss in place of the KL (no reference pass); a run starts at θ̂
+    view.set_vector(theta_hat)
+    nll = _Run(ctx, ForgetArguments(retain_weight=0.7, retain="nll"), knobs, "npo", view, [train[0], train[1]], kept)
+    got = nll.gradient(theta, 0)
+    view.set_vector(theta)
+    loss, mean, total, _ = token_nll(task, model, task.collate(train[:2]))
+    value = (forget_loss("npo", loss, mean, total, reference_nll, args.beta, 0.0).mean()
+             + 0.7 * per_example_loss(task, model, fixes).mean()
+             + 0.7 * per_example_loss(task, model, retain_batch).mean())
+    assert torch.allclose(got, grad(value, model), rtol=1e-9, atol=1e-12)
+    view.set_vector(theta_hat)
+
+
+# ------------------------------------------------------------------------------------------------- the stop rule
+def test_membership_test_counts_pairs_and_hanley_mcneil_by_hand():
+    """Members' losses [0.1, 0.2] against the holdout's [0.3, 0.05, 0.4]: each member is below 0.3 and 0.4 and above
+    0.05, so AUC = 4/6; Hanley–McNeil at A = 2/3, n1 = 2, n2 = 3: Q1 = A/(2−A) = 1/2, Q2 = 2A²/(1+A) = 8/15,
+    SE² = (A(1−A) + 1·(Q1 − A²) + 2·(Q2 − A²)) / 6."""
+    got = membership_test([0.1, 0.2], [0.3, 0.05, 0.4], z=1.0)
+    a = 2 / 3
+    se = math.sqrt((a * (1 - a) + (0.5 - a * a) + 2 * (8 / 15 - a * a)) / 6)
+    assert got["auc"] == pytest.approx(a, abs=1e-15) and got["se"] == pytest.approx(se, rel=1e-12)
+    assert got["verdict"] == LOOKS_LIKE and got["lo"] == pytest.approx(a - se)
+    assert membership_test([0.0, 0.01, 0.02], [1.0, 2.0, 3.0, 4.0])["verdict"] == "more familiar"  # AUC 1, SE 0
+    assert membership_test([5.0, 6.0, 7.0], [1.0, 2.0, 3.0, 4.0])["verdict"] == LESS
+    assert hanley_mcneil_se(1.0, 5, 7) == 0.0
+    # the fewest holdout examples with 0.5 + z·SE(0.5) < 1: for n1 = 2, SE(0.5)² = (1/4 + n2/12) / (2 n2)
+    for n2 in (5, 6):
+        assert (1.96 * math.sqrt((0.25 + n2 / 12) / (2 * n2)) < 0.5) == (n2 >= holdout_needed(2))
+    assert holdout_needed(2) == 6 and holdout_needed(1) is None
+
+
+def test_a_holdout_too_small_or_unusable_is_refused_in_one_line(memorised):
+    model, task, train, holdout, _ = memorised
+    with pytest.raises(UserInputError, match="needs at least 6"):
+        HoldoutStop(task, train[:2], holdout[:5])
+    with pytest.raises(UserInputError, match="at least 2 edited examples"):
+        HoldoutStop(task, train[:1], holdout)
+    with pytest.raises(UserInputError, match="in the training set"):
+        RequestContext.build(model, task, train, Request.remove(train[0].id), holdout=[*holdout, train[5]])
+    other = Example(id="chat", prompt=(Message("user", "hi"),), response=(Message("assistant", "yo"),),
+                    shape="messages")
+    with pytest.raises(UserInputError, match="training data's format"):
+        RequestContext.build(model, task, train, Request.remove(train[0].id), holdout=[*holdout, other])
+    with pytest.raises(UserInputError, match="no holdout"):
+        get_method("npo").run(context(memorised, Request.remove(train[0].id), holdout=None), UnlearnOptions())
+    for bad in ({"lr": 0.0}, {"beta": -1.0}, {"max_steps": 0}, {"retain": "mse"}, {"retain_weight": float("nan")}):
+        with pytest.raises(ConfigError):
+            ForgetArguments(**bad)
+
+
+def test_defaults_come_from_the_training_record_else_from_llmeraser_finetune(memorised):
+    ctx = context(memorised, Request.remove("f0", "f1"))
+    knobs = resolve_defaults(ctx, ForgetArguments(), 12, 52)
+    assert (knobs.lr, knobs.batch_size, knobs.max_steps) == (FT_LR, FT_BATCH, 10 * FT_EPOCHS * 2)
+    assert knobs.source["lr"] == "the training record"
+    ctx.report["task"] = {}
+    ours = FinetuneArguments()
+    knobs = resolve_defaults(ctx, ForgetArguments(lr=3e-4), 12, 52)
+    assert (knobs.lr, knobs.batch_size, knobs.max_steps) == (3e-4, ours.batch_size, 10 * ours.epochs * 2)
+    assert knobs.source["lr"] == "given" and "default" in knobs.source["batch_size"]
+
+
+# -------------------------------------------------------------------------------------- on memorised facts
+def forgotten(memorised, method="npo", **args):
+    model, task, train, holdout, theta_hat = memorised
+    ctx = context(memorised, Request.remove(*[e.id for e in train[:12]]))
+    update = get_method(method).run(ctx, UnlearnOptions(forget=ForgetArguments(**args)))
+    assert torch.equal(ParamView(model).vector(), theta_hat)  # θ is left at θ̂
+    return update, update.report[method]
+
+
+@pytest.mark.parametrize("method", ["npo", "simnpo", "gradient-difference"])
+def test_the_unlearner_stops_when_the_forgotten_facts_look_like_the_holdout(memorised, method):
+    """At θ̂ the 12 memorised facts are more familiar than the 40 unseen ones (the case is what it claims); the
+    unlearner stops at the first check whose interval holds 0.5, and the report's statistic is the one recomputed
+    here at the returned θ. The kept facts' loss moves far less than the forgotten ones' (measured: 0.64 against 2.5
+    for npo at the fine-tune's rate; nothing bounds it in theory, the assertion leaves a margin of 2)."""
+    model, task, train, holdout, theta_hat = memorised
+    update, report = forgotten(memorised, method)
+    checks = report["stop"]["checks"]
+    assert checks[0]["verdict"] == "more familiar" and checks[0]["auc"] > 0.95
+    assert report["stop"]["met"] and checks[-1]["lo"] <= 0.5 <= checks[-1]["hi"]
+    assert all(c["verdict"] == "more familiar" for c in checks[:-1])  # it stopped at the first that looked alike
+    theta = update.theta
+    ParamView(model).set_vector(theta)
+    with torch.no_grad():
+        losses = [float(x) for x in per_example_loss(task, model, task.collate(train[:12] + holdout))]
+    again = membership_test(losses[:12], losses[12:])
+    assert again["auc"] == pytest.approx(checks[-1]["auc"], abs=1e-12)
+    forget_rise = mean_loss(model, task, train[:12], theta) - mean_loss(model, task, train[:12], theta_hat)
+    kept = train[12:]
+    kept_rise = mean_loss(model, task, kept, theta) - mean_loss(model, task, kept, theta_hat)
+    assert forget_rise > 1.0 and kept_rise < 0.5 * forget_rise, (forget_rise, kept_rise)
+    # the report's kept-loss check is over all 48 kept facts here (fewer than KEPT_CHECK), the same sums in float64
+    check = report["kept_loss_check"]
+    assert check["examples"] == 48 and check["result"] == pytest.approx(mean_loss(model, task, kept, theta), rel=1e-12)
+    assert ("kept_warning" in report) == (check["ratio"] > 1.2)
+    assert update.report["method"] == method and update.report["n_effective"] == 48
+    ParamView(model).set_vector(theta_hat)
+
+
+def test_an_overshooting_step_is_bisected_back_never_past_the_holdout(memorised):
+    """Checked only every 20 steps at the fine-tune's rate, the run passes the holdout between two checks (the
+    check at step 20 says 'less familiar': the test would be vacuous otherwise); the returned point lies on the
+    segment back to the previous check and is either accepted by the rule or the closest point evaluated — never
+    the overshooting one when a closer one was seen."""
+    _, report = forgotten(memorised, check_every=40)
+    checks = report["stop"]["checks"]
+    over = [c for c in checks if c["verdict"] == LESS]
+    assert over and over[0]["step"] == 40, [(c["step"], round(c["auc"], 3), c["verdict"]) for c in checks]
+    assert 0 < report["returned_step"] < 40
+    returned = [c for c in checks if c["step"] == report["returned_step"]][-1]
+    assert returned["verdict"] == LOOKS_LIKE or abs(returned["auc"] - 0.5) <= min(abs(c["auc"] - 0.5) for c in checks)
+
+
+def test_the_cap_returns_the_closest_point_and_says_the_rule_was_not_met(memorised):
+    _, report = forgotten(memorised, max_steps=2, lr=1e-5, check_every=1)
+    assert not report["stop"]["met"] and "max_steps" in report["stop"]["why"]
+    assert report["steps_taken"] == 2 and report["returned_step"] in (0, 1, 2)
+
+
+def test_a_corrected_response_is_learned_while_the_old_one_is_forgotten(memorised):
+    """correct_response: the new versions join the retain term, and the rule stops only once their loss is below
+    where it started, so at a met stop the new versions' loss is lower than at θ̂ by construction."""
+    model, task, train, holdout, theta_hat = memorised
+    edits = [Edit("correct_response", e.id, response=" owl teal") for e in train[:6]]
+    edits += [Edit("remove", e.id) for e in train[6:12]]
+    ctx = context(memorised, Request(edits))
+    update = get_method("npo").run(ctx, UnlearnOptions())
+    report = update.report["npo"]
+    new = [ctx.edits[e.id] for e in train[:6]]
+    assert report["stop"]["met"] and report["corrected_examples"] == 6
+    assert mean_loss(model, task, new, update.theta) < mean_loss(model, task, new, theta_hat)
+    assert mean_loss(model, task, train[:6], update.theta) > mean_loss(model, task, train[:6], theta_hat)
+    ParamView(model).set_vector(theta_hat)
+
+
+# ----------------------------------------------------------------------------------------------------- auto
+def test_auto_picks_the_unlearner_only_with_a_holdout_and_no_recording(memorised):
+    model, task, train, holdout, theta_hat = memorised
+    request = Request.remove(*[e.id for e in train[:12]])
+    assert DEFAULT in method_names()
+    name, why = choose_update(None, "no recording", context(memorised, request), PathArguments())
+    assert name == DEFAULT and "holdout of 40" in why
+    name, why = choose_update(None, "no recording", context(memorised, request, holdout=None), PathArguments())
+    assert (name, why) == ("first-order", "auto chose first-order: no recording")
+    name, why = choose_update(None, "no recording", context(memorised, Request.remove(train[0].id)), PathArguments())
+    assert name == "first-order" and "at least 2 edited examples" in why
+    # with a recording, auto replays the fine-tune (rewind or path), holdout or not
+    small, small_task, facts = tiny_lora_lm(8)
+    result = finetune(small, small_task, facts, FinetuneArguments(epochs=2, batch_size=4, final_check=False))
+    ctx = RequestContext.build(small, small_task, facts, Request.remove(facts[0].id, facts[1].id),
+                               holdout=random_facts()[:20])
+    counting = StepCosts(call=0.0, example=1.0, update=0.0, replay=0.0, forward=0.0)
+    name, _ = choose_update(result.trajectory, "", ctx, PathArguments(), counting, {"before": 1, "after": 1,
+                                                                                   "share": 1.0})
+    assert name in ("rewind", "path")
+    # the runs: auto → npo with a holdout, saying why; without one the one-step update, saying what a holdout and a
+    # recording would add
+    update = get_method("auto").run(context(memorised, request), UnlearnOptions())
+    assert update.report["method"] == DEFAULT and update.report["update_choice"].startswith(f"auto chose {DEFAULT}")
+    ParamView(model).set_vector(theta_hat)
+    ctx = RequestContext.build(small, small_task, facts, Request.remove(facts[0].id, facts[1].id))
+    update = get_method("auto").run(ctx, UnlearnOptions())
+    assert update.report["method"] == "first-order" and would_add(False) in update.report["update_choice"]
+    assert "holdout" in would_add(False) and "holdout" not in would_add(True) and "rewind" in would_add(True)
