@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
         print(f"{method} {json.dumps(kw)}: {seconds:.2f} s ({seconds / fine_tune:.3f} of the fine-tune's), met "
               f"{report['stop']['met']}, step "
               f"{report['returned_step']}, AUC {checks[0]['auc']:.3f}→{end['auc']:.3f} "
-              f"[{end['lo']:.3f}, {end['hi']:.3f}]; {moved}")
+              f"(p {end['p']:.2g}, min-k%++ AUC {end['auc_min_k_pp']:.3f}); {moved}")
     return 0
 
 

@@ -177,8 +177,11 @@ class RequestContext:
         effective = apply_request(train, request)
         if not effective:
             raise RequestError("the request removes every training example; there is nothing left to fit")
-        if kwargs.get("holdout") is not None:
-            kwargs["holdout"] = check_holdout_examples(kwargs["holdout"], train)
+        if kwargs.get("holdout") is not None:  # its format and overlap; its size is the stop rule's to judge
+            from llmeraser.evidence import check_holdout
+
+            kwargs["holdout"] = list(kwargs["holdout"])
+            check_holdout(kwargs["holdout"], train=train)
         return cls(model=model, task=task, train=train, request=request, pairs=pairs, effective=effective,
                    train_sha256=examples_hash(train), **kwargs)
 
@@ -198,21 +201,3 @@ class RequestContext:
         """The options' one-step arguments with the record's l2 unless one was set."""
         args = options.eraser
         return args if args.l2 else dataclasses.replace(args, l2=self.l2)
-
-
-def check_holdout_examples(holdout: Sequence[Example], train: Sequence[Example]) -> list[Example]:
-    """The holdout as a list, refused (UserInputError, one line) when an example shares an id with the training set
-    (it was seen, so it cannot stand for unseen data) or is written in a record shape the training set does not use
-    (its losses would measure the format, not familiarity)."""
-    holdout = list(holdout)
-    ids = {e.id for e in train}
-    seen = [e.id for e in holdout if e.id in ids]
-    if seen:
-        raise UserInputError(f"{len(seen)} holdout example(s) are in the training set (e.g. id {seen[0]!r}): a "
-                             f"holdout must be examples the adapter never saw")
-    shapes = {e.shape for e in train}
-    other = sorted({e.shape for e in holdout} - shapes)
-    if other:
-        raise UserInputError(f"the holdout holds {other[0]!r} records and the training set only "
-                             f"{', '.join(sorted(shapes))}: the holdout must be in the training data's format")
-    return holdout

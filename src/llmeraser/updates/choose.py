@@ -44,7 +44,7 @@ def would_add(has_holdout: bool) -> str:
                                 "first-order; the report says which and why")
 def _auto(ctx: RequestContext, options: UnlearnOptions) -> Update:
     trajectory, why_not = ctx.recording()
-    method, why = choose_update(trajectory, why_not, ctx, options.path, z=options.forget.z)
+    method, why = choose_update(trajectory, why_not, ctx, options.path, alpha=options.forget.alpha)
     if method == "first-order":
         why = f"{why}; {would_add(ctx.holdout is not None)}"
     logger.info("%s", why)
@@ -168,11 +168,11 @@ def memorised_share(ctx: RequestContext, trajectory: Trajectory, first: int) -> 
 
 def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestContext, path: PathArguments,
                   costs: StepCosts | None = None, memorised: dict | None = None, *,
-                  z: float = 1.96) -> tuple[str, str]:
+                  alpha: float = 0.05) -> tuple[str, str]:
     """The update `auto` stands for, and why:
 
     - no usable recorded trajectory and a holdout the membership test can use (`updates.stop.check_holdout`, at
-      interval width `z`): `forget.DEFAULT` (npo), stopped when the forgotten examples look like the holdout — on
+      level `alpha`): `forget.DEFAULT` (npo), stopped when the forgotten examples look like the holdout — on
       memorised facts every one-step update equals doing nothing (docs/forget.md);
     - no usable recorded trajectory otherwise: first-order (the one-step influence update; the only one θ̂ alone
       allows), the reason saying why the holdout could not be used when one was given;
@@ -194,7 +194,7 @@ def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestConte
 
         if ctx.holdout is None:
             return "first-order", f"auto chose first-order: {why_not}"
-        unusable = check_holdout(len(ctx.pairs), ctx.holdout, z)
+        unusable = check_holdout([old for old, _ in ctx.pairs], ctx.holdout, ctx.train, alpha)
         if unusable is None:
             return DEFAULT, (f"auto chose {DEFAULT}: {why_not}, and a holdout of {len(ctx.holdout)} examples was "
                              f"given: {DEFAULT} on the forgotten examples with a retain term, stopped as soon as they "

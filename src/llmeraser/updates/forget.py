@@ -163,7 +163,8 @@ def forget(ctx: RequestContext, options: UnlearnOptions, objective: str) -> Upda
     kept = [e for e in ctx.effective if e.id not in ctx.edits]
     holdout = ctx.holdout or []
     knobs = resolve_defaults(ctx, args, len(members), len(members) + len(holdout) + len(corrected))
-    rule = HoldoutStop(ctx.task, members, holdout, corrected, z=args.z, batch_size=knobs.batch_size)
+    rule = HoldoutStop(ctx.task, members, holdout, corrected, alpha=args.alpha, batch_size=knobs.batch_size,
+                      train=ctx.train)
     view = ParamView(ctx.model)
     theta_hat = view.vector()
     ctx.model.eval()
@@ -324,7 +325,8 @@ def kept_losses(ctx: RequestContext, kept: Sequence[Example], theta_hat: torch.T
 
 
 def _says(stats: dict) -> str:
-    return f"AUC {stats['auc']:.3f}, interval [{stats['lo']:.3f}, {stats['hi']:.3f}]: {stats['verdict']}"
+    return (f"loss AUC {stats['auc']:.3f} (p {stats['p']:.2g}), min-k%++ AUC {stats['auc_min_k_pp']:.3f} "
+            f"(p {stats['p_min_k_pp']:.2g}): {stats['verdict']}")
 
 
 def _outcome(history: list[dict], step: float, met: bool, why: str) -> dict:

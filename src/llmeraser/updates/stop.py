@@ -2,10 +2,10 @@
 stop rule taken from evidence — a membership test of the forgotten examples against a holdout (examples of the same
 kind the adapter never saw) — instead of a fixed learning rate and epoch count (docs/forget.md).
 
-The stop rule is one small piece on purpose: `StopRule.check(model) → (stop, stats)`. `HoldoutStop` scores the
-forgotten examples and the holdout by their response loss and compares them by `membership_test` (the AUC of
-members against the holdout with its Hanley–McNeil interval); `llmeraser.evidence` (membership scores, min-k%++, the
-KS p-value, the verdict) plugs in by replacing `membership_test` and `HoldoutStop.scores`, nothing else.
+The stop rule is one small piece on purpose: `StopRule.check(model) → (stop, stats)`. `HoldoutStop` is the
+membership test every request's report holds (`llmeraser.evidence`: response loss and min-k%++ against the holdout,
+Mann–Whitney p-values, the verdict), so the unlearner stops where the report's evidence says "looks like the
+holdout", and no other statistic decides.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import torch
 
 from llmeraser.data import Example
 from llmeraser.errors import ConfigError, UserInputError
-from llmeraser.metrics import roc_auc
+from llmeraser.evidence import ALPHA, LIKE, HoldoutError, membership_scores, membership_test
+from llmeraser.evidence import LESS as EVIDENCE_LESS
+from llmeraser.evidence import MORE as EVIDENCE_MORE
+from llmeraser.evidence import check_holdout as evidence_check
 from llmeraser.task import IGNORE_INDEX, Task
 
-LOOKS_LIKE = "looks like the holdout"
-MORE = "more familiar"
-LESS = "less familiar"
+LOOKS_LIKE, MORE, LESS = LIKE, EVIDENCE_MORE, EVIDENCE_LESS  # the verdicts of `evidence.membership_test`
 
 
 @dataclass
@@ -52,16 +53,19 @@ class ForgetArguments:
     check_every: int | None = field(default=None, metadata={
         "help": "forget: steps between two checks of the stop rule; default such that the checks cost about as "
                 "much as the steps between them"})
-    z: float = field(default=1.96, metadata={
-        "help": "forget: the stop rule's interval is AUC ± z·SE (1.96: 95%); the unlearner stops as soon as it holds "
-                "0.5"})
+    alpha: float = field(default=ALPHA, metadata={
+        "help": "forget: the stop rule's level: the unlearner stops as soon as the membership test against the "
+                "holdout cannot tell the forgotten examples from it at this level (the report's test, "
+                "docs/evidence.md)"})
     bisect: int = field(default=6, metadata={
         "help": "forget: when a step overshoots (the forgotten examples look less familiar than the holdout), "
                 "evaluations on the segment back to the previous check to find the point that looks like it"})
     seed: int = field(default=0, metadata={"help": "forget: seed of the kept examples' order in the retain term"})
 
     def __post_init__(self) -> None:
-        for name in ("lr", "beta", "z"):
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"forget alpha must be in (0, 1), got {self.alpha}")
+        for name in ("lr", "beta"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"forget {name} must be a finite number > 0, got {v}")
@@ -79,53 +83,18 @@ class ForgetArguments:
             raise ConfigError(f"forget bisect must be ≥ 0, got {self.bisect}")
 
 
-def hanley_mcneil_se(auc: float, n1: int, n2: int) -> float:
-    """The standard error of an AUC of n1 positives against n2 negatives (Hanley & McNeil, 1982), from the AUC itself:
-    Q1 = A/(2−A), Q2 = 2A²/(1+A), SE² = (A(1−A) + (n1−1)(Q1−A²) + (n2−1)(Q2−A²)) / (n1 n2). 0 at A ∈ {0, 1}."""
-    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    var = (auc * (1 - auc) + (n1 - 1) * (q1 - auc * auc) + (n2 - 1) * (q2 - auc * auc)) / (n1 * n2)
-    return math.sqrt(max(var, 0.0))
-
-
-def membership_test(members: Sequence[float], holdout: Sequence[float], z: float = 1.96) -> dict:
-    """The forgotten examples' losses (`members`) against the holdout's: AUC = P(a member's loss < a holdout
-    example's) (ties ½; 1: every member more familiar than every holdout example, 0.5: alike), its Hanley–McNeil
-    interval AUC ± z·SE, and the verdict: `looks like the holdout` when the interval holds 0.5, else `more familiar`
-    (AUC above) or `less familiar` (below: over-forgotten, a signature of its own)."""
-    auc = roc_auc([-x for x in members] + [-x for x in holdout], [1] * len(members) + [0] * len(holdout))
-    se = hanley_mcneil_se(auc, len(members), len(holdout))
-    lo, hi = auc - z * se, auc + z * se
-    verdict = LOOKS_LIKE if lo <= 0.5 <= hi else MORE if auc > 0.5 else LESS
-    return {"auc": auc, "se": se, "lo": lo, "hi": hi, "verdict": verdict, "members": len(members),
-            "holdout": len(holdout)}
-
-
-def holdout_needed(n_members: int, z: float = 1.96, most: int = 100_000) -> int | None:
-    """The fewest holdout examples for which the test can tell a memorised forget set from the holdout at all: its
-    interval at chance, 0.5 ± z·SE(0.5), must exclude AUC 1 (every member more familiar). SE(0.5)² =
-    (1/4 + (n1 + n2 − 2)/12) / (n1 n2) ≥ 1/(12 n1) as n2 grows, so with a single member (SE ≥ 0.289) no holdout is
-    enough: None."""
-    if n_members < 1 or z * hanley_mcneil_se(0.5, n_members, most) >= 0.5:
-        return None
-    n2 = 1
-    while z * hanley_mcneil_se(0.5, n_members, n2) >= 0.5:
-        n2 += 1
-    return n2
-
-
-def check_holdout(n_members: int, holdout: Sequence[Example] | None, z: float = 1.96) -> str | None:
-    """Why the stop rule cannot run on this request's `n_members` forgotten examples and this holdout (None: it
-    can)."""
+def check_holdout(members: Sequence[Example], holdout: Sequence[Example] | None,
+                  train: Sequence[Example] | None = None, alpha: float = ALPHA) -> str | None:
+    """Why the stop rule cannot run on these forgotten examples and this holdout (None: it can): no holdout, or one
+    `evidence.check_holdout` refuses (another format than the training data, examples it holds, too few to say
+    anything — it says how many it needs)."""
     if not holdout:
         return ("no holdout was given (unlearn --holdout FILE: examples of the same kind and format the adapter never "
                 "saw)")
-    need = holdout_needed(n_members, z)
-    if need is None:
-        return (f"the membership test needs at least 2 edited examples to tell forgotten from familiar at z = {z:g} "
-                f"(the request edits {n_members})")
-    if len(holdout) < need:
-        return (f"the holdout has {len(holdout)} examples; with {n_members} edited examples the membership test "
-                f"needs at least {need} to tell a memorised set from the holdout at z = {z:g}")
+    try:
+        evidence_check(holdout, train=train, members=members, alpha=alpha)
+    except HoldoutError as e:
+        return str(e)
     return None
 
 
@@ -142,47 +111,45 @@ class StopRule(Protocol):
 
 
 class HoldoutStop:
-    """Stop as soon as the forgotten examples look like the holdout by `membership_test`; with corrections, also
-    only once the corrected versions' mean loss is below where it started (they are being learned).
+    """Stop as soon as the forgotten examples look like the holdout by the membership test the report holds
+    (`evidence.membership_test`: the response loss and min-k%++, each by its Mann–Whitney p against AUC = 0.5 at
+    α / 2); with corrections, also only once the corrected versions' mean loss is below where it started (they are
+    being learned). Overshot: the test says the forgotten examples are now less familiar than the holdout.
 
-    Each check is a forward pass over the forgotten examples, the holdout and the corrected versions, batched as
-    the task does; their per-example scores stay on the model's device until one transfer at the end of the check.
-    The batches are tokenised once, here."""
+    Each check is a forward pass over the forgotten examples, the holdout and the corrected versions
+    (`evidence.membership_scores`: on the model's device, one transfer per set at the end)."""
 
     def __init__(self, task: Task, members: Sequence[Example], holdout: Sequence[Example],
-                 corrected: Sequence[Example] = (), *, z: float = 1.96, batch_size: int = 8):
-        why = check_holdout(len(members), holdout, z)
+                 corrected: Sequence[Example] = (), *, alpha: float = ALPHA, batch_size: int = 8,
+                 train: Sequence[Example] | None = None):
+        why = check_holdout(members, holdout, train, alpha)
         if why is not None:
             raise UserInputError(f"the forget stop rule cannot run: {why}")
-        self.task, self.z = task, z
-        sizes = (len(members), len(holdout), len(corrected))
-        every = [*members, *holdout, *corrected]
-        self.batches = [task.collate(every[i:i + batch_size]) for i in range(0, len(every), batch_size)]
-        self.cuts = (sizes[0], sizes[0] + sizes[1])
+        self.task, self.alpha, self.batch_size = task, alpha, batch_size
+        self.sets = (list(members), list(holdout), list(corrected))
         self.corrected_start: float | None = None
 
-    def scores(self, model: torch.nn.Module) -> torch.Tensor:
-        """Each example's response loss, the mean token NLL (length-normalised, whatever the task's averaging), on
-        the model's device."""
-        with torch.no_grad():
-            return torch.cat([token_nll(self.task, model, b)[1] for b in self.batches])
-
     def check(self, model: torch.nn.Module) -> tuple[bool, dict]:
-        losses = self.scores(model).double().cpu().tolist()  # the one transfer of a check
-        a, b = self.cuts
-        stats = membership_test(losses[:a], losses[a:b], self.z)
-        stats |= {"forget_loss": sum(losses[:a]) / a, "holdout_loss": sum(losses[a:b]) / (b - a)}
+        members, holdout, corrected = (membership_scores(model, self.task, s, batch_size=self.batch_size) if s
+                                       else None for s in self.sets)
+        test = membership_test(members, holdout, alpha=self.alpha)
+        stats = {"verdict": test.verdict, "members": test.n_members, "holdout": test.n_holdout}
+        for t in test.tests:
+            tag = "" if t.score == "loss" else f"_{t.score}"
+            stats |= {f"auc{tag}": t.auc, f"p{tag}": t.p_auc}
+        stats |= {"forget_loss": test.score("loss").mean_members, "holdout_loss": test.score("loss").mean_holdout}
         learned = True
-        if len(losses) > b:
-            corrected = sum(losses[b:]) / (len(losses) - b)
+        if corrected is not None:
+            loss = sum(corrected.loss) / len(corrected.loss)
             if self.corrected_start is None:
-                self.corrected_start = corrected
-            learned = corrected < self.corrected_start
-            stats |= {"corrected_loss": corrected}
+                self.corrected_start = loss
+            learned = loss < self.corrected_start
+            stats |= {"corrected_loss": loss}
         return stats["verdict"] == LOOKS_LIKE and learned, stats
 
     def distance(self, stats: dict) -> float:
-        return abs(stats["auc"] - 0.5)
+        """How far the forgotten examples are from looking like the holdout: the larger |AUC − 0.5| of the scores."""
+        return max(abs(stats["auc"] - 0.5), abs(stats["auc_min_k_pp"] - 0.5))
 
     def overshot(self, stats: dict) -> bool:
         return stats["verdict"] == LESS
