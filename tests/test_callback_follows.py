@@ -163,14 +163,21 @@ def test_a_checkpoint_without_a_pointer_is_tied_to_the_run_by_the_replay(run, tm
     assert found is None and "the run's recording" in why and "replaying the recorded gradients" in why
 
 
-def test_an_adapter_saved_by_an_older_callback_finds_the_run_through_training_args(run, tmp_path):
-    """`trainer.save_model(other)` wrote training_args.bin (a pickle: its output_dir is read from the opcodes, never
-    unpickled); without a recording beside the adapter, unlearn takes the one in that output_dir and names it."""
-    from llmeraser.recording import trainer_output_dir
+def test_an_adapter_without_its_recording_finds_the_runs_output_dir(run, tmp_path):
+    """Without a recording beside the adapter: the record's `output_dir` names the run's folder; an older callback's
+    record has none, and `trainer.save_model(other)` wrote training_args.bin (a pickle: its output_dir is read from
+    the opcodes, never unpickled). unlearn takes the recording there and names it."""
+    from llmeraser.recording import locate, trainer_output_dir
 
     root, _ = run
-    shutil.copytree(root / "saved", tmp_path / "old")
-    (tmp_path / "old" / "trajectory.safetensors").unlink()
+    shutil.copytree(root / "saved", tmp_path / "copied")
+    (tmp_path / "copied" / "trajectory.safetensors").unlink()
+    found = locate(tmp_path / "copied")
+    assert not found.beside and "training_record.json" in found.where and found.trajectory.steps == EPOCHS * PER_EPOCH
+    shutil.copytree(tmp_path / "copied", tmp_path / "old")
+    record = json.loads((tmp_path / "old" / "training_record.json").read_text())
+    del record["output_dir"]
+    (tmp_path / "old" / "training_record.json").write_text(json.dumps(record))
     assert trainer_output_dir(tmp_path / "old") == str(root / "out")
     report = unlearn(root, tmp_path / "old", tmp_path / "u")
     assert report["method"] in ("rewind", "path")

@@ -364,7 +364,8 @@ class LLMEraserCallback(TrainerCallback):
             source=_source(trl))
         out = {"kind": "trainer-callback", "task": record.to_dict(), "lora": record.lora,
                "n_train": len(self.examples) if self.examples else None,
-               "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False))}
+               "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)),
+               "output_dir": str(Path(args.output_dir).resolve())}  # where the run's recording is written
         if record.packing:
             logger.warning("LLMEraserCallback: packing=True mixes examples in one sequence; 'llmeraser unlearn' will "
                            "refuse this adapter (an example's own loss is not defined)")

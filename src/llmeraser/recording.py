@@ -14,8 +14,9 @@ replay (`Trajectory.check_recipe`).
 Where the run's recording is (`locate`): beside the adapter, where `LLMEraserCallback` also puts it whenever the
 trained model is saved (docs/data.md#where-the-record-goes); else where a small pointer file beside the adapter
 (`llmeraser_recording.json`, written into each Trainer checkpoint) names it, cut to the checkpoint's first N steps
-(`prefix`); else in the parent of a `checkpoint-N` folder, cut likewise; else in the Trainer's `output_dir`, read
-from the adapter's `training_args.bin` without unpickling it (`trainer_output_dir`). What is found is used only after
+(`prefix`); else in the parent of a `checkpoint-N` folder, cut likewise; else in the run's `output_dir` that the
+callback's `training_record.json` names, or the one read from the adapter's `training_args.bin` without unpickling it
+(`trainer_output_dir`). What is found is used only after
 the same checks as one beside the adapter; what is not found is reported with the places looked.
 
 Formats: 3 may hold bfloat16 gradients beside full-precision checkpoints ("grad_dtype", "checkpoint_every"); 2 is
@@ -38,6 +39,7 @@ import torch
 
 from llmeraser.errors import AdapterError
 from llmeraser.io import atomic_write_json, canonical_json, sha256_bytes
+from llmeraser.record import RECORD
 from llmeraser.schema import Fields, is_number, parse_json, read_json
 from llmeraser.storage import Rows, TensorFile, write_safetensors
 from llmeraser.trajectory import RECORD_DTYPES, TRAJECTORY, Trajectory, tensor_sha256
@@ -307,6 +309,12 @@ def _candidates(adapter: Path, looked: list[str]):
     checkpoint = re.fullmatch(r"checkpoint-([0-9]+)", adapter.resolve().name)
     if checkpoint:
         yield adapter.resolve().parent, int(checkpoint[1]), None, f"the Trainer run above {adapter.name}"
+    try:  # the callback's record names the run's output folder (a record copied by hand without the recording)
+        recorded = read_json(adapter / RECORD, AdapterError).get("output_dir") if (adapter / RECORD).is_file() else None
+    except (AdapterError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str) and recorded:
+        yield Path(recorded), None, None, f"the run's output_dir in {adapter / RECORD}"
     output_dir = trainer_output_dir(adapter)
     if output_dir is not None:
         how = f"the Trainer's output_dir in {adapter / TRAINING_ARGS}"
