@@ -188,7 +188,7 @@ def test_an_adapter_without_its_recording_finds_the_runs_output_dir(run, tmp_pat
 def test_a_save_after_the_weights_changed_carries_no_record(run, tmp_path, caplog):
     """The model changed after training: its saves get no record (a warning says why); `unlearn` on such an adapter
     saved by the Trainer finds the run's recording through training_args.bin and refuses it by name (it does not end
-    at these weights), so auto takes the one-step update saying why; a user's file of the record's name is never
+    at these weights: auto would take the one-step update, saying so); a user's file of the record's name is never
     replaced."""
     from llmeraser.job import AdapterJob
 
@@ -196,12 +196,18 @@ def test_a_save_after_the_weights_changed_carries_no_record(run, tmp_path, caplo
     model = trainer.model
     view = ParamView(model)
     trained = view.vector()
-    # a deep copy of the trained model saves with the record too (its wrapper is bound to the copy)
-    copy.deepcopy(model).save_pretrained(str(tmp_path / "copy"))
-    assert (tmp_path / "copy" / "trajectory.safetensors").is_file()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "training_record.json").write_text('{"mine": true}')
     with caplog.at_level(logging.WARNING):
+        # a deep copy of the trained model saves with the record too; its wrapper is bound to the copy: the copy's
+        # own weights are saved and checked (changed, the copy's save gets no record)
+        twin = copy.deepcopy(model)
+        twin.save_pretrained(str(tmp_path / "copy"))
+        assert (tmp_path / "copy" / "trajectory.safetensors").is_file()
+        ParamView(twin).add_(torch.full_like(trained, 1e-3))
+        twin.save_pretrained(str(tmp_path / "copy2"))
+        assert not (tmp_path / "copy2" / "trajectory.safetensors").exists()
+        assert float((theta(root, tmp_path / "copy2") - trained).abs().max()) > 5e-4  # the copy's weights, saved
         model.save_pretrained(str(tmp_path / "mine"))
         assert (tmp_path / "mine" / "training_record.json").read_text() == '{"mine": true}'
         assert any("which it did not write" in r.getMessage() for r in caplog.records)
@@ -211,7 +217,7 @@ def test_a_save_after_the_weights_changed_carries_no_record(run, tmp_path, caplo
             model.save_pretrained(str(tmp_path / "changed2"))
         finally:
             view.set_vector(trained)
-    assert sum("no longer the ones training ended at" in r.getMessage() for r in caplog.records) == 2
+    assert sum("no longer the ones training ended at" in r.getMessage() for r in caplog.records) == 3
     for folder in ("changed", "changed2"):
         assert (tmp_path / folder / "adapter_model.safetensors").is_file()
         assert not (tmp_path / folder / "training_record.json").exists()

@@ -413,7 +413,9 @@ def _why_no_recording(adapter: str, looked: Sequence[str] = ()) -> str:
         return ("it was written by a path replay, which predicts most steps and so carries no recording; a rewind's "
                 "output carries one")
     elsewhere = looked[1:]  # the first is the adapter's own trajectory.safetensors
-    return ((f"nor where its run would have left one: {'; '.join(elsewhere)}; " if elsewhere else "")
+    return ((f"nor where its run would have left one: {'; '.join(elsewhere)}; " if elsewhere else
+             "and nothing beside it names where its run left one (no llmeraser_recording.json, no output_dir in a "
+             "training_record.json or training_args.bin, not a checkpoint-N folder); ")
             + "adapters fine-tuned with 'llmeraser finetune' or LLMEraserCallback record one (the callback writes it "
               "beside the adapter when the trained model is saved, and into the Trainer's output_dir; copy it "
               "beside the adapter, or unlearn the adapter saved there)")
