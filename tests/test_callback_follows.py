@@ -26,7 +26,7 @@ REMOVED = [f"chat{i}" for i in range(N - STEP, N)]
 TARGETS = ["q_proj", "v_proj", "o_proj"]
 
 
-def sft(root, records, out, callback=None):
+def sft(root, records, out, callback=None, **options):
     """SFTTrainer as a user runs it (tests/test_trl.py), saving a checkpoint every epoch; no save after training."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -39,9 +39,11 @@ def sft(root, records, out, callback=None):
     config = SFTConfig(output_dir=str(out), max_length=48, per_device_train_batch_size=BATCH,
                        gradient_accumulation_steps=ACCUMULATION, num_train_epochs=EPOCHS, learning_rate=1e-2,
                        lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0, bf16=False,
-                       report_to=[], save_strategy="epoch", save_only_model=True, use_cpu=True, seed=0,
-                       disable_tqdm=True, **({"train_sampling_strategy": "sequential"} if sequential else {}))
+                       report_to=[], save_strategy="epoch", use_cpu=True, seed=0,
+                       disable_tqdm=True, **({"train_sampling_strategy": "sequential"} if sequential else {}),
+                       **({"save_only_model": True} | options))
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(records),
+                         eval_dataset=Dataset.from_list(records) if "eval_strategy" in options else None,
                          processing_class=AutoTokenizer.from_pretrained(root / "base"),
                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0),
                          callbacks=[callback] if callback else [])
@@ -229,3 +231,24 @@ def test_a_save_after_the_weights_changed_carries_no_record(run, tmp_path, caplo
     job = AdapterJob(tmp_path / "changed2", root / "chat.jsonl", base_model=str(root / "base"))
     found, why = job.trajectory(job.train)
     assert found is None and "has no trajectory.safetensors" in why and "LLMEraserCallback" in why
+
+
+def test_load_best_model_at_end_cuts_the_recording_to_the_best_checkpoint(run, tmp_path):
+    """With load_best_model_at_end the model training ends with is the best checkpoint's (here the first epoch's:
+    "best" is the highest eval loss, which falls as the run memorises), so the recording that follows it is the run's
+    first steps, and its rewind is the retrain's checkpoint after as many epochs."""
+    from llmeraser.callback import LLMEraserCallback
+
+    root, _ = run
+    records = [json.loads(line) for line in (root / "chat.jsonl").read_text().splitlines()]
+    trainer = sft(root, records, tmp_path / "out", LLMEraserCallback(root / "chat.jsonl"), eval_strategy="epoch",
+                  load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,
+                  save_only_model=False)
+    best = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert best < EPOCHS * PER_EPOCH  # a checkpoint before the end was loaded
+    trainer.save_model(str(tmp_path / "best"))
+    report = unlearn(root, tmp_path / "best", tmp_path / "u", method="rewind")
+    assert report["trajectory"]["steps"] == best
+    epochs = best // PER_EPOCH
+    assert_is_the_retrain(root, tmp_path / "best", tmp_path / "u",
+                          root / "retrain" / f"checkpoint-{epochs * (PER_EPOCH - 1)}")

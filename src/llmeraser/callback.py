@@ -22,7 +22,8 @@ adapter wherever the trained model is saved — `trainer.save_model(dir)` and `m
 the model's `save_pretrained`, which the callback wraps when training ends — but only while the model's weights are
 the ones training ended at (their sha256, taken then): a save after they changed gets no record. Each checkpoint
 gets the record and a pointer (`recording.POINTER`) to the run's recording with the checkpoint's step, which
-`recording.locate` cuts the run's recording to. Files of those names that llmeraser did not write are never replaced.
+`recording.locate` cuts the run's recording to; with `load_best_model_at_end` the model training ends with is the
+best checkpoint's, and the recording written is cut likewise. A file of those names llmeraser did not write is kept.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -44,7 +46,7 @@ from llmeraser.io import atomic_write_json
 from llmeraser.params import ParamView
 from llmeraser.record import RECORD, TRL_LOSS, TrainingRecord
 from llmeraser.recorder import DEFAULT_MAX_BYTES, Recorder
-from llmeraser.recording import POINTER, replaceable, write, write_pointer
+from llmeraser.recording import POINTER, prefix, replaceable, write, write_pointer
 from llmeraser.schema import read_json
 from llmeraser.task import CausalLMTask, Rendering
 from llmeraser.trajectory import RECORD_DTYPES, TRAJECTORY, Trajectory, names_sha256, task_recipe, tensor_sha256
@@ -157,12 +159,18 @@ class LLMEraserCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        """The record and recording into output_dir; θ's hash now (the state they describe); and from here on every
+        save of the model writes them beside the adapter saved (`_follow`)."""
         self._remove_hooks()
         if self.record is None or not state.is_world_process_zero:
             return control
         names = self.recording["view"].names if self.recording is not None else trainable(model)
         theta = theta_sha256(model, names) if names else None
         trajectory = self.trajectory() if self.recording is not None else None
+        best = _best_step(args, state)
+        if trajectory is not None and best is not None and best < trajectory.steps:
+            # load_best_model_at_end: the model is checkpoint-`best`'s, so its recording is the run's first steps
+            trajectory = prefix(trajectory, best, theta, where="the run's recording")
         self.final = {"names": names, "sha256": theta, "trajectory": trajectory}
         self._put(args.output_dir, trajectory=True)
         if theta is not None and model is not None:
@@ -370,6 +378,15 @@ class LLMEraserCallback(TrainerCallback):
             logger.warning("LLMEraserCallback: packing=True mixes examples in one sequence; 'llmeraser unlearn' will "
                            "refuse this adapter (an example's own loss is not defined)")
         return out
+
+
+def _best_step(args, state) -> int | None:
+    """The step of the checkpoint the Trainer loaded when training ended (`load_best_model_at_end`), else None."""
+    path = getattr(state, "best_model_checkpoint", None)
+    if not getattr(args, "load_best_model_at_end", False) or not path:
+        return None
+    found = re.fullmatch(r"checkpoint-([0-9]+)", Path(path).name)
+    return int(found[1]) if found else None
 
 
 def _counts_first_label() -> bool:
