@@ -165,7 +165,7 @@ def test_a_checkpoint_without_a_pointer_is_tied_to_the_run_by_the_replay(run, tm
     assert found is None and "the run's recording" in why and "replaying the recorded gradients" in why
 
 
-def test_an_adapter_without_its_recording_finds_the_runs_output_dir(run, tmp_path):
+def test_an_adapter_without_its_recording_finds_the_runs_output_dir(run, tmp_path, caplog):
     """Without a recording beside the adapter: the record's `output_dir` names the run's folder; an older callback's
     record has none, and `trainer.save_model(other)` wrote training_args.bin (a pickle: its output_dir is read from
     the opcodes, never unpickled). unlearn takes the recording there and names it."""
@@ -181,10 +181,18 @@ def test_an_adapter_without_its_recording_finds_the_runs_output_dir(run, tmp_pat
     del record["output_dir"]
     (tmp_path / "old" / "training_record.json").write_text(json.dumps(record))
     assert trainer_output_dir(tmp_path / "old") == str(root / "out")
-    report = unlearn(root, tmp_path / "old", tmp_path / "u")
+    from llmeraser.cli import main
+
+    with caplog.at_level(logging.WARNING):
+        assert main(["unlearn", "--base-model", str(root / "base"), "--adapter", str(tmp_path / "old"), "--train",
+                     str(root / "chat.jsonl"), "--request", str(root / "request.json"), "--out",
+                     str(tmp_path / "u")]) == 0
+    said = "\n".join(r.getMessage() for r in caplog.records)  # the CLI's log (stderr outside pytest)
+    report = json.loads((tmp_path / "u" / "report.json").read_text())
     assert report["method"] in ("rewind", "path")
     source = report["trajectory"]["verified"]["recording"]
     assert str(root / "out" / "trajectory.safetensors") in source and "training_args.bin" in source
+    assert "not beside it" in said and str(root / "out" / "trajectory.safetensors") in said
 
 
 def test_a_save_after_the_weights_changed_carries_no_record(run, tmp_path, caplog):

@@ -264,7 +264,8 @@ class AdapterJob:
                     traj.check(train, theta, view.names)
                     verified = verify_recording(model, task, train, traj, dropout=self.record.dropout)
                     if not found.beside:
-                        logger.info("the adapter's recording: %s", found.where)
+                        # a file outside the adapter folder: said where the CLI shows it, not only in the report
+                        logger.warning("the adapter's recording, not beside it: %s", found.where)
                         verified = {"recording": found.where, **verified}
                         if end is None:
                             verified["end"] = "no hash of the checkpoint's weights was recorded: the replay ties them"
