@@ -4,19 +4,26 @@ record `llmeraser unlearn` needs to unlearn it with the objective it was trained
     from llmeraser.callback import LLMEraserCallback
     trainer = SFTTrainer(model, args=SFTConfig(output_dir="out", ...), train_dataset=dataset,
                          peft_config=LoraConfig(...), callbacks=[LLMEraserCallback("chat.jsonl")])
-    trainer.train(); trainer.save_model("out")
-    # then: llmeraser unlearn --base-model BASE --adapter out --train chat.jsonl --request request.json --out unlearned
+    trainer.train(); trainer.save_model("adapter")   # anywhere: the record follows the adapter
+    # then: llmeraser unlearn --base-model BASE --adapter adapter --train chat.jsonl --request request.json --out u
 
 The record (`training_record.json`, the `task` block of `record.TrainingRecord`) says how examples were rendered and
 masked (TRL's completion-only / assistant-only loss, the chat template, EOS, truncation), the token-weighted loss,
 max length, the optimiser (AdamW's decoupled weight decay, schedule, clipping, batch and accumulation), the adapter's
-dropout, the adapter layout, packing, and the training set's hash. It is written into the output folder when training
-ends and into every checkpoint; `write(folder)` writes it anywhere else (e.g. where `save_model` put the adapter).
+dropout, the adapter layout, packing, and the training set's hash.
 
 With AdamW (the Trainer's default) in one process, the callback also records the run itself (`trajectory.safetensors`,
 as `llmeraser finetune` does): θ₀, every step's gradient before clipping, its learning rate and which examples its
 batch held (matched by their token ids), so that `unlearn` can rewind the run (retrain from the step before the
 first edited example, without the cost of the steps before it) or replay its path (docs/data.md#replaying-the-run).
+
+Where they go (docs/data.md#where-the-record-goes): into the output folder when training ends; and then beside the
+adapter wherever the trained model is saved — `trainer.save_model(dir)` and `model.save_pretrained(dir)` both end in
+the model's `save_pretrained`, which the callback wraps when training ends — but only while the model's weights are
+the ones training ended at (their sha256, taken then): a save after they changed gets no record. Each checkpoint
+gets the record and a pointer (`recording.POINTER`) to the run's recording with the checkpoint's step, which
+`recording.locate` cuts the run's recording to; with `load_best_model_at_end` the model training ends with is the
+best checkpoint's, and the recording written is cut likewise. A file of those names llmeraser did not write is kept.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -33,13 +41,15 @@ from transformers import TrainerCallback
 
 from llmeraser.data import DataFields, Example, examples_hash, load_examples, parse_records
 from llmeraser.errors import UserInputError
+from llmeraser.follow import file_stat, follow_saves, theta_sha256, trainable
 from llmeraser.io import atomic_write_json
 from llmeraser.params import ParamView
 from llmeraser.record import RECORD, TRL_LOSS, TrainingRecord
 from llmeraser.recorder import DEFAULT_MAX_BYTES, Recorder
-from llmeraser.recording import write
+from llmeraser.recording import POINTER, prefix, replaceable, write, write_pointer
+from llmeraser.schema import read_json
 from llmeraser.task import CausalLMTask, Rendering
-from llmeraser.trajectory import RECORD_DTYPES, Trajectory, names_sha256, task_recipe
+from llmeraser.trajectory import RECORD_DTYPES, TRAJECTORY, Trajectory, names_sha256, task_recipe, tensor_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +98,15 @@ class LLMEraserCallback(TrainerCallback):
         self.record: dict | None = None
         self.want_trajectory, self.max_bytes, self.record_dtype = trajectory, int(max_gib * 2**30), record_dtype
         self.recording: dict | None = None  # the run being recorded (None: not recording)
+        # once training ended: the trainable parameters' names, θ's sha256 then, and the recorded Trajectory (None:
+        # none); a save of the model writes the record beside it only while its weights still hash to that
+        self.final: dict | None = None
+        self._written: dict[Path, tuple] = {}  # recordings this callback wrote: path → (inode, size, mtime)
 
     # ---------------------------------------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs):
         tokenizer = processing_class or kwargs.get("tokenizer") or self.tokenizer
+        self.final = None  # training again: the model's saves are not the last run's end state until it ends
         self.record = self.build(args, model, tokenizer)
         if self.want_trajectory:
             try:
@@ -132,18 +147,53 @@ class LLMEraserCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        """A checkpoint: the record, and a pointer to the run's recording (written at the end) with this step and
+        θ's hash at it, so that `unlearn` on the checkpoint rewinds the run's first `global_step` steps."""
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self.record is not None and folder.is_dir() and state.is_world_process_zero:
-            self.write(folder)
+        if self.record is None or not folder.is_dir() or not state.is_world_process_zero:
+            return control
+        self._put_record(folder)
+        rec = self.recording
+        if rec is not None and len(rec["batches"]) == state.global_step and replaceable(folder / POINTER):
+            write_pointer(folder, args.output_dir, state.global_step, tensor_sha256(rec["view"].vector()))
         return control
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.record is not None and state.is_world_process_zero:
-            self.write(args.output_dir)
-            if self.recording is not None:
-                write(self.trajectory(), args.output_dir)
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        """The record and recording into output_dir; θ's hash now (the state they describe); and from here on every
+        save of the model writes them beside the adapter saved (`_follow`)."""
         self._remove_hooks()
+        if self.record is None or not state.is_world_process_zero:
+            return control
+        names = self.recording["view"].names if self.recording is not None else trainable(model)
+        theta = theta_sha256(model, names) if names else None
+        trajectory = self.trajectory() if self.recording is not None else None
+        best = _best_step(args, state)
+        if trajectory is not None and best is not None and best < trajectory.steps:
+            # load_best_model_at_end: the model is checkpoint-`best`'s, so its recording is the run's first steps
+            trajectory = prefix(trajectory, best, theta, where="the run's recording")
+        self.final = {"names": names, "sha256": theta, "trajectory": trajectory}
+        self._put(args.output_dir, trajectory=True)
+        if theta is not None and model is not None:
+            follow_saves(model, self._follow)
         return control
+
+    def _follow(self, model, folder, state_dict) -> None:
+        """After `model.save_pretrained(folder)` (a `trainer.save_model` too): the record, and the recording, beside
+        the adapter saved, when the model still holds the weights training ended at (nothing during a run: a
+        checkpoint's state is not the end state). With `state_dict` the weights saved are not the live ones the hash
+        is taken of: the recording is then left out (the record describes the run, whatever its weights)."""
+        final = self.final
+        if final is None or final["sha256"] is None:
+            return
+        folder = Path(folder)
+        sub = folder / str(getattr(model, "active_adapter", "default"))
+        if not (folder / "adapter_config.json").is_file() and (sub / "adapter_config.json").is_file():
+            folder = sub  # peft saves a non-default adapter in a subfolder
+        if theta_sha256(model, final["names"]) != final["sha256"]:
+            logger.warning("LLMEraserCallback writes no record beside %s: the model's weights are no longer the ones "
+                           "training ended at, which the record and recording describe", folder)
+            return
+        self._put(folder, trajectory=state_dict is None)
 
     # ---------------------------------------------------------------------------------------------- trajectory
     def _start(self, args, state, model, tokenizer, optimizer) -> str | None:
@@ -243,10 +293,39 @@ class LLMEraserCallback(TrainerCallback):
 
     # ---------------------------------------------------------------------------------------------- record
     def write(self, folder: str | os.PathLike) -> Path:
-        """Write the record as FOLDER/training_record.json (atomically); returns its path."""
+        """Write the record as FOLDER/training_record.json (atomically), and once training ended its recording
+        (when one was made); returns the record's path. Files of those names llmeraser did not write are kept."""
         if self.record is None:
             raise UserInputError("LLMEraserCallback.write: no record yet (it is built when training begins)")
+        return self._put(folder, trajectory=True)
+
+    def _put(self, folder: str | os.PathLike, *, trajectory: bool) -> Path:
+        path = self._put_record(folder)
+        made = (self.final or {}).get("trajectory")
+        if trajectory and made is not None:
+            target = Path(folder) / TRAJECTORY
+            if file_stat(target) is not None and self._written.get(target.resolve()) == file_stat(target):
+                return path  # this callback's own, unchanged (e.g. save_model() into output_dir after training)
+            if not replaceable(target):
+                logger.warning("LLMEraserCallback keeps %s, which llmeraser did not write: the run's recording is not "
+                               "written there", target)
+                return path
+            write(made, folder)
+            self._written[target.resolve()] = file_stat(target)
+        return path
+
+    def _put_record(self, folder: str | os.PathLike) -> Path:
+        """FOLDER/training_record.json, unless a file of that name that is not a callback's record is there."""
         path = Path(folder) / RECORD
+        if path.exists():
+            try:
+                ours = read_json(path).get("kind") == "trainer-callback"
+            except (UserInputError, AttributeError):
+                ours = False
+            if not ours:
+                logger.warning("LLMEraserCallback keeps %s, which it did not write: its record is not written there",
+                               path)
+                return path
         atomic_write_json(path, self.record)
         return path
 
@@ -293,11 +372,21 @@ class LLMEraserCallback(TrainerCallback):
             source=_source(trl))
         out = {"kind": "trainer-callback", "task": record.to_dict(), "lora": record.lora,
                "n_train": len(self.examples) if self.examples else None,
-               "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False))}
+               "gradient_checkpointing": bool(getattr(args, "gradient_checkpointing", False)),
+               "output_dir": str(Path(args.output_dir).resolve())}  # where the run's recording is written
         if record.packing:
             logger.warning("LLMEraserCallback: packing=True mixes examples in one sequence; 'llmeraser unlearn' will "
                            "refuse this adapter (an example's own loss is not defined)")
         return out
+
+
+def _best_step(args, state) -> int | None:
+    """The step of the checkpoint the Trainer loaded when training ended (`load_best_model_at_end`), else None."""
+    path = getattr(state, "best_model_checkpoint", None)
+    if not getattr(args, "load_best_model_at_end", False) or not path:
+        return None
+    found = re.fullmatch(r"checkpoint-([0-9]+)", Path(path).name)
+    return int(found[1]) if found else None
 
 
 def _counts_first_label() -> bool:

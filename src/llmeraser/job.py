@@ -30,7 +30,7 @@ from llmeraser.factors import FactorArguments, Factors, FactorStore, default_sto
 from llmeraser.factors.fit import sample_size
 from llmeraser.params import ParamView, adapter_hash, check_adapter_dir
 from llmeraser.record import TrainingRecord
-from llmeraser.recording import read
+from llmeraser.recording import locate
 from llmeraser.replay import verify_recording
 from llmeraser.request import Request, apply_request, load_request, merge_requests, resolve
 from llmeraser.resources import OOM_ADVICE, device_memory
@@ -268,21 +268,39 @@ class AdapterJob:
 
     def trajectory(self, train: Sequence[Example]) -> tuple[Trajectory | None, str]:
         """(the adapter's recorded trajectory when it is the fine-tune of this adapter on `train`, else None; why
-        not). Loaded once."""
+        not). Loaded once. Beside the adapter, else where the run left it (`recording.locate`: a checkpoint's pointer,
+        the run above a checkpoint, the Trainer's output_dir): one found elsewhere passes the same checks, and the
+        report (`trajectory.verified.recording`) and the log name where it came from."""
+        from llmeraser.trajectory import tensor_sha256
+
         if not hasattr(self, "_trajectory"):
             model, task = self.model_and_task()
+            found = None
             try:
-                found = read(self.adapter)
-                if found is None:
-                    why = _why_no_recording(self.adapter)
+                found = locate(self.adapter)
+                traj = found.trajectory
+                if traj is None:
+                    why = _why_no_recording(self.adapter, found.looked)
                     self._trajectory = (None, f"{self.adapter} has no trajectory.safetensors ({why})")
                 else:
                     view = ParamView(model)
-                    found.check(train, view.vector(), view.names)
-                    found.verification = verify_recording(model, task, train, found, dropout=self.record.dropout)
-                    self._trajectory = (found, "")
+                    theta = view.vector()
+                    end = traj.meta.get("final_sha256")
+                    if end is None:  # a checkpoint's step with no recorded hash: the replay below ties it
+                        traj.meta["final_sha256"] = tensor_sha256(theta)
+                    traj.check(train, theta, view.names)
+                    verified = verify_recording(model, task, train, traj, dropout=self.record.dropout)
+                    if not found.beside:
+                        # a file outside the adapter folder: said where the CLI shows it, not only in the report
+                        logger.warning("the adapter's recording, not beside it: %s", found.where)
+                        verified = {"recording": found.where, **verified}
+                        if end is None:
+                            verified["end"] = "no hash of the checkpoint's weights was recorded: the replay ties them"
+                    traj.verification = verified
+                    self._trajectory = (traj, "")
             except UserInputError as e:
-                self._trajectory = (None, str(e))
+                where = f"the run's recording {found.where}: " if found is not None and not found.beside else ""
+                self._trajectory = (None, f"{where}{e}")
             # every rank read its own copy: they must agree, or they would take different updates
             distributed.check_same({"trajectory": self._trajectory[1] or "usable"}, "reading the trajectory")
         return self._trajectory
@@ -411,8 +429,9 @@ def _fit_size(n: int, samples: int) -> str:
     return f"{n:,}" if k == n else f"{k:,} of the {n:,}"
 
 
-def _why_no_recording(adapter: str) -> str:
-    """Why an adapter has no recording, as far as its report says (a path replay's output carries none)."""
+def _why_no_recording(adapter: str, looked: Sequence[str] = ()) -> str:
+    """Why an adapter has no recording, as far as its report says (a path replay's output carries none), with the
+    places a run's recording was looked for."""
     from llmeraser.schema import read_json
 
     try:
@@ -422,4 +441,10 @@ def _why_no_recording(adapter: str) -> str:
     if method == "path":
         return ("it was written by a path replay, which predicts most steps and so carries no recording; a rewind's "
                 "output carries one")
-    return "adapters fine-tuned with 'llmeraser finetune' or LLMEraserCallback record one"
+    elsewhere = looked[1:]  # the first is the adapter's own trajectory.safetensors
+    return ((f"nor where its run would have left one: {'; '.join(elsewhere)}; " if elsewhere else
+             "and nothing beside it names where its run left one (no llmeraser_recording.json, no output_dir in a "
+             "training_record.json or training_args.bin, not a checkpoint-N folder); ")
+            + "adapters fine-tuned with 'llmeraser finetune' or LLMEraserCallback record one (the callback writes it "
+              "beside the adapter when the trained model is saved, and into the Trainer's output_dir; copy it "
+              "beside the adapter, or unlearn the adapter saved there)")

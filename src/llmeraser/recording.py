@@ -11,28 +11,46 @@ header's digest and every tensor's checksum (naming the first bad step; streamed
 safetensors' `get_slice`), and whose `task_recipe`, kept in the header, is compared with the request's before a
 replay (`Trajectory.check_recipe`).
 
+Where the run's recording is (`locate`): beside the adapter, where `LLMEraserCallback` also puts it whenever the
+trained model is saved (docs/data.md#where-the-record-goes); else where a small pointer file beside the adapter
+(`llmeraser_recording.json`, written into each Trainer checkpoint) names it, cut to the checkpoint's first N steps
+(`prefix`); else in the parent of a `checkpoint-N` folder, cut likewise; else in the run's `output_dir` that the
+callback's `training_record.json` names, or the one read from the adapter's `training_args.bin` without unpickling it
+(`trainer_output_dir`). What is found is used only after
+the same checks as one beside the adapter; what is not found is reported with the places looked.
+
 Formats: 3 may hold bfloat16 gradients beside full-precision checkpoints ("grad_dtype", "checkpoint_every"); 2 is
 3's full-precision layout, read the same way; 1 (read, reported as unverified) has no checksums, digest or recipe.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import pickletools
+import re
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from llmeraser.errors import AdapterError
-from llmeraser.io import canonical_json, sha256_bytes
-from llmeraser.schema import Fields, is_number, parse_json
+from llmeraser.io import atomic_write_json, canonical_json, sha256_bytes
+from llmeraser.record import RECORD
+from llmeraser.schema import Fields, is_number, parse_json, read_json
 from llmeraser.storage import Rows, TensorFile, write_safetensors
 from llmeraser.trajectory import RECORD_DTYPES, TRAJECTORY, Trajectory, tensor_sha256
 
 FORMAT = 3  # 3: low-precision gradients possible; 2: checksums, header digest and recipe; 1 (read, unverified): none
 READS = (1, 2, FORMAT)
 MAX_EPOCHS = 1000  # a header asking for more is refused before any schedule is built
+POINTER = "llmeraser_recording.json"  # beside an adapter whose run's recording lives elsewhere (a Trainer checkpoint)
+POINTER_KIND = "llmeraser-recording-pointer"
+TRAINING_ARGS = "training_args.bin"  # what Trainer.save_model writes beside the adapter (a pickle: never unpickled)
+MAX_ARGS_BYTES = 16 * 2**20
 
 
 def write(trajectory: Trajectory, folder: str | os.PathLike) -> Path:
@@ -225,3 +243,166 @@ def _tensors(f, meta: dict, where: str) -> tuple[torch.Tensor, Rows | None, dict
     if names - known:
         raise AdapterError(f"{where}: tensors the header does not account for: {sorted(names - known)[:3]}")
     return theta0, grads, checkpoints
+
+
+# ------------------------------------------------------------------------------------------------ where it is
+@dataclass
+class Located:
+    """What `locate` found for an adapter: the recording (None: none), where it came from (the file and how it was
+    found), whether that is beside the adapter, and every place looked before it."""
+
+    trajectory: Trajectory | None
+    where: str = ""
+    beside: bool = True
+    looked: list[str] = field(default_factory=list)
+
+
+def locate(adapter: str | os.PathLike) -> Located:
+    """The recording of the run that trained `adapter`: beside it, else the first found of the places a Trainer run
+    leaves it (module docstring), cut to a checkpoint's steps where the adapter is one. Nothing found elsewhere is
+    trusted for being found: the caller checks it against the adapter as it checks one beside it (`Trajectory.check`
+    and `replay.verify_recording`).
+
+    Raises:
+        AdapterError: a recording found is unreadable or fails its checksums (`read`), or has fewer steps than the
+            checkpoint it should cover (each names the file).
+    """
+    adapter = Path(adapter)
+    found = read(adapter)
+    if found is not None:
+        return Located(found, f"{adapter / TRAJECTORY} (beside the adapter)")
+    looked = [f"{adapter / TRAJECTORY}: absent"]
+    seen = {adapter.resolve()}
+    for folder, steps, end, how in _candidates(adapter, looked):
+        if folder.resolve() in seen:
+            continue
+        seen.add(folder.resolve())
+        path = folder / TRAJECTORY
+        if not path.is_file():
+            looked.append(f"{path} ({how}): absent")
+            continue
+        found = read(folder)
+        if steps is not None and steps != found.steps:
+            how += f", cut to its first {steps} of {found.steps} steps"
+            found = prefix(found, steps, end, where=str(path))
+        return Located(found, f"{path} ({how})", beside=False, looked=looked)
+    return Located(None, looked=looked)
+
+
+def _candidates(adapter: Path, looked: list[str]):
+    """(folder, the adapter's step in that run or None for its end, θ's sha256 there or None, how it is known) of
+    each place a Trainer run may have left the adapter's recording, most specific first."""
+    pointer = adapter / POINTER
+    if pointer.is_file():
+        try:
+            f = Fields(read_json(pointer, AdapterError), str(pointer), AdapterError)
+            if f.string("kind", max_len=100) != POINTER_KIND:
+                raise AdapterError(f"{pointer} is not an llmeraser recording pointer")
+            steps = f.number("steps", lo=0, integer=True)
+            end = f.string("final_sha256", sha256=True, optional=True)
+            for key in ("relative", "absolute"):
+                where = Path(f.string(key, max_len=4096))
+                where = Path(os.path.normpath(adapter / where)) if key == "relative" else where
+                yield where, steps, end, f"named by {pointer}"
+        except AdapterError as e:
+            looked.append(f"{pointer}: {e}")
+    checkpoint = re.fullmatch(r"checkpoint-([0-9]+)", adapter.resolve().name)
+    if checkpoint:
+        yield adapter.resolve().parent, int(checkpoint[1]), None, f"the Trainer run above {adapter.name}"
+    try:  # the callback's record names the run's output folder (a record copied by hand without the recording)
+        recorded = read_json(adapter / RECORD, AdapterError).get("output_dir") if (adapter / RECORD).is_file() else None
+    except (AdapterError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str) and recorded:
+        yield Path(recorded), None, None, f"the run's output_dir in {adapter / RECORD}"
+    output_dir = trainer_output_dir(adapter)
+    if output_dir is not None:
+        how = f"the Trainer's output_dir in {adapter / TRAINING_ARGS}"
+        yield Path(output_dir), None, None, how
+        if not Path(output_dir).is_absolute():  # relative to where training ran: also tried beside the adapter
+            yield adapter.parent / output_dir, None, None, how
+
+
+def prefix(t: Trajectory, steps: int, final_sha256: str | None, *, where: str = "the recording") -> Trajectory:
+    """The first `steps` steps of a Trainer run's recording `t`: the run of the checkpoint saved after them (its
+    batches, learning rates, gradients and checkpoints before `steps`), ending at `final_sha256` — θ's hash when the
+    callback saved the checkpoint; None when unknown (a checkpoint of an older callback), and then the caller's
+    replay check (the recorded gradients replayed end at the adapter) is what ties it to the adapter, so a recording
+    of checkpoints only, which has no such check, is refused."""
+    if "batches" not in t.meta:
+        raise AdapterError(f"{where} has no recorded batches: only a Trainer run's recording is cut to a checkpoint")
+    if steps > t.steps:
+        raise AdapterError(f"{where} holds {t.steps} steps, fewer than the {steps} of the checkpoint it should cover "
+                           f"(recorded by another run?)")
+    if final_sha256 is None and t.grads is None:
+        raise AdapterError(f"{where} kept checkpoints only and the adapter's weights at step {steps} were not "
+                           f"recorded: nothing ties the checkpoint to it")
+    meta = t.meta | {"steps": steps, "final_sha256": final_sha256, "batches": t.meta["batches"][:steps],
+                     "lrs": t.meta["lrs"][:steps]}
+    grads = t.grads
+    if isinstance(grads, Rows):
+        grads = Rows(grads.raw, steps, grads.p, grads.dtype, grads.as_dtype,
+                     sha256=None if grads.sha256 is None else grads.sha256[:steps], keep=grads)
+    elif grads is not None:
+        grads = grads[:steps]
+    checkpoints = {k: c for k, c in t.checkpoints.items() if k < steps}
+    return Trajectory(meta, t.theta0, grads, checkpoints, integrity=t.integrity)
+
+
+def write_pointer(folder: str | os.PathLike, recording: str | os.PathLike, steps: int,
+                  final_sha256: str | None) -> Path:
+    """FOLDER/llmeraser_recording.json: the adapter there is step `steps` (θ's hash `final_sha256`) of the run whose
+    recording is (or will be, when training ends) RECORDING/trajectory.safetensors; named both relative to FOLDER (it
+    moves with the run's folder) and absolute."""
+    folder, recording = Path(folder), Path(recording)
+    path = folder / POINTER
+    atomic_write_json(path, {"kind": POINTER_KIND, "relative": os.path.relpath(recording, folder),
+                             "absolute": str(recording.resolve()), "steps": steps, "final_sha256": final_sha256})
+    return path
+
+
+def replaceable(path: str | os.PathLike) -> bool:
+    """Whether the file at `path` may be overwritten with a recording or pointer: absent, or one llmeraser wrote (a
+    trajectory's header, a pointer's kind). A user's file of that name is never replaced."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return True
+    if not path.is_file():
+        return False
+    try:
+        if path.name == POINTER:
+            return read_json(path, AdapterError).get("kind") == POINTER_KIND
+        with safe_open(str(path), framework="pt") as f:
+            return "llmeraser" in (f.metadata() or {})
+    except (OSError, SafetensorError, AdapterError, AttributeError):
+        return False
+
+
+def trainer_output_dir(adapter: str | os.PathLike) -> str | None:
+    """The `output_dir` of the TrainingArguments that `Trainer.save_model` pickled beside the adapter, read from the
+    pickle's opcodes (`pickletools.genops`: nothing is unpickled or run), or None. torch.save writes a zip holding
+    `…/data.pkl`; the arguments' fields are a dict of name, value string pairs in it."""
+    path = Path(adapter) / TRAINING_ARGS
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_ARGS_BYTES:
+            return None
+        data = path.read_bytes()
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                name = next((i for i in z.infolist() if i.filename.rsplit("/", 1)[-1] == "data.pkl"), None)
+                if name is None or name.file_size > MAX_ARGS_BYTES:
+                    return None
+                data = z.read(name)
+        key = None
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str) and "UNICODE" in op.name:
+                if key == "output_dir":
+                    return arg
+                key = arg
+            elif op.name not in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
+                key = None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError):
+        return None
+    return None
