@@ -447,3 +447,28 @@ def test_unlearn_reports_the_membership_test_before_and_after(lineage, tmp_path,
     assert "too small" in capsys.readouterr().err and not (tmp_path / "c").exists()
     with Ledger(tmp_path / "book", create=False) as book:
         assert book.entries() == []
+
+
+def test_without_a_recording_a_holdout_makes_auto_unlearn_until_the_test_says_unseen(lineage, tmp_path, capsys):
+    """The same adapter without its recording: auto takes npo (docs/forget.md) and stops where the membership test
+    — the one the report's evidence holds — first says the edited examples look like the holdout; the report's
+    'after' is that test at the returned adapter (the same scores: the same model, examples and batches)."""
+    import shutil
+
+    from llmeraser.cli import main
+
+    shutil.copytree(lineage / "adapter", tmp_path / "plain")
+    (tmp_path / "plain" / "trajectory.safetensors").unlink()
+    argv = ["unlearn", "--base-model", str(lineage / "base"), "--adapter", str(tmp_path / "plain"), "--train",
+            str(lineage / "train.jsonl"), "--request", str(lineage / "request.json"), "--quiet"]
+    assert main([*argv, "--holdout", str(lineage / "holdout.jsonl"), "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["method"] == "npo" and "holdout of 30" in report["update_choice"], out
+    proof = ev.Comparison.from_dict(report["evidence"])
+    assert proof.before.verdict == ev.MORE
+    if report["npo"]["stop"]["met"]:
+        assert proof.after.verdict == ev.LIKE
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0  # no holdout: the one-step update, saying why
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["method"] == "first-order" and "holdout" in report["update_choice"]

@@ -253,6 +253,7 @@ class AdapterJob:
         the factor store and the damping `tune-damping` stored."""
         model, task = self.model_and_task()
         ctx = RequestContext.build(model, task, train, request, l2=self.record.l2, progress=self.progress,
+                                   holdout=self.holdout,
                                    recording=lambda: self.trajectory(train), fit=lambda a: self.factors(train, a),
                                    damping_choice=lambda: self.damping_record(train))
         ctx.report["task"] = self.record.to_dict() | {"train_sha256": examples_hash(ctx.effective)}
@@ -411,6 +412,10 @@ def _summary(update: Update, out: str, ledger, seqs: list[int] | None) -> str:
             "refine": lambda: f"refined {r['start']['method']}/{r['start']['solver']} with {len(w['history']) - 1} "
                               f"Newton-CG step(s): ‖∇R′‖ {w['residual_at_original']:.3g} at the original, "
                               f"{w['residual_at_start']:.3g} after the one step, {w['residual_final']:.3g} now"}
+    if "stop" in w:  # an unlearner without a recording (updates.forget), stopped by the holdout's test
+        done[r["method"]] = lambda: (f"{r['method']} on {edits} with a retain term: "
+                                     f"{'stopped' if w['stop']['met'] else 'gave up'} at step {w['returned_step']} of "
+                                     f"{w['steps_taken']} ({w['stop']['why']})")
     if r["method"] in done:
         return (choice + done[r["method"]]() + f", ‖Δθ‖ = {r['delta_norm']:.4g}, {r['seconds']['total']:.1f} s"
                 + tail)

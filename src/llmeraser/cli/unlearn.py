@@ -20,6 +20,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     from llmeraser.replay import PathArguments, RefineArguments
     from llmeraser.updates import method_names, methods_help
     from llmeraser.updates.base import REFIT_FRACTION
+    from llmeraser.updates.stop import ForgetArguments
 
     p = sub.add_parser("unlearn", help="apply a request (remove / modify_query / correct_response) to an adapter",
                        description="Write a new adapter that behaves as if fine-tuned without (or with corrected) "
@@ -41,7 +42,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="examples of the training data's kind and format that the adapter never saw: the report's "
                         "'evidence' then holds a membership test of the edited examples against them, before and "
                         "after (do they now look like unseen examples? docs/evidence.md); without, it says it "
-                        "cannot tell")
+                        "cannot tell. For an adapter without a recording, auto then unlearns with npo and stops "
+                        "when the test says the examples look like the holdout (docs/forget.md)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
     p.add_argument("--method", default="auto", choices=method_names(), help=methods_help())
     add_fields(p, EraserArguments, skip=("solver_args", "progress", "l2", "damping", "method"), keep_default=False)
@@ -63,6 +65,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_fields(p, solver_cls(), prefix="solver-", keep_default=False)
     add_fields(p, PathArguments, prefix="path-", keep_default=False)
     add_fields(p, RefineArguments, prefix="refine-", keep_default=False)
+    add_fields(p, ForgetArguments, prefix="forget-", keep_default=False)
     p.add_argument("--ledger", default=None, metavar="DIR",
                    help="record the request in the ledger in DIR (created on first use; its root is --adapter). "
                         "With a ledger, --train is the ORIGINAL training set: the applied requests are replayed "
@@ -88,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from llmeraser.replay import PathArguments, RefineArguments
     from llmeraser.sharded import is_sharded
     from llmeraser.updates import UnlearnOptions
+    from llmeraser.updates.stop import ForgetArguments
 
     requests = _requests(args)
     if requests is None:  # queued, or nothing due
@@ -101,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         force=args.force, refit_fraction=args.refit_fraction, ledger=args.ledger,
         solver_options=pick(args, solver_cls(), prefix="solver-"),
         path=PathArguments(**pick(args, PathArguments, prefix="path-")),
-        refine=RefineArguments(**pick(args, RefineArguments, prefix="refine-")))
+        refine=RefineArguments(**pick(args, RefineArguments, prefix="refine-")),
+        forget=ForgetArguments(**pick(args, ForgetArguments, prefix="forget-")))
     result = job(args, l2=args.l2).unlearn(requests, args.out, options, holdout=args.holdout)
     print(result.message)
     if result.factors_note:
