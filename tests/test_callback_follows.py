@@ -13,9 +13,9 @@ import shutil
 
 import pytest
 import torch
+from fixtures import trl_runs
 
 from llmeraser.params import ParamView, load_adapter
-from llmeraser.testing import chat_records, tiny_llama, tiny_tokenizer
 
 N, BATCH, ACCUMULATION, EPOCHS = 24, 2, 2, 3
 STEP = BATCH * ACCUMULATION
@@ -27,30 +27,10 @@ TARGETS = ["q_proj", "v_proj", "o_proj"]
 
 
 def sft(root, records, out, callback=None, **options):
-    """SFTTrainer as a user runs it (tests/test_trl.py), saving a checkpoint every epoch; no save after training."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
-    from trl import SFTConfig, SFTTrainer
-
-    sequential = "train_sampling_strategy" in TrainingArguments.__dataclass_fields__
-    set_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(root / "base", attn_implementation="eager")
-    config = SFTConfig(output_dir=str(out), max_length=48, per_device_train_batch_size=BATCH,
-                       gradient_accumulation_steps=ACCUMULATION, num_train_epochs=EPOCHS, learning_rate=1e-2,
-                       lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0, bf16=False,
-                       report_to=[], save_strategy="epoch", use_cpu=True, seed=0,
-                       disable_tqdm=True, **({"train_sampling_strategy": "sequential"} if sequential else {}),
-                       **({"save_only_model": True} | options))
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(records),
-                         eval_dataset=Dataset.from_list(records) if "eval_strategy" in options else None,
-                         processing_class=AutoTokenizer.from_pretrained(root / "base"),
-                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0),
-                         callbacks=[callback] if callback else [])
-    if not sequential:
-        trainer._get_train_sampler = lambda *_: torch.utils.data.SequentialSampler(trainer.train_dataset)
-    trainer.train()
-    return trainer
+    """SFTTrainer as a user runs it (`fixtures.trl_runs.sft`), saving a checkpoint every epoch; no save after
+    training."""
+    return trl_runs.sft(root, records, out, callback, epochs=EPOCHS, targets=TARGETS, batch=BATCH,
+                        accumulation=ACCUMULATION, **({"save_strategy": "epoch", "save_only_model": True} | options))
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +38,7 @@ def run(tmp_path_factory):
     from llmeraser.callback import LLMEraserCallback
 
     root = tmp_path_factory.mktemp("follows")
-    records = chat_records(N, seed=2)
-    tok = tiny_tokenizer([m["content"] for r in records for m in r["messages"]], vocab_size=400, chat=True)
-    base = tiny_llama(len(tok), hidden=32, layers=2, seed=0, dtype=torch.float32, init_std=0.1)
-    base.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (root / "request.json").write_text(json.dumps({"edits": [{"op": "remove", "id": i} for i in REMOVED]}))
+    records = trl_runs.chat_setup(root, REMOVED)
     trainer = sft(root, records, root / "out", LLMEraserCallback(root / "chat.jsonl"))
     trainer.save_model()  # into output_dir, where training's end already wrote the record
     trainer.save_model(str(root / "saved"))

@@ -11,12 +11,13 @@ import shutil
 import pytest
 import torch
 import transformers
+from fixtures import trl_runs
 from packaging.version import Version
 
 from llmeraser.cli import main
 from llmeraser.params import ParamView, load_adapter
 from llmeraser.record import TrainingRecord
-from llmeraser.testing import chat_records, tiny_llama, tiny_tokenizer
+from llmeraser.testing import chat_records
 
 N, BATCH, ACCUMULATION, EPOCHS = 24, 2, 2, 4
 STEP = BATCH * ACCUMULATION
@@ -29,32 +30,9 @@ FIRST_COUNTED = Version(transformers.__version__).release < (5, 10, 1) or None
 
 
 def sft(root, records, out, callback=None, **options):
-    """SFTTrainer as a user runs it: AdamW with weight decay, clipping, accumulation, a LoRA config; sequential
-    sampling and a constant lr so that a retrain on fewer examples sees the same batches at the same rates."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
-    from trl import SFTConfig, SFTTrainer
-
-    # transformers < 5 has no train_sampling_strategy: its Trainer's sampler is replaced below (the same order)
-    sequential = "train_sampling_strategy" in TrainingArguments.__dataclass_fields__
-
-    set_seed(0)  # SFTTrainer draws LoRA's initial A before the Trainer seeds: seed it here, as a script would
-    model = AutoModelForCausalLM.from_pretrained(root / "base", attn_implementation="eager")
-    config = SFTConfig(output_dir=str(out), max_length=48, per_device_train_batch_size=BATCH,
-                       gradient_accumulation_steps=ACCUMULATION, num_train_epochs=EPOCHS, learning_rate=1e-2,
-                       lr_scheduler_type="constant", weight_decay=0.01, max_grad_norm=1.0, bf16=False,
-                       gradient_checkpointing=False, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-                       disable_tqdm=True, **({"train_sampling_strategy": "sequential"} if sequential else {}),
-                       **options)
-    data = Dataset.from_list(records)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data,
-                         processing_class=AutoTokenizer.from_pretrained(root / "base"),
-                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0),
-                         callbacks=[callback] if callback else [])
-    if not sequential:
-        trainer._get_train_sampler = lambda *_: torch.utils.data.SequentialSampler(trainer.train_dataset)
-    trainer.train()
+    """SFTTrainer as a user runs it (`fixtures.trl_runs.sft`), saved to `out` after training."""
+    trainer = trl_runs.sft(root, records, out, callback, epochs=EPOCHS, targets=TARGETS, batch=BATCH,
+                           accumulation=ACCUMULATION, **options)
     trainer.save_model(str(out))
     return trainer
 
@@ -64,13 +42,7 @@ def run(tmp_path_factory):
     from llmeraser.callback import LLMEraserCallback
 
     root = tmp_path_factory.mktemp("trl")
-    records = chat_records(N, seed=2)
-    tok = tiny_tokenizer([m["content"] for r in records for m in r["messages"]], vocab_size=400, chat=True)
-    base = tiny_llama(len(tok), hidden=32, layers=2, seed=0, dtype=torch.float32, init_std=0.1)
-    base.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (root / "request.json").write_text(json.dumps({"edits": [{"op": "remove", "id": i} for i in REMOVED]}))
+    records = trl_runs.chat_setup(root, REMOVED)
     trainer = sft(root, records, root / "adapter", LLMEraserCallback(root / "chat.jsonl"))
     sft(root, [r for r in records if r["id"] not in REMOVED], root / "retrain")
     return root, trainer
