@@ -15,6 +15,7 @@ non-zero naming the first failure (the case and its error). Sized to run in well
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -36,7 +37,10 @@ from llmeraser.record import LoraSettings
 from llmeraser.request import Request
 from llmeraser.solvers.api import is_fitted, solver_names
 from llmeraser.table import format_table
-from llmeraser.updates import UnlearnOptions, method_names
+from llmeraser.updates import UnlearnOptions, get_method, method_names
+from llmeraser.updates.stop import ForgetArguments
+
+HOLDOUT = 40  # holdout examples for the unlearners without a recording (enough for the test at 2+ removed examples)
 
 
 def _sync(device: torch.device) -> None:
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
         base_name = random_base(a.shape, root / "base", dtype=a.dtype, device=str(device))
         train, max_length, lora = synthetic(a.n_train, 128), 128, LoraSettings()
+        unseen = synthetic(HOLDOUT, 128, seed=1)
     elif a.tiny:
         from llmeraser.testing import fact_examples, tiny_llama, tiny_tokenizer
 
@@ -80,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         tok.save_pretrained(root / "base")
         base_name, train, max_length = str(root / "base"), fact_examples(min(a.n_train, 60), seed=1), 24
         lora = LoraSettings(r=2)  # p = 512: the dense solver's p products stay seconds on a CPU
+        unseen = fact_examples(400, seed=9)
     else:
         from llmeraser_experiments.movielens import build_splits
 
-        base_name, train, max_length = "default", build_splits(n_train=a.n_train)["train"], 64
+        splits = build_splits(n_train=a.n_train)
+        base_name, train, max_length, unseen = "default", splits["train"], 64, splits["valid"]
         lora = LoraSettings()
     save_examples(train, root / "train.jsonl")
     labels = {"fine-tune": "fine-tune (1 epoch, recorded)", "write adapter": "write adapter + trajectory"}
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     removed = [e.id for e in train[:: max(1, len(train) // max(2, len(train) // 50))]][: max(2, len(train) // 50)]
     request = Request.remove(*removed)
     (root / "request.json").write_text(json.dumps(request.to_dict()))
+    holdout = holdout_from(train, unseen)  # for the unlearners that need one (updates.forget)
     failures = []
     quick = a.tiny or a.shape == "tiny"  # a CPU check of where tensors live, not of convergence
     for label, options in cases(len(train), **({"max_iters": 10, "samples": 8} if quick else {})):
@@ -104,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                          device=str(device))
         out = root / f"unlearned-{label.replace('/', '-')}"
         try:
-            done = timed(f"unlearn: {label}", lambda job=job, out=out, o=options: job.unlearn(request, out, o))
+            given = holdout if "holdout" in get_method(options.method).needs else None
+            done = timed(f"unlearn: {label}", lambda job=job, out=out, o=options, h=given: job.unlearn(
+                request, out, o, holdout=h))
         except UserInputError as e:  # refused with a reason (e.g. dense past --solver-max-dense-dim): not a failure
             checks.append((f"{label}: refused, naming why: {str(e).splitlines()[0][:100]}", True))
             continue
@@ -112,10 +122,17 @@ def main(argv: list[str] | None = None) -> int:
             checks.append((f"{label}: runs on {device.type}", False))
             failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
-        delta = done.update.delta
+        delta, report = done.update.delta, done.update.report
         declined = done.status == "declined"
-        checks.append((f"{label}: finite update on {device.type}" + (" (declined)" if declined else ""),
-                       bool(torch.isfinite(delta).all()) and (declined or float(delta.norm()) > 0)))
+        # an unlearner that stepped (steps_taken) and found θ̂ itself the closest to the holdout rightly returns it
+        w = report.get(report["method"], {})
+        settled = w.get("returned_step") == 0 and w.get("steps_taken", 0) > 0
+        note = (" (declined)" if declined else
+                f" (stepped {w['steps_taken']}; θ̂ was the closest to the holdout)" if settled else "")
+        if "steps_taken" in w:  # the unlearner's loop ran here
+            checks.append((f"{label}: {w['steps_taken']} steps on {device.type}", w["steps_taken"] >= 4))
+        checks.append((f"{label}: finite update on {device.type}{note}",
+                       bool(torch.isfinite(delta).all()) and (declined or settled or float(delta.norm()) > 0)))
     forget = [e for e in train if e.id in set(removed)]
     losses = {}
     for name in ("adapter", "unlearned-rewind"):
@@ -143,6 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def holdout_from(train: list, unseen: list) -> list:
+    """Up to HOLDOUT examples of the same kind as `train` that it does not hold (by content), with ids of their own."""
+    seen, out = {(e.prompt, e.response) for e in train}, []
+    for e in unseen:
+        if (e.prompt, e.response) not in seen and len(out) < HOLDOUT:
+            seen.add((e.prompt, e.response))
+            out.append(dataclasses.replace(e, id=f"holdout-{len(out)}"))
+    return out
+
+
 def cases(n_train: int, max_iters: int | None = None, samples: int = 32) -> list[tuple[str, UnlearnOptions]]:
     """Every update method with its default solver, and the one-step update with every solver (the fitted ones fit
     their factors on a sample first): each must run where the model lives, with the defaults a user gets (`max_iters`
@@ -150,7 +177,10 @@ def cases(n_train: int, max_iters: int | None = None, samples: int = 32) -> list
     sample = min(samples, n_train)
     cap = {"max_iters": max_iters} if max_iters else {}
     first = EraserArguments(curvature_samples=sample) if max_iters else EraserArguments()
-    out = [(m, UnlearnOptions(method=m, eraser=first)) for m in method_names()]
+    # the unlearners without a recording step whatever the evidence (min_steps), so their loop runs where the model
+    # lives: a one-epoch adapter has memorised nothing, and its removed examples look like the holdout at θ̂ already
+    steps = ForgetArguments(min_steps=4, max_steps=4, check_every=2)
+    out = [(m, UnlearnOptions(method=m, eraser=first, forget=steps)) for m in method_names()]
     for solver in solver_names():
         out.append((f"first-order/{solver}", UnlearnOptions(method="first-order",
                                                             solver_options={} if is_fitted(solver) else dict(cap),

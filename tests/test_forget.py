@@ -358,3 +358,13 @@ def test_auto_picks_the_unlearner_only_with_a_holdout_and_no_recording(memorised
     update = get_method("auto").run(ctx, UnlearnOptions())
     assert update.report["method"] == "first-order" and would_add(False) in update.report["update_choice"]
     assert "holdout" in would_add(False) and "holdout" not in would_add(True) and "rewind" in would_add(True)
+
+
+def test_min_steps_holds_the_stop_rule_back(memorised):
+    """With min_steps the run steps on past checks that would have stopped it (the device check relies on it to run
+    the loop on a device whatever the evidence); the checks before min_steps are recorded, not obeyed."""
+    _, plain = forgotten(memorised, check_every=1)
+    _, held = forgotten(memorised, check_every=1, min_steps=plain["returned_step"] + 2)
+    assert held["steps_taken"] >= plain["returned_step"] + 2
+    early = [c for c in held["stop"]["checks"] if 0 < c["step"] < plain["returned_step"] + 2]
+    assert any(c["verdict"] == LOOKS_LIKE for c in early)  # a check that would have stopped it, passed over

@@ -252,7 +252,7 @@ class _Run:
         theta = self.theta_hat.clone()
         stop, stats = rule.check(model)
         history = [{"step": 0, **stats}]
-        if stop:
+        if stop and not self.args.min_steps:
             return theta, _outcome(history, 0, True, "the forgotten examples already look like the holdout at θ̂")
         adam = Adam(AdamConfig(lr=knobs.lr), theta)
         bad = torch.zeros((), dtype=torch.bool, device=view.device)
@@ -268,7 +268,7 @@ class _Run:
                                   f"the forget learning rate")
             stop, stats = rule.check(model)
             history.append({"step": k, **stats})
-            if stop:
+            if stop and k >= self.args.min_steps:
                 said = f"the forgotten examples look like the holdout ({_says(stats)})"
                 return theta, _outcome(history, k, True, said)
             if rule.overshot(stats):

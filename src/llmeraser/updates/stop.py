@@ -57,6 +57,9 @@ class ForgetArguments:
         "help": "forget: the stop rule's level: the unlearner stops as soon as the membership test against the "
                 "holdout cannot tell the forgotten examples from it at this level (the report's test, "
                 "docs/evidence.md)"})
+    min_steps: int = field(default=0, metadata={
+        "help": "forget: steps taken before the stop rule may end the run (bench/device_check.py sets it so that the "
+                "loop runs on every device whatever the evidence)"})
     bisect: int = field(default=6, metadata={
         "help": "forget: when a step overshoots (the forgotten examples look less familiar than the holdout), "
                 "evaluations on the segment back to the previous check to find the point that looks like it"})
@@ -79,8 +82,8 @@ class ForgetArguments:
                 raise ConfigError(f"forget {name} must be ≥ 1, got {v}")
         if self.retain not in ("kl", "nll"):
             raise ConfigError(f"forget retain must be 'kl' or 'nll', got {self.retain!r}")
-        if self.bisect < 0:
-            raise ConfigError(f"forget bisect must be ≥ 0, got {self.bisect}")
+        if self.bisect < 0 or self.min_steps < 0:
+            raise ConfigError(f"forget bisect and min_steps must be ≥ 0, got {self.bisect} and {self.min_steps}")
 
 
 def check_holdout(members: Sequence[Example], holdout: Sequence[Example] | None,
