@@ -118,3 +118,18 @@ def test_sharded_rows_need_the_single_adapters_rows(tmp_path):
     with pytest.raises(ConfigError, match="original and retrain"):
         run_sharded_people_benchmark(PeopleBenchArguments.tiny(methods=("retrain",)), (2,), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_one_shard_is_rewound_from_its_first_step(tmp_path):
+    """S = 1, the reference point: one adapter on the whole set by `finetune_sharded` (its own LoRA draw, so not the
+    bench's single adapter θ, only the same recipe), and a request rewinds it from step 0 — every epoch sees every
+    example —, i.e. retrains it: the whole recording replayed."""
+    from llmeraser_experiments.sharded_bench import run_sharded_people_benchmark
+
+    args = PeopleBenchArguments.tiny(splits=("forget10",), methods=("original", "retrain"))
+    result = run_sharded_people_benchmark(args, (1,), tmp_path / "out", work=tmp_path / "work")
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["original", "retrain", "sharded S=1 before", "sharded S=1"]
+    after = rows["sharded S=1"]
+    assert after["touched_shards"] == ["shard-00"] and after["replayed_share"] == 1 and after["shards"] == 1
+    assert 0 <= after["forget_quality"] <= 1 and after["router"]["forget"] == after["router"]["retain"] == 1
