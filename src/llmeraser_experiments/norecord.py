@@ -46,15 +46,44 @@ def run_forget(model: torch.nn.Module, task, view, theta: torch.Tensor, train: S
     ctx.report.update(report or {})
     update = get_method(method).run(ctx, UnlearnOptions(method=method, forget=ForgetArguments(**overrides)))
     seconds = time.perf_counter() - start
-    r = update.report[method]  # path_update files the run's report under the method's name
     after = update.theta if update.theta is not None else theta + update.delta
+    return after.to(theta.dtype), {"total": seconds, **stop_info(update.report[method])}
+
+
+def stop_info(r: dict) -> dict:
+    """What a row keeps of an unlearner's report (`updates.forget`; `path_update` files it under the method's
+    name): the resolved knobs and where they came from, the stop rule's outcome and last check, the kept loss."""
     last = r["stop"]["checks"][-1] if r["stop"]["checks"] else {}
-    return after.to(theta.dtype), {
-        "total": seconds, "lr": r["lr"], "max_steps": r["max_steps"], "check_every": r["check_every"],
-        "defaults_from": r["defaults_from"], "steps": r["returned_step"], "steps_taken": r["steps_taken"],
-        "stop": {"met": r["stop"]["met"], "why": r["stop"]["why"], "checks": len(r["stop"]["checks"]),
-                 "last_check": last},
-        "kept_loss_check": r["kept_loss_check"], "kept_warning": r.get("kept_warning")}
+    return {"lr": r["lr"], "max_steps": r["max_steps"], "check_every": r["check_every"],
+            "defaults_from": r["defaults_from"], "steps": r["returned_step"], "steps_taken": r["steps_taken"],
+            "stop": {"met": r["stop"]["met"], "why": r["stop"]["why"], "checks": len(r["stop"]["checks"]),
+                     "last_check": last},
+            "kept_loss_check": r["kept_loss_check"], "kept_warning": r.get("kept_warning")}
+
+
+def fixed_rate(model: torch.nn.Module, task, view, theta: torch.Tensor, forget: Sequence[Example], objective: str,
+               lr: float, epochs: int, *, batch_size: int = 8, beta: float = 0.1) -> tuple[torch.Tensor, float]:
+    """The fixed-learning-rate baselines (gradient ascent: `gradient-difference` without its retain term; NPO):
+    `epochs` passes of Adam at `lr` over the forget set on the library's objective (`updates.forget.forget_loss`),
+    no retain term, no stop rule — the recipe the stop rule replaces. (θ after, seconds); the model left at θ."""
+    from llmeraser.trajectory import Adam, AdamConfig
+    from llmeraser.updates.forget import forget_loss
+    from llmeraser.updates.stop import token_nll
+
+    start = time.perf_counter()
+    batches = [task.collate(list(forget[i:i + batch_size])) for i in range(0, len(forget), batch_size)]
+    view.set_vector(theta)
+    with torch.no_grad():  # NPO's reference: −log π_ref(y|x) at θ
+        references = [token_nll(task, model, b)[2] for b in batches]
+    x, adam = theta.clone(), Adam(AdamConfig(lr=lr), theta)
+    for _ in range(epochs):
+        for batch, reference in zip(batches, references, strict=True):
+            view.set_vector(x)
+            loss, mean, total, _ = token_nll(task, model, batch)
+            value = forget_loss(objective, loss, mean, total, reference, beta, 0.0).mean()
+            x = adam.step(x, view.flatten(list(torch.autograd.grad(value, view.params, allow_unused=True))))
+    view.set_vector(theta)
+    return x, time.perf_counter() - start
 
 
 def evidence_entry(model: torch.nn.Module, task, members: Sequence[Example], holdout: Sequence[Example],
