@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+MAX_LENGTH = 96  # SFTTrainer's max_length
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -62,7 +63,8 @@ def sft(base: Path, records: list[dict], out: Path, *, epochs: int, data_seed: i
 
     set_seed(0)  # LoRA's initial A, drawn before the Trainer seeds: the same for every run
     model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager", dtype=torch.float32)
-    config = SFTConfig(output_dir=str(out), max_length=96, per_device_train_batch_size=8, num_train_epochs=epochs,
+    config = SFTConfig(output_dir=str(out), max_length=MAX_LENGTH, per_device_train_batch_size=8,
+                       num_train_epochs=epochs,
                        learning_rate=2e-3, weight_decay=0.01, max_grad_norm=1.0, bf16=False,
                        gradient_checkpointing=False, report_to=[], save_strategy="no", use_cpu=True, seed=0,
                        data_seed=data_seed,
@@ -260,7 +262,9 @@ def no_recording(a) -> int:
     t_retrain = sft(base, [_record(e) for e in sets["train"] if e.id not in removed], root / "retrain",
                     epochs=a.epochs)
     request = Request.remove(*sorted(removed))
-    model, task = AdapterJob(root / "adapter", root / "chat.jsonl", base_model=str(base)).model_and_task()
+    # what a user passes for an adapter without a record: the fine-tune's max_length (`sft`'s), else 64 is assumed
+    model, task = AdapterJob(root / "adapter", root / "chat.jsonl", base_model=str(base),
+                             max_length=MAX_LENGTH).model_and_task()
     view = ParamView(model)
     theta_hat = view.vector()
     theta_retrain = ParamView(load_adapter(load_base_model(str(base))[0], root / "retrain")).vector()
@@ -268,8 +272,8 @@ def no_recording(a) -> int:
 
     def unlearn(name: str, options: UnlearnOptions, holdout=None):  # `llmeraser unlearn`, its own model load
         start = time.perf_counter()
-        result = AdapterJob(root / "adapter", root / "chat.jsonl", base_model=str(base)).unlearn(
-            request, str(root / name.replace("/", "-").replace(":", "-")), options, holdout=holdout)
+        job = AdapterJob(root / "adapter", root / "chat.jsonl", base_model=str(base), max_length=MAX_LENGTH)
+        result = job.unlearn(request, str(root / name.replace("/", "-").replace(":", "-")), options, holdout=holdout)
         seconds = time.perf_counter() - start
         update = result.update
         theta = (theta_hat if result.status != "applied" else update.theta if update.theta is not None
