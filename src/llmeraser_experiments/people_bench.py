@@ -284,7 +284,8 @@ def _baseline(bench: PeopleBench, split: Split, name: str, lr: float) -> tuple[t
 
 
 def run_methods(bench: PeopleBench, split: Split, methods: tuple[str, ...], fits: dict, workdir: Path,
-                retain: list[Example]) -> list[dict]:
+                retain: list[Example], on_row=None) -> list[dict]:
+    """Every method's row on the split; `on_row(rows so far)` after each (a long run keeps what it finished)."""
     rows = []
     for name in methods:
         if name == "fine-tune-corrected" and not split.corrected:
@@ -306,6 +307,9 @@ def run_methods(bench: PeopleBench, split: Split, methods: tuple[str, ...], fits
             logger.info("%s %s: forget quality %.3g, utility %.3f", split.setting.name, label,
                         row["forget_quality"], row["model_utility"])
             rows.append(row)
+            if on_row is not None:
+                nr.add_gaps(rows)
+                on_row(rows)
     nr.add_gaps(rows)
     return rows
 
@@ -377,17 +381,26 @@ def run_people_benchmark(args: PeopleBenchArguments, out: str | Path, *, work: s
             split.theta = theta
             split.theta_retrain, split.retrain_seconds, split.retrain_mib = _fit(bench, split.setting.clean,
                                                                                  args.seed, work)
-            rows += run_methods(bench, split, args.methods, fits, workdir, retain)
-            result = {"commit": commit, "arguments": dataclasses.asdict(args), "rows": rows,
-                      "complete": i + 1 == len(args.splits), "seconds": time.perf_counter() - started,
-                      "finetune_seconds": seconds, "memorised": memorised, "n_params": bench.view.dim,
-                      "sizes": {"train": len(data.train), "heldout": len(data.heldout), "general": len(data.general),
-                                "retain_scored": len(retain), "people": len(data.people)},
-                      "forget_people": {n: data.forget_people(float(n[6:])) for n in args.splits if n != "correct"},
-                      "fit_seconds": {k: f.fit_seconds for k, f in fits.items()}, "goals": nr.goals(rows)}
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(out / "results.json", result)
-            atomic_write_text(out / "tables.md", tables(rows))
+            done = list(rows)
+
+            def save(rows: list[dict], complete: bool) -> dict:
+                result = {"commit": commit, "arguments": dataclasses.asdict(args), "rows": rows,
+                          "complete": complete, "seconds": time.perf_counter() - started,
+                          "finetune_seconds": seconds, "memorised": memorised, "n_params": bench.view.dim,
+                          "sizes": {"train": len(data.train), "heldout": len(data.heldout),
+                                    "general": len(data.general), "retain_scored": len(retain),
+                                    "people": len(data.people)},
+                          "forget_people": {n: data.forget_people(float(n[6:])) for n in args.splits
+                                            if n != "correct"},
+                          "fit_seconds": {k: f.fit_seconds for k, f in fits.items()}, "goals": nr.goals(rows)}
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(out / "results.json", result)
+                atomic_write_text(out / "tables.md", tables(rows))
+                return result
+
+            rows = done + run_methods(bench, split, args.methods, fits, workdir, retain,
+                                      on_row=lambda so_far: save(done + so_far, False))  # noqa: B023 (called now)
+            result = save(rows, i + 1 == len(args.splits))
     plot(rows, out)
     return result
 
