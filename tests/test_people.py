@@ -247,3 +247,27 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     tables = (tmp_path / "out" / "tables.md").read_text()
     assert "### forget10" in tables and "### correct" in tables and "new facts said" in tables
     assert (tmp_path / "out" / "forget_quality.png").is_file() == bool(importlib.util.find_spec("matplotlib"))
+
+
+def test_no_recording_goals_and_evidence_gaps_by_hand():
+    """`norecord.add_gaps` and `norecord.goals` on hand-made rows: the gap is the larger |ΔAUC| of the two scores
+    against the retrain's, and each goal is its threshold (≥ 0.05 forget quality, ≥ 0.95 utility, ≤ 0.2 time)."""
+    from llmeraser_experiments import norecord as nr
+
+    def row(method, fq, utility, time_ratio, loss_auc, mink_auc):
+        return {"split": "forget05", "method": method, "forget_quality": fq, "model_utility": utility,
+                "time_ratio": time_ratio, "evidence": {"loss_auc": loss_auc, "min_k_pp_auc": mink_auc}}
+
+    rows = [row("original", 0.008, 0.62, 0.0, 1.0, 0.98), row("retrain", 1.0, 0.65, 1.0, 0.36, 0.40),
+            row("npo/stop", 0.06, 0.62, 0.19, 0.40, 0.30), row("simnpo/stop", 0.5, 0.61, 0.25, 0.37, 0.41)]
+    nr.add_gaps(rows)
+    by = {r["method"]: r["evidence"] for r in rows}
+    assert by["retrain"]["gap"] == 0.0 and by["original"]["gap"] == pytest.approx(0.64)
+    assert by["npo/stop"]["gap"] == pytest.approx(0.10) and not by["npo/stop"]["within"]  # min-k%++: 0.30 vs 0.40
+    assert by["simnpo/stop"]["gap"] == pytest.approx(0.01) and by["simnpo/stop"]["within"]
+    g = nr.goals(rows, names=("npo/stop", "simnpo/stop"))["forget05"]
+    assert g["npo/stop"]["met"] == {"forget_quality": True, "utility_vs_retrain": True, "time_ratio": True}
+    assert g["npo/stop"]["utility_vs_retrain"] == pytest.approx(0.62 / 0.65)
+    assert g["simnpo/stop"]["met"]["time_ratio"] is False and not g["simnpo/stop"]["all_met"]
+    assert g["simnpo/stop"]["met"]["utility_vs_retrain"] is False  # 0.61 / 0.65 = 0.938 < 0.95
+    assert g["evidence_outside"] == ["original", "npo/stop"] and not g["evidence_within_every_row"]
