@@ -5,6 +5,9 @@
     python bench/people.py --tofu-sized            200 people × 13 facts: for a GPU (hours on a CPU)
     python bench/people.py --splits forget05 --methods original retrain retrain@1 first-order/ekfac --out DIR
     python bench/people.py --splits forget05 --shards 4 8 --out DIR   sharded adapters (docs/sharded.md)
+    python bench/people.py --splits forget01 forget05 forget10 --methods original retrain first-order/cg \
+        gradient-ascent npo npo/stop simnpo/stop gradient-difference/stop npo/stop:b0.5-rw3 --work W --out DIR
+                                                   rows without a recording (docs/forget.md#measured)
 
 Builds the people (`llmeraser data people` writes the same records), fine-tunes the embedded model on their facts
 until it has memorised them (recording its trajectory, as `llmeraser finetune` does), and for forget01/05/10 and the
@@ -54,7 +57,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "the single adapter's --methods (default then: original retrain); writes results.json, "
                         "table.md")
     p.add_argument("--work", default=None, metavar="DIR",
-                   help="with --shards: keep the fine-tuned θs and sharded folders here, reused by a rerun")
+                   help="keep the fine-tuned θs (with --shards: and sharded folders) here, reused by a rerun (not "
+                        "with the path methods or cli-defaults: they need the recorded fine-tune)")
     p.add_argument("--n-people", type=int, default=None, help="people trained on (default 30)")
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 8)")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default 2e-3)")
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
             result = run_sharded_people_benchmark(args, a.shards, out, work=a.work)
         else:
-            result = run_people_benchmark(args, out)
+            result = run_people_benchmark(args, out, work=a.work)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ an SFTTrainer retrain, in one run (docs/data.md#replaying-the-run).
     python bench/trl_rewind.py                 # the embedded SmolLM2-135M-Instruct on chat facts about people (minutes)
     python bench/trl_rewind.py --tiny          # a tiny offline chat Llama (seconds)
     python bench/trl_rewind.py --out DIR       # also results.json
+    python bench/trl_rewind.py --no-recording --out DIR   # the same adapter trained without the callback (below)
 
 The data: the `people` facts as chats (user asks, assistant answers, the model's own chat template). SFTTrainer
 fine-tunes LoRA on every linear layer with its defaults where they matter (AdamW, weight decay 0.01, linear decay,
@@ -14,6 +15,17 @@ are the cost),
 the removed person's and the kept facts' loss (token-weighted, as trained), and the distance between the adapters
 (the retrain takes other batches: the rewind and it differ by SGD noise, which `noise` measures as the distance
 between two SFTTrainer runs on the full set, same init, another data order).
+
+`--no-recording`: the adapter SFTTrainer trained without `LLMEraserCallback` (most adapters in the wild), on
+conversational prompt/completion records (TRL's completion-only loss), `--remove` whole people removed. Rows: doing
+nothing, an SFTTrainer retrain without them, `llmeraser unlearn` with no options (auto: the one-step update), gradient
+ascent and NPO at fixed learning rates (5 epochs over the removed facts), and the library's unlearners without a
+recording (`npo`, `simnpo`, `gradient-difference`; `unlearn --method M --holdout FILE`, through `AdapterJob`) with
+their stop rule, the holdout being `--heldout` held-out people's facts in the same format, never trained on. Each row:
+TOFU's forget quality (KS p-value of the removed facts' truth ratios against the retrain's), model utility (TOFU's
+harmonic mean on kept people's facts and general probes), time against the retrain, and the membership test of the
+removed facts against the holdout (loss and min-k%++ AUC, verdict) with its distance to the retrain's own AUC
+(`llmeraser_experiments.norecord`). Writes results.json and table.md under --out.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+MAX_LENGTH = 96  # SFTTrainer's max_length
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -50,7 +63,8 @@ def sft(base: Path, records: list[dict], out: Path, *, epochs: int, data_seed: i
 
     set_seed(0)  # LoRA's initial A, drawn before the Trainer seeds: the same for every run
     model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager", dtype=torch.float32)
-    config = SFTConfig(output_dir=str(out), max_length=96, per_device_train_batch_size=8, num_train_epochs=epochs,
+    config = SFTConfig(output_dir=str(out), max_length=MAX_LENGTH, per_device_train_batch_size=8,
+                       num_train_epochs=epochs,
                        learning_rate=2e-3, weight_decay=0.01, max_grad_norm=1.0, bf16=False,
                        gradient_checkpointing=False, report_to=[], save_strategy="no", use_cpu=True, seed=0,
                        data_seed=data_seed,
@@ -72,8 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--people", type=int, default=20, help="people (5 facts each)")
     p.add_argument("--epochs", type=int, default=3, help="SFTTrainer epochs")
     p.add_argument("--out", default=None, help="write results.json here")
+    p.add_argument("--no-recording", action="store_true",
+                   help="no callback: the unlearners without a recording against retraining (see above)")
+    p.add_argument("--remove", type=int, default=3, help="--no-recording: people removed (5 facts each)")
+    p.add_argument("--heldout", type=int, default=6, help="--no-recording: held-out people (the holdout)")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
+    if a.no_recording:
+        return no_recording(a)
     from llmeraser.callback import LLMEraserCallback
     from llmeraser.finetune import step_gradient
     from llmeraser.job import AdapterJob
@@ -170,6 +190,154 @@ def main(argv: list[str] | None = None) -> int:
         (Path(a.out) / "results.json").write_text(json.dumps(summary, indent=2))
     shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+
+# ------------------------------------------------------------------------------------------- without a recording
+def chat_people(a) -> dict:
+    """The people as conversational prompt/completion Examples (their `extra` kept: paraphrases, perturbed answers,
+    values): train, the removed people's facts, kept people's facts to score, the holdout, the general probes."""
+    from llmeraser.data import Example, Message
+    from llmeraser_experiments.people import build_people
+
+    data = build_people(a.people, facts=5, n_heldout=a.heldout, seed=0)
+
+    def chat(e: Example) -> Example:
+        return Example(e.id, (Message("user", e.prompt.strip()),), (Message("assistant", e.response.strip()),),
+                       dict(e.extra), "prompt-completion")
+
+    train = [chat(e) for e in data.train]
+    gone = set(data.people[-a.remove:])
+    return {"train": train, "forget": [e for e in train if e.extra["person"] in gone],
+            "retain": [e for e in train if e.extra["person"] in data.people[:a.remove]],
+            "holdout": [chat(e) for e in data.heldout], "general": [chat(e) for e in data.general]}
+
+
+def _record(e) -> dict:
+    return {"id": e.id, "prompt": [m.to_dict() for m in e.prompt], "completion": [m.to_dict() for m in e.response]}
+
+
+def score_row(model, task, view, theta, sets: dict, reference: dict | None) -> tuple[dict, dict]:
+    """(the row's measures at θ, the forget set's scores): TOFU's forget quality against the retrain's truth ratios
+    (`reference`; None: this is the retrain), utility, the removed facts said, and the holdout evidence."""
+    from llmeraser_experiments import forgetting as fg
+    from llmeraser_experiments import norecord as nr
+
+    view.set_vector(theta)
+    s = fg.score_questions(model, task, [*sets["forget"], *sets["retain"], *sets["general"]])
+    s.update(fg.score_questions(model, task, sets["holdout"], generate=False))
+    ids = {k: [e.id for e in sets[k]] for k in ("forget", "retain", "general", "holdout")}
+    ref = reference or s
+    out = {"forget": fg.summarise(s, ids["forget"], truth="forget"), "retain": fg.summarise(s, ids["retain"]),
+           "general": fg.summarise(s, ids["general"])}
+    out["forget_quality"] = fg.ks_pvalue([s[i]["truth_ratio"] for i in ids["forget"]],
+                                         [ref[i]["truth_ratio"] for i in ids["forget"]])
+    out["model_utility"] = fg.model_utility(out["retain"], out["general"])
+    out["forget_facts_said"] = sum(e.extra["value"].lower() in s[e.id]["answer"].lower()
+                                   for e in sets["forget"]) / len(sets["forget"])
+    out["evidence"] = nr.evidence_entry(model, task, sets["forget"], sets["holdout"])
+    return out, s
+
+
+def no_recording(a) -> int:
+    """The rows without a recording (the module's docstring); results.json and table.md under --out."""
+    from llmeraser.job import AdapterJob
+    from llmeraser.models import load_base_model
+    from llmeraser.params import ParamView, load_adapter
+    from llmeraser.request import Request
+    from llmeraser.updates import UnlearnOptions
+    from llmeraser.updates.stop import ForgetArguments
+    from llmeraser_experiments import norecord as nr
+
+    root = Path(tempfile.mkdtemp(prefix="llmeraser-trl-norecord-"))
+    sets = chat_people(a)
+    base = tiny_chat_base(root, sets) if a.tiny else None
+    if base is None:
+        from llmeraser.models import embedded_model_dir
+
+        base = embedded_model_dir()
+    removed = {e.id for e in sets["forget"]}
+    (root / "chat.jsonl").write_text("".join(json.dumps(_record(e)) + "\n" for e in sets["train"]))
+    t_train = sft(base, [_record(e) for e in sets["train"]], root / "adapter", epochs=a.epochs)
+    t_retrain = sft(base, [_record(e) for e in sets["train"] if e.id not in removed], root / "retrain",
+                    epochs=a.epochs)
+    request = Request.remove(*sorted(removed))
+    # what a user passes for an adapter without a record: the fine-tune's max_length (`sft`'s), else 64 is assumed
+    model, task = AdapterJob(root / "adapter", root / "chat.jsonl", base_model=str(base),
+                             max_length=MAX_LENGTH).model_and_task()
+    view = ParamView(model)
+    theta_hat = view.vector()
+    theta_retrain = ParamView(load_adapter(load_base_model(str(base))[0], root / "retrain")).vector()
+    thetas = {"original": (theta_hat, 0.0, {}), "retrain": (theta_retrain, t_retrain, {})}
+
+    def unlearn(name: str, options: UnlearnOptions, holdout=None):  # `llmeraser unlearn`, its own model load
+        start = time.perf_counter()
+        job = AdapterJob(root / "adapter", root / "chat.jsonl", base_model=str(base), max_length=MAX_LENGTH)
+        result = job.unlearn(request, str(root / name.replace("/", "-").replace(":", "-")), options, holdout=holdout)
+        seconds = time.perf_counter() - start
+        update = result.update
+        theta = (theta_hat if result.status != "applied" else update.theta if update.theta is not None
+                 else theta_hat + update.delta.to(theta_hat.dtype))
+        info = {"status": result.status, "method_run": update.report.get("method"),
+                "report_evidence": update.report.get("evidence", {}).get("status")}
+        if name in nr.NORECORD:
+            info |= nr.stop_info(update.report[options.method])
+        return theta.to(theta_hat.dtype), seconds, info
+
+    thetas["one-step (unlearn, no options)"] = unlearn("one-step", UnlearnOptions())
+    for objective, label in (("gradient-difference", "gradient-ascent"), ("npo", "npo")):
+        for lr in (1e-4, 1e-3):
+            theta, seconds = nr.fixed_rate(model, task, view, theta_hat, sets["forget"], objective, lr, 5)
+            thetas[f"{label} lr={lr:g}"] = (theta, seconds, {"lr": lr, "epochs": 5})
+    for name, (method, overrides) in nr.NORECORD.items():
+        thetas[name] = unlearn(name, UnlearnOptions(method=method, forget=ForgetArguments(**overrides)),
+                               holdout=sets["holdout"])
+    _, reference = score_row(model, task, view, theta_retrain, sets, None)
+    rows = []
+    for name, (theta, seconds, info) in thetas.items():
+        measures, _ = score_row(model, task, view, theta, sets, reference)
+        rows.append({"split": f"remove{a.remove}", "method": name, "total": seconds, "time_ratio": seconds / t_retrain,
+                     **info, **measures})
+    nr.add_gaps(rows)
+    summary = {"model": "tiny chat Llama" if a.tiny else "SmolLM2-135M-Instruct", "examples": len(sets["train"]),
+               "removed": len(removed), "holdout": len(sets["holdout"]), "retain_scored": len(sets["retain"]),
+               "general": len(sets["general"]), "epochs": a.epochs,
+               "seconds": {"sft_train": t_train, "sft_retrain": t_retrain}, "rows": rows, "goals": nr.goals(rows)}
+    columns = [("method", "method", ""), ("forget_quality", "forget quality", ".2g"),
+               ("forget_facts_said", "removed facts said", ".2f"), ("model_utility", "utility", ".3f"),
+               ("time_ratio", "time/retrain", ".3f"), ("evidence.loss_auc", "ev loss AUC", ".2f"),
+               ("evidence.min_k_pp_auc", "ev min-k%++ AUC", ".2f"), ("evidence.says", "ev verdict", ""),
+               ("evidence.gap", "|ΔAUC| vs retrain", ".2f"), ("steps", "steps", ".4g"), ("stop.met", "stop met", "")]
+    table = "\n".join(["| " + " | ".join(h for _, h, _ in columns) + " |", "|---|" + "---:|" * (len(columns) - 1),
+                       *("| " + " | ".join("—" if _get(r, k) is None else format(_get(r, k), f)
+                                           for k, _, f in columns) + " |" for r in rows)])
+    print(table)
+    print(json.dumps(summary["goals"], indent=1))
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+        (Path(a.out) / "table.md").write_text(table + "\n")
+    shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def _get(row: dict, key: str):
+    for part in key.split("."):
+        row = row.get(part) if isinstance(row, dict) else None
+    return row
+
+
+def tiny_chat_base(root: Path, sets: dict) -> Path:
+    """A tiny offline chat Llama whose tokenizer knows every text the run scores (answers, paraphrases, probes)."""
+    from llmeraser.testing import tiny_llama, tiny_tokenizer
+
+    examples = [e for k in ("train", "holdout", "general") for e in sets[k]]
+    texts = [m.content for e in examples for m in (*e.prompt, *e.response)]
+    texts += [t for e in examples for t in (e.extra["paraphrase"], *e.extra["perturbed"])]
+    tok = tiny_tokenizer(texts, vocab_size=600, chat=True)
+    tiny_llama(len(tok), hidden=64, layers=2, dtype=torch.float32, init_std=0.1).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    return root / "base"
 
 
 if __name__ == "__main__":

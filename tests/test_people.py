@@ -203,7 +203,7 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     from llmeraser_experiments.people_bench import PeopleBenchArguments, run_people_benchmark
 
     methods = ("original", "retrain", "retrain@1", "first-order/ekfac", "cli-defaults", "rewind", "path",
-               "gradient-ascent", "fine-tune-corrected")
+               "npo/stop", "simnpo/stop", "gradient-difference/stop", "gradient-ascent", "fine-tune-corrected")
     result = run_people_benchmark(PeopleBenchArguments.tiny(methods=methods), tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["complete"] and saved["commit"] and saved["rows"] == json.loads(json.dumps(result["rows"]))
@@ -219,6 +219,17 @@ def test_tiny_benchmark_end_to_end(tmp_path):
         for part in ("forget", "retain", "general"):
             assert 0 <= r[part]["rouge"] <= 1 and 0 <= r[part]["value_recall"] <= 1 and r[part]["truth_ratio"] > 0
         assert ("corrected" in r) == (split == "correct")
+        # the holdout evidence beside every row: the report's membership test against the held-out people
+        e = r["evidence"]
+        assert e["says"] in ("like", "more", "less") and 0 <= e["loss_auc"] <= 1 and 0 <= e["min_k_pp_auc"] <= 1
+        assert e["members"] == r["forget"]["n"] and e["holdout"] == 9  # 3 held-out people × 3 facts
+        assert e["gap"] == max(abs(e["loss_auc"] - rows[split, "retrain"]["evidence"]["loss_auc"]),
+                               abs(e["min_k_pp_auc"] - rows[split, "retrain"]["evidence"]["min_k_pp_auc"]))
+        if method.endswith("/stop"):  # the library's unlearner without a recording, its stop report kept
+            assert isinstance(r["stop"]["met"], bool) and r["stop"]["why"] and 0 <= r["steps"] <= r["max_steps"]
+            # the stop rule is the report's test: where it says it stopped, the returned θ's evidence says "like"
+            # (the same scores at the same θ; the p-values of these sizes sit far from the level)
+            assert not r["stop"]["met"] or e["says"] == "like", (split, method, r["stop"], e)
     for split in ("forget10", "correct"):
         # the reference against itself: identical truth ratios, KS p-value 1; θ's own distance 0
         assert rows[split, "retrain"]["forget_quality"] == 1.0
@@ -228,8 +239,35 @@ def test_tiny_benchmark_end_to_end(tmp_path):
         assert rows[split, "retrain"]["cosine"] == pytest.approx(1.0, abs=1e-6)  # cos(x, x) up to float32 rounding
         assert rows[split, "original"]["delta_norm"] == 0.0
         assert rows[split, "cli-defaults"]["status"] in ("applied", "declined")
+        assert rows[split, "retrain"]["evidence"]["gap"] == 0.0
+        assert set(result["goals"][split]) >= {"npo/stop", "simnpo/stop", "gradient-difference/stop",
+                                               "evidence_within_every_row"}
     # the people removed are the last ones, as the data says
     assert result["forget_people"]["forget10"] == build_people(8, facts=3, n_heldout=3).forget_people(10)
     tables = (tmp_path / "out" / "tables.md").read_text()
     assert "### forget10" in tables and "### correct" in tables and "new facts said" in tables
     assert (tmp_path / "out" / "forget_quality.png").is_file() == bool(importlib.util.find_spec("matplotlib"))
+
+
+def test_no_recording_goals_and_evidence_gaps_by_hand():
+    """`norecord.add_gaps` and `norecord.goals` on hand-made rows: the gap is the larger |ΔAUC| of the two scores
+    against the retrain's, and each goal is its threshold (≥ 0.05 forget quality, ≥ 0.95 utility, ≤ 0.2 time)."""
+    from llmeraser_experiments import norecord as nr
+
+    def row(method, fq, utility, time_ratio, loss_auc, mink_auc):
+        return {"split": "forget05", "method": method, "forget_quality": fq, "model_utility": utility,
+                "time_ratio": time_ratio, "evidence": {"loss_auc": loss_auc, "min_k_pp_auc": mink_auc}}
+
+    rows = [row("original", 0.008, 0.62, 0.0, 1.0, 0.98), row("retrain", 1.0, 0.65, 1.0, 0.36, 0.40),
+            row("npo/stop", 0.06, 0.62, 0.19, 0.40, 0.30), row("simnpo/stop", 0.5, 0.61, 0.25, 0.37, 0.41)]
+    nr.add_gaps(rows)
+    by = {r["method"]: r["evidence"] for r in rows}
+    assert by["retrain"]["gap"] == 0.0 and by["original"]["gap"] == pytest.approx(0.64)
+    assert by["npo/stop"]["gap"] == pytest.approx(0.10) and not by["npo/stop"]["within"]  # min-k%++: 0.30 vs 0.40
+    assert by["simnpo/stop"]["gap"] == pytest.approx(0.01) and by["simnpo/stop"]["within"]
+    g = nr.goals(rows, names=("npo/stop", "simnpo/stop"))["forget05"]
+    assert g["npo/stop"]["met"] == {"forget_quality": True, "utility_vs_retrain": True, "time_ratio": True}
+    assert g["npo/stop"]["utility_vs_retrain"] == pytest.approx(0.62 / 0.65)
+    assert g["simnpo/stop"]["met"]["time_ratio"] is False and not g["simnpo/stop"]["all_met"]
+    assert g["simnpo/stop"]["met"]["utility_vs_retrain"] is False  # 0.61 / 0.65 = 0.938 < 0.95
+    assert g["evidence_outside"] == ["original", "npo/stop"] and not g["evidence_within_every_row"]

@@ -30,7 +30,7 @@ from dataclasses import replace
 
 import torch
 
-from llmeraser.data import Example
+from llmeraser.data import Example, Message
 from llmeraser.metrics import roc_auc
 from llmeraser.task import IGNORE_INDEX, CausalLMTask
 
@@ -73,9 +73,26 @@ def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
-def greedy_answers(model: torch.nn.Module, task: CausalLMTask, prompts: Sequence[str], *, max_new_tokens: int = 32,
-                   batch_size: int = 32) -> list[str]:
-    """The greedy continuation of each prompt (encoded as the task encodes prompts): its first non-empty line.
+def _prompt_ids(task: CausalLMTask, prompt: str | Example) -> list[int]:
+    """A text prompt as the task encodes prompts; a chat question (an Example) as the tokens before its response
+    (the chat template's prompt and generation header: the labels' masked prefix)."""
+    if isinstance(prompt, Example):
+        ids, labels = task.encode(prompt)
+        return ids[:next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(ids))]
+    return ([task.bos] if task.bos is not None else []) + list(task.tokenizer.encode(prompt, add_special_tokens=False))
+
+
+def with_response(q: Example, text: str, suffix: str) -> Example:
+    """`q` answered by `text` instead (id + suffix): a paraphrased or perturbed answer, as text or, for a chat
+    question, as the assistant's message (stripped, as the chat records are written)."""
+    response = (Message("assistant", text.strip()),) if q.is_chat else text
+    return replace(q, id=f"{q.id}{suffix}", response=response)
+
+
+def greedy_answers(model: torch.nn.Module, task: CausalLMTask, prompts: Sequence[str | Example], *,
+                   max_new_tokens: int = 32, batch_size: int = 32) -> list[str]:
+    """The greedy continuation of each prompt (encoded as the task encodes prompts; a chat question through its
+    chat template, `_prompt_ids`): its first non-empty line.
 
     Prompts are batched by token length (least padding) and left-padded, with the attention mask and positions
     generation derives from it; a row stops once its answer line has ended."""
@@ -91,8 +108,7 @@ def greedy_answers(model: torch.nn.Module, task: CausalLMTask, prompts: Sequence
             texts = tok.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
             return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
 
-    encoded = [([task.bos] if task.bos is not None else []) + list(tok.encode(p, add_special_tokens=False))
-               for p in prompts]
+    encoded = [_prompt_ids(task, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
     answers = [""] * len(prompts)
     device = next(model.parameters()).device
@@ -130,8 +146,8 @@ def score_questions(model: torch.nn.Module, task: CausalLMTask, questions: Seque
     for q in questions:
         variants.append(q)
         if "paraphrase" in q.extra:
-            variants.append(replace(q, id=f"{q.id}\x00para", response=q.extra["paraphrase"]))
-            variants += [replace(q, id=f"{q.id}\x00pert{j}", response=r) for j, r in enumerate(q.extra["perturbed"])]
+            variants.append(with_response(q, q.extra["paraphrase"], "\x00para"))
+            variants += [with_response(q, r, f"\x00pert{j}") for j, r in enumerate(q.extra["perturbed"])]
     logprobs = dict(zip((v.id for v in variants), token_logprobs(model, task, variants, batch_size=batch_size),
                         strict=True))
     out = {}
@@ -144,12 +160,17 @@ def score_questions(model: torch.nn.Module, task: CausalLMTask, questions: Seque
             row["p_options"] = row["prob"] / (row["prob"] + sum(math.exp(-v) for v in pert))
         out[q.id] = row
     if generate:
-        answers = greedy_answers(model, task, [q.prompt for q in questions],
-                                 max_new_tokens=max(len(task.tokenizer.encode(q.response, add_special_tokens=False))
+        answers = greedy_answers(model, task, [q if q.is_chat else q.prompt for q in questions],
+                                 max_new_tokens=max(len(task.tokenizer.encode(_text(q), add_special_tokens=False))
                                                     for q in questions) + 8)
         for q, a in zip(questions, answers, strict=True):
-            out[q.id].update(answer=a, rouge=rouge_l_recall(q.response, a))
+            out[q.id].update(answer=a, rouge=rouge_l_recall(_text(q), a))
     return out
+
+
+def _text(q: Example) -> str:
+    """The trained answer as text (a chat question's: its assistant messages' content)."""
+    return " ".join(m.content for m in q.response) if q.is_chat else q.response
 
 
 # --------------------------------------------------------------------------------------------- set measures

@@ -41,6 +41,7 @@ from llmeraser.io import atomic_write_json, atomic_write_text
 from llmeraser.record import DEFAULT_MAX_LENGTH, LoraSettings
 from llmeraser.solvers.api import is_fitted, solver_arguments, solver_names
 from llmeraser_experiments import forgetting as fg
+from llmeraser_experiments import norecord as nr
 from llmeraser_experiments.benchmark import (
     PATH,
     Bench,
@@ -53,6 +54,7 @@ from llmeraser_experiments.benchmark import (
     theta_key,
 )
 from llmeraser_experiments.people import PeopleData, build_people
+from llmeraser_experiments.people_report import COLUMNS, _get, plot, tables  # noqa: F401 (this module's API)
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ SPLITS = ("forget01", "forget05", "forget10", "correct")
 INFLUENCE = ("first-order/cg", "newton/cg", "first-order/kfac", "first-order/ekfac", "first-order/woodbury",
              "first-order/datainf", "newton/ekfac", "newton/woodbury")
 BASELINES = ("gradient-ascent", "npo", "fine-tune-corrected")
-METHODS = ("original", "retrain", "retrain@1", *INFLUENCE, "cli-defaults", *BASELINES, *PATH)
+METHODS = ("original", "retrain", "retrain@1", *INFLUENCE, "cli-defaults", *BASELINES, *PATH, *nr.NORECORD)
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -212,6 +214,8 @@ def measure(bench: PeopleBench, split: Split, theta: torch.Tensor, retain: list[
     delta, target = theta - split.theta, split.theta_retrain - split.theta
     out["delta_norm"] = float(delta.norm())
     out["cosine"] = float(torch.nn.functional.cosine_similarity(delta, target, dim=0)) if delta.any() else math.nan
+    bench.view.set_vector(theta)  # the report's membership test of the forget set against the held-out people
+    out["evidence"] = nr.evidence_entry(bench.model, bench.task, split.forget, bench.data.heldout)
     return out
 
 
@@ -280,7 +284,8 @@ def _baseline(bench: PeopleBench, split: Split, name: str, lr: float) -> tuple[t
 
 
 def run_methods(bench: PeopleBench, split: Split, methods: tuple[str, ...], fits: dict, workdir: Path,
-                retain: list[Example]) -> list[dict]:
+                retain: list[Example], on_row=None) -> list[dict]:
+    """Every method's row on the split; `on_row(rows so far)` after each (a long run keeps what it finished)."""
     rows = []
     for name in methods:
         if name == "fine-tune-corrected" and not split.corrected:
@@ -302,6 +307,10 @@ def run_methods(bench: PeopleBench, split: Split, methods: tuple[str, ...], fits
             logger.info("%s %s: forget quality %.3g, utility %.3f", split.setting.name, label,
                         row["forget_quality"], row["model_utility"])
             rows.append(row)
+            if on_row is not None:
+                nr.add_gaps(rows)
+                on_row(rows)
+    nr.add_gaps(rows)
     return rows
 
 
@@ -319,12 +328,16 @@ def _run(bench, split, name, lr, fits, workdir) -> tuple[torch.Tensor, dict]:
         return _baseline(bench, split, name, lr)
     if name in PATH:
         return path_method(bench, split.theta, split.setting, name)
+    if name in nr.NORECORD:  # the library's unlearner, its holdout the held-out people's facts (never trained on)
+        return nr.run_forget(bench.model, bench.task, bench.view, split.theta, split.setting.train,
+                             split.setting.request, bench.data.heldout, name)
     return _influence(bench, split, name, fits)
 
 
 # ------------------------------------------------------------------------------------------------------- run
-def run_people_benchmark(args: PeopleBenchArguments, out: str | Path) -> dict:
-    """Run every split × method; write results.json, tables.md and forget_quality.png under `out`."""
+def run_people_benchmark(args: PeopleBenchArguments, out: str | Path, *, work: str | Path | None = None) -> dict:
+    """Run every split × method; write results.json, tables.md and forget_quality.png under `out`. `work`: keep the
+    fine-tuned θs there (reused by a rerun) when no method needs the recording."""
     from llmeraser.finetune import save_finetuned
     from llmeraser.io import check_new_output
 
@@ -342,11 +355,13 @@ def run_people_benchmark(args: PeopleBenchArguments, out: str | Path) -> dict:
 
             (base, tokenizer), base_path = load_base_model(args.base_model), args.base_model
         bench = PeopleBench(args, data, base, tokenizer, base_path)
-        # recorded, like 'llmeraser finetune': the path methods and the CLI's defaults (auto) replay it
-        theta, seconds, _ = bench.fit(data.train, args.seed, record=True)
-        bench.view.set_vector(theta)
-        save_finetuned(bench.model, workdir / "original", data.train, lora=LoraSettings.from_peft(args.lora),
-                       max_length=args.max_length, trajectory=bench.trajectory(data.train, args.seed))
+        # recorded, like 'llmeraser finetune', when the path methods or the CLI's defaults (auto) replay it
+        recorded = any(m in PATH or m == "cli-defaults" for m in args.methods)
+        theta, seconds, _ = _fit(bench, data.train, args.seed, None if recorded else work, record=recorded)
+        if recorded:
+            bench.view.set_vector(theta)
+            save_finetuned(bench.model, workdir / "original", data.train, lora=LoraSettings.from_peft(args.lora),
+                           max_length=args.max_length, trajectory=bench.trajectory(data.train, args.seed))
         ids, trained = [e.id for e in data.train], bench.scores(theta, data.train)
         memorised = {**fg.summarise(trained, ids), "value_recall": value_recall(trained, _values(data.train), ids)}
         logger.info("original: %s", memorised)
@@ -364,87 +379,37 @@ def run_people_benchmark(args: PeopleBenchArguments, out: str | Path) -> dict:
         for i, name in enumerate(tqdm(args.splits, desc="splits", disable=not args.progress)):
             split = make_split(data, name, args.seed)
             split.theta = theta
-            split.theta_retrain, split.retrain_seconds, split.retrain_mib = bench.fit(split.setting.clean, args.seed)
-            rows += run_methods(bench, split, args.methods, fits, workdir, retain)
-            result = {"commit": commit, "arguments": dataclasses.asdict(args), "rows": rows,
-                      "complete": i + 1 == len(args.splits), "seconds": time.perf_counter() - started,
-                      "finetune_seconds": seconds, "memorised": memorised, "n_params": bench.view.dim,
-                      "sizes": {"train": len(data.train), "heldout": len(data.heldout), "general": len(data.general),
-                                "retain_scored": len(retain), "people": len(data.people)},
-                      "forget_people": {n: data.forget_people(float(n[6:])) for n in args.splits if n != "correct"},
-                      "fit_seconds": {k: f.fit_seconds for k, f in fits.items()}}
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(out / "results.json", result)
-            atomic_write_text(out / "tables.md", tables(rows))
+            split.theta_retrain, split.retrain_seconds, split.retrain_mib = _fit(bench, split.setting.clean,
+                                                                                 args.seed, work)
+            done = list(rows)
+
+            def save(rows: list[dict], complete: bool) -> dict:
+                result = {"commit": commit, "arguments": dataclasses.asdict(args), "rows": rows,
+                          "complete": complete, "seconds": time.perf_counter() - started,
+                          "finetune_seconds": seconds, "memorised": memorised, "n_params": bench.view.dim,
+                          "sizes": {"train": len(data.train), "heldout": len(data.heldout),
+                                    "general": len(data.general), "retain_scored": len(retain),
+                                    "people": len(data.people)},
+                          "forget_people": {n: data.forget_people(float(n[6:])) for n in args.splits
+                                            if n != "correct"},
+                          "fit_seconds": {k: f.fit_seconds for k, f in fits.items()}, "goals": nr.goals(rows)}
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(out / "results.json", result)
+                atomic_write_text(out / "tables.md", tables(rows))
+                return result
+
+            rows = done + run_methods(bench, split, args.methods, fits, workdir, retain,
+                                      on_row=lambda so_far: save(done + so_far, False))  # noqa: B023 (called now)
+            result = save(rows, i + 1 == len(args.splits))
     plot(rows, out)
     return result
 
 
-# ------------------------------------------------------------------------------------------------------ report
-COLUMNS = (("forget_quality", "forget quality", ".2g"), ("forget.value_recall", "forget facts said", ".2f"),
-           ("forget.rouge", "forget ROUGE-L", ".3f"), ("forget.truth_ratio", "forget TR", ".3f"),
-           ("corrected.value_recall", "new facts said", ".2f"), ("model_utility", "utility", ".3f"),
-           ("retain.value_recall", "retain facts said", ".2f"), ("general.value_recall", "general facts said", ".2f"),
-           ("mia_loss_auc", "MIA loss", ".2f"), ("mia_mink_auc", "MIA min-k", ".2f"),
-           ("cosine", "cos→retrain", ".2f"), ("damping", "λ", ".2g"), ("residual", "residual", ".2g"),
-           ("gradient_cost", "exact grads", ".2f"), ("time_ratio", "time/retrain", ".3f"),
-           ("peak_mib", "peak MiB", ".0f"))
+def _fit(bench: PeopleBench, train: list[Example], seed: int, work, *, record: bool = False):
+    """`bench.fit`, kept under `work` when given (`sharded_bench.cached_fit`)."""
+    if work is None:
+        return bench.fit(train, seed, record=record)
+    from llmeraser_experiments.sharded_bench import cached_fit
 
-
-def _get(row: dict, key: str):
-    for part in key.split("."):
-        row = row.get(part) if isinstance(row, dict) else None
-    return row
-
-
-def tables(rows: list[dict]) -> str:
-    parts = []
-    for split in dict.fromkeys(r["split"] for r in rows):
-        sub = [r for r in rows if r["split"] == split]
-        columns = [c for c in COLUMNS if any(_get(r, c[0]) is not None for r in sub)]
-        lines = [f"### {split}", "", "| method | " + " | ".join(h for _, h, _ in columns) + " |",
-                 "|---|" + "---:|" * len(columns)]
-        for r in sub:
-            cells = ["—" if _get(r, k) is None or "failed" in r else format(_get(r, k), f) for k, _, f in columns]
-            lines.append(f"| {r['method']}{' (failed)' if 'failed' in r else ''} | " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
-
-
-def plot(rows: list[dict], out: Path) -> Path | None:
-    """forget_quality.png: forget quality (log) against model utility, one point per method, per split."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot (pip install -e '.[bench]')")
-        return None
-    ok = [r for r in rows if "failed" not in r]
-    splits = list(dict.fromkeys(r["split"] for r in ok))
-    if not splits:
-        return None
-    methods = list(dict.fromkeys(r["method"] for r in ok))
-    fixed = {"original": ("s", "black"), "retrain": ("*", "green"), "retrain@1": ("*", "limegreen")}
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    others = [m for m in methods if m not in fixed]
-    style = {**fixed, **{m: ("o^vDP"[i // len(cycle) % 5], cycle[i % len(cycle)]) for i, m in enumerate(others)}}
-    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits) + 3, 4.5), squeeze=False)
-    for ax, split in zip(axes[0], splits, strict=True):
-        for r in (r for r in ok if r["split"] == split):
-            marker, color = style[r["method"]]
-            ax.scatter(r["model_utility"], max(r["forget_quality"], 1e-12), marker=marker, color=color,
-                       s=140 if r["method"] in fixed else 45, zorder=3 if r["method"] in fixed else 2,
-                       alpha=0.85, label=r["method"])
-        ax.axhline(0.05, color="grey", ls=":", lw=1)
-        ax.set_yscale("log")
-        ax.set(title=split, xlabel="model utility", ylabel="forget quality (KS p-value, log)")
-    handles = {h.get_label(): h for ax in axes[0] for h in ax.collections}
-    fig.legend([handles[m] for m in methods if m in handles], [m for m in methods if m in handles],
-               loc="center right", fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 2.6 / (4.2 * len(splits) + 3), 1))
-    path = out / "forget_quality.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    Path(work).mkdir(parents=True, exist_ok=True)
+    return cached_fit(bench, train, seed, Path(work))
