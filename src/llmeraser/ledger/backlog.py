@@ -95,7 +95,7 @@ def submit(book: Ledger, requests: Request | Sequence[Request], original: Sequen
     Raises:
         LedgerError, RequestError: as `Ledger.prepare`, naming what does not fit.
     """
-    requests, now = as_requests(requests), now or globals()['now']()
+    requests, now = as_requests(requests), now or datetime.now(UTC)
     waiting = queued(book)
     known = {q.request.hash for q in waiting}
     fresh = []
