@@ -3,6 +3,7 @@ what the math guarantees of it (unlearn_sharded's exactness itself is tested in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from llmeraser.data import Example, examples_hash
 from llmeraser.errors import ConfigError, DataError
 from llmeraser.sharded import ShardedAdapter
-from llmeraser_experiments.benchmark import make_setting
+from llmeraser_experiments.benchmark import BenchArguments, BenchRecipe, make_setting
 from llmeraser_experiments.sharded_movielens import ShardedMovieLensArguments, router_accuracy, with_user
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -113,3 +114,16 @@ def test_bad_input():
     with pytest.raises(DataError, match="not its id's user"):
         with_user([Example("u3-1", "p", " Yes", {"user": 4})])
     assert with_user([Example("u3-1", "p", " Yes")])[0].extra["user"] == 3
+
+
+def test_the_recipe_is_the_suites_inherited_not_restated():
+    """The data sizes and fine-tuning recipe are `BenchRecipe`'s, shared with the suite's `BenchArguments`: a field
+    redeclared here (or there) with another default fails this, as does a recipe field one of them lacks."""
+    recipe = [f.name for f in dataclasses.fields(BenchRecipe)]
+    assert recipe == ["n_train", "n_valid", "n_test", "epochs", "lr", "batch_size", "max_length", "lora"]
+    mine, suite, base = ShardedMovieLensArguments(), BenchArguments(), BenchRecipe()
+    assert issubclass(ShardedMovieLensArguments, BenchRecipe) and issubclass(BenchArguments, BenchRecipe)
+    assert {n: getattr(mine, n) for n in recipe} == {n: getattr(suite, n) for n in recipe} == dataclasses.asdict(base)
+    assert (mine.n_train, mine.epochs, mine.lr, mine.batch_size) == (400, 1, 1e-3, 8)
+    tiny = ShardedMovieLensArguments.tiny(n_test=12)  # tiny's own recipe, overrides on top
+    assert (tiny.n_train, tiny.n_test, tiny.lr, tiny.max_length, tiny.lora["r"]) == (48, 12, 1e-2, 48, 2)

@@ -79,8 +79,24 @@ STUDY = ("newton/cg", "first-order/lissa", "first-order/sqp", "npo")
 
 
 @dataclass
-class BenchArguments:
-    """What a benchmark run covers and how each method is configured."""
+class BenchRecipe:
+    """The data sizes and fine-tuning recipe of the MovieLens benchmarks (the original and every retrain): one
+    home, so that every bench built on the suite (`BenchArguments`, `sharded_movielens.ShardedMovieLensArguments`)
+    inherits the same defaults and none can drift from the others."""
+
+    n_train: int = 400
+    n_valid: int = 100
+    n_test: int = 200
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 8
+    max_length: int = DEFAULT_MAX_LENGTH
+    lora: dict = field(default_factory=lambda: LoraSettings().to_peft())
+
+
+@dataclass
+class BenchArguments(BenchRecipe):
+    """What a benchmark run covers and how each method is configured (the data and recipe: `BenchRecipe`)."""
 
     base_model: str = "default"
     settings: tuple[str, ...] = SETTINGS
@@ -89,15 +105,6 @@ class BenchArguments:
     more_seeds: dict = field(default_factory=lambda: {"IR-1": (1, 2)})  # setting → extra seeds (`methods` only)
     study_settings: tuple[str, ...] = ("IR-1",)  # these get `study_methods` too, on the first seed
     study_methods: tuple[str, ...] = STUDY
-    n_train: int = 400
-    n_valid: int = 100
-    n_test: int = 200
-    # fine-tuning recipe (the original and the retrain)
-    epochs: int = 1
-    lr: float = 1e-3
-    batch_size: int = 8
-    max_length: int = DEFAULT_MAX_LENGTH
-    lora: dict = field(default_factory=lambda: LoraSettings().to_peft())
     # influence methods: one curvature sample and product budget for every solver
     curvature_samples: int = 8  # bench/tune_damping.py: 8 samples did as well as 32 on validation data
     max_iters: int = 8

@@ -26,7 +26,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,10 +36,10 @@ from llmeraser.errors import ConfigError, DataError
 from llmeraser.finetune import FinetuneArguments, finetune_adapter
 from llmeraser.io import atomic_write_json, atomic_write_text, check_new_output
 from llmeraser.metrics import evaluate
-from llmeraser.record import DEFAULT_MAX_LENGTH, LoraSettings
+from llmeraser.record import LoraSettings
 from llmeraser.router import embed_prompts
 from llmeraser.sharded import ShardedAdapter, finetune_sharded, unlearn_sharded
-from llmeraser_experiments.benchmark import PeakMemory, git_commit, make_setting
+from llmeraser_experiments.benchmark import BenchRecipe, PeakMemory, git_commit, make_setting
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ _ID = re.compile(r"^u(\d+)-\d+$")
 
 
 @dataclass
-class ShardedMovieLensArguments:
-    """What a run covers; the fine-tuning recipe is `benchmark.BenchArguments`'s."""
+class ShardedMovieLensArguments(BenchRecipe):
+    """What a run covers; the data sizes and fine-tuning recipe are the suite's (`benchmark.BenchRecipe`, which
+    `BenchArguments` holds too): inherited, not restated, so the two benches cannot drift apart."""
 
     base_model: str = "default"
     settings: tuple[str, ...] = ("IR-1", "IR-10", "RC-10")
@@ -57,14 +58,6 @@ class ShardedMovieLensArguments:
     spread_seeds: tuple[int, ...] = (1, 2)  # retrains from other seeds on the first setting: retraining's spread
     # … and on the others; without, their retrain time is the first setting's per step (one epoch, same recipe)
     time_seeds: tuple[int, ...] = ()
-    n_train: int = 400
-    n_valid: int = 100
-    n_test: int = 200
-    epochs: int = 1
-    lr: float = 1e-3
-    batch_size: int = 8
-    max_length: int = DEFAULT_MAX_LENGTH
-    lora: dict = field(default_factory=lambda: LoraSettings().to_peft())
     seed: int = 0
     progress: bool = False
 
