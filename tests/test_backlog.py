@@ -5,8 +5,10 @@ update by update, the policy stated by the user."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from safetensors.torch import load_file
 
 from llmeraser.cli import main
 from llmeraser.errors import UserInputError
-from llmeraser.ledger import Ledger
+from llmeraser.ledger import Ledger, LedgerError
 from llmeraser.ledger import backlog as bl
 from llmeraser.params import ADAPTER_WEIGHTS
 from llmeraser.request import Request
@@ -135,16 +137,36 @@ def test_the_policy_and_the_deadlines():
 def test_take_applies_everything_when_the_earliest_deadline_is_near(tmp_path):
     now = datetime(2026, 12, 7, 12, tzinfo=UTC)
     with Ledger(tmp_path / "l") as book:
-        with book._transaction():  # rows as submit writes them (submit's checks need a lineage; tested above)
-            for k, due in enumerate((now + timedelta(days=20), None, now + timedelta(days=3))):
-                r = Request.remove(f"x{k}")
-                book.db.execute("INSERT INTO backlog VALUES (?, ?, ?, ?)", (r.hash, json.dumps(r.to_dict()), (
-                    now + timedelta(seconds=k)).isoformat(), due.isoformat() if due else None))
+        # rows as submit writes them, without its checks (they need a lineage; tested above)
+        for k, due in enumerate((now + timedelta(days=20), None, now + timedelta(days=3))):
+            book.queue([Request.remove(f"x{k}")], now + timedelta(seconds=k), due)
         assert bl.take(book, timedelta(days=2), now)[0] == []
         taken, why = bl.take(book, timedelta(days=3), now)  # the earliest is 3 days off: every request goes
         assert [r.edits[0].id for r in taken] == ["x0", "x1", "x2"] and "within 3 days" in why
         assert len(bl.take(book, None, now)[0]) == 3
 
+
+
+def test_queue_is_the_backlogs_one_writer_and_refuses_a_request_queued_twice(tmp_path):
+    """`Ledger.queue` writes the backlog in one transaction: requests submitted together keep their order (a
+    microsecond apart), and a request already queued — or given twice — is refused with nothing written. No module
+    but the ledger's book writes the backlog table or opens the Ledger's private transaction."""
+    now = datetime(2026, 12, 7, 12, tzinfo=UTC)
+    a, b, c = (Request.remove(i) for i in ("x0", "x1", "x2"))
+    with Ledger(tmp_path / "l") as book:
+        book.queue([b, a], now, now + timedelta(days=1))
+        assert [(q.request, q.submitted, q.deadline) for q in bl.queued(book)] == [
+            (b, now, now + timedelta(days=1)), (a, now + timedelta(microseconds=1), now + timedelta(days=1))]
+        for again in ([c, a], [c, c]):
+            with pytest.raises(LedgerError, match="already in the backlog"):
+                book.queue(again, now + timedelta(hours=1))
+        assert [q.request for q in bl.queued(book)] == [b, a]  # c was not queued either time
+    src = Path(__file__).resolve().parents[1] / "src"
+    for f in sorted(src.rglob("*.py")):
+        if f.name != "book.py" or f.parent.name != "ledger":
+            text = f.read_text()
+            assert "._transaction(" not in text, f
+            assert not re.search(r"(?i)(insert\s+into|delete\s+from|update)\s+backlog\b", text), f
 
 def test_a_ledger_written_before_batches_is_read_in_order(tmp_path):
     """A ledger from before: no batch columns, no backlog table. Opening it adds them, each request its own update

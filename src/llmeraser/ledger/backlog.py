@@ -29,7 +29,6 @@ from pathlib import Path
 
 from llmeraser.data import Example
 from llmeraser.errors import UserInputError
-from llmeraser.io import canonical_json
 from llmeraser.ledger.book import Ledger, LedgerError, as_requests
 from llmeraser.request import Request
 
@@ -108,11 +107,7 @@ def submit(book: Ledger, requests: Request | Sequence[Request], original: Sequen
     if not fresh:
         return f"nothing queued: the request{'s are' if len(requests) > 1 else ' is'} already queued or applied"
     book.prepare(adapter, original, [q.request for q in waiting] + fresh)  # after the backlog, in order
-    with book._transaction():
-        for k, request in enumerate(fresh):
-            stamp = (now + timedelta(microseconds=k)).isoformat()  # keeps their order within one submission
-            book.db.execute("INSERT INTO backlog VALUES (?, ?, ?, ?)", (request.hash, canonical_json(
-                request.to_dict()), stamp, due.isoformat() if due else None))
+    book.queue(fresh, now, due)
     return (f"queued {len(fresh)} request(s) ({', '.join(r.hash[:12] + '…' for r in fresh)}), due "
             f"{due.isoformat() if due else 'with the next batch'}; the backlog holds {len(waiting) + len(fresh)}")
 

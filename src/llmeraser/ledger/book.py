@@ -10,6 +10,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from llmeraser.data import Example, examples_hash
@@ -265,6 +266,19 @@ class Ledger:
             resolve(requests[0], train)
 
     # ----------------------------------------------------------------------------------------------- writing
+    def queue(self, requests: Sequence[Request], submitted: datetime, due: datetime | None = None) -> None:
+        """Put `requests` in the backlog, submitted at `submitted` (each a microsecond after the one before: their
+        order within one submission) and due by `due` (None: with the next batch), in one transaction. With `finish`
+        (which takes them out as they are applied) the only writer of the backlog; checking them against the lineage
+        is the caller's (`backlog.submit`). A request already queued is refused (LedgerError), nothing written."""
+        rows = [(r.hash, canonical_json(r.to_dict()), (submitted + timedelta(microseconds=k)).isoformat(),
+                 due.isoformat() if due else None) for k, r in enumerate(requests)]
+        try:
+            with self._transaction():
+                self.db.executemany("INSERT INTO backlog VALUES (?, ?, ?, ?)", rows)
+        except sqlite3.IntegrityError:
+            raise LedgerError("a request is already in the backlog (or given twice); nothing was queued") from None
+
     def begin(self, requests: Request | Sequence[Request], train: Sequence[Example], adapter: str | Path,
               out: str | Path) -> int:
         """Record `requests` — one, or several applied in order as one update — as pending: a row each (new, or a
