@@ -280,12 +280,13 @@ def test_a_request_that_empties_a_shard_drops_it(sharded, tmp_path):
         ShardedAdapter.read(tmp_path / "out")
 
 
-def test_a_holdout_gives_the_request_its_membership_test_as_the_folder_serves_it(sharded, tmp_path):
+def test_a_holdout_gives_the_request_its_membership_test_as_the_folder_serves_it(sharded, tmp_path, monkeypatch):
     """With a holdout, the report's evidence is the membership test of the removed examples against it before and
     after, each example scored by the shard the router sends it to (`sharded.membership`): the numbers are those of
-    scoring each example with that shard alone. A holdout that overlaps the training set is refused before any
-    work."""
-    from llmeraser.evidence import Comparison, HoldoutError, membership_scores
+    scoring each example with that shard alone. Before and after share one base-model load, and give exactly the
+    tests each folder gives on its own load. A holdout that overlaps the training set is refused before any work."""
+    from llmeraser import sharded as module
+    from llmeraser.evidence import Comparison, HoldoutError, membership_scores, report_entry
 
     root, train, recipe = sharded
     whole = ShardedAdapter.read(root / "in")
@@ -301,8 +302,16 @@ def test_a_holdout_gives_the_request_its_membership_test_as_the_folder_serves_it
         unlearn_sharded(root / "in", train, request, tmp_path / "x", base_model=recipe["base_model"],
                         holdout=[*holdout, train[0]])
     assert not (tmp_path / "x").exists()
+    loads = []  # the base-model loads of the sharded code (the rewinds' own are AdapterJob's)
+    monkeypatch.setattr(module, "_base_and_task", lambda *a: loads.append(a) or _base_and_task(*a))
     report = unlearn_sharded(root / "in", train, request, tmp_path / "out", base_model=recipe["base_model"],
                              holdout=holdout)
+    assert len(loads) == 1  # a removal leaves the router's rows as they were: the evidence's one load is all
+    # each folder's test alone, on its own load, is the report's: the same inputs, batches and arithmetic (the other
+    # folder's adapters sit inactive beside them and the routing embeds with every adapter off), so equal exactly
+    job = {"base_model": recipe["base_model"]}
+    alone = [module.membership([f], gone, holdout, job)[0] for f in (root / "in", tmp_path / "out")]
+    assert report["evidence"] == report_entry(*alone, holdout)
     proof = Comparison.from_dict(report["evidence"])
     assert report["evidence"]["status"] == "measured" and proof.before.n_members == len(gone) == 4
     assert json.loads((tmp_path / "out" / "report.json").read_text())["evidence"] == report["evidence"]

@@ -117,15 +117,20 @@ class ShardedAdapter:
         empty = self.partition.empty()
         return [k for k in range(len(self.names)) if k not in empty]
 
-    def load(self, base: torch.nn.Module):
-        """`base` with every shard's adapter loaded frozen, side by side under the shard names (peft's named
-        adapters; `set_adapter(name)` picks one)."""
+    def load(self, base: torch.nn.Module, *, prefix: str = ""):
+        """`base` with every shard's adapter loaded frozen, side by side under the shard names, each after `prefix`
+        (peft's named adapters; `set_adapter(name)` picks one). A `base` that is already a peft model (another
+        folder's shards, under another prefix) takes these beside its own: one base model serves both folders."""
+        from peft import PeftModel
+
         from llmeraser.params import check_adapter_dir, load_adapter
 
-        first, *rest = self.live
-        model = load_adapter(base, self.shard_dir(first), trainable=False, adapter_name=self.names[first])
+        model, rest = base, self.live
+        if not isinstance(base, PeftModel):
+            first, *rest = rest
+            model = load_adapter(base, self.shard_dir(first), trainable=False, adapter_name=prefix + self.names[first])
         for k in rest:
-            model.load_adapter(str(check_adapter_dir(self.shard_dir(k))), adapter_name=self.names[k],
+            model.load_adapter(str(check_adapter_dir(self.shard_dir(k))), adapter_name=prefix + self.names[k],
                                is_trainable=False)
         return model.eval()
 
@@ -328,7 +333,6 @@ def _unlearn_shards(folder, train: Sequence[Example], requests: list[Request], o
     # unknown ids, duplicates: the requests' own errors, before any work
     holdout = job.pop("holdout", None)
     request, members = _merged(requests, train, holdout)
-    before = None if holdout is None else membership(folder, members, holdout, job)
     touched = sorted({partition.shard(e.id) for e in request.edits})
     new_train = apply_request(train, request)
     emptied = {k for k in touched if not partition.members(k, new_train)}
@@ -364,7 +368,9 @@ def _unlearn_shards(folder, train: Sequence[Example], requests: list[Request], o
             "data_fields": sharded.manifest.get("data_fields"),
             "lineage": {"from": sharded.manifest["adapter_sha256"], "request_sha256": request.hash,
                         "requests_sha256": [r.hash for r in requests]}})
-        report["evidence"] = report_entry(before, before and membership(tmp, members, holdout, job), holdout)
+        # before and after on one base-model load, once the rewinds are done (`folder` is protected: still the input)
+        tests = (None, None) if holdout is None else membership([folder, tmp], members, holdout, job)
+        report["evidence"] = report_entry(*tests, holdout)
         atomic_write_json(tmp / "report.json", report)
         atomic_write_json(tmp / "requests.json", [r.to_dict() for r in requests])
     return report
@@ -379,26 +385,38 @@ def _merged(requests: list[Request], train: Sequence[Example], holdout) -> tuple
     return request, members
 
 
-def membership(folder: str | os.PathLike, members: Sequence[Example], holdout: Sequence[Example], job: dict):
-    """`evidence.membership_test` of `members` against `holdout` as the sharded adapter in `folder` serves them: each
-    example scored by the shard its router picks (after a removal, the router holds no row of the removed examples:
-    they go where the nearest remaining prompt is)."""
+def membership(folders: Sequence[str | os.PathLike], members: Sequence[Example], holdout: Sequence[Example],
+               job: dict) -> list:
+    """`evidence.membership_test` of `members` against `holdout` as each sharded adapter in `folders` serves them (a
+    request's before and after): each example scored by the shard its folder's router picks (after a removal, the
+    router holds no row of the removed examples: they go where the nearest remaining prompt is).
+
+    One base-model load for all: every folder's shards side by side on it (peft names prefixed by the folder's
+    place), each group embedded once (routing reads the base alone), only the picked shard active when an example is
+    scored, so each test is exactly the one its folder gives alone. The folders share one recipe (an output holds
+    rewinds and copies of its input's shards): the first folder's recording says how prompts are rendered."""
     from llmeraser.evidence import Scores, membership_scores, membership_test
     from llmeraser.record import TrainingRecord
 
-    sharded = ShardedAdapter.read(folder)
-    record = TrainingRecord.read(sharded.shard_dir(sharded.live[0]))
-    base, task = _base_and_task(job.get("base_model", "default"), job.get("dtype", "float32"),
-                                job.get("device", "auto"), record.length, record.rendering)
-    model, scores = sharded.load(base), []
-    for group in (members, holdout):
-        names, by_id = sharded.route(model, task, group), {}
-        for name in dict.fromkeys(names):
-            model.set_adapter(name)
-            s = membership_scores(model, task, [e for e, n in zip(group, names, strict=True) if n == name])
-            by_id |= {i: (loss, mink) for i, loss, mink in zip(s.ids, s.loss, s.min_k_pp, strict=True)}
-        scores.append(Scores(tuple(e.id for e in group), *(tuple(by_id[e.id][j] for e in group) for j in (0, 1))))
-    return membership_test(*scores)
+    folders = [ShardedAdapter.read(f) for f in folders]
+    record = TrainingRecord.read(folders[0].shard_dir(folders[0].live[0]))
+    model, task = _base_and_task(job.get("base_model", "default"), job.get("dtype", "float32"),
+                                 job.get("device", "auto"), record.length, record.rendering)
+    for v, sharded in enumerate(folders):
+        model = sharded.load(model, prefix=f"v{v}-")
+    groups = [(group, embed_prompts(model, task, group)) for group in (members, holdout)]
+    tests = []
+    for v, sharded in enumerate(folders):
+        router, scores = sharded.router(), []
+        for group, vectors in groups:
+            names, by_id = [f"v{v}-{sharded.names[k]}" for k in router.route(vectors).tolist()], {}
+            for name in dict.fromkeys(names):
+                model.set_adapter(name)
+                s = membership_scores(model, task, [e for e, n in zip(group, names, strict=True) if n == name])
+                by_id |= {i: (loss, mink) for i, loss, mink in zip(s.ids, s.loss, s.min_k_pp, strict=True)}
+            scores.append(Scores(tuple(e.id for e in group), *(tuple(by_id[e.id][j] for e in group) for j in (0, 1))))
+        tests.append(membership_test(*scores))
+    return tests
 
 
 def _router_after(sharded: ShardedAdapter, request: Request, new_train: Sequence[Example], job: dict) -> Router:
