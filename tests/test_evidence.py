@@ -15,6 +15,7 @@ from fixtures.tiny import tiny_lora_lm
 from llmeraser import evidence as ev
 from llmeraser import twosample as ts
 from llmeraser.data import Example, Message
+from llmeraser.errors import ConfigError
 from llmeraser.task import IGNORE_INDEX
 
 
@@ -297,9 +298,70 @@ def test_the_verdict_on_a_model_that_memorised_its_examples():
         opt.step()
     after = ev.evidence(model, task, members, holdout)
     assert before.verdict == ev.LIKE, before.table()
-    assert after.verdict == ev.MORE and after.score("loss").auc == 1.0, after.table()
+    # the raw scores separate perfectly; the calibrated ones (each minus the base model's score, which differs per
+    # example) need not, but memorised examples still stand far apart from the holdout
+    assert after.calibration == ev.CALIBRATED and after.raw_auc["loss"] == 1.0, after.table()
+    assert after.verdict == ev.MORE and after.score("loss").auc > 0.9, after.table()
     assert after.score("min_k_pp").auc > 0.9, after.table()
     assert "before: looks like the holdout; after: more familiar" in ev.Comparison(before, after).summary()
+
+
+def test_calibration_takes_out_how_hard_each_example_is():
+    """Members that are hard in themselves (the base model's loss 5) and a holdout that is easy (loss 2), both changed
+    alike by the fine-tune (the same draw of changes): the raw test calls the members less familiar, the test on each
+    example's change from the base model says they look like the holdout — and it is exactly the raw test of the
+    differences."""
+    m, n = 12, 30
+    change_m, change_h = samples(m, n, 5, shift=0.0)
+    mids, hids = tuple(f"m{i}" for i in range(m)), tuple(f"h{i}" for i in range(n))
+    ref_m = ev.Scores(mids, tuple(5.0 + 0.01 * i for i in range(m)), tuple(-5.0 + 0.01 * i for i in range(m)))
+    ref_h = ev.Scores(hids, tuple(2.0 + 0.01 * i for i in range(n)), tuple(-2.0 + 0.01 * i for i in range(n)))
+    now_m = ev.Scores(mids, tuple(a + c for a, c in zip(ref_m.loss, change_m, strict=True)),
+                      tuple(a - c for a, c in zip(ref_m.min_k_pp, change_m, strict=True)))
+    now_h = ev.Scores(hids, tuple(a + c for a, c in zip(ref_h.loss, change_h, strict=True)),
+                      tuple(a - c for a, c in zip(ref_h.min_k_pp, change_h, strict=True)))
+    raw = ev.membership_test(now_m, now_h)
+    calibrated = ev.membership_test(now_m, now_h, reference=(ref_m, ref_h))
+    assert raw.verdict == ev.LESS and raw.calibration == ev.UNCALIBRATED
+    assert calibrated.verdict == ev.LIKE and calibrated.calibration == ev.CALIBRATED
+    assert calibrated.raw_auc == {t.score: t.auc for t in raw.tests}
+    by_hand = ev.membership_test(now_m.calibrated(ref_m), now_h.calibrated(ref_h))
+    assert [t.auc for t in by_hand.tests] == [t.auc for t in calibrated.tests]
+    assert now_m.calibrated(ref_m).loss == pytest.approx(change_m, abs=1e-12)  # (5 + c) − 5: float rounding only
+    assert ev.MembershipTest.from_dict(calibrated.to_dict()) == calibrated
+    with pytest.raises(ConfigError):
+        now_m.calibrated(ref_h)  # other examples
+
+
+def test_reference_scores_are_the_base_model_and_leave_the_adapter_on():
+    """`references` scores under the adapters disabled: equal to the base model scored before LoRA was attached (its
+    own copy; float32 on the same CPU, so equal up to rounding of the same operations), and the adapter is on again
+    afterwards. A model without adapters has no reference."""
+    import copy
+
+    from llmeraser.task import CausalLMTask
+    from llmeraser.testing import tiny_llama, tiny_lora, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    base = tiny_llama(len(tok), hidden=16, dtype=torch.float32, init_std=0.3)
+    plain = copy.deepcopy(base)
+    model = tiny_lora(base, r=4)
+    with torch.no_grad():  # a non-zero adapter, so that the base and the adapted model differ
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    task = CausalLMTask(tok, max_length=24)
+    members, holdout = codes(4, 0), codes(12, 1, start=100)
+    adapted = ev.membership_scores(model, task, members)
+    ref = ev.references(model, task, members, holdout)
+    alone = ev.membership_scores(plain, task, members)
+    assert ref[0].loss == pytest.approx(alone.loss, rel=1e-5) and ref[0].min_k_pp == pytest.approx(alone.min_k_pp,
+                                                                                                   rel=1e-5, abs=1e-6)
+    assert max(abs(a - b) for a, b in zip(adapted.loss, alone.loss, strict=True)) > 1e-2
+    assert ev.membership_scores(model, task, members) == adapted
+    assert ev.references(plain, task, members, holdout) is None
+    uncalibrated = ev.evidence(model, task, members, holdout, calibrate=False)
+    assert uncalibrated.calibration == ev.UNCALIBRATED and uncalibrated.raw_auc is None
 
 
 # ----------------------------------------------------------------------------------------------- holdout checks

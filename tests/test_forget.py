@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerFast
 
 from llmeraser.data import Example, Message
 from llmeraser.errors import ConfigError, UserInputError
-from llmeraser.evidence import evidence
+from llmeraser.evidence import CALIBRATED, evidence
 from llmeraser.finetune import FinetuneArguments, finetune
 from llmeraser.params import ParamView
 from llmeraser.replay import PathArguments
@@ -266,15 +266,16 @@ def forgotten(memorised, method="npo", **args):
 @pytest.mark.parametrize("method", ["npo", "simnpo", "gradient-difference"])
 def test_the_unlearner_stops_when_the_forgotten_facts_look_like_the_holdout(memorised, method):
     """At θ̂ the 12 memorised facts are more familiar than the 40 unseen ones (the case is what it claims); the
-    unlearner stops at the first check whose interval holds 0.5, and the report's statistic is the one recomputed
-    here at the returned θ. The kept facts' loss moves far less than the forgotten ones' (measured: 0.64 against 2.5
-    for npo at the fine-tune's rate; nothing bounds it in theory, the assertion leaves a margin of 2)."""
+    unlearner stops at the first check where the calibrated loss AUC is at most 0.5 and the test says "looks like the
+    holdout", and the report's statistic is the one recomputed here at the returned θ. The kept facts' loss moves far
+    less than the forgotten ones' (nothing bounds it in theory; the assertion leaves a margin of 2)."""
     model, task, train, holdout, theta_hat = memorised
     update, report = forgotten(memorised, method)
     checks = report["stop"]["checks"]
-    assert checks[0]["verdict"] == MORE and checks[0]["auc"] > 0.95
-    assert report["stop"]["met"] and checks[-1]["verdict"] == LOOKS_LIKE
-    assert all(c["verdict"] != LOOKS_LIKE for c in checks[:-1])  # it stopped at the first that looked alike
+    assert checks[0]["verdict"] == MORE and checks[0]["auc"] > 0.9 and checks[0]["calibration"] == CALIBRATED
+    assert report["stop"]["met"] and checks[-1]["verdict"] == LOOKS_LIKE and checks[-1]["auc"] <= 0.5
+    # it stopped at the first check that met the rule
+    assert not any(c["verdict"] == LOOKS_LIKE and c["auc"] <= 0.5 for c in checks[:-1])
     theta = update.theta
     ParamView(model).set_vector(theta)
     # the report's test, recomputed at the returned θ: the same scores up to the batching's rounding, and an AUC is

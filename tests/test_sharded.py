@@ -286,7 +286,7 @@ def test_a_holdout_gives_the_request_its_membership_test_as_the_folder_serves_it
     scoring each example with that shard alone. Before and after share one base-model load, and give exactly the
     tests each folder gives on its own load. A holdout that overlaps the training set is refused before any work."""
     from llmeraser import sharded as module
-    from llmeraser.evidence import Comparison, HoldoutError, membership_scores, report_entry
+    from llmeraser.evidence import CALIBRATED, Comparison, HoldoutError, membership_scores, report_entry
 
     root, train, recipe = sharded
     whole = ShardedAdapter.read(root / "in")
@@ -322,5 +322,9 @@ def test_a_holdout_gives_the_request_its_membership_test_as_the_folder_serves_it
     assert whole.route(served, task, gone) == [own] * 4
     served.set_adapter(own)
     alone = membership_scores(served, task, gone)
+    with served.disable_adapter():  # the test is calibrated: each score minus the base model's
+        base = membership_scores(served, task, gone)
     # the same arithmetic on the same inputs, up to the batch it ran in (float32 rounding)
-    assert proof.before.score("loss").mean_members == pytest.approx(sum(alone.loss) / 4, rel=1e-5)
+    change = sum(a - b for a, b in zip(alone.loss, base.loss, strict=True)) / 4
+    assert proof.before.calibration == CALIBRATED
+    assert proof.before.score("loss").mean_members == pytest.approx(change, rel=1e-4, abs=1e-5)

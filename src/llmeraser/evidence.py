@@ -32,6 +32,14 @@ The test (`membership_test`), for each score oriented so that higher = more fami
 - resolution: the |AUC − 0.5| the test can tell from noise at these sizes (the normal null band's half-width), so
   "looks like the holdout" is read as "within ±resolution".
 
+Calibration (difficulty calibration, Watson et al., ICLR 2022): two groups of examples no model saw still differ —
+some facts are easier to guess than others — and a retrain, which never saw the forgotten examples, keeps that
+difference: on the people benchmark it finds two forgotten people at loss AUC 0.36 against four held-out ones, where the
+base model alone finds 0.35 (docs/evidence.md#calibration). So the test is taken on each example's score *minus its
+score under the base model* (the adapter disabled: `references`), which measures what the fine-tune did to the
+example; there unseen examples sit at AUC 0.5 whatever their difficulty (the retrain above: 0.53). `evidence`
+calibrates whenever the model has an adapter to disable; the uncalibrated AUCs stay in the record (`raw_auc`).
+
 `check_holdout` refuses a holdout the test cannot use: another format than the training data, ids (or contents) that
 are in the training set, or fewer examples than `min_holdout`: the smallest holdout for which the test can reach
 p < α / (number of scores) at all, i.e. when the sets are perfectly separated, where both the exact Mann–Whitney and
@@ -42,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from statistics import NormalDist
 
 import torch
@@ -59,6 +67,8 @@ SIGN = {"loss": -1.0, "min_k_pp": 1.0}  # the orientation that makes higher = mo
 LIKE = "looks like the holdout"
 MORE = "more familiar than the holdout (not forgotten)"
 LESS = "less familiar than the holdout (over-forgotten)"
+CALIBRATED = "calibrated by the base model"
+UNCALIBRATED = "uncalibrated"
 CHUNK = 1 << 24  # logits elements per slice of the vocabulary statistics (bounds the temporaries)
 
 
@@ -86,6 +96,14 @@ class Scores:
     @classmethod
     def from_dict(cls, d: dict) -> Scores:
         return cls(tuple(d["ids"]), tuple(d["loss"]), tuple(d["min_k_pp"]), d.get("k", MIN_K))
+
+    def calibrated(self, reference: Scores) -> Scores:
+        """Each score minus the same example's score under a reference model that saw none of them (the base model):
+        what the fine-tune did to the example, without how hard the example is in itself (difficulty calibration)."""
+        if reference.ids != self.ids or reference.k != self.k:
+            raise ConfigError("a reference's scores must be of the same examples, in the same order, with the same k")
+        return Scores(self.ids, *(tuple(a - b for a, b in zip(getattr(self, s), getattr(reference, s), strict=True))
+                                  for s in SCORES), self.k)
 
 
 def token_statistics(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -160,6 +178,18 @@ def membership_scores(model: torch.nn.Module, task: CausalLMTask, examples: Sequ
     return Scores(tuple(e.id for e in examples), tuple(loss), tuple(mink), k)
 
 
+def reference_scores(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Example], *, k: float = MIN_K,
+                     batch_size: int = 8) -> Scores | None:
+    """`membership_scores` under the base model — `model` with its adapters disabled (peft's `disable_adapter()`,
+    which every PEFT kind and a sharded folder's every shard honour) — or None for a model without adapters to
+    disable: the reference that calibrates the test (`membership_test(..., reference=)`)."""
+    disable = getattr(model, "disable_adapter", None)
+    if disable is None:
+        return None
+    with disable():
+        return membership_scores(model, task, examples, k=k, batch_size=batch_size)
+
+
 def min_holdout(n_members: int, alpha: float = ALPHA, n_scores: int = len(SCORES)) -> int:
     """The smallest holdout for which the test can say anything: the least n with 2 / C(m + n, m) < α / n_scores, the
     exact two-sided p-value (Mann–Whitney's and KS's alike) of m examples perfectly separated from n."""
@@ -207,16 +237,20 @@ class MembershipTest:
     tests: tuple[ScoreTest, ...]
     verdict: str
     k: float = MIN_K
+    calibration: str = UNCALIBRATED  # CALIBRATED: the scores are each example's change from the base model's
+    raw_auc: dict | None = None  # with calibration: each score's AUC before it (for the record)
 
     def to_dict(self) -> dict:
         return {"n_members": self.n_members, "n_holdout": self.n_holdout, "alpha": self.alpha, "k": self.k,
-                "resolution": self.resolution, "verdict": self.verdict,
+                "resolution": self.resolution, "verdict": self.verdict, "calibration": self.calibration,
+                "raw_auc": self.raw_auc,
                 "scores": {t.score: {**asdict(t), "ci": list(t.ci) if t.ci else None} for t in self.tests}}
 
     @classmethod
     def from_dict(cls, d: dict) -> MembershipTest:
         tests = tuple(ScoreTest(**{**t, "ci": tuple(t["ci"]) if t.get("ci") else None}) for t in d["scores"].values())
-        return cls(d["n_members"], d["n_holdout"], d["alpha"], d["resolution"], tests, d["verdict"], d.get("k", MIN_K))
+        return cls(d["n_members"], d["n_holdout"], d["alpha"], d["resolution"], tests, d["verdict"], d.get("k", MIN_K),
+                   d.get("calibration", UNCALIBRATED), d.get("raw_auc"))
 
     def score(self, name: str) -> ScoreTest:
         return next(t for t in self.tests if t.score == name)
@@ -224,8 +258,9 @@ class MembershipTest:
     def table(self) -> str:
         """The test as a text table, with how to read it."""
         head = (f"membership test: {self.n_members} examples against a holdout of {self.n_holdout} "
-                f"(α = {self.alpha:g}, {self.alpha / len(self.tests):g} per score)")
-        rows = [("score", "examples", "holdout", "AUC", "95% CI", "p(AUC=0.5)", "KS p", "verdict")]
+                f"(α = {self.alpha:g}, {self.alpha / len(self.tests):g} per score; {self.calibration})")
+        mean = "mean change" if self.calibration == CALIBRATED else "mean"
+        rows = [("score", f"examples {mean}", f"holdout {mean}", "AUC", "95% CI", "p(AUC=0.5)", "KS p", "verdict")]
         for t in self.tests:
             ci = f"[{t.ci[0]:.2f}, {t.ci[1]:.2f}]" if t.ci else "-"
             name = "loss" if t.score == "loss" else f"min-{self.k:.0%}++"
@@ -238,22 +273,41 @@ class MembershipTest:
                           f"indistinguishable. At these sizes the test sees |AUC − 0.5| ≥ {self.resolution:.2f}.)"])
 
 
+def references(model: torch.nn.Module, task: CausalLMTask, members: Sequence[Example], holdout: Sequence[Example], *,
+               k: float = MIN_K, batch_size: int = 8) -> tuple[Scores, Scores] | None:
+    """The base model's scores of `members` and `holdout` (`reference_scores`), computed once for every test of a
+    request (before, after, each stop-rule check); None for a model without adapters."""
+    pair = tuple(reference_scores(model, task, s, k=k, batch_size=batch_size) for s in (members, holdout))
+    return None if pair[0] is None else pair
+
+
 def evidence(model: torch.nn.Module, task: CausalLMTask, members: Sequence[Example], holdout: Sequence[Example], *,
-             k: float = MIN_K, batch_size: int = 8, alpha: float = ALPHA) -> MembershipTest:
-    """`membership_test` of `members` against `holdout` under `model` (scores by `membership_scores`); check the
-    holdout first (`check_holdout`)."""
+             k: float = MIN_K, batch_size: int = 8, alpha: float = ALPHA, calibrate: bool = True,
+             reference: tuple[Scores, Scores] | None = None) -> MembershipTest:
+    """`membership_test` of `members` against `holdout` under `model` (scores by `membership_scores`), calibrated by
+    the base model's scores (`reference`, else computed here by `references`) unless `calibrate` is False or the
+    model has no adapter. Check the holdout first (`check_holdout`)."""
+    if calibrate and reference is None:
+        reference = references(model, task, members, holdout, k=k, batch_size=batch_size)
     scores = [membership_scores(model, task, s, k=k, batch_size=batch_size) for s in (members, holdout)]
-    return membership_test(*scores, alpha=alpha)
+    return membership_test(*scores, alpha=alpha, reference=reference if calibrate else None)
 
 
 def _verdict(auc: float, p: float, level: float) -> str:
     return LIKE if p >= level else (MORE if auc > 0.5 else LESS)
 
 
-def membership_test(members: Scores, holdout: Scores, *, alpha: float = ALPHA) -> MembershipTest:
-    """The test of the examples' scores against the holdout's (see the module's docstring), every score at α / 2."""
+def membership_test(members: Scores, holdout: Scores, *, alpha: float = ALPHA,
+                    reference: tuple[Scores, Scores] | None = None) -> MembershipTest:
+    """The test of the examples' scores against the holdout's (see the module's docstring), every score at α / 2.
+    `reference`: the same examples' and holdout's scores under the base model: the test is then taken on each
+    example's change from it (`Scores.calibrated`), and the uncalibrated AUCs are kept beside it."""
     if not 0 < alpha < 1:
         raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
+    if reference is not None:
+        raw = membership_test(members, holdout, alpha=alpha)
+        test = membership_test(members.calibrated(reference[0]), holdout.calibrated(reference[1]), alpha=alpha)
+        return replace(test, calibration=CALIBRATED, raw_auc={t.score: t.auc for t in raw.tests})
     m, n = len(members.ids), len(holdout.ids)
     if min(m, n) < 1 or members.k != holdout.k:
         raise HoldoutError(f"the membership test needs examples and a holdout scored alike, got {m} and {n} scored "

@@ -395,7 +395,7 @@ def membership(folders: Sequence[str | os.PathLike], members: Sequence[Example],
     place), each group embedded once (routing reads the base alone), only the picked shard active when an example is
     scored, so each test is exactly the one its folder gives alone. The folders share one recipe (an output holds
     rewinds and copies of its input's shards): the first folder's recording says how prompts are rendered."""
-    from llmeraser.evidence import Scores, membership_scores, membership_test
+    from llmeraser.evidence import Scores, membership_scores, membership_test, references
     from llmeraser.record import TrainingRecord
 
     folders = [ShardedAdapter.read(f) for f in folders]
@@ -405,7 +405,7 @@ def membership(folders: Sequence[str | os.PathLike], members: Sequence[Example],
     for v, sharded in enumerate(folders):
         model = sharded.load(model, prefix=f"v{v}-")
     groups = [(group, embed_prompts(model, task, group)) for group in (members, holdout)]
-    tests = []
+    tests, reference = [], references(model, task, members, holdout)  # the base model's: every shard disabled
     for v, sharded in enumerate(folders):
         router, scores = sharded.router(), []
         for group, vectors in groups:
@@ -415,7 +415,7 @@ def membership(folders: Sequence[str | os.PathLike], members: Sequence[Example],
                 s = membership_scores(model, task, [e for e, n in zip(group, names, strict=True) if n == name])
                 by_id |= {i: (loss, mink) for i, loss, mink in zip(s.ids, s.loss, s.min_k_pp, strict=True)}
             scores.append(Scores(tuple(e.id for e in group), *(tuple(by_id[e.id][j] for e in group) for j in (0, 1))))
-        tests.append(membership_test(*scores))
+        tests.append(membership_test(*scores, reference=reference))
     return tests
 
 

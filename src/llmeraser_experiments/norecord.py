@@ -93,7 +93,8 @@ def evidence_entry(model: torch.nn.Module, task, members: Sequence[Example], hol
     loss, mink = test.score("loss"), test.score("min_k_pp")
     return {"loss_auc": loss.auc, "loss_p": loss.p_auc, "min_k_pp_auc": mink.auc, "min_k_pp_p": mink.p_auc,
             "verdict": test.verdict, "says": SHORT[test.verdict], "members": test.n_members,
-            "holdout": test.n_holdout, "resolution": test.resolution}
+            "holdout": test.n_holdout, "resolution": test.resolution, "calibration": test.calibration,
+            "raw_loss_auc": (test.raw_auc or {}).get("loss"), "raw_min_k_pp_auc": (test.raw_auc or {}).get("min_k_pp")}
 
 
 def add_gaps(rows: list[dict], reference: str = "retrain") -> None:
@@ -135,6 +136,7 @@ def goals(rows: list[dict], names: Sequence[str] = tuple(NORECORD), utility: str
     return out
 
 
-COLUMNS = (("evidence.loss_auc", "ev loss AUC", ".2f"), ("evidence.min_k_pp_auc", "ev min-k%++ AUC", ".2f"),
+COLUMNS = (("evidence.loss_auc", "ev loss AUC", ".2f"), ("evidence.raw_loss_auc", "ev loss AUC uncalibrated", ".2f"),
+           ("evidence.min_k_pp_auc", "ev min-k%++ AUC", ".2f"),
            ("evidence.says", "ev verdict", ""), ("evidence.gap", "|ΔAUC| vs retrain", ".2f"),
            ("steps", "steps", ".4g"), ("stop.met", "stop met", ""))

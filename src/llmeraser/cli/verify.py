@@ -15,6 +15,8 @@ min-k%++):
   more familiar than the holdout    the model still recognises the examples: not forgotten (or never unlearned)
   less familiar than the holdout    the examples now look stranger than unseen ones: over-forgotten, a trace of its
                                     own that erasure happened
+  scores are calibrated: each is the example's score minus its score under the base model alone (the adapter
+  disabled), i.e. what the fine-tune did to it (Watson et al. 2022); --uncalibrated tests the raw scores.
   AUC: the chance that an example looks more familiar than a holdout example (0.5 indistinguishable). The verdict is
   the Mann-Whitney test of AUC = 0.5 at alpha/2 per score (exact when small); the interval is DeLong's; KS p is the
   two-sample Kolmogorov-Smirnov p-value of the two score distributions (TOFU's forget-quality statistic).
@@ -61,6 +63,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     p.add_argument("--k", type=float, default=0.2, help="the fraction of lowest token scores min-k%%++ averages")
     p.add_argument("--alpha", type=float, default=0.05, help="the test's level (split over the two scores)")
+    p.add_argument("--uncalibrated", action="store_true",
+                   help="test the raw scores, not each example's change from the base model's score (calibration "
+                        "takes out how hard an example is in itself: without it, unseen examples of different "
+                        "difficulty can look more or less familiar than the holdout)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the test and every example's scores here")
     p.set_defaults(func=run)
     return p
@@ -103,7 +109,7 @@ def _examples(args: argparse.Namespace, data_fields):
 def run(args: argparse.Namespace) -> int:
     from llmeraser.data import DataFields
     from llmeraser.errors import ConfigError
-    from llmeraser.evidence import membership_scores, membership_test
+    from llmeraser.evidence import membership_scores, membership_test, references
     from llmeraser.io import atomic_write_json
     from llmeraser.models import load_base_model
     from llmeraser.params import check_adapter_dir, load_adapter
@@ -127,10 +133,14 @@ def run(args: argparse.Namespace) -> int:
     model = load_adapter(base, args.adapter, trainable=False) if args.adapter else base
     task = CausalLMTask(tokenizer, max_length=record.length, rendering=record.rendering)
     scores = [membership_scores(model, task, s, k=args.k, batch_size=args.batch_size) for s in (members, holdout)]
-    test = membership_test(*scores, alpha=args.alpha)
+    reference = None if args.uncalibrated else references(model, task, members, holdout, k=args.k,
+                                                          batch_size=args.batch_size)
+    test = membership_test(*scores, alpha=args.alpha, reference=reference)
     print(test.table())
     if args.json:
         atomic_write_json(args.json, {**test.to_dict(), "adapter": args.adapter, "holdout": args.holdout,
                                       "examples": args.data or args.request, "base_model": args.base_model,
-                                      "per_example": {"examples": scores[0].to_dict(), "holdout": scores[1].to_dict()}})
+                                      "per_example": {"examples": scores[0].to_dict(), "holdout": scores[1].to_dict()},
+                                      "base_model_scores": reference and {"examples": reference[0].to_dict(),
+                                                                          "holdout": reference[1].to_dict()}})
     return 0

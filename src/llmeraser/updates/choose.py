@@ -197,8 +197,8 @@ def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestConte
         unusable = check_holdout([old for old, _ in ctx.pairs], ctx.holdout, ctx.train, alpha)
         if unusable is None:
             return DEFAULT, (f"auto chose {DEFAULT}: {why_not}, and a holdout of {len(ctx.holdout)} examples was "
-                             f"given: {DEFAULT} on the forgotten examples with a retain term, stopped as soon as they "
-                             f"look like the holdout by the membership test")
+                             f"given: {DEFAULT} on the forgotten examples with a retain term, stopped once they are as "
+                             f"familiar as the holdout by the membership test (calibrated by the base model)")
         return "first-order", f"auto chose first-order: {why_not}, and the holdout cannot be used: {unusable}"
     edits, train = ctx.edits, ctx.train
     steps, first = first_edited_step(trajectory, train, set(edits))

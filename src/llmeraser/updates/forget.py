@@ -12,7 +12,8 @@ The retain term (weight `retain_weight`): the KL from the original adapter's nex
 one at the response positions of kept examples (0 with zero gradient at θ̂; computed by setting θ to θ̂ and back on
 each retain batch, so no vocabulary-sized tensor is kept), or their NLL (`retain="nll"`), plus the NLL of the
 corrected versions of `correct_response` / `modify_query` edits. The stop rule (`updates.stop.HoldoutStop`) ends the
-run as soon as the forget set looks like the holdout, and never past it.
+run once the forget set is as familiar as the holdout (calibrated loss AUC ≤ 0.5, the test saying neither side), and
+never past it.
 """
 
 from __future__ import annotations
@@ -253,7 +254,8 @@ class _Run:
         stop, stats = rule.check(model)
         history = [{"step": 0, **stats}]
         if stop and not self.args.min_steps:
-            return theta, _outcome(history, 0, True, "the forgotten examples already look like the holdout at θ̂")
+            return theta, _outcome(history, 0, True, "the forgotten examples are already as familiar as the holdout at "
+                                                     "θ̂")
         adam = Adam(AdamConfig(lr=knobs.lr), theta)
         bad = torch.zeros((), dtype=torch.bool, device=view.device)
         prev, best = (0, theta, stats), (rule.distance(stats), 0, theta)
@@ -269,7 +271,7 @@ class _Run:
             stop, stats = rule.check(model)
             history.append({"step": k, **stats})
             if stop and k >= self.args.min_steps:
-                said = f"the forgotten examples look like the holdout ({_says(stats)})"
+                said = f"the forgotten examples are as familiar as the holdout ({_says(stats)})"
                 return theta, _outcome(history, k, True, said)
             if rule.overshot(stats):
                 return self._bisect(rule, prev, (k, theta, stats), history)
@@ -331,6 +333,8 @@ def _says(stats: dict) -> str:
 
 def _outcome(history: list[dict], step: float, met: bool, why: str) -> dict:
     return {"stop": {"met": met, "why": why, "rule": "membership AUC of the forgotten examples against the holdout "
-                                                     "by response loss; stop when its interval holds 0.5",
+                                                     "by response loss, calibrated by the base model; stop at the "
+                                                     "first check with AUC ≤ 0.5 that the test calls 'looks like the "
+                                                     "holdout'",
                      "checks": history},
             "returned_step": step, "steps_taken": max(h["step"] for h in history)}

@@ -1,11 +1,12 @@
 """What the unlearners without a recording (`updates.forget`) are told, and when they stop: `ForgetArguments`, and the
 stop rule taken from evidence — a membership test of the forgotten examples against a holdout (examples of the same
-kind the adapter never saw) — instead of a fixed learning rate and epoch count (docs/forget.md).
+kind the adapter never saw), calibrated by the base model — instead of a fixed learning rate and epoch count
+(docs/forget.md).
 
 The stop rule is one small piece on purpose: `StopRule.check(model) → (stop, stats)`. `HoldoutStop` is the
 membership test every request's report holds (`llmeraser.evidence`: response loss and min-k%++ against the holdout,
-Mann–Whitney p-values, the verdict), so the unlearner stops where the report's evidence says "looks like the
-holdout", and no other statistic decides.
+Mann–Whitney p-values, the verdict), so the unlearner stops where the report's evidence has the forgotten examples
+as familiar as the holdout, and no other statistic decides.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import torch
 
 from llmeraser.data import Example
 from llmeraser.errors import ConfigError, UserInputError
-from llmeraser.evidence import ALPHA, LIKE, HoldoutError, membership_scores, membership_test
+from llmeraser.evidence import ALPHA, LIKE, HoldoutError, membership_scores, membership_test, references
 from llmeraser.evidence import LESS as EVIDENCE_LESS
 from llmeraser.evidence import MORE as EVIDENCE_MORE
 from llmeraser.evidence import check_holdout as evidence_check
 from llmeraser.task import IGNORE_INDEX, Task
 
 LOOKS_LIKE, MORE, LESS = LIKE, EVIDENCE_MORE, EVIDENCE_LESS  # the verdicts of `evidence.membership_test`
+TARGET = 0.5  # the loss AUC (calibrated) the stop rule runs to: a forgotten example as familiar as a held-out one
 
 
 @dataclass
@@ -54,9 +56,9 @@ class ForgetArguments:
         "help": "forget: steps between two checks of the stop rule; default such that the checks cost about as "
                 "much as the steps between them"})
     alpha: float = field(default=ALPHA, metadata={
-        "help": "forget: the stop rule's level: the unlearner stops as soon as the membership test against the "
-                "holdout cannot tell the forgotten examples from it at this level (the report's test, "
-                "docs/evidence.md)"})
+        "help": "forget: the stop rule's level: the unlearner runs until the forgotten examples' loss AUC against "
+                "the holdout (calibrated by the base model) is at most 0.5 while the report's membership test at this "
+                "level says neither side; a step the test calls over-forgotten is bisected back (docs/forget.md)"})
     min_steps: int = field(default=0, metadata={
         "help": "forget: steps taken before the stop rule may end the run (bench/device_check.py sets it so that the "
                 "loop runs on every device whatever the evidence)"})
@@ -114,29 +116,36 @@ class StopRule(Protocol):
 
 
 class HoldoutStop:
-    """Stop as soon as the forgotten examples look like the holdout by the membership test the report holds
-    (`evidence.membership_test`: the response loss and min-k%++, each by its Mann–Whitney p against AUC = 0.5 at
-    α / 2); with corrections, also only once the corrected versions' mean loss is below where it started (they are
-    being learned). Overshot: the test says the forgotten examples are now less familiar than the holdout.
+    """Stop once the forgotten examples have come as far as the holdout: the membership test the report holds
+    (`evidence.membership_test`, calibrated by the base model's scores, computed once at the first check) has the
+    response loss's AUC at or below 0.5 — on the point estimate, not merely "no longer significant", which at a few
+    dozen examples the first step already is (docs/forget.md#the-stop-rule) — while no score says either side
+    significantly (the verdict is "looks like the holdout"); with corrections, also only once the corrected versions'
+    mean loss is below where it started (they are being learned). Overshot: the test says the forgotten examples are
+    now less familiar than the holdout.
 
     Each check is a forward pass over the forgotten examples, the holdout and the corrected versions
     (`evidence.membership_scores`: on the model's device, one transfer per set at the end)."""
 
     def __init__(self, task: Task, members: Sequence[Example], holdout: Sequence[Example],
                  corrected: Sequence[Example] = (), *, alpha: float = ALPHA, batch_size: int = 8,
-                 train: Sequence[Example] | None = None):
+                 train: Sequence[Example] | None = None, calibrate: bool = True):
         why = check_holdout(members, holdout, train, alpha)
         if why is not None:
             raise UserInputError(f"the forget stop rule cannot run: {why}")
-        self.task, self.alpha, self.batch_size = task, alpha, batch_size
+        self.task, self.alpha, self.batch_size, self.calibrate = task, alpha, batch_size, calibrate
         self.sets = (list(members), list(holdout), list(corrected))
         self.corrected_start: float | None = None
+        self.reference: tuple | None = None
 
     def check(self, model: torch.nn.Module) -> tuple[bool, dict]:
+        if self.calibrate and self.reference is None:
+            self.reference = references(model, self.task, *self.sets[:2], batch_size=self.batch_size)
         members, holdout, corrected = (membership_scores(model, self.task, s, batch_size=self.batch_size) if s
                                        else None for s in self.sets)
-        test = membership_test(members, holdout, alpha=self.alpha)
-        stats = {"verdict": test.verdict, "members": test.n_members, "holdout": test.n_holdout}
+        test = membership_test(members, holdout, alpha=self.alpha, reference=self.reference)
+        stats = {"verdict": test.verdict, "members": test.n_members, "holdout": test.n_holdout,
+                 "calibration": test.calibration}
         for t in test.tests:
             tag = "" if t.score == "loss" else f"_{t.score}"
             stats |= {f"auc{tag}": t.auc, f"p{tag}": t.p_auc}
@@ -148,11 +157,11 @@ class HoldoutStop:
                 self.corrected_start = loss
             learned = loss < self.corrected_start
             stats |= {"corrected_loss": loss}
-        return stats["verdict"] == LOOKS_LIKE and learned, stats
+        return stats["auc"] <= TARGET and stats["verdict"] == LOOKS_LIKE and learned, stats
 
     def distance(self, stats: dict) -> float:
-        """How far the forgotten examples are from looking like the holdout: the larger |AUC − 0.5| of the scores."""
-        return max(abs(stats["auc"] - 0.5), abs(stats["auc_min_k_pp"] - 0.5))
+        """How far the forgotten examples are from the target: |loss AUC − 0.5|."""
+        return abs(stats["auc"] - TARGET)
 
     def overshot(self, stats: dict) -> bool:
         return stats["verdict"] == LESS
