@@ -1,6 +1,7 @@
 """Weighted aggregation of a sharded adapter's shards (`serving.mixture`, APA-style): the model computes with
 W + Σ_k w_k ΔW_k, checked against the base model with the weighted LoRA updates merged into its weights by hand;
-one-hot weights are the single shard exactly; `evaluate_sharded(aggregate="weighted")` answers each example so."""
+one-hot weights are the single shard exactly; `row_mixture` gives each row of one batch its own weights, as `mixture`
+gives one query; `evaluate_sharded(aggregate="weighted")` answers each example so, in batches."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from fixtures.tiny import save_tiny_base
 from llmeraser.errors import ConfigError
 from llmeraser.finetune import FinetuneArguments
 from llmeraser.record import LoraSettings
-from llmeraser.serving import evaluate_sharded, mixture
+from llmeraser.serving import evaluate_sharded, mixture, row_mixture
 from llmeraser.sharded import ShardedAdapter, _base_and_task, finetune_sharded
 from llmeraser.testing import fact_examples
 
@@ -91,7 +92,8 @@ def test_weighted_evaluation_answers_each_example_with_its_own_mixture(sharded, 
     for e in train[:4]:
         with mixture(model, weights[e.id]):
             alone = evaluate(model, task, [e])["losses"][e.id]
-        assert alone == pytest.approx(result["losses"][e.id], rel=1e-5)  # one example, same arithmetic
+        # the same function, batched (8 rows, padded) against alone: float32 rounding only (see ROUNDING below)
+        assert alone == pytest.approx(result["losses"][e.id], rel=1e-5)
     save_examples(train, tmp_path / "d.jsonl")
     argv = ["evaluate", "--base-model", str(root / "base"), "--data", str(tmp_path / "d.jsonl"), "--quiet"]
     assert main([*argv, "--adapter", str(root / "in"), "--aggregate", "weighted", "--out",
@@ -109,3 +111,92 @@ def test_dora_is_refused(sharded):
     model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ConfigError, match="not linear in their scale"), mixture(model, {"default": 0.5}):
         pass
+
+
+# ROUNDING: a row of a batched row mixture and the same query alone under `mixture` compute the same function of the
+# same weights; they differ only by float32 rounding: the hook rounds (B A x)·w then ·s where `mixture` multiplies by
+# the one float s·w (a relative 2⁻²⁴ per element), and a padded batch of several rows may sum its matrix products in
+# another order than one row does (a few ulps of each sum). Through the tiny model that stays near 3·10⁻⁷ of
+# the logits' scale, so 10⁻⁵ of it bounds the difference with room and would still catch a wrong weight (the
+# shards' updates differ by far more: see the last assertion of the first test).
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def queries(train):
+    """Six queries of different lengths (a batch of them is right-padded) and their weights: mixed and one-hot rows."""
+    rows = train[:4] + [dataclasses.replace(train[4], prompt=train[4].prompt + " and the green one, too?"), train[5]]
+    weights = torch.tensor([[0.2, 0.5, 0.3], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.0, 0.4], [0.0, 0.0, 1.0],
+                            [1 / 3, 1 / 3, 1 / 3]])
+    return rows, weights
+
+
+def test_each_row_of_a_batch_gets_its_own_mixture(sharded):
+    root, train = sharded
+    whole, model, _, task = loaded(root)
+    rows, weights = queries(train)
+    batch = task.collate(rows)
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # padded: the rows have different lengths
+    with torch.no_grad(), row_mixture(model, whole.names) as weigh, weigh(weights):
+        batched = task.forward(model, batch)
+    for i, (e, w) in enumerate(zip(rows, weights.tolist(), strict=True)):
+        with torch.no_grad(), mixture(model, dict(zip(whole.names, w, strict=True))):
+            alone = task.forward(model, task.collate([e]))
+        assert close(batched[i], alone[0]), i
+        if max(w) == 1.0:  # one-hot: the single shard, alone
+            model.set_adapter(whole.names[w.index(1.0)])
+            with torch.no_grad():
+                assert close(batched[i], task.forward(model, task.collate([e]))[0]), i
+    for k, name in enumerate(whole.names):  # every row one-hot on one shard: that shard's own batch, bit for bit
+        model.set_adapter(name)  # (×1.0 and + 0.0·update are exact, and the batch is the same)
+        with torch.no_grad():
+            single = task.forward(model, batch)
+            with row_mixture(model, whole.names) as weigh, weigh(torch.eye(3)[[k] * len(rows)]):
+                assert torch.equal(task.forward(model, batch), single)
+
+
+def state(model):
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    return ([(dict(m.scaling), list(m.active_adapters)) for m in layers],
+            [(n, q.requires_grad) for n, q in model.named_parameters()],
+            sum(len(b._forward_hooks) for m in layers for b in m.lora_B.values()))
+
+
+def test_the_row_mixture_restores_the_model_also_after_an_error(sharded):
+    root, train = sharded
+    whole, model, _, task = loaded(root)
+    model.set_adapter(whole.names[1])
+    before, batch = state(model), task.collate(train[:3])
+    with torch.no_grad():
+        reference = task.forward(model, batch)
+        with row_mixture(model, whole.names) as weigh:
+            assert state(model)[2] == len(before[0]) * 3  # a hook per LoRA layer and shard
+            with pytest.raises(ConfigError, match="outside"):
+                task.forward(model, batch)
+            with pytest.raises(ConfigError, match="2 weight rows for a batch of 3"), weigh(torch.ones(2, 3) / 3):
+                task.forward(model, batch)
+            with pytest.raises(ConfigError, match=r"must be \(batch, 3\)"), weigh(torch.ones(3, 2)):
+                pass
+        assert state(model) == before
+        with pytest.raises(RuntimeError, match="boom"), row_mixture(model, whole.names) as weigh, weigh(
+                torch.ones(3, 3) / 3):
+            task.forward(model, batch)
+            raise RuntimeError("boom")
+        assert state(model) == before
+        assert torch.equal(task.forward(model, batch), reference)
+        with pytest.raises(ConfigError), mixture(model, dict.fromkeys(whole.names, 0.5)):
+            raise ConfigError("inside")
+        assert state(model) == before
+
+
+def test_weighted_evaluation_in_batches_equals_one_query_at_a_time(sharded):
+    root, train = sharded
+    rows, _ = queries(train)
+    common = {"base_model": str(root / "base"), "device": "cpu", "aggregate": "weighted", "temperature": 0.5}
+    one = evaluate_sharded(root / "in", rows + train, batch_size=1, **common)
+    four = evaluate_sharded(root / "in", rows + train, batch_size=4, **common)
+    assert four["routing"] == one["routing"]  # the router does not depend on the batch size
+    for key in ("losses", "p_yes"):  # float32 rounding only (ROUNDING above); loss, accuracy and AUC follow from them
+        assert four[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6)

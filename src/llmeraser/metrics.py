@@ -173,7 +173,8 @@ def yes_no_probabilities(model: torch.nn.Module, task: CausalLMTask, examples: S
 
 def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Example], *, batch_size: int = 8,
              yes: str = YES, no: str = NO, progress: bool = False, adapters: Sequence[Hashable] | None = None,
-             activate: Callable[[Hashable], contextlib.AbstractContextManager] | None = None) -> dict:
+             activate: Callable[[Hashable], contextlib.AbstractContextManager] | None = None,
+             each_batch: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None = None) -> dict:
     """Response loss of each example and, for a yes/no task, AUC and accuracy.
 
     Args:
@@ -188,6 +189,9 @@ def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Exam
             `activate` puts in place for them (`serving.mixture`: the shards weighted).
         activate: setting → a context manager within which the model answers as that setting says (default: the
             named adapter made active).
+        each_batch: rows → a context manager around the forward pass of each batch, `rows` the indices (into
+            `examples`, on the model's device) of its rows in order: a setting per row within one batch
+            (`serving.row_mixture`: each query its own shard weights).
 
     Returns:
         ``{"n", "loss" (mean response NLL), "losses" ({id: loss})}``; when every response is `yes` or `no`, also
@@ -216,7 +220,8 @@ def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Exam
     with _EvalMode(model):
         for name, members in groups.items():
             with contextlib.nullcontext() if name is None else (activate or _named(model))(name):
-                _evaluate_group(model, task, examples, members, batch_size, binary, (yes_id, no_id), loss, p, bar)
+                _evaluate_group(model, task, examples, members, batch_size, binary, (yes_id, no_id), loss, p, bar,
+                                each_batch)
     bar.close()
     loss, p = loss.cpu(), p.cpu()
     out: dict = {"n": len(examples), "loss": loss.mean().item(),
@@ -244,7 +249,8 @@ def _named(model: torch.nn.Module) -> Callable[[str], contextlib.AbstractContext
 
 
 def _evaluate_group(model, task: CausalLMTask, examples: Sequence[Example], members: list[int], batch_size: int,
-                    binary: bool, answers: tuple[int, int], loss: torch.Tensor, p: torch.Tensor, bar) -> None:
+                    binary: bool, answers: tuple[int, int], loss: torch.Tensor, p: torch.Tensor, bar,
+                    each_batch: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None = None) -> None:
     """`evaluate`'s forward passes over `members`, written into `loss` and `p` (on the model's device)."""
     device, (yes_id, no_id) = loss.device, answers
     # Batches of similar length waste less compute on padding; results go back to the examples' order.
@@ -252,7 +258,8 @@ def _evaluate_group(model, task: CausalLMTask, examples: Sequence[Example], memb
     for start in range(0, len(order), batch_size):
         idx = torch.tensor(order[start : start + batch_size], device=device)
         batch = _to_device(task.collate([examples[i] for i in order[start : start + batch_size]]), model)
-        logits = task.forward(model, batch)  # (batch, k, vocab)
+        with contextlib.nullcontext() if each_batch is None else each_batch(idx):
+            logits = task.forward(model, batch)  # (batch, k, vocab)
         loss[idx] = task.loss(logits, batch).double().to(device)
         if binary:  # the prompt ends at the same position whatever the answer
             z = _prompt_end_logits(logits, batch).double()

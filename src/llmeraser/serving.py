@@ -12,14 +12,16 @@
   kinds (refused, naming the layer). A removal stays exact: the retrained shards hold nothing of the removed
   examples, and the router's weights come from the remaining prompts only.
 
-A weighted query runs alone (its weights are its own), so weighted evaluation makes one forward pass per example.
+Weighted queries are batched (`row_mixture`): every shard's adapter is active and a forward hook on each shard's
+`lora_B` multiplies its output by the row's weight, so row i of one forward pass computes W x_i + Σ_k w_{i,k} s_k
+B_k A_k x_i — each query its own weights, `batch_size` queries per pass; `mixture` is the one-weight-vector form.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -50,24 +52,84 @@ def _lora_layers(model: torch.nn.Module, names: Sequence[str]) -> list:
 
 
 @contextlib.contextmanager
+def _restored(layers: list) -> Iterator[list]:
+    """Within the block the layers may be changed (scales, active adapters, which parameters need grad, hooks put in
+    the list it yields); on exit, exception or not, the hooks are removed and the rest is put back as it was."""
+    saved = [(layer, dict(layer.scaling), list(layer.active_adapters),
+              [(q, q.requires_grad) for q in layer.parameters()]) for layer in layers]
+    hooks: list = []
+    try:
+        yield hooks
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer, scaling, active, grads in saved:
+            layer.scaling.clear()
+            layer.scaling.update(scaling)
+            layer.set_adapter(active)
+            for q, needs in grads:
+                q.requires_grad_(needs)
+
+
+@contextlib.contextmanager
 def mixture(model: torch.nn.Module, weights: dict[str, float]) -> Iterator[None]:
     """Within the block, every adapter in `weights` is active with its LoRA scale multiplied by its weight: the model
     computes with W + Σ_k w_k ΔW_k. The scales and the active adapter are restored on exit."""
     names = list(weights)
     layers = _lora_layers(model, names)
-    saved = [(layer, dict(layer.scaling), list(layer.active_adapters)) for layer in layers]
-    try:
+    with _restored(layers):
         for layer in layers:
             held = [n for n in names if n in layer.scaling]
             for n in held:
                 layer.scaling[n] = layer.scaling[n] * weights[n]
-            layer.set_adapter(held)
+            layer.set_adapter(held, inference_mode=True)
         yield
-    finally:
-        for layer, scaling, active in saved:
-            layer.scaling.clear()
-            layer.scaling.update(scaling)
-            layer.set_adapter(active)
+
+
+@contextlib.contextmanager
+def row_mixture(model: torch.nn.Module, names: Sequence[str]
+                ) -> Iterator[Callable[[torch.Tensor], contextlib.AbstractContextManager]]:
+    """`mixture` with a weight vector per batch row. Yields `weigh`: within `weigh(w)`, w a (batch, len(names))
+    tensor on the model's device, row i of a forward pass computes with W + Σ_k w[i, k] ΔW_k.
+
+    Every named adapter is active at its own scale, and a forward hook on its `lora_B` in each layer multiplies that
+    output by w[:, k] (batch is dim 0): peft's LoRA forward adds lora_B(lora_A(dropout(x))) · s_k per active adapter,
+    so the hook makes it w[i, k] s_k B_k A_k x_i, row by row. A merged layer (its update already in W, the hooks never
+    run) or a LoRA embedding (no `lora_B` module) is refused; hooks, scales, active adapters and grad flags are
+    restored on exit, also on an exception."""
+    names = list(names)
+    layers = _lora_layers(model, names)
+    current: list[torch.Tensor] = []
+
+    def scaled(k: int) -> Callable:
+        def hook(module, args, output: torch.Tensor) -> torch.Tensor:
+            if not current:
+                raise ConfigError("row_mixture: a forward pass outside `weigh(weights)` has no weights for its rows")
+            w = current[0]
+            if w.shape[0] != output.shape[0]:
+                raise ConfigError(f"row_mixture: {w.shape[0]} weight rows for a batch of {output.shape[0]}")
+            return output * w[:, k].to(output.dtype).reshape(-1, *[1] * (output.dim() - 1))
+        return hook
+
+    @contextlib.contextmanager
+    def weigh(weights: torch.Tensor) -> Iterator[None]:
+        if weights.dim() != 2 or weights.shape[1] != len(names):
+            raise ConfigError(f"row_mixture: weights must be (batch, {len(names)}), got {tuple(weights.shape)}")
+        current.append(weights)
+        try:
+            yield
+        finally:
+            current.clear()
+
+    with _restored(layers) as hooks:
+        for layer in layers:
+            held = [n for n in names if n in layer.scaling]
+            if layer.merged or any(n not in layer.lora_B for n in held):
+                raise ConfigError(f"row_mixture needs unmerged LoRA layers with a lora_B module, which "
+                                  f"{type(layer).__name__} ({'merged' if layer.merged else 'an embedding'}) is not")
+            hooks.extend(layer.lora_B[n].register_forward_hook(scaled(names.index(n))) for n in held)
+            layer.set_adapter(held, inference_mode=True)
+        yield weigh
 
 
 def evaluate_sharded(folder: str | os.PathLike, data: Sequence[Example], *, base_model: str = "default",
@@ -99,9 +161,10 @@ def evaluate_sharded(folder: str | os.PathLike, data: Sequence[Example], *, base
         return evaluate(model, task, data, batch_size=batch_size, progress=progress, adapters=top) | {
             "routing": routing}
     live = [sharded.names[k] for k in sharded.live]
-    rows = router.weights(queries, temperature)[:, sharded.live].tolist()  # one transfer: the weights are few
-    settings = [tuple(zip(live, row, strict=True)) for row in rows]
-    out = evaluate(model, task, data, batch_size=1, progress=progress, adapters=settings,
-                   activate=lambda setting: mixture(model, dict(setting)))
-    routing["weights"] = {e.id: dict(s) for e, s in zip(data, settings, strict=True)}
+    weights = router.weights(queries, temperature)[:, sharded.live]  # (n, live) on the model's device
+    with row_mixture(model, live) as weigh:
+        out = evaluate(model, task, data, batch_size=batch_size, progress=progress,
+                       each_batch=lambda rows: weigh(weights[rows]))
+    routing["weights"] = {e.id: dict(zip(live, row, strict=True))
+                          for e, row in zip(data, weights.tolist(), strict=True)}  # one transfer, at the end
     return out | {"routing": routing}
