@@ -200,3 +200,11 @@ def test_weighted_evaluation_in_batches_equals_one_query_at_a_time(sharded):
     assert four["routing"] == one["routing"]  # the router does not depend on the batch size
     for key in ("losses", "p_yes"):  # float32 rounding only (ROUNDING above); loss, accuracy and AUC follow from them
         assert four[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6)
+
+
+def test_a_merged_adapter_is_refused(sharded):
+    root, _ = sharded
+    whole, model, _, _ = loaded(root)
+    model.merge_adapter([whole.names[0]])  # its update is in W: a hook on its lora_B would never run
+    with pytest.raises(ConfigError, match="merged"), row_mixture(model, whole.names):
+        pass
