@@ -82,7 +82,7 @@ def mixture(model: torch.nn.Module, weights: dict[str, float]) -> Iterator[None]
             held = [n for n in names if n in layer.scaling]
             for n in held:
                 layer.scaling[n] = layer.scaling[n] * weights[n]
-            layer.set_adapter(held, inference_mode=True)
+            layer.set_adapter(held)  # (its grad flags are put back on exit: peft < 0.18 has no inference_mode)
         yield
 
 
@@ -128,7 +128,7 @@ def row_mixture(model: torch.nn.Module, names: Sequence[str]
                 raise ConfigError(f"row_mixture needs unmerged LoRA layers with a lora_B module, which "
                                   f"{type(layer).__name__} ({'merged' if layer.merged else 'an embedding'}) is not")
             hooks.extend(layer.lora_B[n].register_forward_hook(scaled(names.index(n))) for n in held)
-            layer.set_adapter(held, inference_mode=True)
+            layer.set_adapter(held)  # (its grad flags are put back on exit: peft < 0.18 has no inference_mode)
         yield weigh
 
 
