@@ -38,6 +38,7 @@ from llmeraser.updates.stop import (
     MORE,
     ForgetArguments,
     HoldoutStop,
+    token_floor,
     token_nll,
 )
 
@@ -138,6 +139,49 @@ def test_npo_at_the_reference_is_2_over_beta_log_2_with_gradient_ascent_on_the_s
     assert not torch.allclose(ours, torch.full_like(ours, 2 / beta * math.log(2)))  # moved off the reference
     assert torch.allclose(ours, closed, rtol=1e-10)
     assert torch.allclose(grad(ours.sum(), model), grad(closed.sum(), model), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("normalization", ["example", "token"])
+def test_the_token_floor_caps_each_token_at_the_base_models_nll(normalization):
+    """With the floor, −log π(y|x) is Σ_t min(NLL_θ,t, NLL_base,t): checked against both NLLs gathered per token on the
+    full logits (the adapter on, then disabled), value and gradient (a token past its floor adds nothing). A floor of
+    +inf is the unfloored objective; a floor of 0 leaves nothing to gain (value and gradient 0). float64 throughout:
+    agreement to rounding."""
+    model, task, examples = tiny_lora_lm(5)
+    if normalization == "token":
+        task = CausalLMTask(task.tokenizer, max_length=24, rendering=Rendering(normalization="token"))
+        task.calibrate(examples)
+    view = ParamView(model)  # move off θ̂ so the adapter changes the NLLs (LoRA's B starts at 0)
+    view.set_vector(view.vector() + 0.3 * torch.randn(view.dim, generator=torch.Generator().manual_seed(2),
+                                                     dtype=torch.float64))
+    batch = task.collate(examples)
+    floor = token_floor(task, model, batch)
+    assert floor is not None and not floor.requires_grad
+    full = task.collate(examples)
+    logits = model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits[:, :-1]
+    with model.disable_adapter():
+        base_logits = model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits[:, :-1]
+    labels = full["labels"][:, 1:]
+    valid = labels != IGNORE_INDEX
+
+    def nll(z):
+        return -F.log_softmax(z, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * valid
+
+    capped = torch.minimum(nll(logits), nll(base_logits).detach())
+    assert bool(((nll(logits) > nll(base_logits)) & valid).any())  # some token is past its floor: the cap bites
+    loss, mean, total, _ = token_nll(task, model, batch, floor)
+    assert torch.allclose(total, capped.sum(1), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(mean, capped.sum(1) / valid.sum(1), rtol=1e-10, atol=1e-12)
+    divisor = task.token_scale if normalization == "token" else valid.sum(1)
+    assert torch.allclose(loss, capped.sum(1) / divisor, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(grad(total.sum(), model), grad(capped.sum(), model), rtol=1e-8, atol=1e-12)
+    plain = token_nll(task, model, batch)
+    inf = token_nll(task, model, batch, torch.full_like(floor, math.inf))
+    for a, b in zip(plain[:3], inf[:3], strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    zero = token_nll(task, model, batch, torch.zeros_like(floor))[2]
+    assert torch.equal(zero, torch.zeros_like(zero)) and not grad(zero.sum(), model).any()
+    assert token_floor(task, torch.nn.Identity(), batch) is None  # nothing to disable: no floor
 
 
 @pytest.mark.parametrize("normalization", ["example", "token"])

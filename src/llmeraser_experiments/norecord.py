@@ -28,7 +28,9 @@ from llmeraser.updates.stop import ForgetArguments
 
 NORECORD = {"npo/stop": ("npo", {}), "simnpo/stop": ("simnpo", {}),
             "gradient-difference/stop": ("gradient-difference", {}),
-            "npo/stop:b0.5-rw3": ("npo", {"beta": 0.5, "retain_weight": 3.0})}
+            "npo/stop:b0.5-rw3": ("npo", {"beta": 0.5, "retain_weight": 3.0}),
+            "npo/stop:lr2e-4": ("npo", {"lr": 2e-4}), "simnpo/stop:lr2e-4": ("simnpo", {"lr": 2e-4}),
+            "gradient-difference/stop:lr2e-4": ("gradient-difference", {"lr": 2e-4})}
 GAP = 0.05  # the goal: every row's membership AUC within this of the retrain's own (issue 28)
 SHORT = {LIKE: "like", MORE: "more", LESS: "less"}
 GOALS = {"forget_quality": 0.05, "utility_vs_retrain": 0.95, "time_ratio": 0.2}

@@ -36,7 +36,7 @@ from llmeraser.replay import KEPT_CHECK, KEPT_RISE_WARNING, path_update
 from llmeraser.task import IGNORE_INDEX, per_example_loss
 from llmeraser.trajectory import Adam, AdamConfig
 from llmeraser.updates.base import RequestContext, UnlearnOptions, register
-from llmeraser.updates.stop import ForgetArguments, HoldoutStop, StopRule, token_nll
+from llmeraser.updates.stop import ForgetArguments, HoldoutStop, StopRule, token_floor, token_nll
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,8 @@ def forget(ctx: RequestContext, options: UnlearnOptions, objective: str) -> Upda
     try:
         run = _Run(ctx, args, knobs, objective, view, members, kept)
         theta, report = run.loop(rule)
+        report["token_floor"] = ("the base model's NLL of each token" if run.floored else
+                                 "none" if args.floor == "none" else "none (the model has no adapter to disable)")
         kept_check = kept_losses(ctx, kept, theta_hat, theta, view, knobs.batch_size)
     finally:
         view.set_vector(theta_hat)
@@ -203,14 +205,17 @@ class _Run:
         self.ctx, self.args, self.knobs, self.objective, self.view = ctx, args, knobs, objective, view
         self.theta_hat = view.vector()
         task, b, new = ctx.task, knobs.batch_size, ctx.edits
-        self.forget = []  # (forget batch, its NPO reference −log π_ref on the device, its corrections' batch)
+        # (forget batch, its NPO reference −log π_ref, its token floor (the base model's NLLs), its corrections' batch)
+        self.forget = []
         for i in range(0, len(members), b):
             chunk = members[i:i + b]
             batch = task.collate(chunk)
+            floor = token_floor(task, ctx.model, batch) if args.floor == "base" else None
             with torch.no_grad():
-                reference = token_nll(task, ctx.model, batch)[2] if objective == "npo" else None
+                reference = token_nll(task, ctx.model, batch, floor)[2] if objective == "npo" else None
             fixes = [new[e.id] for e in chunk if new[e.id] is not None]
-            self.forget.append((batch, reference, task.collate(fixes) if fixes else None))
+            self.forget.append((batch, reference, floor, task.collate(fixes) if fixes else None))
+        self.floored = all(f[2] is not None for f in self.forget)
         order = list(range(len(kept)))
         random.Random(args.seed).shuffle(order)  # host: which kept examples each step's retain batch holds
         self.kept = [kept[i] for i in order]
@@ -226,7 +231,7 @@ class _Run:
         """∇ of step k's objective at θ: the forget batch's mean objective, plus retain_weight × (the retain
         batch's mean KL to θ̂ (or NLL), and the corrected versions' mean loss)."""
         model, task, args, view = self.ctx.model, self.ctx.task, self.args, self.view
-        batch, reference, fixes = self.forget[k % len(self.forget)]
+        batch, reference, floor, fixes = self.forget[k % len(self.forget)]
         retain = self.retain_batch(k) if args.retain_weight else None
         ref_logp = None
         if retain is not None and args.retain == "kl":
@@ -234,7 +239,7 @@ class _Run:
             with torch.no_grad():
                 ref_logp = F.log_softmax(_wide(task.forward(model, retain)), dim=-1)
         view.set_vector(theta)
-        loss, mean, total = token_nll(task, model, batch)[:3]
+        loss, mean, total = token_nll(task, model, batch, floor)[:3]
         objective = forget_loss(self.objective, loss, mean, total, reference, args.beta, args.gamma).mean()
         if fixes is not None:
             objective = objective + args.retain_weight * task.loss(task.forward(model, fixes), fixes).mean()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from llmeraser.data import Example
 from llmeraser.errors import ConfigError, UserInputError
@@ -65,6 +66,12 @@ class ForgetArguments:
     bisect: int = field(default=6, metadata={
         "help": "forget: when a step overshoots (the forgotten examples look less familiar than the holdout), "
                 "evaluations on the segment back to the previous check to find the point that looks like it"})
+    floor: str = field(default="base", metadata={
+        "help": "forget: base (default): each token of a forgotten example counts toward the forget objective only up "
+                "to the base model's NLL of it (the adapter disabled), so the objective cannot be lowered by making a "
+                "token less likely than a model that never saw the example finds it — the shortcut sequence-level "
+                "objectives take otherwise (breaking a name token all of a person's facts share while the facts stay; "
+                "docs/forget.md#the-token-floor); none: the papers' objectives as written"})
     seed: int = field(default=0, metadata={"help": "forget: seed of the kept examples' order in the retain term"})
 
     def __post_init__(self) -> None:
@@ -82,6 +89,8 @@ class ForgetArguments:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or v < 1):
                 raise ConfigError(f"forget {name} must be ≥ 1, got {v}")
+        if self.floor not in ("base", "none"):
+            raise ConfigError(f"forget floor must be 'base' or 'none', got {self.floor!r}")
         if self.retain not in ("kl", "nll"):
             raise ConfigError(f"forget retain must be 'kl' or 'nll', got {self.retain!r}")
         if self.bisect < 0 or self.min_steps < 0:
@@ -167,15 +176,28 @@ class HoldoutStop:
         return stats["verdict"] == LESS
 
 
-def token_nll(task: Task, model: torch.nn.Module,
-              batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_nll(task: Task, model: torch.nn.Module, batch: dict, floor: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the task's loss ℓ, the mean token NLL, the summed NLL = −log π(y|x), the model's outputs) per example of a
     collated batch, with the graph. ℓ is the mean token NLL (example average) or Σ NLL / t̄ (token-weighted,
     `CausalLMTask`); both NLLs are recovered from ℓ and the loss tokens (`targets`). A task without `targets` is
-    taken to score one token an example (ℓ serves as all three)."""
+    taken to score one token an example (ℓ serves as all three).
+
+    `floor` (batch, k), on the outputs' device: each loss token's NLL counts only up to it (min(NLL_t, floor_t), no
+    gradient past it): `token_floor`, the base model's NLL of the token, so a forget objective cannot gain by making a
+    token less likely than a model that never saw the example finds it."""
     outputs = task.forward(model, batch)
-    loss = task.loss(outputs, batch)
     targets = batch.get("targets")
+    if floor is not None and targets is not None:
+        targets = targets.to(outputs.device)
+        nll = torch.minimum(F.cross_entropy(outputs.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                            reduction="none"), floor)
+        tokens = (targets != IGNORE_INDEX).sum(1).to(nll.dtype).clamp(min=1)
+        total = nll.sum(1)
+        rendering = getattr(task, "rendering", None)
+        token_scale = rendering is not None and rendering.normalization == "token"
+        return (total / task.token_scale if token_scale else total / tokens), total / tokens, total, outputs
+    loss = task.loss(outputs, batch)
     if targets is None:
         return loss, loss, loss, outputs
     tokens = (targets != IGNORE_INDEX).sum(1).to(device=loss.device, dtype=loss.dtype).clamp(min=1)
@@ -184,3 +206,15 @@ def token_nll(task: Task, model: torch.nn.Module,
         total = loss * task.token_scale
         return loss, total / tokens, total, outputs
     return loss, loss, loss * tokens, outputs
+
+
+def token_floor(task: Task, model: torch.nn.Module, batch: dict) -> torch.Tensor | None:
+    """(batch, k) the base model's NLL of each loss token (the adapters disabled; 0 at positions without one), on the
+    model's device, no graph; None for a model without adapters to disable or a task without `targets`."""
+    disable, targets = getattr(model, "disable_adapter", None), batch.get("targets")
+    if disable is None or targets is None:
+        return None
+    with torch.no_grad(), disable():
+        outputs = task.forward(model, batch)
+        return F.cross_entropy(outputs.transpose(1, 2), targets.to(outputs.device), ignore_index=IGNORE_INDEX,
+                               reduction="none")
