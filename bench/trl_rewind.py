@@ -289,7 +289,8 @@ def no_recording(a) -> int:
         for lr in (1e-4, 1e-3):
             theta, seconds = nr.fixed_rate(model, task, view, theta_hat, sets["forget"], objective, lr, 5)
             thetas[f"{label} lr={lr:g}"] = (theta, seconds, {"lr": lr, "epochs": 5})
-    for name, (method, overrides) in nr.NORECORD.items():
+    for name in nr.DECLARED:
+        method, overrides = nr.NORECORD[name]
         thetas[name] = unlearn(name, UnlearnOptions(method=method, forget=ForgetArguments(**overrides)),
                                holdout=sets["holdout"])
     _, reference = score_row(model, task, view, theta_retrain, sets, None)

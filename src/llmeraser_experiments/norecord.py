@@ -29,8 +29,11 @@ from llmeraser.updates.stop import ForgetArguments
 NORECORD = {"npo/stop": ("npo", {}), "simnpo/stop": ("simnpo", {}),
             "gradient-difference/stop": ("gradient-difference", {}),
             "npo/stop:b0.5-rw3": ("npo", {"beta": 0.5, "retain_weight": 3.0}),
+            # the people benchmark's fine-tune ran at lr 2e-3: a tenth of it, to see whether smaller steps let the
+            # retain term keep utility (docs/forget.md#measured-the-people-benchmark-and-the-trl-chat-removal)
             "npo/stop:lr2e-4": ("npo", {"lr": 2e-4}), "simnpo/stop:lr2e-4": ("simnpo", {"lr": 2e-4}),
             "gradient-difference/stop:lr2e-4": ("gradient-difference", {"lr": 2e-4})}
+DECLARED = ("npo/stop", "simnpo/stop", "gradient-difference/stop", "npo/stop:b0.5-rw3")  # every bench's rows
 GAP = 0.05  # the goal: every row's membership AUC within this of the retrain's own (issue 28)
 SHORT = {LIKE: "like", MORE: "more", LESS: "less"}
 GOALS = {"forget_quality": 0.05, "utility_vs_retrain": 0.95, "time_ratio": 0.2}
