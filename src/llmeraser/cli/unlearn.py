@@ -43,7 +43,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "'evidence' then holds a membership test of the edited examples against them, before and "
                         "after (do they now look like unseen examples? docs/evidence.md); without, it says it "
                         "cannot tell. For an adapter without a recording, auto then unlearns with npo and stops "
-                        "when the test says the examples look like the holdout (docs/forget.md)")
+                        "once the test (calibrated by the base model) finds the examples as familiar as the holdout "
+                        "(docs/forget.md)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
     p.add_argument("--method", default="auto", choices=method_names(), help=methods_help())
     add_fields(p, EraserArguments, skip=("solver_args", "progress", "l2", "damping", "method"), keep_default=False)
