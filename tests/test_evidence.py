@@ -364,6 +364,48 @@ def test_reference_scores_are_the_base_model_and_leave_the_adapter_on():
     assert uncalibrated.calibration == ev.UNCALIBRATED and uncalibrated.raw_auc is None
 
 
+def test_a_probe_scores_each_theta_once_and_the_base_model_once(monkeypatch):
+    """`Probe`: the test at a θ equals `evidence`'s (the same functions on the same batches: equal exactly); testing
+    the same θ again, θ̂ after another θ, or the latest θ again reads back the kept scores (no forward pass); a new θ
+    is scored; the base model's reference is computed once in all."""
+    from llmeraser.params import ParamView
+    from llmeraser.task import CausalLMTask
+    from llmeraser.testing import tiny_llama, tiny_lora, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_lora(tiny_llama(len(tok), hidden=16, dtype=torch.float32, init_std=0.3), r=4)
+    task = CausalLMTask(tok, max_length=24)
+    members, holdout = codes(4, 0), codes(12, 1, start=100)
+    view = ParamView(model)
+    theta_hat = view.vector()
+    calls = {"scores": 0, "reference": 0}
+    scores, reference = ev.membership_scores, ev.references
+
+    def counted(name, f):
+        def wrap(*a, **kw):
+            calls[name] += 1
+            return f(*a, **kw)
+        return wrap
+
+    monkeypatch.setattr(ev, "membership_scores", counted("scores", scores))
+    monkeypatch.setattr(ev, "references", counted("reference", reference))
+    probe = ev.Probe(task, members, holdout)
+    first = probe.test(model)
+    assert calls == {"scores": 4, "reference": 1}  # members and holdout under the base model, then at θ̂
+    assert first == ev.evidence(model, task, members, holdout)
+    calls.update(scores=0, reference=0)
+    assert probe.test(model) == first and calls["scores"] == 0  # the same θ again
+    view.set_vector(theta_hat + 0.3)
+    moved = probe.test(model)
+    assert calls["scores"] == 2 and moved != first
+    view.set_vector(theta_hat)
+    assert probe.test(model) == first and calls["scores"] == 2  # θ̂ (the first θ) is kept
+    view.set_vector(theta_hat + 0.3)
+    assert probe.test(model) == moved and calls["scores"] == 2  # and the latest
+    assert calls["reference"] == 0  # once, at the first test
+    view.set_vector(theta_hat)
+
+
 # ----------------------------------------------------------------------------------------------- holdout checks
 def test_bad_holdouts_are_refused_with_one_line():
     from llmeraser.errors import UserInputError
@@ -511,13 +553,21 @@ def test_unlearn_reports_the_membership_test_before_and_after(lineage, tmp_path,
         assert book.entries() == []
 
 
-def test_without_a_recording_a_holdout_makes_auto_unlearn_until_the_test_says_unseen(lineage, tmp_path, capsys):
+def test_without_a_recording_a_holdout_makes_auto_unlearn_until_the_test_says_unseen(lineage, tmp_path, capsys,
+                                                                                     monkeypatch):
     """The same adapter without its recording: auto takes npo (docs/forget.md) and stops where the membership test
     — the one the report's evidence holds — first says the edited examples look like the holdout; the report's
-    'after' is that test at the returned adapter (the same scores: the same model, examples and batches)."""
+    'after' is that test at the returned adapter (the same scores: the same model, examples and batches). Nothing is
+    scored twice: the base model's reference once, and the report's before and after are the rule's first and last
+    checks (the request's `Probe`)."""
     import shutil
 
     from llmeraser.cli import main
+
+    passes = {"scores": 0, "reference": 0}
+    for name, f in (("scores", ev.membership_scores), ("reference", ev.references)):
+        monkeypatch.setattr(ev, {"scores": "membership_scores", "reference": "references"}[name],
+                            lambda *a, _f=f, _n=name, **kw: passes.__setitem__(_n, passes[_n] + 1) or _f(*a, **kw))
 
     shutil.copytree(lineage / "adapter", tmp_path / "plain")
     (tmp_path / "plain" / "trajectory.safetensors").unlink()
@@ -531,6 +581,9 @@ def test_without_a_recording_a_holdout_makes_auto_unlearn_until_the_test_says_un
     assert proof.before.verdict == ev.MORE
     if report["npo"]["stop"]["met"]:
         assert proof.after.verdict == ev.LIKE
+    checks = report["npo"]["stop"]["checks"]
+    rescored = report["npo"]["returned_step"] != checks[-1]["step"]  # a bisection returned an earlier point
+    assert passes == {"reference": 1, "scores": 2 + 2 * len(checks) + 2 * rescored}, (passes, len(checks))
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0  # no holdout: the one-step update, saying why
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["method"] == "first-order" and "holdout" in report["update_choice"]

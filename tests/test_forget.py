@@ -205,6 +205,31 @@ def test_simnpo_and_gradient_difference_against_their_closed_forms(normalization
         forget_loss("nope", loss, mean, total, None, beta, gamma)
 
 
+def test_the_retain_term_takes_the_kept_facts_that_share_rare_tokens_with_the_forgotten_first():
+    """`retain_order`: the kept fact with the forgotten fact's value ("librarian") comes first; facts sharing only the
+    template follow; one that shares no response token (a token every kept response has weighs log(5/5) = 0) comes
+    last; ties stay in the seeded random order; "random" is that order. Checked against the weights by hand."""
+    import random as rnd
+
+    from llmeraser.task import CausalLMTask
+    from llmeraser.testing import tiny_tokenizer
+    from llmeraser.updates.forget import retain_order
+
+    texts = ["Ann works as a librarian.", "Bob works as a librarian.", "Cy works as a sailor.",
+             "Dee lives in Oslo.", "Eve works as a sailor.", "Job?"] * 20
+    task = CausalLMTask(tiny_tokenizer(texts, vocab_size=320), max_length=32)
+    forgotten = [Example("f", "Job?", " Ann works as a librarian.")]
+    kept = [Example("k1", "Job?", " Bob works as a librarian."), Example("k2", "Job?", " Cy works as a sailor."),
+            Example("k3", "Job?", " Dee lives in Oslo."), Example("k4", "Job?", " Eve works as a sailor.")]
+    order = list(range(4))
+    rnd.Random(3).shuffle(order)
+    assert [e.id for e in retain_order(task, forgotten, kept, "random", 3)] == [kept[i].id for i in order]
+    ranked = [e.id for e in retain_order(task, forgotten, kept, "overlap", 3)]
+    assert ranked[0] == "k1" and ranked[-1] == "k3"
+    assert ranked[1:3] == [kept[i].id for i in order if kept[i].id in ("k2", "k4")]  # a tie: the random order
+    assert retain_order(task, [], kept, "overlap", 3) == [kept[i] for i in order]
+
+
 def test_kl_retain_term_is_zero_with_zero_gradient_at_the_original_and_positive_away():
     """KL(p ‖ q) = Σ p (log p − log q) ≥ 0, = 0 iff q = p, and its gradient in q's logits is q − p: both exactly 0 at
     θ̂ (the same logits; float64 rounding of log_softmax is identical on identical inputs, so the bound is tiny)."""
@@ -330,9 +355,10 @@ def test_the_unlearner_stops_when_the_forgotten_facts_look_like_the_holdout(memo
     kept = train[12:]
     kept_rise = mean_loss(model, task, kept, theta) - mean_loss(model, task, kept, theta_hat)
     assert forget_rise > 1.0 and kept_rise < 0.5 * forget_rise, (forget_rise, kept_rise)
-    # the report's kept-loss check is over all 48 kept facts here (fewer than KEPT_CHECK), the same sums in float64
-    check = report["kept_loss_check"]
-    assert check["examples"] == 48 and check["result"] == pytest.approx(mean_loss(model, task, kept, theta), rel=1e-12)
+    # the report's kept-loss check is over KEPT_PER_FORGOTTEN × 12 = 24 of the 48 kept facts, every other one (evenly
+    # spaced), the same sums in float64
+    check, sample = report["kept_loss_check"], kept[::2]
+    assert check["examples"] == 24 and check["result"] == pytest.approx(mean_loss(model, task, sample, theta), rel=1e-12)
     assert ("kept_warning" in report) == (check["ratio"] > 1.2)
     assert update.report["method"] == method and update.report["n_effective"] == 48
     ParamView(model).set_vector(theta_hat)

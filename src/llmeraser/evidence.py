@@ -293,6 +293,50 @@ def evidence(model: torch.nn.Module, task: CausalLMTask, members: Sequence[Examp
     return membership_test(*scores, alpha=alpha, reference=reference if calibrate else None)
 
 
+class Probe:
+    """The membership test of one request's examples against its holdout, for every place that takes it — the job's
+    report before and after the update, each check of a stop rule (`updates.stop.HoldoutStop`) — so that nothing is
+    computed twice: the base model's reference scores once, on first use (`references`), and the scores at a θ
+    reused when that θ is tested again (θ̂: the report's "before" and a stop rule's first check; the result: the
+    rule's last check and the report's "after"). θ is the model's trainable parameters (`params.ParamView`), compared
+    exactly on the model's device; the scores of θ̂ (the first θ tested) and of the latest are kept.
+
+    `members` and `holdout` are checked by the caller (`check_holdout`)."""
+
+    def __init__(self, task: CausalLMTask, members: Sequence[Example], holdout: Sequence[Example], *,
+                 k: float = MIN_K, batch_size: int = 8, calibrate: bool = True):
+        self.task, self.k, self.batch_size, self.calibrate = task, k, batch_size, calibrate
+        self.members, self.holdout = list(members), list(holdout)
+        self._reference: tuple[Scores, Scores] | None = None
+        self._referenced = False
+        self._seen: list[tuple[torch.Tensor, tuple[Scores, Scores]]] = []  # (θ on the model's device, its scores)
+
+    def reference(self, model: torch.nn.Module) -> tuple[Scores, Scores] | None:
+        """The base model's scores of the members and the holdout (None: uncalibrated, or no adapter to disable)."""
+        if self.calibrate and not self._referenced:
+            self._reference = references(model, self.task, self.members, self.holdout, k=self.k,
+                                         batch_size=self.batch_size)
+            self._referenced = True
+        return self._reference
+
+    def scores(self, model: torch.nn.Module) -> tuple[Scores, Scores]:
+        """(members' scores, holdout's scores) at the model's current θ."""
+        from llmeraser.params import ParamView
+
+        theta = ParamView(model).vector().detach()
+        for seen, scores in self._seen:
+            if seen.shape == theta.shape and torch.equal(seen, theta):
+                return scores
+        scores = tuple(membership_scores(model, self.task, s, k=self.k, batch_size=self.batch_size)
+                       for s in (self.members, self.holdout))
+        self._seen = [*self._seen[:1], (theta.clone(), scores)]
+        return scores
+
+    def test(self, model: torch.nn.Module, alpha: float = ALPHA) -> MembershipTest:
+        """`membership_test` at the model's current θ, calibrated unless told otherwise."""
+        return membership_test(*self.scores(model), alpha=alpha, reference=self.reference(model))
+
+
 def _verdict(auc: float, p: float, level: float) -> str:
     return LIKE if p >= level else (MORE if auc > 0.5 else LESS)
 

@@ -25,7 +25,7 @@ from llmeraser import distributed
 from llmeraser.data import DataFields, Example, examples_hash, load_examples
 from llmeraser.eraser import EraserArguments, Update, choose_solver, example_tokens, fit_for_solver, save_unlearned
 from llmeraser.errors import UserInputError
-from llmeraser.evidence import check_holdout, evidence, references, report_entry
+from llmeraser.evidence import check_holdout, report_entry
 from llmeraser.factors import FactorArguments, Factors, FactorStore, default_store, fit_factors
 from llmeraser.factors.fit import sample_size
 from llmeraser.params import ParamView, adapter_hash, check_adapter_dir
@@ -218,10 +218,9 @@ class AdapterJob:
             ctx = self.context(train, request)
             if len(requests) > 1:
                 ctx.report["requests_sha256"] = [r.hash for r in requests]
-            members = [old for old, _ in ctx.pairs]  # what must now look unseen: every edited example as it was
-            reference = None if self.holdout is None else references(ctx.model, ctx.task, members, self.holdout)
-            before = None if self.holdout is None else evidence(ctx.model, ctx.task, members, self.holdout,
-                                                                reference=reference)
+            # the membership test of every edited example as it was against the holdout (None without one): its
+            # base-model reference and its scores at θ̂ serve the stop rule's checks too
+            before = None if ctx.probe is None else ctx.probe.test(ctx.model)
             with device_memory(f"the {options.method!r} update of {len(train):,} examples", OOM_ADVICE["unlearn"]):
                 update = get_method(options.method).run(ctx, options)
             model, _ = self.model_and_task()
@@ -229,9 +228,7 @@ class AdapterJob:
                 ParamView(model).set_vector(update.theta)
             elif update.report.get("decision") != "declined":
                 ParamView(model).add_(update.delta)
-            update.report["evidence"] = report_entry(
-                before, before and evidence(ctx.model, ctx.task, members, self.holdout, reference=reference),
-                self.holdout)
+            update.report["evidence"] = report_entry(before, before and ctx.probe.test(model), self.holdout)
 
             def write() -> list[int] | None:  # rank 0 writes; the others wait for it: every rank exits with its outcome
                 save_unlearned(model, out, update, input_adapter=self.adapter,

@@ -327,9 +327,18 @@ class CausalLMTask:
         return logits_at(model, inputs, batch["positions"], _virtual_tokens(model))  # per row on any transformers
 
     def loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.reduce(self.token_nll(outputs, batch), batch)  # (batch,)
+
+    def token_nll(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """(batch, k) the NLL of each response token at `outputs` (`forward`'s logits), 0 where `targets` has none."""
         targets = batch["targets"].to(outputs.device)  # (batch, k): the token each kept position predicts, or -100
-        nll = F.cross_entropy(outputs.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-        return nll.sum(1) / self._divisor(targets != IGNORE_INDEX).to(nll.dtype)  # (batch,)
+        return F.cross_entropy(outputs.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+
+    def reduce(self, nll: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """(batch,) the task's loss from per-token NLLs laid out as `token_nll`'s: Σₜ NLLₜ over the example's loss
+        tokens, divided by their number (normalization 'example') or by t̄ (`token`, TRL's token-weighted mean)."""
+        valid = batch["targets"].to(nll.device) != IGNORE_INDEX
+        return nll.sum(1) / self._divisor(valid).to(nll.dtype)
 
     def fisher_loss(self, outputs: torch.Tensor, batch: Batch, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """(1/√k) Σₜ CE(oₜ, ỹₜ) per example, with ỹₜ ~ softmax(oₜ) at each of its k response positions, drawn from

@@ -32,7 +32,12 @@ NORECORD = {"npo/stop": ("npo", {}), "simnpo/stop": ("simnpo", {}),
             # the people benchmark's fine-tune ran at lr 2e-3: a tenth of it, to see whether smaller steps let the
             # retain term keep utility (docs/forget.md#measured-the-people-benchmark-and-the-trl-chat-removal)
             "npo/stop:lr2e-4": ("npo", {"lr": 2e-4}), "simnpo/stop:lr2e-4": ("simnpo", {"lr": 2e-4}),
-            "gradient-difference/stop:lr2e-4": ("gradient-difference", {"lr": 2e-4})}
+            "gradient-difference/stop:lr2e-4": ("gradient-difference", {"lr": 2e-4}),
+            # the retain term's kept examples in random order (the default before retain_order "overlap"), to
+            # measure what taking the kept facts that share tokens with the forgotten ones first does for utility
+            "npo/stop:random": ("npo", {"retain_order": "random"}),
+            "simnpo/stop:random": ("simnpo", {"retain_order": "random"}),
+            "gradient-difference/stop:random": ("gradient-difference", {"retain_order": "random"})}
 DECLARED = ("npo/stop", "simnpo/stop", "gradient-difference/stop", "npo/stop:b0.5-rw3")  # every bench's rows
 GAP = 0.05  # the goal: every row's membership AUC within this of the retrain's own (issue 28)
 SHORT = {LIKE: "like", MORE: "more", LESS: "less"}

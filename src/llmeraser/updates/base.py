@@ -22,6 +22,7 @@ import torch
 
 from llmeraser.data import Example, examples_hash
 from llmeraser.eraser import EraserArguments, Update
+from llmeraser.evidence import Probe
 from llmeraser.errors import ConfigError, RequestError, UserInputError
 from llmeraser.replay import PathArguments, RefineArguments
 from llmeraser.request import Request, apply_request, resolve
@@ -146,6 +147,8 @@ class RequestContext:
         damping_choice: () → the damping `tune-damping` stored (for damping 'auto').
         holdout: examples of the same kind as the training set that the adapter never saw (None: none given): the
             evidence the unlearners without a recording stop by (`updates.stop`), and auto's reason to pick one.
+        probe: with a holdout, the membership test of the request's edited examples (as they were) against it
+            (`evidence.Probe`), shared by the report's before and after and the stop rule's checks.
     """
 
     model: torch.nn.Module
@@ -162,6 +165,7 @@ class RequestContext:
     damping_choice: Callable[[], dict] | None = None
     progress: bool = False
     holdout: list[Example] | None = None
+    probe: Probe | None = None
 
     @classmethod
     def build(cls, model: torch.nn.Module, task: Task, train: Sequence[Example], request: Request,
@@ -182,6 +186,7 @@ class RequestContext:
 
             kwargs["holdout"] = list(kwargs["holdout"])
             check_holdout(kwargs["holdout"], train=train)
+            kwargs.setdefault("probe", Probe(task, [old for old, _ in pairs], kwargs["holdout"]))
         return cls(model=model, task=task, train=train, request=request, pairs=pairs, effective=effective,
                    train_sha256=examples_hash(train), **kwargs)
 

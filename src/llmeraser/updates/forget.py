@@ -23,6 +23,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -44,6 +45,10 @@ OBJECTIVES = ("gradient-difference", "npo", "simnpo")
 DEFAULT = "npo"  # auto's pick without a recording: NPO's weight fades as examples are forgotten (gradient
 #                  difference's does not), and it keeps the reference's per-example scale (SimNPO's length
 #                  normalisation drops it)
+KEPT_PER_FORGOTTEN = 2  # the kept-loss check's sample: this many kept examples per forgotten one (at least a batch,
+#                        at most KEPT_CHECK): two passes over it cost about what four over the forget set do, so the
+#                        check stays a small share of a run that takes a few steps (a fixed 64 was 14% of a 100-chat
+#                        retrain in bench/trl_rewind.py --no-recording)
 MAX_STEPS_FACTOR = 10  # the default cap: this many times the fine-tune's passes over the forget set (see defaults)
 
 
@@ -165,7 +170,7 @@ def forget(ctx: RequestContext, options: UnlearnOptions, objective: str) -> Upda
     holdout = ctx.holdout or []
     knobs = resolve_defaults(ctx, args, len(members), len(members) + len(holdout) + len(corrected))
     rule = HoldoutStop(ctx.task, members, holdout, corrected, alpha=args.alpha, batch_size=knobs.batch_size,
-                      train=ctx.train)
+                      train=ctx.train, probe=ctx.probe)
     view = ParamView(ctx.model)
     theta_hat = view.vector()
     ctx.model.eval()
@@ -174,7 +179,8 @@ def forget(ctx: RequestContext, options: UnlearnOptions, objective: str) -> Upda
         theta, report = run.loop(rule)
         report["token_floor"] = ("the base model's NLL of each token" if run.floored else
                                  "none" if args.floor == "none" else "none (the model has no adapter to disable)")
-        kept_check = kept_losses(ctx, kept, theta_hat, theta, view, knobs.batch_size)
+        kept_check = kept_losses(ctx, kept, theta_hat, theta, view, knobs.batch_size,
+                                 size=max(knobs.batch_size, KEPT_PER_FORGOTTEN * len(members)))
     finally:
         view.set_vector(theta_hat)
     report |= {"objective": objective, "kept_loss_check": kept_check, "forget_examples": len(members),
@@ -194,6 +200,30 @@ def forget(ctx: RequestContext, options: UnlearnOptions, objective: str) -> Upda
     update = path_update(ctx, theta_hat, theta, objective, report, time.perf_counter() - t0)
     update.report |= ctx.report
     return update
+
+
+def retain_order(task, members: Sequence[Example], kept: Sequence[Example], how: str, seed: int) -> list[Example]:
+    """The kept examples in the order the retain term takes them (host, once): a random order (`seed`), then with
+    `how` = "overlap" sorted (stably: ties stay random) by what each one's response tokens share with the forgotten
+    examples' — Σ over the shared token ids of log((n + 1) / (df + 1)), df the number of the n kept responses holding
+    the token, so a rare shared token (a value a kept fact has in common with a forgotten one) counts and one every
+    response has (the template) does not. Those are the facts a step against the forgotten responses moves most
+    (docs/forget.md#the-retain-term). A task without `encode` keeps the random order."""
+    order = list(range(len(kept)))
+    random.Random(seed).shuffle(order)
+    ranked = [kept[i] for i in order]
+    if how == "random" or not hasattr(task, "encode") or not members:
+        return ranked
+
+    def tokens(e: Example) -> set[int]:
+        return {t for t in task.encode(e)[1] if t != IGNORE_INDEX}
+
+    forgotten = set().union(*(tokens(e) for e in members))
+    shared = [tokens(e) & forgotten for e in ranked]
+    df = Counter(t for s in shared for t in s)
+    weight = {t: math.log((len(ranked) + 1) / (df[t] + 1)) for t in df}
+    score = [sum(weight[t] for t in s) for s in shared]
+    return [ranked[j] for j in sorted(range(len(ranked)), key=lambda j: -score[j])]
 
 
 class _Run:
@@ -216,9 +246,7 @@ class _Run:
             fixes = [new[e.id] for e in chunk if new[e.id] is not None]
             self.forget.append((batch, reference, floor, task.collate(fixes) if fixes else None))
         self.floored = all(f[2] is not None for f in self.forget)
-        order = list(range(len(kept)))
-        random.Random(args.seed).shuffle(order)  # host: which kept examples each step's retain batch holds
-        self.kept = [kept[i] for i in order]
+        self.kept = retain_order(task, members, kept, args.retain_order, args.seed)
 
     def retain_batch(self, k: int) -> dict | None:
         if not self.kept:
@@ -314,10 +342,11 @@ class _Run:
 
 
 def kept_losses(ctx: RequestContext, kept: Sequence[Example], theta_hat: torch.Tensor, theta: torch.Tensor,
-                view: ParamView, batch_size: int) -> dict:
-    """The mean loss of up to KEPT_CHECK kept examples (evenly spaced) at θ̂ and at the result: what the retain term
-    was for (retraining leaves the examples it keeps about where they were). One transfer, at the end."""
-    sample = list(kept[:: max(1, len(kept) // KEPT_CHECK)][:KEPT_CHECK])
+                view: ParamView, batch_size: int, size: int = KEPT_CHECK) -> dict:
+    """The mean loss of up to min(size, KEPT_CHECK) kept examples (evenly spaced) at θ̂ and at the result: what the
+    retain term was for (retraining leaves the examples it keeps about where they were). One transfer, at the end."""
+    size = min(size, KEPT_CHECK)
+    sample = list(kept[:: max(1, len(kept) // size)][:size])
     if not sample:
         return {"examples": 0}
     totals = torch.zeros(2, dtype=torch.float64, device=view.device)

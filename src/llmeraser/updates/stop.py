@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from llmeraser.data import Example
 from llmeraser.errors import ConfigError, UserInputError
-from llmeraser.evidence import ALPHA, LIKE, HoldoutError, membership_scores, membership_test, references
+from llmeraser.evidence import ALPHA, LIKE, HoldoutError, Probe, membership_scores
 from llmeraser.evidence import LESS as EVIDENCE_LESS
 from llmeraser.evidence import MORE as EVIDENCE_MORE
 from llmeraser.evidence import check_holdout as evidence_check
@@ -53,6 +52,11 @@ class ForgetArguments:
     retain: str = field(default="kl", metadata={
         "help": "forget: the retain term on kept examples: kl (to the original adapter's next-token distribution) "
                 "or nll (their loss)"})
+    retain_order: str = field(default="overlap", metadata={
+        "help": "forget: which kept examples the retain term holds first: overlap (default): those whose response "
+                "tokens share the most with the forgotten examples' (each shared token weighted by its rarity among "
+                "the kept responses: a value that kept and forgotten facts share, not the template they all have) — "
+                "the facts a step on the forget set moves most; random: the kept set in random order"})
     check_every: int | None = field(default=None, metadata={
         "help": "forget: steps between two checks of the stop rule; default such that the checks cost about as "
                 "much as the steps between them"})
@@ -91,6 +95,8 @@ class ForgetArguments:
                 raise ConfigError(f"forget {name} must be ≥ 1, got {v}")
         if self.floor not in ("base", "none"):
             raise ConfigError(f"forget floor must be 'base' or 'none', got {self.floor!r}")
+        if self.retain_order not in ("overlap", "random"):
+            raise ConfigError(f"forget retain_order must be 'overlap' or 'random', got {self.retain_order!r}")
         if self.retain not in ("kl", "nll"):
             raise ConfigError(f"forget retain must be 'kl' or 'nll', got {self.retain!r}")
         if self.bisect < 0 or self.min_steps < 0:
@@ -134,25 +140,26 @@ class HoldoutStop:
     now less familiar than the holdout.
 
     Each check is a forward pass over the forgotten examples, the holdout and the corrected versions
-    (`evidence.membership_scores`: on the model's device, one transfer per set at the end)."""
+    (`evidence.membership_scores`: on the model's device, one transfer per set at the end), through the request's
+    `evidence.Probe` when given one (`probe`, the job's: its base-model reference and its scores at θ̂ are the
+    report's, not computed again)."""
 
     def __init__(self, task: Task, members: Sequence[Example], holdout: Sequence[Example],
                  corrected: Sequence[Example] = (), *, alpha: float = ALPHA, batch_size: int = 8,
-                 train: Sequence[Example] | None = None, calibrate: bool = True):
+                 train: Sequence[Example] | None = None, calibrate: bool = True, probe: Probe | None = None):
         why = check_holdout(members, holdout, train, alpha)
         if why is not None:
             raise UserInputError(f"the forget stop rule cannot run: {why}")
-        self.task, self.alpha, self.batch_size, self.calibrate = task, alpha, batch_size, calibrate
-        self.sets = (list(members), list(holdout), list(corrected))
+        ids = [e.id for e in members], [e.id for e in holdout]
+        if probe is None or ([e.id for e in probe.members], [e.id for e in probe.holdout]) != ids \
+                or probe.calibrate != calibrate:
+            probe = Probe(task, members, holdout, batch_size=batch_size, calibrate=calibrate)
+        self.task, self.alpha, self.batch_size, self.probe = task, alpha, batch_size, probe
+        self.corrected = list(corrected)
         self.corrected_start: float | None = None
-        self.reference: tuple | None = None
 
     def check(self, model: torch.nn.Module) -> tuple[bool, dict]:
-        if self.calibrate and self.reference is None:
-            self.reference = references(model, self.task, *self.sets[:2], batch_size=self.batch_size)
-        members, holdout, corrected = (membership_scores(model, self.task, s, batch_size=self.batch_size) if s
-                                       else None for s in self.sets)
-        test = membership_test(members, holdout, alpha=self.alpha, reference=self.reference)
+        test = self.probe.test(model, self.alpha)
         stats = {"verdict": test.verdict, "members": test.n_members, "holdout": test.n_holdout,
                  "calibration": test.calibration}
         for t in test.tests:
@@ -160,8 +167,9 @@ class HoldoutStop:
             stats |= {f"auc{tag}": t.auc, f"p{tag}": t.p_auc}
         stats |= {"forget_loss": test.score("loss").mean_members, "holdout_loss": test.score("loss").mean_holdout}
         learned = True
-        if corrected is not None:
-            loss = sum(corrected.loss) / len(corrected.loss)
+        if self.corrected:
+            scores = membership_scores(model, self.task, self.corrected, batch_size=self.batch_size)
+            loss = sum(scores.loss) / len(scores.loss)
             if self.corrected_start is None:
                 self.corrected_start = loss
             learned = loss < self.corrected_start
@@ -179,42 +187,31 @@ class HoldoutStop:
 def token_nll(task: Task, model: torch.nn.Module, batch: dict, floor: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the task's loss ℓ, the mean token NLL, the summed NLL = −log π(y|x), the model's outputs) per example of a
-    collated batch, with the graph. ℓ is the mean token NLL (example average) or Σ NLL / t̄ (token-weighted,
-    `CausalLMTask`); both NLLs are recovered from ℓ and the loss tokens (`targets`). A task without `targets` is
-    taken to score one token an example (ℓ serves as all three).
+    collated batch, with the graph, from the task's per-token NLLs (`CausalLMTask.token_nll`, reduced to ℓ by its
+    `reduce`: the example mean or TRL's Σ NLL / t̄). A task without per-token NLLs or `targets` is taken to score one
+    token an example (ℓ serves as all three).
 
     `floor` (batch, k), on the outputs' device: each loss token's NLL counts only up to it (min(NLL_t, floor_t), no
     gradient past it): `token_floor`, the base model's NLL of the token, so a forget objective cannot gain by making a
     token less likely than a model that never saw the example finds it."""
     outputs = task.forward(model, batch)
     targets = batch.get("targets")
-    if floor is not None and targets is not None:
-        targets = targets.to(outputs.device)
-        nll = torch.minimum(F.cross_entropy(outputs.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                            reduction="none"), floor)
-        tokens = (targets != IGNORE_INDEX).sum(1).to(nll.dtype).clamp(min=1)
-        total = nll.sum(1)
-        rendering = getattr(task, "rendering", None)
-        token_scale = rendering is not None and rendering.normalization == "token"
-        return (total / task.token_scale if token_scale else total / tokens), total / tokens, total, outputs
-    loss = task.loss(outputs, batch)
-    if targets is None:
+    if targets is None or not hasattr(task, "token_nll"):
+        loss = task.loss(outputs, batch)
         return loss, loss, loss, outputs
-    tokens = (targets != IGNORE_INDEX).sum(1).to(device=loss.device, dtype=loss.dtype).clamp(min=1)
-    rendering = getattr(task, "rendering", None)
-    if rendering is not None and rendering.normalization == "token":
-        total = loss * task.token_scale
-        return loss, total / tokens, total, outputs
-    return loss, loss, loss * tokens, outputs
+    nll = task.token_nll(outputs, batch)
+    if floor is not None:
+        nll = torch.minimum(nll, floor)
+    tokens = (targets != IGNORE_INDEX).sum(1).to(device=nll.device, dtype=nll.dtype).clamp(min=1)
+    total = nll.sum(1)
+    return task.reduce(nll, batch), total / tokens, total, outputs
 
 
 def token_floor(task: Task, model: torch.nn.Module, batch: dict) -> torch.Tensor | None:
     """(batch, k) the base model's NLL of each loss token (the adapters disabled; 0 at positions without one), on the
     model's device, no graph; None for a model without adapters to disable or a task without `targets`."""
-    disable, targets = getattr(model, "disable_adapter", None), batch.get("targets")
-    if disable is None or targets is None:
+    disable = getattr(model, "disable_adapter", None)
+    if disable is None or batch.get("targets") is None or not hasattr(task, "token_nll"):
         return None
     with torch.no_grad(), disable():
-        outputs = task.forward(model, batch)
-        return F.cross_entropy(outputs.transpose(1, 2), targets.to(outputs.device), ignore_index=IGNORE_INDEX,
-                               reduction="none")
+        return task.token_nll(task.forward(model, batch), batch)
