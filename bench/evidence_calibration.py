@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
-
-import torch
 
 from llmeraser.evidence import membership_scores, membership_test
 from llmeraser.io import atomic_write_json, check_new_output

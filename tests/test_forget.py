@@ -342,15 +342,22 @@ def test_the_unlearner_stops_when_the_forgotten_facts_look_like_the_holdout(memo
     update, report = forgotten(memorised, method)
     checks = report["stop"]["checks"]
     assert checks[0]["verdict"] == MORE and checks[0]["auc"] > 0.9 and checks[0]["calibration"] == CALIBRATED
-    assert report["stop"]["met"] and checks[-1]["verdict"] == LOOKS_LIKE and checks[-1]["auc"] <= 0.5
-    # it stopped at the first check that met the rule
-    assert not any(c["verdict"] == LOOKS_LIKE and c["auc"] <= 0.5 for c in checks[:-1])
+    # it ran to the first whole-step check that met the rule, then refined back on the segment before it (regula falsi,
+    # `refine` evaluations at fractional steps): the returned point is the earliest accepted one
+    whole = [c for c in checks if float(c["step"]).is_integer()]
+    met = [c for c in whole if c["verdict"] == LOOKS_LIKE and c["auc"] <= 0.5]
+    assert report["stop"]["met"] and met and met[0] is whole[-1]
+    refined = checks[checks.index(whole[-1]) + 1:]
+    assert len(refined) <= 1 and all(whole[-2]["step"] < c["step"] < whole[-1]["step"] for c in refined)
+    accepted = [c for c in [*refined, whole[-1]] if c["verdict"] == LOOKS_LIKE and c["auc"] <= 0.5]
+    returned = min(accepted, key=lambda c: c["step"])
+    assert report["returned_step"] == returned["step"]
     theta = update.theta
     ParamView(model).set_vector(theta)
     # the report's test, recomputed at the returned θ: the same scores up to the batching's rounding, and an AUC is
     # a count of ordered pairs, unchanged unless two scores lie within rounding of each other
     again = evidence(model, task, train[:12], holdout, batch_size=report["batch_size"])
-    assert again.score("loss").auc == pytest.approx(checks[-1]["auc"], abs=1e-12) and again.verdict == LOOKS_LIKE
+    assert again.score("loss").auc == pytest.approx(returned["auc"], abs=1e-12) and again.verdict == LOOKS_LIKE
     forget_rise = mean_loss(model, task, train[:12], theta) - mean_loss(model, task, train[:12], theta_hat)
     kept = train[12:]
     kept_rise = mean_loss(model, task, kept, theta) - mean_loss(model, task, kept, theta_hat)
@@ -358,10 +365,61 @@ def test_the_unlearner_stops_when_the_forgotten_facts_look_like_the_holdout(memo
     # the report's kept-loss check is over KEPT_PER_FORGOTTEN × 12 = 24 of the 48 kept facts, every other one (evenly
     # spaced), the same sums in float64
     check, sample = report["kept_loss_check"], kept[::2]
-    assert check["examples"] == 24 and check["result"] == pytest.approx(mean_loss(model, task, sample, theta), rel=1e-12)
+    assert check["examples"] == 24
+    assert check["result"] == pytest.approx(mean_loss(model, task, sample, theta), rel=1e-12)
     assert ("kept_warning" in report) == (check["ratio"] > 1.2)
     assert update.report["method"] == method and update.report["n_effective"] == 48
     ParamView(model).set_vector(theta_hat)
+
+
+class _LineRule:
+    """A stop rule on a one-parameter model whose loss AUC is `auc(p)`: accepted at AUC ≤ 0.5 unless `reject` says
+    otherwise (a score saying either side)."""
+
+    def __init__(self, auc, reject=lambda p: False):
+        self.auc, self.reject = auc, reject
+
+    def check(self, model):
+        p = float(model.weight.detach().flatten()[0])
+        a = self.auc(p)
+        ok = a <= 0.5 and not self.reject(p)
+        return ok, {"auc": a, "p": 1.0, "auc_min_k_pp": a, "p_min_k_pp": 1.0,
+                    "verdict": LOOKS_LIKE if ok or a > 0.5 else "less"}
+
+    def distance(self, stats):
+        return abs(stats["auc"] - 0.5)
+
+    def overshot(self, stats):
+        return stats["verdict"] == "less"
+
+
+def test_refine_stops_near_where_the_auc_crosses_the_target_never_at_a_rejected_point():
+    """`_Run._refine` between the previous check (p = 0.01, AUC 0.9) and the accepting one (p = 0.81, AUC 0.1), the
+    AUC 1 − √p crossing 0.5 at p = 0.25: the first regula-falsi evaluation lands at t = 0.4 / 0.8 = 0.5 (p = 0.41, AUC
+    0.36, accepted: earlier than the check; up to float32 rounding of the ends); each further one moves to an earlier
+    accepted point, closer to the crossing and never before it (the AUC is decreasing: every accepted point has
+    p ≥ 0.25). refine 0 is the check; with every earlier point rejected (a score saying either side) the check is
+    returned whatever refine is."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    rule = _LineRule(lambda p: 1 - math.sqrt(max(p, 0.0)))
+    a, b = torch.tensor([0.01]), torch.tensor([0.81])
+    ends = [(3, a, rule.check(SimpleNamespace(weight=a))[1]), (4, b, rule.check(SimpleNamespace(weight=b))[1])]
+    returned = []
+    for refine in (0, 1, 2, 3):
+        run = _Run.__new__(_Run)
+        run.view, run.ctx, run.args = ParamView(model), SimpleNamespace(model=model), ForgetArguments(refine=refine)
+        theta, out = run._refine(rule, *ends, [{"step": k, **st} for k, _, st in ends])
+        assert out["stop"]["met"] and len(out["stop"]["checks"]) == 2 + refine
+        returned.append((out["returned_step"], float(theta[0])))
+    assert returned[0] == (4, pytest.approx(0.81))
+    assert returned[1][0] == pytest.approx(3.5, abs=1e-6) and returned[1][1] == pytest.approx(0.41, abs=1e-6)
+    assert all(0.25 <= p2 < p1 and s2 < s1 for (s1, p1), (s2, p2) in zip(returned[1:-1], returned[2:], strict=True))
+    run.args = ForgetArguments(refine=3)
+    theta, out = run._refine(_LineRule(rule.auc, reject=lambda p: p < 0.8), *ends,
+                             [{"step": k, **st} for k, _, st in ends])
+    assert out["returned_step"] == 4 and torch.equal(theta, b) and out["stop"]["met"]
 
 
 def test_an_overshooting_step_is_bisected_back_never_past_the_holdout(memorised):

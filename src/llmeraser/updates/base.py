@@ -22,8 +22,8 @@ import torch
 
 from llmeraser.data import Example, examples_hash
 from llmeraser.eraser import EraserArguments, Update
-from llmeraser.evidence import Probe
 from llmeraser.errors import ConfigError, RequestError, UserInputError
+from llmeraser.evidence import Probe
 from llmeraser.replay import PathArguments, RefineArguments
 from llmeraser.request import Request, apply_request, resolve
 from llmeraser.solvers.api import is_fitted, solver_arguments

@@ -37,7 +37,7 @@ from llmeraser.replay import KEPT_CHECK, KEPT_RISE_WARNING, path_update
 from llmeraser.task import IGNORE_INDEX, per_example_loss
 from llmeraser.trajectory import Adam, AdamConfig
 from llmeraser.updates.base import RequestContext, UnlearnOptions, register
-from llmeraser.updates.stop import ForgetArguments, HoldoutStop, StopRule, token_floor, token_nll
+from llmeraser.updates.stop import TARGET, ForgetArguments, HoldoutStop, StopRule, token_floor, token_nll
 
 logger = logging.getLogger(__name__)
 
@@ -304,8 +304,7 @@ class _Run:
             stop, stats = rule.check(model)
             history.append({"step": k, **stats})
             if stop and k >= self.args.min_steps:
-                said = f"the forgotten examples are as familiar as the holdout ({_says(stats)})"
-                return theta, _outcome(history, k, True, said)
+                return self._refine(rule, prev, (k, theta, stats), history)
             if rule.overshot(stats):
                 return self._bisect(rule, prev, (k, theta, stats), history)
             if rule.distance(stats) < best[0]:
@@ -315,6 +314,31 @@ class _Run:
         return theta, _outcome(history, step, False, f"{knobs.max_steps} steps (max_steps) without the forgotten "
                                                       f"examples looking like the holdout; returned the checked "
                                                       f"point closest to it")
+
+    def _refine(self, rule: StopRule, before: tuple, after: tuple, history: list) -> tuple[torch.Tensor, dict]:
+        """The check `after` met the rule, `before` (the previous check) had the loss AUC above the target: up to
+        `refine` evaluations on the segment between them where the loss AUC crosses 0.5 by linear interpolation
+        (regula falsi, kept inside the bracket's middle 90%), returning the earliest point the rule accepts — the
+        check itself when none is earlier. A check interval can carry the AUC well past 0.5 (0.6 → 0.43); the point
+        where it crosses is where the rule aims."""
+        (k0, a, sa), (k1, b, sb) = before, after
+        best, lo, hi = (1.0, b, sb), (0.0, sa["auc"]), (1.0, sb["auc"])
+        for _ in range(self.args.refine if lo[1] > TARGET else 0):
+            t = lo[0] + (lo[1] - TARGET) / (lo[1] - hi[1]) * (hi[0] - lo[0])
+            t = min(max(t, lo[0] + 0.05 * (hi[0] - lo[0])), hi[0] - 0.05 * (hi[0] - lo[0]))
+            theta = a + t * (b - a)
+            self.view.set_vector(theta)
+            stop, stats = rule.check(self.ctx.model)
+            history.append({"step": k0 + t * (k1 - k0), **stats})
+            if stop:
+                best, hi = (t, theta, stats), (t, stats["auc"])
+            elif stats["auc"] > TARGET:
+                lo = (t, stats["auc"])
+            else:  # past 0.5 but a score says either side: the accepted crossing, if any, is earlier still
+                hi = (t, stats["auc"])
+        t, theta, stats = best
+        return theta, _outcome(history, k0 + t * (k1 - k0), True,
+                               f"the forgotten examples are as familiar as the holdout ({_says(stats)})")
 
     def _bisect(self, rule: StopRule, before: tuple, after: tuple, history: list) -> tuple[torch.Tensor, dict]:
         """The last step went past the target (from `before`, still more familiar, to `after`, less familiar):

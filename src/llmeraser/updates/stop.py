@@ -70,6 +70,10 @@ class ForgetArguments:
     bisect: int = field(default=6, metadata={
         "help": "forget: when a step overshoots (the forgotten examples look less familiar than the holdout), "
                 "evaluations on the segment back to the previous check to find the point that looks like it"})
+    refine: int = field(default=1, metadata={
+        "help": "forget: when a check meets the rule, evaluations back on the segment from the previous check at the "
+                "point where the loss AUC crosses 0.5 by linear interpolation (regula falsi), so the run stops near "
+                "the target rather than up to a whole check interval past it; 0: stop at the check"})
     floor: str = field(default="base", metadata={
         "help": "forget: base (default): each token of a forgotten example counts toward the forget objective only up "
                 "to the base model's NLL of it (the adapter disabled), so the objective cannot be lowered by making a "
@@ -99,8 +103,9 @@ class ForgetArguments:
             raise ConfigError(f"forget retain_order must be 'overlap' or 'random', got {self.retain_order!r}")
         if self.retain not in ("kl", "nll"):
             raise ConfigError(f"forget retain must be 'kl' or 'nll', got {self.retain!r}")
-        if self.bisect < 0 or self.min_steps < 0:
-            raise ConfigError(f"forget bisect and min_steps must be ≥ 0, got {self.bisect} and {self.min_steps}")
+        if self.bisect < 0 or self.min_steps < 0 or self.refine < 0:
+            raise ConfigError(f"forget bisect, refine and min_steps must be ≥ 0, got {self.bisect}, {self.refine} and "
+                              f"{self.min_steps}")
 
 
 def check_holdout(members: Sequence[Example], holdout: Sequence[Example] | None,
