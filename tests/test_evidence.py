@@ -563,6 +563,7 @@ def test_without_a_recording_a_holdout_makes_auto_unlearn_until_the_test_says_un
     import shutil
 
     from llmeraser.cli import main
+    from llmeraser.updates.forget import DEFAULT
 
     passes = {"scores": 0, "reference": 0}
     for name, f in (("scores", ev.membership_scores), ("reference", ev.references)):
@@ -576,13 +577,13 @@ def test_without_a_recording_a_holdout_makes_auto_unlearn_until_the_test_says_un
     assert main([*argv, "--holdout", str(lineage / "holdout.jsonl"), "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "a" / "report.json").read_text())
-    assert report["method"] == "npo" and "holdout of 30" in report["update_choice"], out
+    assert report["method"] == DEFAULT and "holdout of 30" in report["update_choice"], out
     proof = ev.Comparison.from_dict(report["evidence"])
     assert proof.before.verdict == ev.MORE
-    if report["npo"]["stop"]["met"]:
+    if report[DEFAULT]["stop"]["met"]:
         assert proof.after.verdict == ev.LIKE
-    checks = report["npo"]["stop"]["checks"]
-    rescored = report["npo"]["returned_step"] != checks[-1]["step"]  # a bisection returned an earlier point
+    checks = report[DEFAULT]["stop"]["checks"]
+    rescored = report[DEFAULT]["returned_step"] != checks[-1]["step"]  # a bisection returned an earlier point
     assert passes == {"reference": 1, "scores": 2 + 2 * len(checks) + 2 * rescored}, (passes, len(checks))
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0  # no holdout: the one-step update, saying why
     report = json.loads((tmp_path / "b" / "report.json").read_text())

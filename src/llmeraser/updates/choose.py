@@ -172,7 +172,7 @@ def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestConte
     """The update `auto` stands for, and why:
 
     - no usable recorded trajectory and a holdout the membership test can use (`updates.stop.check_holdout`, at
-      level `alpha`): `forget.DEFAULT` (npo), stopped when the forgotten examples look like the holdout — on
+      level `alpha`): `forget.DEFAULT` (simnpo), stopped when the forgotten examples look like the holdout — on
       memorised facts every one-step update equals doing nothing (docs/forget.md);
     - no usable recorded trajectory otherwise: first-order (the one-step influence update; the only one θ̂ alone
       allows), the reason saying why the holdout could not be used when one was given;

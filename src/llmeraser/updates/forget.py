@@ -42,9 +42,11 @@ from llmeraser.updates.stop import TARGET, ForgetArguments, HoldoutStop, StopRul
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("gradient-difference", "npo", "simnpo")
-DEFAULT = "npo"  # auto's pick without a recording: NPO's weight fades as examples are forgotten (gradient
-#                  difference's does not), and it keeps the reference's per-example scale (SimNPO's length
-#                  normalisation drops it)
+DEFAULT = "simnpo"  # auto's pick without a recording, as measured (docs/forget.md#measured-the-people-benchmark-and-
+#                     the-trl-chat-removal): at the defaults SimNPO kept more utility than NPO on people forget01/05/10
+#                     (0.598/0.602/0.600 against 0.590/0.582/0.563) and the evidence closer to the retrain's on the TRL
+#                     chat removal (gap 0.02 against 0.08), at the same forget quality; its weight fades as an example
+#                     is forgotten, which gradient difference's (equal on the people) does not
 KEPT_PER_FORGOTTEN = 2  # the kept-loss check's sample: this many kept examples per forgotten one (at least a batch,
 #                        at most KEPT_CHECK): two passes over it cost about what four over the forget set do, so the
 #                        check stays a small share of a run that takes a few steps (a fixed 64 was 14% of a 100-chat
