@@ -5,6 +5,7 @@ an SFTTrainer retrain, in one run (docs/data.md#replaying-the-run).
     python bench/trl_rewind.py --tiny          # a tiny offline chat Llama (seconds)
     python bench/trl_rewind.py --out DIR       # also results.json
     python bench/trl_rewind.py --no-recording --out DIR   # the same adapter trained without the callback (below)
+    python bench/trl_rewind.py --no-recording --rows simnpo/stop:nll --out DIR   # only these unlearner rows
 
 The data: the `people` facts as chats (user asks, assistant answers, the model's own chat template). SFTTrainer
 fine-tunes LoRA on every linear layer with its defaults where they matter (AdamW, weight decay 0.01, linear decay,
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="no callback: the unlearners without a recording against retraining (see above)")
     p.add_argument("--remove", type=int, default=3, help="--no-recording: people removed (5 facts each)")
     p.add_argument("--heldout", type=int, default=6, help="--no-recording: held-out people (the holdout)")
+    p.add_argument("--rows", nargs="+", default=None, metavar="LABEL",
+                   help="--no-recording: the library's unlearner rows (labels of llmeraser_experiments.norecord."
+                        "NORECORD); default: its DECLARED rows")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     if a.no_recording:
@@ -289,7 +293,11 @@ def no_recording(a) -> int:
         for lr in (1e-4, 1e-3):
             theta, seconds = nr.fixed_rate(model, task, view, theta_hat, sets["forget"], objective, lr, 5)
             thetas[f"{label} lr={lr:g}"] = (theta, seconds, {"lr": lr, "epochs": 5})
-    for name in nr.DECLARED:
+    unknown = set(a.rows or ()) - set(nr.NORECORD)
+    if unknown:
+        print(f"error: unknown --rows {sorted(unknown)}; expected labels of {', '.join(nr.NORECORD)}", file=sys.stderr)
+        return 2
+    for name in a.rows or nr.DECLARED:
         method, overrides = nr.NORECORD[name]
         thetas[name] = unlearn(name, UnlearnOptions(method=method, forget=ForgetArguments(**overrides)),
                                holdout=sets["holdout"])

@@ -256,7 +256,7 @@ def test_a_step_gradient_is_the_full_objective_with_the_original_adapter_as_refe
     model, task, train, holdout, theta_hat = memorised
     request = Request([Edit("remove", train[0].id), Edit("correct_response", train[1].id, response=" cat red")])
     ctx = context(memorised, request)
-    args = ForgetArguments(retain_weight=0.7)
+    args = ForgetArguments(retain_weight=0.7, retain="kl")
     knobs = Knobs(lr=1e-3, max_steps=5, batch_size=4, check_every=1, source={})
     kept = [e for e in ctx.effective if e.id not in ctx.edits]
     run = _Run(ctx, args, knobs, "npo", ParamView(model), [train[0], train[1]], kept)

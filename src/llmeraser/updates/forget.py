@@ -8,10 +8,11 @@ rate and epoch count (docs/forget.md). Registered as update methods (`updates.ba
   ascent on the summed NLL), and its weight 2σ(β log π_θ/π_ref) fades as an example is forgotten;
 - `simnpo` (Fan et al., 2024): −(2/β) log σ(−(β/|y|) log π_θ(y|x) − γ), reference-free and length-normalised.
 
-The retain term (weight `retain_weight`): the KL from the original adapter's next-token distribution to the current
-one at the response positions of kept examples (0 with zero gradient at θ̂; computed by setting θ to θ̂ and back on
-each retain batch, so no vocabulary-sized tensor is kept), or their NLL (`retain="nll"`), plus the NLL of the
-corrected versions of `correct_response` / `modify_query` edits. The stop rule (`updates.stop.HoldoutStop`) ends the
+The retain term (weight `retain_weight`): the NLL of kept examples (default), or (`retain="kl"`) the KL from the
+original adapter's next-token distribution to the current one at their response positions (0 with zero gradient at
+θ̂; computed by setting θ to θ̂ and back on each retain batch, so no vocabulary-sized tensor is kept), plus the NLL of
+the corrected versions of `correct_response` / `modify_query` edits; kept examples sharing rare response tokens with
+the forgotten ones first (`retain_order`). The stop rule (`updates.stop.HoldoutStop`) ends the
 run once the forget set is as familiar as the holdout (calibrated loss AUC ≤ 0.5, the test saying neither side), and
 never past it.
 """
@@ -55,8 +56,8 @@ MAX_STEPS_FACTOR = 10  # the default cap: this many times the fine-tune's passes
 
 
 @register("gradient-difference", order=6, needs=("holdout",),
-          help="no recording needed: ascent on the forgotten examples' loss with a retain term (KL to the original "
-               "on kept examples), stopped when they look like the holdout")
+          help="no recording needed: ascent on the forgotten examples' loss with a retain term (the kept examples' "
+               "loss), stopped when they look like the holdout")
 def _gradient_difference(ctx: RequestContext, options: UnlearnOptions) -> Update:
     return forget(ctx, options, "gradient-difference")
 
