@@ -1,14 +1,13 @@
 """Tasks: how a model scores a batch of examples, one loss per example.
 
-A task splits the per-example loss into `forward` (model → outputs) and `loss` (outputs → per-example losses)
-so that curvature code can form Gauss-Newton products J'ᵀ H_out J', with H_out the Hessian of the loss in the
-outputs. Any torch model with its own loss plugs in by implementing the three methods of `Task`; the
-trainable parameters (LoRA, `modules_to_save`, a projector, a classifier head) are whatever has requires_grad.
+A task splits the per-example loss into `forward` (model → outputs) and `loss` (outputs → losses) so that curvature
+code can form Gauss-Newton products J'ᵀ H_out J' (H_out the loss's Hessian in the outputs). Any torch model plugs in by
+implementing `Task`'s three methods; the trainable parameters are whatever has requires_grad.
 
 The default, `CausalLMTask`, is the response negative log-likelihood of docs/math.md#the-objective:
-ℓ(z; θ) = −(1/|r|) Σ_{t ∈ response} log p_θ(z_t | z_<t), prompt tokens masked with -100. How an example becomes
-tokens, which tokens carry the loss and how the losses are averaged is its `Rendering`: llmeraser's own, or TRL's
-`SFTTrainer`'s (chat templates, completion-only / assistant-only masks, the token-weighted mean; docs/data.md).
+ℓ(z; θ) = −(1/|r|) Σ_{t ∈ response} log p_θ(z_t | z_<t), prompt masked (-100); `token_nll` / `reduce` split it
+per token. How an example becomes tokens, which carry the loss and how they are averaged is its `Rendering`
+(llmeraser's own, or TRL's `SFTTrainer`'s: chat templates, completion-only masks, the token mean; docs/data.md).
 """
 
 from __future__ import annotations
@@ -335,10 +334,8 @@ class CausalLMTask:
         return F.cross_entropy(outputs.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
 
     def reduce(self, nll: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """(batch,) the task's loss from per-token NLLs laid out as `token_nll`'s: Σₜ NLLₜ over the example's loss
-        tokens, divided by their number (normalization 'example') or by t̄ (`token`, TRL's token-weighted mean)."""
-        valid = batch["targets"].to(nll.device) != IGNORE_INDEX
-        return nll.sum(1) / self._divisor(valid).to(nll.dtype)
+        """(batch,) the loss from `token_nll`'s NLLs: Σₜ NLLₜ / the example's loss tokens, or / t̄ ('token')."""
+        return nll.sum(1) / self._divisor(batch["targets"].to(nll.device) != IGNORE_INDEX).to(nll.dtype)
 
     def fisher_loss(self, outputs: torch.Tensor, batch: Batch, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """(1/√k) Σₜ CE(oₜ, ỹₜ) per example, with ỹₜ ~ softmax(oₜ) at each of its k response positions, drawn from
