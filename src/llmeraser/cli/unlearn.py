@@ -42,7 +42,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="examples of the training data's kind and format that the adapter never saw: the report's "
                         "'evidence' then holds a membership test of the edited examples against them, before and "
                         "after (do they now look like unseen examples? docs/evidence.md); without, it says it "
-                        "cannot tell. For an adapter without a recording, auto then unlearns with npo and stops "
+                        "cannot tell. For an adapter without a recording, auto then unlearns with simnpo and stops "
                         "once the test (calibrated by the base model) finds the examples as familiar as the holdout "
                         "(docs/forget.md)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")

@@ -50,8 +50,8 @@ DEFAULT = "simnpo"  # auto's pick without a recording, as measured (docs/forget.
 #                     is forgotten, which gradient difference's (equal on the people) does not
 KEPT_PER_FORGOTTEN = 2  # the kept-loss check's sample: this many kept examples per forgotten one (at least a batch,
 #                        at most KEPT_CHECK): two passes over it cost about what four over the forget set do, so the
-#                        check stays a small share of a run that takes a few steps (a fixed 64 was 14% of a 100-chat
-#                        retrain in bench/trl_rewind.py --no-recording)
+#                        check stays a small share of a run that takes a few steps (a fixed 64 is 128 forward passes,
+#                        against 3 × 85 forward-and-backward ones for bench/trl_rewind.py --no-recording's retrain)
 MAX_STEPS_FACTOR = 10  # the default cap: this many times the fine-tune's passes over the forget set (see defaults)
 
 
@@ -322,8 +322,8 @@ class _Run:
         """The check `after` met the rule, `before` (the previous check) had the loss AUC above the target: up to
         `refine` evaluations on the segment between them where the loss AUC crosses 0.5 by linear interpolation
         (regula falsi, kept inside the bracket's middle 90%), returning the earliest point the rule accepts — the
-        check itself when none is earlier. A check interval can carry the AUC well past 0.5 (0.6 → 0.43); the point
-        where it crosses is where the rule aims."""
+        check itself when none is earlier. A check interval can carry the AUC well past 0.5 (to 0.41–0.43 on people
+        forget05, docs/forget.md#the-stop-rule); the point where it crosses is where the rule aims."""
         (k0, a, sa), (k1, b, sb) = before, after
         best, lo, hi = (1.0, b, sb), (0.0, sa["auc"]), (1.0, sb["auc"])
         for _ in range(self.args.refine if lo[1] > TARGET else 0):
