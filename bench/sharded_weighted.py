@@ -1,8 +1,11 @@
-"""Top-1 against weighted (APA-style) serving of sharded folders on a test set: `serving.evaluate_sharded` with
-`aggregate="top1"` and `"weighted"` at each temperature, one run, written as JSON (docs/sharded.md#serving).
+"""Top-1 against weighted (APA-style) and ensemble (SISA-style) serving of sharded folders on a test set:
+`serving.evaluate_sharded` with `aggregate="top1"`, then each of `--aggregates` at each temperature, one run, written
+as JSON (docs/sharded.md#serving); an ensemble row also holds each shard's own AUC on the whole test set.
 
     python bench/sharded_weighted.py --folders /tmp/shm-work/IR-1-4 --movielens-test --temperatures 0.05 1 \
         --out bench/results/movielens-sharded/weighted.json
+    python bench/sharded_weighted.py --folders /tmp/shm-work/IR-1-4 --movielens-test --aggregates ensemble \
+        --temperatures 0.05 --out bench/results/movielens-sharded/ensemble.json
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folders", nargs="+", required=True, help="sharded adapter folders")
     p.add_argument("--movielens-test", action="store_true", help="the MovieLens suite's test split (n_train 400)")
     p.add_argument("--data", default=None, help="else: a data file to evaluate on")
+    p.add_argument("--aggregates", nargs="+", default=["weighted"], choices=["weighted", "ensemble"],
+                   help="besides top-1 (S passes a query for ensemble)")
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.05, 1.0])
     p.add_argument("--base-model", default="default")
     p.add_argument("--out", required=True)
@@ -35,13 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         data = load_examples(a.data)
     rows = []
     for folder in a.folders:
-        for aggregate, temperature in [("top1", None), *(("weighted", t) for t in a.temperatures)]:
+        for aggregate, temperature in [("top1", None), *((g, t) for g in a.aggregates for t in a.temperatures)]:
             start = time.perf_counter()
             result = evaluate_sharded(folder, data, base_model=a.base_model, device="cpu", aggregate=aggregate,
                                       **({"temperature": temperature} if temperature else {}))
             rows.append({"folder": folder, "aggregate": aggregate, "temperature": temperature,
                          "auc": result.get("auc"), "accuracy": result.get("accuracy"), "loss": result["loss"],
-                         "seconds": time.perf_counter() - start})
+                         "seconds": time.perf_counter() - start,
+                         **({"each_shard": result["routing"]["each_shard"]} if aggregate == "ensemble" else {})})
             print(json.dumps(rows[-1]), flush=True)
     atomic_write_json(a.out, {"command": " ".join(sys.argv), "n": len(data), "rows": rows})
     return 0

@@ -208,3 +208,53 @@ def test_a_merged_adapter_is_refused(sharded):
     model.merge_adapter([whole.names[0]])  # its update is in W: a hook on its lora_B would never run
     with pytest.raises(ConfigError, match="merged"), row_mixture(model, whole.names):
         pass
+
+
+def test_the_ensemble_mixes_each_shards_own_answer(sharded, tmp_path, capsys):
+    """aggregate="ensemble": P(yes) the router-weighted mean of each shard's own P(yes), and each loss −log Σ_k w_k
+    exp(−ℓ_k), against each shard's answers computed here one example at a time (`yes_no_probabilities`, tested
+    against a manual softmax in test_metrics, and the task's loss on a batch of one); one-hot weights give a shard
+    alone exactly (1·x + 0·y = x and logsumexp(−ℓ, −inf) = −ℓ: no rounding)."""
+    from llmeraser.cli import main
+    from llmeraser.data import save_examples
+    from llmeraser.metrics import evaluate, roc_auc, yes_no_probabilities
+    from llmeraser.serving import ensemble
+    from llmeraser.task import per_example_loss
+
+    root, train = sharded
+    result = evaluate_sharded(root / "in", train, base_model=str(root / "base"), device="cpu", aggregate="ensemble",
+                              temperature=0.5)
+    assert result["routing"]["aggregate"] == "ensemble"
+    assert set(result["routing"]["each_shard"]) == set(ShardedAdapter.read(root / "in").names)
+    whole, model, _, task = loaded(root)
+    task.calibrate(train)
+    w = torch.tensor([[result["routing"]["weights"][e.id][n] for n in whole.names] for e in train], dtype=torch.float64)
+    assert torch.allclose(w.sum(1), torch.ones(len(train), dtype=torch.float64))
+    p, nll = [], []
+    for n in whole.names:
+        model.set_adapter(n)
+        p.append(yes_no_probabilities(model, task, train, batch_size=1))
+        with torch.no_grad():
+            nll.append(torch.cat([per_example_loss(task, model, task.collate([e])).double() for e in train]))
+    p, nll = torch.stack(p, 1), torch.stack(nll, 1)  # (n, S)
+    mixed = (w * p).sum(1)
+    loss = -torch.log((w * torch.exp(-nll)).sum(1))
+    # batched and padded (8 rows) in the ensemble, one row here: float32 rounding only (ROUNDING above)
+    assert [result["p_yes"][e.id] for e in train] == pytest.approx(mixed.tolist(), rel=1e-5, abs=1e-6)
+    assert [result["losses"][e.id] for e in train] == pytest.approx(loss.tolist(), rel=1e-5)
+    labels = [int(e.response == " Yes") for e in train]
+    assert 0 < sum(labels) < len(train)
+    assert result["auc"] == pytest.approx(roc_auc(mixed, labels), abs=1 / (sum(labels) * (len(train) - sum(labels))))
+    one_hot = torch.zeros(len(train), len(whole.names))
+    one_hot[:, 1] = 1.0
+    alone_mix, each = ensemble(model, task, train, whole.names, one_hot)
+    alone = evaluate(model, task, train, adapters=[whole.names[1]] * len(train))
+    assert alone_mix["losses"] == alone["losses"] and alone_mix["p_yes"] == alone["p_yes"]
+    assert each[whole.names[1]]["auc"] == alone["auc"]
+    with pytest.raises(ConfigError, match="weights must be"):
+        ensemble(model, task, train, whole.names, one_hot[:, :2])
+    save_examples(train, tmp_path / "d.jsonl")
+    argv = ["evaluate", "--base-model", str(root / "base"), "--data", str(tmp_path / "d.jsonl"), "--quiet"]
+    assert main([*argv, "--adapter", str(root / "in"), "--aggregate", "ensemble"]) == 0
+    assert main([*argv, "--adapter", str(root / "in" / whole.names[0]), "--aggregate", "ensemble"]) == 2
+    assert "--aggregate ensemble combines the shards" in capsys.readouterr().err

@@ -223,10 +223,15 @@ def evaluate(model: torch.nn.Module, task: CausalLMTask, examples: Sequence[Exam
                 _evaluate_group(model, task, examples, members, batch_size, binary, (yes_id, no_id), loss, p, bar,
                                 each_batch)
     bar.close()
-    loss, p = loss.cpu(), p.cpu()
+    return summarize(examples, loss.cpu(), p.cpu() if binary else None, yes)
+
+
+def summarize(examples: Sequence[Example], loss: torch.Tensor, p: torch.Tensor | None, yes: str = YES) -> dict:
+    """`evaluate`'s result from each example's response loss and, for a yes/no task, its P(yes) (`p`, None
+    otherwise), both (n,) on the host in the examples' order."""
     out: dict = {"n": len(examples), "loss": loss.mean().item(),
                  "losses": {e.id: v for e, v in zip(examples, loss.tolist(), strict=True)}}
-    if binary:
+    if p is not None:
         labels = [int(e.response == yes) for e in examples]
         out["p_yes"] = {e.id: v for e, v in zip(examples, p.tolist(), strict=True)}
         out["yes_ratio"] = sum(labels) / len(labels)

@@ -12,6 +12,12 @@
   kinds (refused, naming the layer). A removal stays exact: the retrained shards hold nothing of the removed
   examples, and the router's weights come from the remaining prompts only.
 
+- **ensemble** (SISA's aggregation, Bourtoule et al. 2021, weighted by the router): every shard answers the query on
+  its own and their answers are mixed, P(y | x) = Σ_k w_k P_k(y | x) (`ensemble`): S forward passes a query, any PEFT
+  kind. Each shard's output is on its own scale (a shard of 1/S of the data leans its own way), which top-1 carries
+  into the scores of the queries it routes and a mixture of the outputs averages out (docs/sharded.md#serving).
+  Exact unlearning holds as for the others: each answer comes from shards that never saw a removed example.
+
 Weighted queries are batched (`row_mixture`): every shard's adapter is active and a forward hook on each shard's
 `lora_B` multiplies its output by the row's weight, so row i of one forward pass computes W x_i + Σ_k w_{i,k} s_k
 B_k A_k x_i — each query its own weights, `batch_size` queries per pass; `mixture` is the one-weight-vector form.
@@ -29,7 +35,7 @@ from llmeraser.data import Example
 from llmeraser.errors import ConfigError
 from llmeraser.sharded import ShardedAdapter, _base_and_task
 
-AGGREGATES = ("top1", "weighted")
+AGGREGATES = ("top1", "weighted", "ensemble")
 TEMPERATURE = 0.05  # the router's softmax temperature over cosines: 0.05 puts e^-2 on a shard 0.1 further away
 
 
@@ -137,9 +143,10 @@ def evaluate_sharded(folder: str | os.PathLike, data: Sequence[Example], *, base
                      batch_size: int = 8, progress: bool = False, aggregate: str = "top1",
                      temperature: float = TEMPERATURE) -> dict:
     """`metrics.evaluate` of a sharded adapter on `data`, each example answered as `aggregate` says (top-1: the shard
-    its router picks; weighted: every shard, weighted by the router), the shards loaded side by side on one base and
-    the task as their training record says. The result adds `routing`: each example's top shard and the examples per
-    shard, and with weighted aggregation each example's weights."""
+    its router picks; weighted: every shard's update summed, weighted by the router; ensemble: every shard's answer
+    mixed, weighted by the router), the shards loaded side by side on one base and the task as their training record
+    says. The result adds `routing`: each example's top shard and the examples per shard, and with weighted or
+    ensemble aggregation each example's weights (and with ensemble each shard's own result on all of `data`)."""
     from llmeraser.metrics import evaluate
     from llmeraser.record import TrainingRecord
     from llmeraser.router import embed_prompts
@@ -162,9 +169,37 @@ def evaluate_sharded(folder: str | os.PathLike, data: Sequence[Example], *, base
             "routing": routing}
     live = [sharded.names[k] for k in sharded.live]
     weights = router.weights(queries, temperature)[:, sharded.live]  # (n, live) on the model's device
-    with row_mixture(model, live) as weigh:
-        out = evaluate(model, task, data, batch_size=batch_size, progress=progress,
-                       each_batch=lambda rows: weigh(weights[rows]))
+    if aggregate == "ensemble":
+        weights = weights / weights.sum(1, keepdim=True)  # the live shards' share (a dropped shard has none)
+        out, routing["each_shard"] = ensemble(model, task, data, live, weights, batch_size=batch_size,
+                                              progress=progress)
+    else:
+        with row_mixture(model, live) as weigh:
+            out = evaluate(model, task, data, batch_size=batch_size, progress=progress,
+                           each_batch=lambda rows: weigh(weights[rows]))
     routing["weights"] = {e.id: dict(zip(live, row, strict=True))
                           for e, row in zip(data, weights.tolist(), strict=True)}  # one transfer, at the end
     return out | {"routing": routing}
+
+
+def ensemble(model: torch.nn.Module, task, data: Sequence[Example], names: Sequence[str], weights: torch.Tensor, *,
+             batch_size: int = 8, progress: bool = False) -> tuple[dict, dict]:
+    """`metrics.evaluate` of the mixture of the named adapters' answers: each example answered by every adapter on its
+    own (one `evaluate` pass each), mixed with its row of `weights` ((len(data), len(names)), rows summing to 1): for
+    a yes/no task P(yes) = Σ_k w_k P_k(yes), and each example's loss −log Σ_k w_k exp(−ℓ_k) — the mixture's NLL of a
+    one-token response (of each adapter's per-token geometric mean probability for a longer one). Returns (the
+    mixture's result, {name: that adapter's own loss and AUC on `data`}). Leaves the last named adapter active."""
+    from llmeraser.metrics import evaluate, summarize
+
+    if weights.shape != (len(data), len(names)):
+        raise ConfigError(f"ensemble: weights must be ({len(data)}, {len(names)}), got {tuple(weights.shape)}")
+    runs = [evaluate(model, task, data, batch_size=batch_size, progress=progress, adapters=[n] * len(data))
+            for n in names]
+    w = weights.detach().to("cpu", torch.float64).T  # (S, n): one transfer; every result below is on the host
+    losses = torch.tensor([[run["losses"][e.id] for e in data] for run in runs], dtype=torch.float64)
+    loss = -torch.logsumexp(w.log() - losses, dim=0)  # a weight of 0 adds exp(−inf) = 0
+    p = None
+    if "p_yes" in runs[0]:
+        p = (w * torch.tensor([[run["p_yes"][e.id] for e in data] for run in runs], dtype=torch.float64)).sum(0)
+    return summarize(data, loss, p), {n: {"loss": run["loss"], "auc": run.get("auc")}
+                                      for n, run in zip(names, runs, strict=True)}

@@ -22,13 +22,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the full JSON (with per-example losses) here")
     p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the adapter's)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
-    p.add_argument("--aggregate", default="top1", choices=["top1", "weighted"],
-                   help="a sharded adapter: top1 answers each example with the shard its router picks; weighted "
-                        "(APA-style) with every shard's LoRA update summed, weighted per example by the router "
-                        "(one forward pass per example; plain LoRA only; docs/sharded.md#serving)")
+    p.add_argument("--aggregate", default="top1", choices=["top1", "weighted", "ensemble"],
+                   help="a sharded adapter: top1 answers each example with the shard its router picks (one pass); "
+                        "weighted (APA-style) with every shard's LoRA update summed, weighted per example by the "
+                        "router (one pass; plain LoRA only); ensemble (SISA-style) with every shard's answer mixed, "
+                        "weighted by the router (S passes; on MovieLens the best of the three: "
+                        "docs/sharded.md#serving)")
     p.add_argument("--temperature", type=float, default=0.05,
-                   help="with --aggregate weighted: the router's softmax temperature over cosine similarities "
-                        "(smaller: closer to top-1)")
+                   help="with --aggregate weighted or ensemble: the router's softmax temperature over cosine "
+                        "similarities (smaller: closer to top-1; large: the shards alike)")
     p.set_defaults(func=run)
     return p
 
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
                                   **common)
     else:
         if args.aggregate != "top1":
-            raise ConfigError("--aggregate weighted combines the shards of a sharded adapter; --adapter is not one")
+            raise ConfigError(f"--aggregate {args.aggregate} combines the shards of a sharded adapter; --adapter is "
+                              f"not one")
         result = AdapterJob.evaluate(args.adapter, args.data, fields=fields(args), **common)
     if args.out:
         atomic_write_json(args.out, result)
