@@ -26,7 +26,8 @@ their stop rule, the holdout being `--heldout` held-out people's facts in the sa
 TOFU's forget quality (KS p-value of the removed facts' truth ratios against the retrain's), model utility (TOFU's
 harmonic mean on kept people's facts and general probes), time against the retrain, and the membership test of the
 removed facts against the holdout (loss and min-k%++ AUC, verdict) with its distance to the retrain's own AUC
-(`llmeraser_experiments.norecord`). Writes results.json and table.md under --out.
+(`llmeraser_experiments.norecord`). `--spread` adds a second retrain from another seed (retrain@1): how far retraining
+itself moves every measure. Writes results.json and table.md under --out.
 """
 
 from __future__ import annotations
@@ -56,18 +57,19 @@ def chats(n_people: int, seed: int = 0) -> tuple[list[dict], list[str]]:
     return records, removed
 
 
-def sft(base: Path, records: list[dict], out: Path, *, epochs: int, data_seed: int = 0, callback=None) -> float:
+def sft(base: Path, records: list[dict], out: Path, *, epochs: int, data_seed: int = 0, seed: int = 0,
+        callback=None) -> float:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    set_seed(0)  # LoRA's initial A, drawn before the Trainer seeds: the same for every run
+    set_seed(seed)  # LoRA's initial A, drawn before the Trainer seeds: the same for every run of one seed
     model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager", dtype=torch.float32)
     config = SFTConfig(output_dir=str(out), max_length=MAX_LENGTH, per_device_train_batch_size=8,
                        num_train_epochs=epochs,
                        learning_rate=2e-3, weight_decay=0.01, max_grad_norm=1.0, bf16=False,
-                       gradient_checkpointing=False, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                       gradient_checkpointing=False, report_to=[], save_strategy="no", use_cpu=True, seed=seed,
                        data_seed=data_seed,
                        disable_tqdm=True, logging_steps=10**6)
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(records),
@@ -94,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", nargs="+", default=None, metavar="LABEL",
                    help="--no-recording: the library's unlearner rows (labels of llmeraser_experiments.norecord."
                         "NORECORD); default: its DECLARED rows")
+    p.add_argument("--spread", action="store_true",
+                   help="--no-recording: also a second retrain from another seed (row retrain@1; LoRA draw, data "
+                        "order): retraining's own spread on every measure, the evidence's included")
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     if a.no_recording:
@@ -273,6 +278,11 @@ def no_recording(a) -> int:
     theta_hat = view.vector()
     theta_retrain = ParamView(load_adapter(load_base_model(str(base))[0], root / "retrain")).vector()
     thetas = {"original": (theta_hat, 0.0, {}), "retrain": (theta_retrain, t_retrain, {})}
+    if a.spread:
+        t_other = sft(base, [_record(e) for e in sets["train"] if e.id not in removed], root / "retrain1",
+                      epochs=a.epochs, seed=1, data_seed=1)
+        thetas["retrain@1"] = (ParamView(load_adapter(load_base_model(str(base))[0], root / "retrain1")).vector(),
+                               t_other, {"seed": 1})
 
     def unlearn(name: str, options: UnlearnOptions, holdout=None):  # `llmeraser unlearn`, its own model load
         start = time.perf_counter()
