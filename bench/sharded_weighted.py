@@ -1,5 +1,5 @@
 """Top-1 against weighted (APA-style) and ensemble (SISA-style) serving of sharded folders on a test set:
-`serving.evaluate_sharded` with `aggregate="top1"`, then each of `--aggregates` at each temperature, one run, written
+`serving.evaluate_sharded` with each of `--aggregates` (top-1 once, the others at each temperature), one run, written
 as JSON (docs/sharded.md#serving); an ensemble row also holds each shard's own AUC on the whole test set.
 
     python bench/sharded_weighted.py --folders /tmp/shm-work/IR-1-4 --movielens-test --temperatures 0.05 1 \
@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folders", nargs="+", required=True, help="sharded adapter folders")
     p.add_argument("--movielens-test", action="store_true", help="the MovieLens suite's test split (n_train 400)")
     p.add_argument("--data", default=None, help="else: a data file to evaluate on")
-    p.add_argument("--aggregates", nargs="+", default=["weighted"], choices=["weighted", "ensemble"],
-                   help="besides top-1 (S passes a query for ensemble)")
+    p.add_argument("--aggregates", nargs="+", default=["top1", "weighted"], choices=["top1", "weighted", "ensemble"],
+                   help="top1 once; weighted and ensemble at each temperature (ensemble: S passes a query)")
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.05, 1.0])
     p.add_argument("--base-model", default="default")
     p.add_argument("--out", required=True)
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         data = load_examples(a.data)
     rows = []
     for folder in a.folders:
-        for aggregate, temperature in [("top1", None), *((g, t) for g in a.aggregates for t in a.temperatures)]:
+        settings = [(g, None) if g == "top1" else (g, t) for g in a.aggregates for t in a.temperatures]
+        for aggregate, temperature in dict.fromkeys(settings):
             start = time.perf_counter()
             result = evaluate_sharded(folder, data, base_model=a.base_model, device="cpu", aggregate=aggregate,
                                       **({"temperature": temperature} if temperature else {}))
