@@ -366,8 +366,8 @@ def test_reference_scores_are_the_base_model_and_leave_the_adapter_on():
 
 def test_a_probe_scores_each_theta_once_and_the_base_model_once(monkeypatch):
     """`Probe`: the test at a θ equals `evidence`'s (the same functions on the same batches: equal exactly); testing
-    the same θ again, θ̂ after another θ, or the latest θ again reads back the kept scores (no forward pass); a new θ
-    is scored; the base model's reference is computed once in all."""
+    the same θ again, θ̂ after another θ, or one of the latest two θs again reads back the kept scores (no forward
+    pass); a new θ is scored; the base model's reference is computed once in all."""
     from llmeraser.params import ParamView
     from llmeraser.task import CausalLMTask
     from llmeraser.testing import tiny_llama, tiny_lora, tiny_tokenizer
@@ -402,6 +402,17 @@ def test_a_probe_scores_each_theta_once_and_the_base_model_once(monkeypatch):
     assert probe.test(model) == first and calls["scores"] == 2  # θ̂ (the first θ) is kept
     view.set_vector(theta_hat + 0.3)
     assert probe.test(model) == moved and calls["scores"] == 2  # and the latest
+    view.set_vector(theta_hat + 0.5)
+    farther = probe.test(model)
+    assert calls["scores"] == 4
+    view.set_vector(theta_hat + 0.3)
+    assert probe.test(model) == moved and calls["scores"] == 4  # the one before the latest is kept too
+    view.set_vector(theta_hat + 0.7)
+    probe.test(model)
+    view.set_vector(theta_hat + 0.5)
+    assert probe.test(model) == farther and calls["scores"] == 6  # two latest: +0.7 and +0.5 (θ̂ + 0.3 is gone)
+    view.set_vector(theta_hat + 0.3)
+    assert probe.test(model) == moved and calls["scores"] == 8
     assert calls["reference"] == 0  # once, at the first test
     view.set_vector(theta_hat)
 
@@ -583,7 +594,8 @@ def test_without_a_recording_a_holdout_makes_auto_unlearn_until_the_test_says_un
     if report[DEFAULT]["stop"]["met"]:
         assert proof.after.verdict == ev.LIKE
     checks = report[DEFAULT]["stop"]["checks"]
-    rescored = report[DEFAULT]["returned_step"] != checks[-1]["step"]  # a bisection returned an earlier point
+    # a bisection returned a point before the last two checks (the Probe keeps θ̂'s scores and the latest two)
+    rescored = report[DEFAULT]["returned_step"] not in [c["step"] for c in checks[-2:]]
     assert passes == {"reference": 1, "scores": 2 + 2 * len(checks) + 2 * rescored}, (passes, len(checks))
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0  # no holdout: the one-step update, saying why
     report = json.loads((tmp_path / "b" / "report.json").read_text())
