@@ -392,7 +392,9 @@ def test_a_probe_scores_each_theta_once_and_the_base_model_once(monkeypatch):
     probe = ev.Probe(task, members, holdout)
     first = probe.test(model)
     assert calls == {"scores": 4, "reference": 1}  # members and holdout under the base model, then at θ̂
-    assert first == ev.evidence(model, task, members, holdout)
+    # the same functions on the same batches as by hand: equal exactly
+    assert first == ev.membership_test(*(scores(model, task, s) for s in (members, holdout)),
+                                       reference=reference(model, task, members, holdout))
     calls.update(scores=0, reference=0)
     assert probe.test(model) == first and calls["scores"] == 0  # the same θ again
     view.set_vector(theta_hat + 0.3)

@@ -286,11 +286,9 @@ def evidence(model: torch.nn.Module, task: CausalLMTask, members: Sequence[Examp
              reference: tuple[Scores, Scores] | None = None) -> MembershipTest:
     """`membership_test` of `members` against `holdout` under `model` (scores by `membership_scores`), calibrated by
     the base model's scores (`reference`, else computed here by `references`) unless `calibrate` is False or the
-    model has no adapter. Check the holdout first (`check_holdout`)."""
-    if calibrate and reference is None:
-        reference = references(model, task, members, holdout, k=k, batch_size=batch_size)
-    scores = [membership_scores(model, task, s, k=k, batch_size=batch_size) for s in (members, holdout)]
-    return membership_test(*scores, alpha=alpha, reference=reference if calibrate else None)
+    model has no adapter. Check the holdout first (`check_holdout`). One test: a `Probe`'s first."""
+    probe = Probe(task, members, holdout, k=k, batch_size=batch_size, calibrate=calibrate, reference=reference)
+    return probe.test(model, alpha)
 
 
 LATEST = 2  # a Probe keeps the scores of θ̂ and of this many latest θs
@@ -309,16 +307,19 @@ class Probe:
     `members` and `holdout` are checked by the caller (`check_holdout`)."""
 
     def __init__(self, task: CausalLMTask, members: Sequence[Example], holdout: Sequence[Example], *,
-                 k: float = MIN_K, batch_size: int = 8, calibrate: bool = True):
+                 k: float = MIN_K, batch_size: int = 8, calibrate: bool = True,
+                 reference: tuple[Scores, Scores] | None = None):
         self.task, self.k, self.batch_size, self.calibrate = task, k, batch_size, calibrate
         self.members, self.holdout = list(members), list(holdout)
-        self._reference: tuple[Scores, Scores] | None = None
-        self._referenced = False
+        self._reference = reference  # the base model's scores when the caller has them, else computed on first use
+        self._referenced = reference is not None
         self._seen: list[tuple[torch.Tensor, tuple[Scores, Scores]]] = []  # (θ on the model's device, its scores)
 
     def reference(self, model: torch.nn.Module) -> tuple[Scores, Scores] | None:
         """The base model's scores of the members and the holdout (None: uncalibrated, or no adapter to disable)."""
-        if self.calibrate and not self._referenced:
+        if not self.calibrate:
+            return None
+        if not self._referenced:
             self._reference = references(model, self.task, self.members, self.holdout, k=self.k,
                                          batch_size=self.batch_size)
             self._referenced = True
