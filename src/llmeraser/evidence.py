@@ -291,9 +291,6 @@ def evidence(model: torch.nn.Module, task: CausalLMTask, members: Sequence[Examp
     return probe.test(model, alpha)
 
 
-LATEST = 2  # a Probe keeps the scores of θ̂ and of this many latest θs
-
-
 class Probe:
     """The membership test of one request's examples against its holdout, for every place that takes it — the job's
     report before and after the update, each check of a stop rule (`updates.stop.HoldoutStop`) — so that nothing is
@@ -301,8 +298,7 @@ class Probe:
     reused when that θ is tested again (θ̂: the report's "before" and a stop rule's first check; the result: the
     rule's last check and the report's "after"). θ is the model's trainable parameters (`params.ParamView`), compared
     exactly on the model's device; the scores of θ̂ (the first θ tested) and of the latest two are kept (a stop
-    rule's refinement between its last two checks can return the earlier one: the report's "after" then reads it
-    back).
+    rule's refinement between its last two checks can return the earlier one, which the report then reads back).
 
     `members` and `holdout` are checked by the caller (`check_holdout`)."""
 
@@ -335,7 +331,7 @@ class Probe:
                 return scores
         scores = tuple(membership_scores(model, self.task, s, k=self.k, batch_size=self.batch_size)
                        for s in (self.members, self.holdout))
-        self._seen = [*self._seen[:1], *self._seen[1:][-(LATEST - 1):], (theta.clone(), scores)]
+        self._seen = [*self._seen[:1], *self._seen[1:][-1:], (theta.clone(), scores)]  # θ̂, the latest two
         return scores
 
     def test(self, model: torch.nn.Module, alpha: float = ALPHA) -> MembershipTest:
