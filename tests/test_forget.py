@@ -369,6 +369,12 @@ def test_the_unlearner_stops_when_the_forgotten_facts_look_like_the_holdout(memo
     assert check["result"] == pytest.approx(mean_loss(model, task, sample, theta), rel=1e-12)
     assert ("kept_warning" in report) == (check["ratio"] > 1.2)
     assert update.report["method"] == method and update.report["n_effective"] == 48
+    # where the seconds went: three disjoint parts of one wall-clock span (each non-negative; checks and the kept check
+    # each ran at least once, so they are positive on any clock that advances)
+    seconds = report["seconds"]
+    assert seconds["checks"] > 0 and seconds["kept_loss_check"] > 0 and seconds["steps_and_setup"] >= 0
+    assert seconds["checks"] + seconds["kept_loss_check"] + seconds["steps_and_setup"] == pytest.approx(
+        seconds["total"], rel=1e-9)
     ParamView(model).set_vector(theta_hat)
 
 

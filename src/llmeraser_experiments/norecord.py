@@ -67,13 +67,15 @@ def run_forget(model: torch.nn.Module, task, view, theta: torch.Tensor, train: S
 
 def stop_info(r: dict) -> dict:
     """What a row keeps of an unlearner's report (`updates.forget`; `path_update` files it under the method's
-    name): the resolved knobs and where they came from, the stop rule's outcome and last check, the kept loss."""
+    name): the resolved knobs and where they came from, the stop rule's outcome and last check, the kept loss, and
+    where the run's seconds went (checks, the kept-loss check, steps and set-up)."""
     last = r["stop"]["checks"][-1] if r["stop"]["checks"] else {}
     return {"lr": r["lr"], "max_steps": r["max_steps"], "check_every": r["check_every"],
             "defaults_from": r["defaults_from"], "steps": r["returned_step"], "steps_taken": r["steps_taken"],
             "stop": {"met": r["stop"]["met"], "why": r["stop"]["why"], "checks": len(r["stop"]["checks"]),
                      "last_check": last},
-            "kept_loss_check": r["kept_loss_check"], "kept_warning": r.get("kept_warning")}
+            "kept_loss_check": r["kept_loss_check"], "kept_warning": r.get("kept_warning"),
+            "seconds_in": r.get("seconds")}
 
 
 def fixed_rate(model: torch.nn.Module, task, view, theta: torch.Tensor, forget: Sequence[Example], objective: str,

@@ -172,8 +172,8 @@ def forget(ctx: RequestContext, options: UnlearnOptions, objective: str) -> Upda
     kept = [e for e in ctx.effective if e.id not in ctx.edits]
     holdout = ctx.holdout or []
     knobs = resolve_defaults(ctx, args, len(members), len(members) + len(holdout) + len(corrected))
-    rule = HoldoutStop(ctx.task, members, holdout, corrected, alpha=args.alpha, batch_size=knobs.batch_size,
-                      train=ctx.train, probe=ctx.probe)
+    rule = _Timed(HoldoutStop(ctx.task, members, holdout, corrected, alpha=args.alpha, batch_size=knobs.batch_size,
+                             train=ctx.train, probe=ctx.probe))
     view = ParamView(ctx.model)
     theta_hat = view.vector()
     ctx.model.eval()
@@ -182,10 +182,15 @@ def forget(ctx: RequestContext, options: UnlearnOptions, objective: str) -> Upda
         theta, report = run.loop(rule)
         report["token_floor"] = ("the base model's NLL of each token" if run.floored else
                                  "none" if args.floor == "none" else "none (the model has no adapter to disable)")
+        t_kept = time.perf_counter()
         kept_check = kept_losses(ctx, kept, theta_hat, theta, view, knobs.batch_size,
                                  size=max(knobs.batch_size, KEPT_PER_FORGOTTEN * len(members)))
+        t_kept = time.perf_counter() - t_kept
     finally:
         view.set_vector(theta_hat)
+    total = time.perf_counter() - t0
+    report["seconds"] = {"total": total, "checks": rule.seconds, "kept_loss_check": t_kept,
+                         "steps_and_setup": total - rule.seconds - t_kept}  # checks: the base reference included
     report |= {"objective": objective, "kept_loss_check": kept_check, "forget_examples": len(members),
                "corrected_examples": len(corrected), "holdout_examples": len(holdout), "kept_examples": len(kept),
                "lr": knobs.lr, "max_steps": knobs.max_steps, "batch_size": knobs.batch_size,
@@ -203,6 +208,27 @@ def forget(ctx: RequestContext, options: UnlearnOptions, objective: str) -> Upda
     update = path_update(ctx, theta_hat, theta, objective, report, time.perf_counter() - t0)
     update.report |= ctx.report
     return update
+
+
+class _Timed:
+    """A stop rule whose checks' wall time is summed (`seconds`; each check ends in a transfer to the host, so the
+    time is the device's too): where a run's time goes, for the report."""
+
+    def __init__(self, rule: StopRule):
+        self.rule, self.seconds = rule, 0.0
+
+    def check(self, model: torch.nn.Module) -> tuple[bool, dict]:
+        start = time.perf_counter()
+        try:
+            return self.rule.check(model)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def distance(self, stats: dict) -> float:
+        return self.rule.distance(stats)
+
+    def overshot(self, stats: dict) -> bool:
+        return self.rule.overshot(stats)
 
 
 def retain_order(task, members: Sequence[Example], kept: Sequence[Example], how: str, seed: int) -> list[Example]:
