@@ -268,21 +268,23 @@ def no_recording(a) -> int:
     removed = {e.id for e in sets["forget"]}
     (root / "chat.jsonl").write_text("".join(json.dumps(_record(e)) + "\n" for e in sets["train"]))
     t_train = sft(base, [_record(e) for e in sets["train"]], root / "adapter", epochs=a.epochs)
-    t_retrain = sft(base, [_record(e) for e in sets["train"] if e.id not in removed], root / "retrain",
-                    epochs=a.epochs)
+
+    def retrain(seed: int) -> tuple[torch.Tensor, float]:  # (θ, seconds) of an SFTTrainer run without the removed
+        out = root / f"retrain{seed or ''}"
+        seconds = sft(base, [_record(e) for e in sets["train"] if e.id not in removed], out, epochs=a.epochs,
+                      seed=seed, data_seed=seed)
+        return ParamView(load_adapter(load_base_model(str(base))[0], out)).vector(), seconds
+
+    theta_retrain, t_retrain = retrain(0)
     request = Request.remove(*sorted(removed))
     # what a user passes for an adapter without a record: the fine-tune's max_length (`sft`'s), else 64 is assumed
     model, task = AdapterJob(root / "adapter", root / "chat.jsonl", base_model=str(base),
                              max_length=MAX_LENGTH).model_and_task()
     view = ParamView(model)
     theta_hat = view.vector()
-    theta_retrain = ParamView(load_adapter(load_base_model(str(base))[0], root / "retrain")).vector()
     thetas = {"original": (theta_hat, 0.0, {}), "retrain": (theta_retrain, t_retrain, {})}
     if a.spread:
-        t_other = sft(base, [_record(e) for e in sets["train"] if e.id not in removed], root / "retrain1",
-                      epochs=a.epochs, seed=1, data_seed=1)
-        thetas["retrain@1"] = (ParamView(load_adapter(load_base_model(str(base))[0], root / "retrain1")).vector(),
-                               t_other, {"seed": 1})
+        thetas["retrain@1"] = (*retrain(1), {"seed": 1})
 
     def unlearn(name: str, options: UnlearnOptions, holdout=None):  # `llmeraser unlearn`, its own model load
         start = time.perf_counter()

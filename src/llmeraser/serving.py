@@ -169,8 +169,7 @@ def evaluate_sharded(folder: str | os.PathLike, data: Sequence[Example], *, base
             "routing": routing}
     live = [sharded.names[k] for k in sharded.live]
     weights = router.weights(queries, temperature)[:, sharded.live]  # (n, live) on the model's device
-    if aggregate == "ensemble":
-        weights = weights / weights.sum(1, keepdim=True)  # the live shards' share (a dropped shard has none)
+    if aggregate == "ensemble":  # (a dropped shard's weight is 0 already: the router's -inf similarity)
         out, routing["each_shard"] = ensemble(model, task, data, live, weights, batch_size=batch_size,
                                               progress=progress)
     else:

@@ -205,7 +205,7 @@ def forget(ctx: RequestContext, options: UnlearnOptions, objective: str) -> Upda
         logger.warning("%s: %s", objective, report["kept_warning"])
     logger.info("%s: %s at step %s (%s)", objective, "stopped" if report["stop"]["met"] else "gave up",
                 report["returned_step"], report["stop"]["why"])
-    update = path_update(ctx, theta_hat, theta, objective, report, time.perf_counter() - t0)
+    update = path_update(ctx, theta_hat, theta, objective, report, total)
     update.report |= ctx.report
     return update
 
