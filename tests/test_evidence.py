@@ -596,9 +596,14 @@ def test_without_a_recording_a_holdout_makes_auto_unlearn_until_the_test_says_un
     if report[DEFAULT]["stop"]["met"]:
         assert proof.after.verdict == ev.LIKE
     checks = report[DEFAULT]["stop"]["checks"]
-    # a bisection returned a point before the last two checks (the Probe keeps θ̂'s scores and the latest two)
-    rescored = report[DEFAULT]["returned_step"] not in [c["step"] for c in checks[-2:]]
-    assert passes == {"reference": 1, "scores": 2 + 2 * len(checks) + 2 * rescored}, (passes, len(checks))
+    # a check scores the forgotten examples, and the holdout unless it skipped it (`holdout_scored`, updates.stop);
+    # the report's "after" scores both again when a bisection returned a point before the last two checks (the Probe
+    # keeps θ̂'s scores and the latest two), the holdout alone when the cap returned a check that skipped it
+    scored = sum(1 + c["holdout_scored"] for c in checks)
+    step = report[DEFAULT]["returned_step"]
+    last = [c for c in checks[-2:] if c["step"] == step]
+    after = 2 if not last else 1 - last[-1]["holdout_scored"]
+    assert passes == {"reference": 1, "scores": 2 + scored + after}, (passes, len(checks))
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0  # no holdout: the one-step update, saying why
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["method"] == "first-order" and "holdout" in report["update_choice"]

@@ -31,11 +31,13 @@ from llmeraser.task import IGNORE_INDEX, CausalLMTask, Rendering, per_example_lo
 from llmeraser.testing import tiny_llama, tiny_lora
 from llmeraser.updates import RequestContext, UnlearnOptions, get_method, method_names
 from llmeraser.updates.choose import StepCosts, choose_update, would_add
-from llmeraser.updates.forget import DEFAULT, Knobs, _Run, forget_loss, resolve_defaults, retain_kl
+from llmeraser.updates.forget import DEFAULT, KEPT_PER_FORGOTTEN, Knobs, _Run, forget_loss, resolve_defaults, retain_kl
 from llmeraser.updates.stop import (
     LESS,
     LOOKS_LIKE,
     MORE,
+    STALE_MARGIN,
+    STALE_RUN,
     ForgetArguments,
     HoldoutStop,
     token_floor,
@@ -352,6 +354,11 @@ def test_the_unlearner_stops_when_the_forgotten_facts_look_like_the_holdout(memo
     accepted = [c for c in [*refined, whole[-1]] if c["verdict"] == LOOKS_LIKE and c["auc"] <= 0.5]
     returned = min(accepted, key=lambda c: c["step"])
     assert report["returned_step"] == returned["step"]
+    # a check that skipped the holdout said "not yet" on every score's AUC ≥ 0.5 + STALE_MARGIN against the holdout's
+    # last scores; the first check, every accepted one and the returned one scored it
+    skipped = [c for c in checks if not c["holdout_scored"]]
+    assert checks[0]["holdout_scored"] and returned["holdout_scored"] and all(c["holdout_scored"] for c in accepted)
+    assert all(min(c["auc"], c["auc_min_k_pp"]) >= 0.5 + STALE_MARGIN for c in skipped)
     theta = update.theta
     ParamView(model).set_vector(theta)
     # the report's test, recomputed at the returned θ: the same scores up to the batching's rounding, and an AUC is
@@ -362,10 +369,10 @@ def test_the_unlearner_stops_when_the_forgotten_facts_look_like_the_holdout(memo
     kept = train[12:]
     kept_rise = mean_loss(model, task, kept, theta) - mean_loss(model, task, kept, theta_hat)
     assert forget_rise > 1.0 and kept_rise < 0.5 * forget_rise, (forget_rise, kept_rise)
-    # the report's kept-loss check is over KEPT_PER_FORGOTTEN × 12 = 24 of the 48 kept facts, every other one (evenly
+    # the report's kept-loss check is over KEPT_PER_FORGOTTEN × 12 = 12 of the 48 kept facts, every fourth (evenly
     # spaced), the same sums in float64
-    check, sample = report["kept_loss_check"], kept[::2]
-    assert check["examples"] == 24
+    check, sample = report["kept_loss_check"], kept[::4]
+    assert KEPT_PER_FORGOTTEN == 1 and check["examples"] == 12
     assert check["result"] == pytest.approx(mean_loss(model, task, sample, theta), rel=1e-12)
     assert ("kept_warning" in report) == (check["ratio"] > 1.2)
     assert update.report["method"] == method and update.report["n_effective"] == 48
@@ -375,6 +382,65 @@ def test_the_unlearner_stops_when_the_forgotten_facts_look_like_the_holdout(memo
     seconds = report["seconds"]
     assert seconds["checks"] > 0 and seconds["kept_loss_check"] > 0 and seconds["steps_and_setup"] >= 0
     ParamView(model).set_vector(theta_hat)
+
+
+class _ScriptedProbe:
+    """A `evidence.Probe` stand-in whose "model" is a check's index into `script` (members' scores, holdout's
+    scores), uncalibrated; counts the holdout passes it was asked for."""
+
+    calibrate = False
+
+    def __init__(self, members, holdout, script):
+        self.members, self.holdout, self.script, self.holdout_passes = members, holdout, script, 0
+
+    def reference(self, model):
+        return None
+
+    def scores(self, model, holdout=None):
+        members, fresh = self.script[model]
+        if holdout is None:
+            self.holdout_passes += 1
+        return members, fresh if holdout is None else holdout
+
+
+def test_a_check_skips_the_holdout_only_while_the_forgotten_examples_are_plainly_familiar_and_its_drift_is_measured():
+    """HoldoutStop on scripted scores (12 members, 24 holdout; loss only matters, min-k%++ set alike): members far
+    more familiar than the holdout (AUC 1) skip the holdout for STALE_RUN checks, then a full check scores it; a
+    holdout that drifted between full checks is measured (the AUC against the old scores minus the AUC against the
+    new ones, per check since) and widens the margin; once the members come within the margin every check is full,
+    and the stop is decided on a full one."""
+    from llmeraser.evidence import Scores
+
+    m_ids, h_ids = tuple(f"m{i}" for i in range(12)), tuple(f"h{i}" for i in range(24))
+
+    def scores(ids, losses):
+        return Scores(ids, tuple(losses), tuple(-v for v in losses))
+
+    holdout = scores(h_ids, [1.0 + 0.01 * i for i in range(24)])  # losses 1.00 … 1.23
+    # the holdout drifted: 9 of its losses now below 0.6, 15 above
+    drifted = scores(h_ids, [0.5 + 0.01 * i for i in range(9)] + [0.61 + 0.01 * i for i in range(15)])
+    far = scores(m_ids, [0.1] * 12)  # AUC 1 against either
+    near = scores(m_ids, [0.6] * 12)  # AUC 1 against the old holdout, 15/24 = 0.625 against the drifted one
+    like = scores(m_ids, [1.005 + 0.02 * i for i in range(12)])  # interleaved with the old one: AUC 144/288 = 0.5
+    gone = scores(m_ids, [2.0] * 12)  # AUC 0: less familiar (an overshoot)
+    script = [(far, holdout)] * 4 + [(near, drifted), (near, drifted), (like, holdout), (gone, holdout)]
+    examples = [Example(id=i, prompt=f"q {i}", response="a") for i in (*m_ids, *h_ids)]
+    probe = _ScriptedProbe(examples[:12], examples[12:], script)
+    rule = HoldoutStop(None, examples[:12], examples[12:], calibrate=False, probe=probe)
+    out, drift = [], []
+    for k in range(len(script)):
+        out.append(rule.check(k))
+        drift.append(rule.drift)
+    scored = [st["holdout_scored"] for _, st in out]
+    assert STALE_RUN == 3 and scored[:5] == [True, False, False, False, True]
+    assert [st["auc"] for _, st in out[:4]] == [1.0] * 4 and not any(stop for stop, _ in out[:4])
+    # check 4, full: AUC 1 against the old holdout's scores, 0.625 against the drifted ones: moved 0.375 over 4 checks
+    assert out[4][1]["auc"] == 0.625 and out[4][1]["holdout_drift"] == 0.375 and drift[4] == 0.375 / 4
+    # check 5: 0.625 would clear 0.5 + STALE_MARGIN alone, but not with the drift measured (0.09375 per check)
+    assert 0.625 >= 0.5 + STALE_MARGIN and scored[5] and out[5][1]["auc"] == 0.625
+    assert scored[6] and out[6][0] and out[6][1]["verdict"] == LOOKS_LIKE and out[6][1]["auc"] == 0.5  # a stop: full
+    assert scored[7] and not out[7][0] and rule.overshot(out[7][1])  # an overshoot: on a full check
+    assert probe.holdout_passes == sum(scored)
 
 
 def test_a_timed_rule_sums_its_checks_wall_time_and_delegates(monkeypatch):

@@ -297,10 +297,8 @@ class Probe:
     computed twice: the base model's reference scores once, on first use (`references`), and the scores at a θ
     reused when that θ is tested again (θ̂: the report's "before" and a stop rule's first check; the result: the
     rule's last check and the report's "after"). θ is the model's trainable parameters (`params.ParamView`), compared
-    exactly on the model's device; the scores of θ̂ (the first θ tested) and of the latest two are kept (a stop
-    rule's refinement between its last two checks can return the earlier one, which the report then reads back).
-
-    `members` and `holdout` are checked by the caller (`check_holdout`)."""
+    exactly on the model's device; the scores of θ̂ and of the latest two θs are kept (a stop rule's refinement can
+    return the earlier, which the report reads back). `members`, `holdout`: checked by the caller (`check_holdout`)."""
 
     def __init__(self, task: CausalLMTask, members: Sequence[Example], holdout: Sequence[Example], *,
                  k: float = MIN_K, batch_size: int = 8, calibrate: bool = True,
@@ -309,7 +307,7 @@ class Probe:
         self.members, self.holdout = list(members), list(holdout)
         self._reference = reference  # the base model's scores when the caller has them, else computed on first use
         self._referenced = reference is not None
-        self._seen: list[tuple[torch.Tensor, tuple[Scores, Scores]]] = []  # (θ on the model's device, its scores)
+        self._seen: list[list] = []  # [θ on the model's device, its members' scores, its holdout's (None: not yet)]
 
     def reference(self, model: torch.nn.Module) -> tuple[Scores, Scores] | None:
         """The base model's scores of the members and the holdout (None: uncalibrated, or no adapter to disable)."""
@@ -321,18 +319,22 @@ class Probe:
             self._referenced = True
         return self._reference
 
-    def scores(self, model: torch.nn.Module) -> tuple[Scores, Scores]:
-        """(members' scores, holdout's scores) at the model's current θ."""
+    def scores(self, model: torch.nn.Module, holdout: Scores | None = None) -> tuple[Scores, Scores]:
+        """(members' scores, holdout's scores) at the model's current θ; `holdout`: scores that stand in for the
+        holdout's, which are then not computed (a stop rule's check between two full ones, `updates.stop`)."""
         from llmeraser.params import ParamView
 
         theta = ParamView(model).vector().detach()
-        for seen, scores in self._seen:
-            if seen.shape == theta.shape and torch.equal(seen, theta):
-                return scores
-        scores = tuple(membership_scores(model, self.task, s, k=self.k, batch_size=self.batch_size)
-                       for s in (self.members, self.holdout))
-        self._seen = [*self._seen[:1], *self._seen[1:][-1:], (theta.clone(), scores)]  # θ̂, the latest two
-        return scores
+        seen = next((s for s in self._seen if s[0].shape == theta.shape and torch.equal(s[0], theta)), None)
+        if seen is None:
+            seen = [theta.clone(), self._score(model, self.members), None]
+            self._seen = [*self._seen[:1], *self._seen[1:][-1:], seen]  # θ̂, the latest two
+        if holdout is None and seen[2] is None:
+            seen[2] = self._score(model, self.holdout)
+        return seen[1], holdout if holdout is not None else seen[2]
+
+    def _score(self, model: torch.nn.Module, examples: Sequence[Example]) -> Scores:
+        return membership_scores(model, self.task, examples, k=self.k, batch_size=self.batch_size)
 
     def test(self, model: torch.nn.Module, alpha: float = ALPHA) -> MembershipTest:
         """`membership_test` at the model's current θ, calibrated unless told otherwise."""

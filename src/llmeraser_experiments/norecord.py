@@ -68,12 +68,15 @@ def run_forget(model: torch.nn.Module, task, view, theta: torch.Tensor, train: S
 def stop_info(r: dict) -> dict:
     """What a row keeps of an unlearner's report (`updates.forget`; `path_update` files it under the method's
     name): the resolved knobs and where they came from, the stop rule's outcome and last check, the kept loss, and
-    where the run's seconds went (checks, the kept-loss check, steps and set-up)."""
+    where the run's seconds went (checks, the kept-loss check, steps and set-up); of the checks, how many skipped the
+    holdout and the most its drift moved an AUC between two full ones (`updates.stop.HoldoutStop`)."""
     last = r["stop"]["checks"][-1] if r["stop"]["checks"] else {}
     return {"lr": r["lr"], "max_steps": r["max_steps"], "check_every": r["check_every"],
             "defaults_from": r["defaults_from"], "steps": r["returned_step"], "steps_taken": r["steps_taken"],
             "stop": {"met": r["stop"]["met"], "why": r["stop"]["why"], "checks": len(r["stop"]["checks"]),
-                     "last_check": last},
+                     "last_check": last, "holdout_skipped": sum(not c.get("holdout_scored", True)
+                                                                for c in r["stop"]["checks"]),
+                     "holdout_drift": max((c.get("holdout_drift", 0.0) for c in r["stop"]["checks"]), default=0.0)},
             "kept_loss_check": r["kept_loss_check"], "kept_warning": r.get("kept_warning"),
             "seconds_in": r.get("seconds")}
 

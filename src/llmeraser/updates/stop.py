@@ -20,7 +20,16 @@ import torch
 
 from llmeraser.data import Example
 from llmeraser.errors import ConfigError, UserInputError
-from llmeraser.evidence import ALPHA, LIKE, HoldoutError, Probe, membership_scores
+from llmeraser.evidence import (
+    ALPHA,
+    LIKE,
+    HoldoutError,
+    MembershipTest,
+    Probe,
+    Scores,
+    membership_scores,
+    membership_test,
+)
 from llmeraser.evidence import LESS as EVIDENCE_LESS
 from llmeraser.evidence import MORE as EVIDENCE_MORE
 from llmeraser.evidence import check_holdout as evidence_check
@@ -28,6 +37,9 @@ from llmeraser.task import IGNORE_INDEX, Task
 
 LOOKS_LIKE, MORE, LESS = LIKE, EVIDENCE_MORE, EVIDENCE_LESS  # the verdicts of `evidence.membership_test`
 TARGET = 0.5  # the loss AUC (calibrated) the stop rule runs to: a forgotten example as familiar as a held-out one
+STALE_MARGIN = 0.1  # a check skips the holdout while every AUC against its last scores is ≥ TARGET + this (+ the drift
+#                     measured in the run): TODO measured
+STALE_RUN = 3  # checks in a row that may skip the holdout: at least every fourth check is a full one
 
 
 @dataclass
@@ -145,10 +157,16 @@ class HoldoutStop:
     mean loss is below where it started (they are being learned). Overshot: the test says the forgotten examples are
     now less familiar than the holdout.
 
-    Each check is a forward pass over the forgotten examples, the holdout and the corrected versions
-    (`evidence.membership_scores`: on the model's device, one transfer per set at the end), through the request's
-    `evidence.Probe` when given one (`probe`, the job's: its base-model reference and its scores at θ̂ are the
-    report's, not computed again)."""
+    A check is a forward pass over the forgotten examples, and over the holdout and the corrected versions unless the
+    forgotten examples are still plainly familiar (`evidence.membership_scores`: on the model's device, one transfer
+    per set at the end; through the request's `evidence.Probe` when given one (`probe`, the job's: its base-model
+    reference and its scores at θ̂ are the report's, not computed again)). The holdout is scored only where it could
+    decide (docs/forget.md#what-a-check-costs): the forgotten examples are tested first against the holdout's scores
+    of the last full check, and while every score's AUC there is ≥ 0.5 + STALE_MARGIN + (the most the holdout's drift
+    has moved an AUC per check, measured at each full check since) × the checks since, for at most STALE_RUN checks
+    in a row, the check says "not yet" without it. A stop, an overshoot and the point returned are always decided on
+    a full check: a wrong "not yet" costs steps, and refine or bisect take the run back to where the full test
+    crosses."""
 
     def __init__(self, task: Task, members: Sequence[Example], holdout: Sequence[Example],
                  corrected: Sequence[Example] = (), *, alpha: float = ALPHA, batch_size: int = 8,
@@ -163,15 +181,27 @@ class HoldoutStop:
         self.task, self.alpha, self.batch_size, self.probe = task, alpha, batch_size, probe
         self.corrected = list(corrected)
         self.corrected_start: float | None = None
+        self.last_holdout: Scores | None = None  # the holdout's scores at the last full check
+        self.stale, self.drift = 0, 0.0  # checks since it; the most its drift moved an AUC per check
 
     def check(self, model: torch.nn.Module) -> tuple[bool, dict]:
-        test = self.probe.test(model, self.alpha)
-        stats = {"verdict": test.verdict, "members": test.n_members, "holdout": test.n_holdout,
-                 "calibration": test.calibration}
-        for t in test.tests:
-            tag = "" if t.score == "loss" else f"_{t.score}"
-            stats |= {f"auc{tag}": t.auc, f"p{tag}": t.p_auc}
-        stats |= {"forget_loss": test.score("loss").mean_members, "holdout_loss": test.score("loss").mean_holdout}
+        reference = self.probe.reference(model)
+        guess = None
+        if self.last_holdout is not None:
+            members, _ = self.probe.scores(model, holdout=self.last_holdout)
+            guess = membership_test(members, self.last_holdout, alpha=self.alpha, reference=reference)
+            if self.stale < STALE_RUN and \
+                    min(t.auc for t in guess.tests) >= TARGET + STALE_MARGIN + self.drift * (self.stale + 1):
+                self.stale += 1
+                return False, _stats(guess) | {"holdout_scored": False}
+        members, holdout = self.probe.scores(model)
+        test = membership_test(members, holdout, alpha=self.alpha, reference=reference)
+        stats = _stats(test) | {"holdout_scored": True}
+        if guess is not None:  # how far the holdout's drift since its last scores moved the AUCs
+            moved = max(abs(g.auc - t.auc) for g, t in zip(guess.tests, test.tests, strict=True))
+            self.drift = max(self.drift, moved / (self.stale + 1))
+            stats["holdout_drift"] = moved
+        self.last_holdout, self.stale = holdout, 0
         learned = True
         if self.corrected:
             scores = membership_scores(model, self.task, self.corrected, batch_size=self.batch_size)
@@ -188,6 +218,16 @@ class HoldoutStop:
 
     def overshot(self, stats: dict) -> bool:
         return stats["verdict"] == LESS
+
+
+def _stats(test: MembershipTest) -> dict:
+    """What a check reports of its membership test (the loss AUC as `auc`, min-k%++'s as `auc_min_k_pp`)."""
+    stats = {"verdict": test.verdict, "members": test.n_members, "holdout": test.n_holdout,
+             "calibration": test.calibration}
+    for t in test.tests:
+        tag = "" if t.score == "loss" else f"_{t.score}"
+        stats |= {f"auc{tag}": t.auc, f"p{tag}": t.p_auc}
+    return stats | {"forget_loss": test.score("loss").mean_members, "holdout_loss": test.score("loss").mean_holdout}
 
 
 def token_nll(task: Task, model: torch.nn.Module, batch: dict, floor: torch.Tensor | None = None
