@@ -405,7 +405,8 @@ class _ScriptedProbe:
 
 def test_a_check_skips_the_holdout_only_while_the_forgotten_examples_are_plainly_familiar_and_its_drift_is_measured():
     """HoldoutStop on scripted scores (12 members, 24 holdout; loss only matters, min-k%++ set alike): members far
-    more familiar than the holdout (AUC 1) skip the holdout for STALE_RUN checks, then a full check scores it; a
+    more familiar than the holdout (AUC 1) skip the holdout, once two full checks have measured its drift, for
+    STALE_RUN checks, then a full check scores it; a
     holdout that drifted between full checks is measured (the AUC against the old scores minus the AUC against the
     new ones, per check since) and widens the margin; once the members come within the margin every check is full,
     and the stop is decided on a full one."""
@@ -423,7 +424,7 @@ def test_a_check_skips_the_holdout_only_while_the_forgotten_examples_are_plainly
     near = scores(m_ids, [0.6] * 12)  # AUC 1 against the old holdout, 15/24 = 0.625 against the drifted one
     like = scores(m_ids, [1.005 + 0.02 * i for i in range(12)])  # interleaved with the old one: AUC 144/288 = 0.5
     gone = scores(m_ids, [2.0] * 12)  # AUC 0: less familiar (an overshoot)
-    script = [(far, holdout)] * 4 + [(near, drifted), (near, drifted), (like, holdout), (gone, holdout)]
+    script = [(far, holdout)] * 5 + [(near, drifted), (near, drifted), (like, holdout), (gone, holdout)]
     examples = [Example(id=i, prompt=f"q {i}", response="a") for i in (*m_ids, *h_ids)]
     probe = _ScriptedProbe(examples[:12], examples[12:], script)
     rule = HoldoutStop(None, examples[:12], examples[12:], calibrate=False, probe=probe)
@@ -432,14 +433,15 @@ def test_a_check_skips_the_holdout_only_while_the_forgotten_examples_are_plainly
         out.append(rule.check(k))
         drift.append(rule.drift)
     scored = [st["holdout_scored"] for _, st in out]
-    assert STALE_RUN == 3 and scored[:5] == [True, False, False, False, True]
-    assert [st["auc"] for _, st in out[:4]] == [1.0] * 4 and not any(stop for stop, _ in out[:4])
-    # check 4, full: AUC 1 against the old holdout's scores, 0.625 against the drifted ones: moved 0.375 over 4 checks
-    assert out[4][1]["auc"] == 0.625 and out[4][1]["holdout_drift"] == 0.375 and drift[4] == 0.375 / 4
-    # check 5: 0.625 would clear 0.5 + STALE_MARGIN alone, but not with the drift measured (0.09375 per check)
-    assert 0.625 >= 0.5 + STALE_MARGIN and scored[5] and out[5][1]["auc"] == 0.625
-    assert scored[6] and out[6][0] and out[6][1]["verdict"] == LOOKS_LIKE and out[6][1]["auc"] == 0.5  # a stop: full
-    assert scored[7] and not out[7][0] and rule.overshot(out[7][1])  # an overshoot: on a full check
+    # checks 0 and 1 full (no skip before the drift is measured: 0 here), then STALE_RUN = 3 skips, then a full one
+    assert STALE_RUN == 3 and scored[:6] == [True, True, False, False, False, True] and drift[1] == 0
+    assert [st["auc"] for _, st in out[:5]] == [1.0] * 5 and not any(stop for stop, _ in out[:5])
+    # check 5, full: AUC 1 against the old holdout's scores, 0.625 against the drifted ones: moved 0.375 over 4 checks
+    assert out[5][1]["auc"] == 0.625 and out[5][1]["holdout_drift"] == 0.375 and drift[5] == 0.375 / 4
+    # check 6: 0.625 would clear 0.5 + STALE_MARGIN alone, but not with the drift measured (0.09375 per check)
+    assert 0.625 >= 0.5 + STALE_MARGIN and scored[6] and out[6][1]["auc"] == 0.625
+    assert scored[7] and out[7][0] and out[7][1]["verdict"] == LOOKS_LIKE and out[7][1]["auc"] == 0.5  # a stop: full
+    assert scored[8] and not out[8][0] and rule.overshot(out[8][1])  # an overshoot: on a full check
     assert probe.holdout_passes == sum(scored)
 
 

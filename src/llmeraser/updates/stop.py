@@ -163,10 +163,10 @@ class HoldoutStop:
     reference and its scores at θ̂ are the report's, not computed again)). The holdout is scored only where it could
     decide (docs/forget.md#what-a-check-costs): the forgotten examples are tested first against the holdout's scores
     of the last full check, and while every score's AUC there is ≥ 0.5 + STALE_MARGIN + (the most the holdout's drift
-    has moved an AUC per check, measured at each full check since) × the checks since, for at most STALE_RUN checks
-    in a row, the check says "not yet" without it. A stop, an overshoot and the point returned are always decided on
-    a full check: a wrong "not yet" costs steps, and refine or bisect take the run back to where the full test
-    crosses."""
+    has moved an AUC per check, measured at each full check from the second on) × the checks since, for at most
+    STALE_RUN checks in a row, the check says "not yet" without it; none skips before the drift is measured. A stop,
+    an overshoot and the point returned are always decided on a full check: a wrong "not yet" costs steps, and refine
+    or bisect take the run back to where the full test crosses."""
 
     def __init__(self, task: Task, members: Sequence[Example], holdout: Sequence[Example],
                  corrected: Sequence[Example] = (), *, alpha: float = ALPHA, batch_size: int = 8,
@@ -183,6 +183,7 @@ class HoldoutStop:
         self.corrected_start: float | None = None
         self.last_holdout: Scores | None = None  # the holdout's scores at the last full check
         self.stale, self.drift = 0, 0.0  # checks since it; the most its drift moved an AUC per check
+        self.measured = False  # the drift has been measured (two full checks in a row): no check skips before
 
     def check(self, model: torch.nn.Module) -> tuple[bool, dict]:
         reference = self.probe.reference(model)
@@ -190,7 +191,7 @@ class HoldoutStop:
         if self.last_holdout is not None:
             members, _ = self.probe.scores(model, holdout=self.last_holdout)
             guess = membership_test(members, self.last_holdout, alpha=self.alpha, reference=reference)
-            if self.stale < STALE_RUN and \
+            if self.measured and self.stale < STALE_RUN and \
                     min(t.auc for t in guess.tests) >= TARGET + STALE_MARGIN + self.drift * (self.stale + 1):
                 self.stale += 1
                 return False, _stats(guess) | {"holdout_scored": False}
@@ -199,7 +200,7 @@ class HoldoutStop:
         stats = _stats(test) | {"holdout_scored": True}
         if guess is not None:  # how far the holdout's drift since its last scores moved the AUCs
             moved = max(abs(g.auc - t.auc) for g, t in zip(guess.tests, test.tests, strict=True))
-            self.drift = max(self.drift, moved / (self.stale + 1))
+            self.drift, self.measured = max(self.drift, moved / (self.stale + 1)), True
             stats["holdout_drift"] = moved
         self.last_holdout, self.stale = holdout, 0
         learned = True
