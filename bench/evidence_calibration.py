@@ -1,4 +1,5 @@
-"""Why the membership test is calibrated by the base model (docs/evidence.md#calibration): on the people benchmark,
+"""Why the membership test is calibrated by the base model
+(docs/evidence.md#calibration-each-example-against-itself-under-the-base-model): on the people benchmark,
 the forgotten people against the held-out ones under models that saw neither group (the base model, the retrain
 without the forgotten people) and under the original adapter, raw and calibrated; and pairs of held-out people
 against the others, which no model here saw.

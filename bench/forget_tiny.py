@@ -1,5 +1,5 @@
 """The unlearners without a recording (`llmeraser.updates.forget`) on the test suite's tiny memorised case: the table
-of docs/forget.md#measured, in one run (about 30 s on one thread).
+of docs/forget.md#measured-tiny-memorised-case, in one run (about 30 s on one thread).
 
     python bench/forget_tiny.py                                   # the table's rows
     python bench/forget_tiny.py npo '{"beta": 0.5, "retain_weight": 3}'    # any METHOD '{ForgetArguments as JSON}'

@@ -7,7 +7,8 @@
     python bench/people.py --splits forget05 --shards 4 8 --out DIR   sharded adapters (docs/sharded.md)
     python bench/people.py --splits forget01 forget05 forget10 --methods original retrain first-order/cg \
         gradient-ascent npo npo/stop simnpo/stop gradient-difference/stop npo/stop:b0.5-rw3 --work W --out DIR
-                                                   rows without a recording (docs/forget.md#measured)
+                                                   rows without a recording
+                                                   (docs/forget.md#measured-the-people-benchmark-and-the-trl-chat-removal)
 
 Builds the people (`llmeraser data people` writes the same records), fine-tunes the embedded model on their facts
 until it has memorised them (recording its trajectory, as `llmeraser finetune` does), and for forget01/05/10 and the

@@ -1,6 +1,7 @@
 """Top-1 against weighted (APA-style) and ensemble (SISA-style) serving of sharded folders on a test set:
 `serving.evaluate_sharded` with each of `--aggregates` (top-1 once, the others at each temperature), one run, written
-as JSON (docs/sharded.md#serving); an ensemble row also holds each shard's own AUC on the whole test set.
+as JSON (docs/sharded.md#serving-top-1-weighted-or-ensemble); an ensemble row also holds each shard's own AUC on the
+whole test set.
 
     python bench/sharded_weighted.py --folders /tmp/shm-work/IR-1-4 --movielens-test --temperatures 0.05 1 \
         --out bench/results/movielens-sharded/weighted.json

@@ -32,13 +32,13 @@ The test (`membership_test`), for each score oriented so that higher = more fami
 - resolution: the |AUC − 0.5| the test can tell from noise at these sizes (the normal null band's half-width), so
   "looks like the holdout" is read as "within ±resolution".
 
-Calibration (difficulty calibration, Watson et al., ICLR 2022): two groups of examples no model saw still differ —
-some facts are easier to guess than others — and a retrain, which never saw the forgotten examples, keeps that
-difference: on the people benchmark it finds two forgotten people at loss AUC 0.36 against four held-out ones, where the
-base model alone finds 0.35 (docs/evidence.md#calibration). So the test is taken on each example's score *minus its
-score under the base model* (the adapter disabled: `references`), which measures what the fine-tune did to the
-example; there unseen examples sit at AUC 0.5 whatever their difficulty (the retrain above: 0.53). `evidence`
-calibrates whenever the model has an adapter to disable; the uncalibrated AUCs stay in the record (`raw_auc`).
+Calibration (difficulty calibration, Watson et al., ICLR 2022): two groups of examples no model saw still differ — some
+facts are easier to guess than others — and a retrain, which never saw the forgotten examples, keeps that difference: on
+the people benchmark it finds two forgotten people at loss AUC 0.36 against four held-out ones, where the base model
+alone finds 0.35 (docs/evidence.md#calibration-each-example-against-itself-under-the-base-model). So the test is taken
+on each example's score *minus its score under the base model* (the adapter disabled: `references`), which measures what
+the fine-tune did to the example; there unseen examples sit at AUC 0.5 whatever their difficulty (the retrain above:
+0.53). `evidence` calibrates whenever the model has an adapter to disable; the uncalibrated AUCs stay (`raw_auc`).
 
 `check_holdout` refuses a holdout the test cannot use: another format than the training data, ids (or contents) that
 are in the training set, or fewer examples than `min_holdout`: the smallest holdout for which the test can reach

@@ -114,7 +114,7 @@ def load_base_model(name_or_dir: str = DEFAULT_NAME, *, dtype: str = "float32", 
     gradient checkpointing, on `device` (`resolve_device`).
 
     A quantised base (QLoRA's 4-bit bitsandbytes, GPTQ, ...) is refused: the update needs second derivatives through
-    the base, in float (docs/data.md#what-is-not-supported); give the float checkpoint the quantised one was made from.
+    the base, in float (docs/data.md#devices-and-precision); give the float checkpoint the quantised one was made from.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

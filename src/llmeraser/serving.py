@@ -1,4 +1,5 @@
-"""How a sharded adapter answers a query: top-1 or weighted aggregation of its shards (docs/sharded.md#serving).
+"""How a sharded adapter answers a query: top-1 or weighted aggregation of its shards
+(docs/sharded.md#serving-top-1-weighted-or-ensemble).
 
 - **top-1** (the default): the shard whose stored prompt is nearest to the query answers it alone (`Router.route`):
   peft's per-example adapter, or a multi-LoRA server's adapter per request. Exact unlearning holds per shard, and a
@@ -15,7 +16,8 @@
 - **ensemble** (SISA's aggregation, Bourtoule et al. 2021, weighted by the router): every shard answers the query on
   its own and their answers are mixed, P(y | x) = Σ_k w_k P_k(y | x) (`ensemble`): S forward passes a query, any PEFT
   kind. Each shard's output is on its own scale (a shard of 1/S of the data leans its own way), which top-1 carries
-  into the scores of the queries it routes and a mixture of the outputs averages out (docs/sharded.md#serving).
+  into the scores of the queries it routes and a mixture of the outputs averages out
+  (docs/sharded.md#serving-top-1-weighted-or-ensemble).
   Exact unlearning holds as for the others: each answer comes from shards that never saw a removed example.
 
 Weighted queries are batched (`row_mixture`): every shard's adapter is active and a forward hook on each shard's

@@ -27,7 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "weighted (APA-style) with every shard's LoRA update summed, weighted per example by the "
                         "router (one pass; plain LoRA only); ensemble (SISA-style) with every shard's answer mixed, "
                         "weighted by the router (S passes; on MovieLens the best of the three: "
-                        "docs/sharded.md#serving)")
+                        "docs/sharded.md#serving-top-1-weighted-or-ensemble)")
     p.add_argument("--temperature", type=float, default=0.05,
                    help="with --aggregate weighted or ensemble: the router's softmax temperature over cosine "
                         "similarities (smaller: closer to top-1; large: the shards alike)")

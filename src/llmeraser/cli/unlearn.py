@@ -71,7 +71,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="record the request in the ledger in DIR (created on first use; its root is --adapter). "
                         "With a ledger, --train is the ORIGINAL training set: the applied requests are replayed "
                         "on it, --adapter must be the lineage's head, an applied request is a no-op")
-    when = p.add_argument_group("collecting requests until a deadline (with --ledger; docs/ledger.md#the-backlog)")
+    when = p.add_argument_group("collecting requests until a deadline (with --ledger; "
+                                "docs/ledger.md#the-backlog-collect-until-a-deadline)")
     when.add_argument("--queue", action="store_true",
                       help="put --request in the ledger's backlog instead of applying it (checked against the "
                            "lineage now; no --out)")

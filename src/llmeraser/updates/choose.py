@@ -25,7 +25,7 @@ PATH_MARGIN = 0.75
 CHECK_BATCH = KEPT_BATCH  # the kept-loss check's forward batch
 # the request's examples count as memorised when fine-tuning took their loss below this share of their loss before
 # the first step that saw them: 0.057 and 0.138 on two memorised people cases (where path replay can land outside
-# retraining's spread, docs/path.md#overshoot); data a model fits without memorising stays near 1
+# retraining's spread, docs/path.md#overshoot-on-memorised-removals); data a model fits without memorising stays near 1
 MEMORISED = 0.5
 
 
@@ -181,7 +181,7 @@ def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestConte
       the tail is what repairs the predicted steps, and on one-epoch MovieLens fine-tunes, where it cannot, path
       replay was worse than doing nothing (IR-1, IR-10) or slower than retraining (RC-40; docs/path.md);
     - rewind when fine-tuning memorised the request's examples (`memorised_share` ≤ MEMORISED): path replay
-      overshoots retraining there, beyond retraining's own spread (docs/path.md#overshoot);
+      overshoots retraining there, beyond retraining's own spread (docs/path.md#overshoot-on-memorised-removals);
     - else path replay only when its forecast wall time is at most PATH_MARGIN × rewind's (`forecast_seconds`
       from `costs`, measured now at θ̂ unless given — tests give them); rewind otherwise, since it is then exact at
       about the same cost. Counting gradients is not enough: a path replay's calls are smaller, and a call's fixed
@@ -219,7 +219,8 @@ def choose_update(trajectory: Trajectory | None, why_not: str, ctx: RequestConte
         return "rewind", (f"auto chose rewind: fine-tuning memorised the request's examples (their loss fell from "
                           f"{memorised['before']:.3g} before step {first}, the first that saw one, to "
                           f"{memorised['after']:.3g}); on memorised requests path replay can forget more than "
-                          f"retraining does, beyond retraining's own spread (docs/path.md#overshoot), so the exact "
+                          f"retraining does, beyond retraining's own spread "
+                          f"(docs/path.md#overshoot-on-memorised-removals), so the exact "
                           f"update: rewinding to step {start} replays {replay:.0%} of fine-tuning")
     costs = costs or measure_costs(ctx, trajectory, steps[first])
     n_kept = len(ctx.effective) - sum(new is not None for new in edits.values())
