@@ -328,8 +328,8 @@ def test_memorised_person_removal_through_the_cli_with_default_options(tmp_path)
     were memorised and rewinds (retraining itself). Path replay, asked by name, must move the forgotten facts' loss at
     least 70% of the way to retraining's with the kept facts' no more than 10% above the original. Measured (float64,
     this CPU, 2 threads): forgotten 0.10 → 2.10 retrained, → 2.60 by path replay (1.25 of the way; retrains with
-    other order seeds move 1.0–1.3 on this measure, docs/path.md#overshoot); kept 0.196 → 0.201 (1.02×). The margins
-    (0.7 vs 1.25, 1.1 vs 1.02) are far above what rounding across CPUs can move in float64."""
+    other order seeds move 1.0–1.3 on this measure, docs/path.md#overshoot-on-memorised-removals); kept 0.196 → 0.201
+    (1.02×). The margins (0.7 vs 1.25, 1.1 vs 1.02) are far above what rounding across CPUs can move in float64."""
     case = memorised_people(tmp_path)
     common = ["--base-model", str(case["base"]), "--dtype", "float64", "--quiet"]
     ft = ["--epochs", "30", "--lr", "1e-2", "--batch-size", "8", "--lora-r", "4", "--lora-alpha", "8",
@@ -346,7 +346,7 @@ def test_memorised_person_removal_through_the_cli_with_default_options(tmp_path)
     report = json.loads((tmp_path / "un" / "report.json").read_text())
     # auto rewinds: the person's facts were memorised (their loss fell to ~0.05 of what it was before the run saw
     # them, far below the 0.5 line: no rounding moves that), where path replay overshoots retraining
-    # (docs/path.md#overshoot); a rewind is retraining, bit for bit
+    # (docs/path.md#overshoot-on-memorised-removals); a rewind is retraining, bit for bit
     assert report["method"] == "rewind" and report["update_choice"].startswith("auto chose rewind: fine-tuning "
                                                                               "memorised")
     assert report["update_memorised"]["share"] < 0.2
