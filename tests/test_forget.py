@@ -404,12 +404,11 @@ class _ScriptedProbe:
 
 
 def test_a_check_skips_the_holdout_only_while_the_forgotten_examples_are_plainly_familiar_and_its_drift_is_measured():
-    """HoldoutStop on scripted scores (12 members, 24 holdout; loss only matters, min-k%++ set alike): members far
-    more familiar than the holdout (AUC 1) skip the holdout, once two full checks have measured its drift, for
-    STALE_RUN checks, then a full check scores it; a
-    holdout that drifted between full checks is measured (the AUC against the old scores minus the AUC against the
-    new ones, per check since) and widens the margin; once the members come within the margin every check is full,
-    and the stop is decided on a full one."""
+    """HoldoutStop on scripted scores (12 members, 24 holdout; min-k%++ set to mirror the loss): members far more
+    familiar than the holdout (AUC 1) skip the holdout, once two full checks have measured its drift, for STALE_RUN
+    checks, then a full check scores it; a holdout that drifted between full checks is measured (the AUC against the
+    old scores minus the AUC against the new ones, per check since) and widens the margin; once the members come
+    within the margin every check is full, and the stop and the overshoot are decided on full ones."""
     from llmeraser.evidence import Scores
 
     m_ids, h_ids = tuple(f"m{i}" for i in range(12)), tuple(f"h{i}" for i in range(24))
