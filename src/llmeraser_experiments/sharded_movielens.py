@@ -122,11 +122,13 @@ class Runner:
             atomic_write_json(meta, {"seconds": time.perf_counter() - start, **extra})
         return folder, json.loads(meta.read_text())["seconds"]
 
-    def sharded(self, train: list[Example], shards: int) -> tuple[Path, float]:
-        """The sharded adapter of `shards` shards on `train` (S = 1: the single adapter) and its fine-tune's wall
-        seconds (base-model loads, every shard's recorded fine-tune, the router)."""
-        return self._timed(f"sharded-{examples_hash(train)[:12]}-{shards}", lambda f: finetune_sharded(
-            train, f, shards=shards, by=BY, **self.recipe(self.args.seed)) and None)
+    def sharded(self, train: list[Example], shards: int, seed: int | None = None) -> tuple[Path, float]:
+        """The sharded adapter of `shards` shards on `train` (S = 1: the single adapter), fine-tuned from `seed`
+        (default: the run's), and its fine-tune's wall seconds (base-model loads, every shard's recorded fine-tune,
+        the router)."""
+        seed = self.args.seed if seed is None else seed
+        return self._timed(f"sharded-{examples_hash(train)[:12]}-{shards}{seeded(seed, self.args.seed)}",
+                           lambda f: finetune_sharded(train, f, shards=shards, by=BY, **self.recipe(seed)) and None)
 
     def retrain(self, clean: list[Example], seed: int) -> tuple[Path, float]:
         """The single adapter retrained on `clean` from `seed` (`finetune_adapter`, base load included)."""
@@ -173,6 +175,12 @@ class Runner:
                 "test_acc": result["accuracy"], "test_loss": result["loss"], "p_yes": result["p_yes"]}
         self._scores[str(folder)] = out
         return out
+
+
+def seeded(seed: int, default: int) -> str:
+    """The suffix a work folder made from another seed than the run's carries (none for the run's own seed, so
+    the folders of earlier runs are reused as they are)."""
+    return "" if seed == default else f"-s{seed}"
 
 
 def router_accuracy(sharded: ShardedAdapter, train: Sequence[Example], test: Sequence[Example],
