@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5], help="sharded fine-tunes' seeds")
     p.add_argument("--retrain-seeds", nargs="+", type=int, default=list(range(11)), help="single retrains' seeds")
     p.add_argument("--aggregates", nargs="+", default=list(AGGREGATES), choices=AGGREGATES)
+    p.add_argument("--lr", type=float, default=None,
+                   help="the recipe's learning rate for every fine-tune here (default: the suite's, 1e-3); another "
+                        "keeps its folders under WORK/lr<LR>")
+    p.add_argument("--split", default="test", choices=["test", "valid"],
+                   help="where the AUC is measured: the suite's test split, or its validation split (to choose a "
+                        "recipe on without looking at the test)")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama and 48 training examples: seconds")
     p.add_argument("--work", default=None, metavar="DIR", help="keep every folder here, reused by a rerun")
     p.add_argument("--out", required=True, help="output folder (new): results.json, table.md")
@@ -73,15 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     try:
         check_new_output(out)
-        args = ShardedMovieLensArguments.tiny() if a.tiny else ShardedMovieLensArguments()
+        lr = {} if a.lr is None else {"lr": a.lr}
+        args = ShardedMovieLensArguments.tiny(**lr) if a.tiny else ShardedMovieLensArguments(**lr)
         if a.shards < 2:
             raise ConfigError("--shards must be ≥ 2 (S = 1 is the single adapter: its spread is the retrains')")
         splits = build_splits(n_train=args.n_train, n_valid=args.n_valid, n_test=args.n_test, seed=0)
-        train, test = with_user(splits["train"]), with_user(splits["test"])
+        train, test = with_user(splits["train"]), with_user(splits[a.split])
         setting = make_setting(a.setting, args.seed, train)
         original, clean = with_user(setting.train), with_user(setting.clean)
         with tempfile.TemporaryDirectory(prefix="llmeraser-spread-") as tmp:
-            work = Path(a.work or tmp)
+            work = Path(a.work or tmp) / (f"lr{a.lr:g}" if a.lr is not None and a.lr != ShardedMovieLensArguments.lr
+                                          else "")
             work.mkdir(parents=True, exist_ok=True)
             base = str(work / "base") if a.tiny and (work / "base").is_dir() else (
                 _tiny_base(train, work / "base") if a.tiny else args.base_model)
@@ -108,11 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     compared = {g: {**summary(x), "vs_retrain": welch(x, retrains)} for g in a.aggregates
                 if (x := [r["auc"] for r in rows if r["aggregate"] == g])}
     result = {"commit": git_commit(), "command": " ".join(sys.argv), "setting": a.setting, "shards": a.shards,
+              "split": a.split,
               "arguments": dataclasses.asdict(args), "rows": rows, "retrain": summary(retrains),
               "sharded": compared, "seconds": time.perf_counter() - started}
     out.mkdir(parents=True)
     atomic_write_json(out / "results.json", result)
-    lines = [f"{a.setting}, test AUC over seeds | n | mean | SD | min | max | mean − retrains' (SE) | Welch p",
+    lines = [f"{a.setting}, {a.split} AUC over seeds | n | mean | SD | min | max | mean − retrains' (SE) | Welch p",
              "---|---:|---:|---:|---:|---:|---:|---:"]
     for name, s in [("single adapter retrained", result["retrain"]), *(
             (f"S = {a.shards}, unlearned, {g}", v) for g, v in compared.items())]:

@@ -127,3 +127,46 @@ def test_the_recipe_is_the_suites_inherited_not_restated():
     assert (mine.n_train, mine.epochs, mine.lr, mine.batch_size) == (400, 1, 1e-3, 8)
     tiny = ShardedMovieLensArguments.tiny(n_test=12)  # tiny's own recipe, overrides on top
     assert (tiny.n_train, tiny.n_test, tiny.lr, tiny.max_length, tiny.lora["r"]) == (48, 12, 1e-2, 48, 2)
+
+
+def test_the_spread_bench_reads_draw_against_draw(run):
+    """bench/sharded_spread.py on the tiny pipeline, reusing the main bench's folders: its seed-0 top-1 row is the
+    main bench's score of the same unlearned folder (same model, data, batching and routing: the scores are computed
+    the same way, so equal; one tied-pair flip, 1/(pos·neg), is allowed for a last-bit difference between the two
+    evaluation paths); another seed is another fine-tune; the summary's difference of means is the rows'."""
+    import statistics
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import sharded_spread
+    finally:
+        sys.path.remove(str(BENCH))
+    result, tmp = run
+    out = tmp / "spread"
+    assert sharded_spread.main(["--tiny", "--setting", "IR-5", "--seeds", "0", "1", "--retrain-seeds", "0", "1",
+                                "--aggregates", "top1", "ensemble", "--work", str(tmp / "work"),
+                                "--out", str(out)]) == 0
+    spread = json.loads((out / "results.json").read_text())
+    top1 = {r["seed"]: r["auc"] for r in spread["rows"] if r["aggregate"] == "top1"}
+    main = next(r for r in result["rows"] if (r["setting"], r["shards"], r["method"]) == ("IR-5", 4, "unlearned"))
+    from llmeraser_experiments.movielens import build_splits
+
+    a = result["arguments"]
+    test = build_splits(n_train=a["n_train"], n_valid=a["n_valid"], n_test=a["n_test"], seed=0)["test"]
+    positives = sum(e.response.strip() == "Yes" for e in test)
+    assert 0 < positives < len(test)
+    assert abs(top1[0] - main["test_auc"]) <= 1 / (positives * (len(test) - positives)) + 1e-12
+    assert (tmp / "work" / "IR-5-4-s1").is_dir() and not (tmp / "work" / "IR-5-4-s0").exists()
+    import torch
+    from safetensors.torch import load_file
+
+    w0 = load_file(str(tmp / "work" / "IR-5-4" / "shard-00" / "adapter_model.safetensors"))
+    w1 = load_file(str(tmp / "work" / "IR-5-4-s1" / "shard-00" / "adapter_model.safetensors"))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    retrains = [r["auc"] for r in spread["rows"] if r["model"] == "retrain"]
+    for g in ("top1", "ensemble"):
+        mine = [r["auc"] for r in spread["rows"] if r["aggregate"] == g]
+        s = spread["sharded"][g]
+        assert s["n"] == 2 and s["min"] <= s["mean"] <= s["max"]
+        assert s["vs_retrain"]["difference"] == pytest.approx(statistics.fmean(mine) - statistics.fmean(retrains))
+    assert "S = 4, unlearned, ensemble | 2 |" in (out / "table.md").read_text()
