@@ -69,6 +69,26 @@ def test_a_different_training_set_is_warned_about(chat_root, caplog):
     assert any("is not the one" in r.getMessage() and "fine-tuned on" in r.getMessage() for r in caplog.records)
 
 
+def test_an_output_given_the_set_its_request_was_on_is_told_which_set_it_stands_for(tmp_path):
+    """`earlier_request_hint`: only a folder whose report names the given set as the one its request was applied to
+    (a single adapter's `train_sha256`, a sharded folder's `input_train_sha256`) gets the hint, naming its request
+    file; another set, no report, or an unreadable one: none (the warning or error then says what it said before)."""
+    from llmeraser.record import earlier_request_hint
+
+    single, sharded, broken = (tmp_path / n for n in ("single", "sharded", "broken"))
+    for folder in (single, sharded, broken):
+        folder.mkdir()
+    (single / "report.json").write_text(json.dumps({"train_sha256": "aaa", "task": {}}))
+    (single / "request.json").write_text("{}")
+    (sharded / "report.json").write_text(json.dumps({"input_train_sha256": "bbb"}))
+    (sharded / "requests.json").write_text("[]")
+    (broken / "report.json").write_text("{not json")
+    assert "(request.json)" in earlier_request_hint(single, "aaa") and "--ledger" in earlier_request_hint(single, "aaa")
+    assert "(requests.json)" in earlier_request_hint(sharded, "bbb")
+    assert earlier_request_hint(single, "bbb") == earlier_request_hint(sharded, "aaa") == ""
+    assert earlier_request_hint(broken, "aaa") == earlier_request_hint(tmp_path, "aaa") == ""
+
+
 def test_devices_dtypes_and_quantised_bases(tmp_path, capsys):
     from fixtures.tiny import save_tiny_base
 

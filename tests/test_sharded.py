@@ -70,6 +70,11 @@ def test_a_request_retrains_the_touched_shards_bit_for_bit_and_copies_the_others
     again = unlearn_sharded(tmp_path / "out", edited, Request([Edit("remove", edited[0].id)]), tmp_path / "out2",
                             base_model=recipe["base_model"])
     assert len(again["touched_shards"]) == 1
+    # … and, given the original set again, refuses it, saying the folder stands for the set after its request
+    with pytest.raises(RequestError, match=r"output of a request on this very set \(requests\.json\).*--ledger"):
+        unlearn_sharded(tmp_path / "out", train, Request([Edit("remove", edited[0].id)]), tmp_path / "out3",
+                        base_model=recipe["base_model"])
+    assert not (tmp_path / "out3").exists()
 
 
 def test_bad_folders_and_requests_are_refused_and_nothing_is_written(sharded, tmp_path):

@@ -29,7 +29,7 @@ from llmeraser.evidence import check_holdout, report_entry
 from llmeraser.factors import FactorArguments, Factors, FactorStore, default_store, fit_factors
 from llmeraser.factors.fit import sample_size
 from llmeraser.params import ParamView, adapter_hash, check_adapter_dir
-from llmeraser.record import TrainingRecord
+from llmeraser.record import TrainingRecord, earlier_request_hint
 from llmeraser.recording import locate
 from llmeraser.replay import verify_recording
 from llmeraser.request import Request, apply_request, load_request, merge_requests, resolve
@@ -106,12 +106,13 @@ class AdapterJob:
     def check_data(self, train: Sequence[Example]) -> None:
         """Warn when `train` is not the set the record says the adapter was fine-tuned on (or, for an unlearned
         adapter, the set it stands for)."""
-        recorded = self.record.train_sha256
-        if recorded and recorded != examples_hash(train) and distributed.rank() == 0:
-            logger.warning("the training set (%d examples, sha256 %s…) is not the one %s was fine-tuned on (sha256 "
-                           "%s…): the update differentiates the objective of the data given; pass the set it was "
-                           "trained on (with a ledger: the original, before any request)", len(train),
-                           examples_hash(train)[:12], self.adapter, recorded[:12])
+        recorded, given = self.record.train_sha256, examples_hash(train)
+        if recorded and recorded != given and distributed.rank() == 0:
+            advice = (earlier_request_hint(self.adapter, given)
+                      or "; pass the set it was trained on (with a ledger: the original, before any request)")
+            logger.warning("the training set (%d examples, sha256 %s…) is not the one %s was fine-tuned on or "
+                           "stands for (sha256 %s…): the update differentiates the objective of the data given%s",
+                           len(train), given[:12], self.adapter, recorded[:12], advice)
 
     def model_and_task(self):
         """(the base model with the adapter loaded, trainable; the task as the record says the adapter was trained),

@@ -283,3 +283,21 @@ def finetune_record(*, max_length: int, l2: float, base_model: str | None = None
     return TrainingRecord(max_length=max_length, l2=l2, base_model=base_model, dtype=dtype,
                           lora=lora.to_dict() if lora else None, train_sha256=train_sha256,
                           source="llmeraser finetune").to_dict()
+
+
+def earlier_request_hint(folder: str | os.PathLike, train_sha256: str) -> str:
+    """'' unless `folder` is llmeraser's output of a request on the training set whose sha256 is `train_sha256` (its
+    report.json says so: `train_sha256`, or a sharded folder's `input_train_sha256`); then a clause for a message
+    about a training set that does not match: the folder stands for that set after its request, and what to pass."""
+    path = Path(folder) / REPORT
+    try:
+        report = read_json(path) if path.is_file() else None
+    except UserInputError:  # an unreadable report is refused where it matters; here it only withholds the hint
+        return ""
+    if not isinstance(report, dict) or train_sha256 not in (report.get("train_sha256"),
+                                                            report.get("input_train_sha256")):
+        return ""
+    held = ", ".join(n for n in ("request.json", "requests.json") if (Path(folder) / n).is_file()) or REPORT
+    return (f"; {folder} is the output of a request on this very set ({held}), so it stands for the set after "
+            f"that request: pass that set (the removed examples gone, the edited ones edited), or keep requests "
+            f"on record with --ledger DIR and give the original set every time (docs/ledger.md)")

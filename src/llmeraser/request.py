@@ -133,7 +133,9 @@ class Request:
         if not isinstance(obj, dict):
             raise RequestError(f"a request must be a JSON object, found {_type_name(obj)}")
         if "edits" not in obj:
-            raise RequestError("the request has no 'edits' key")
+            raise RequestError("the request has no 'edits' key; a request is {\"edits\": [{\"op\": \"remove\", "
+                               "\"id\": \"...\"}, {\"op\": \"correct_response\", \"id\": \"...\", \"response\": "
+                               "\"...\"}, ...]} (README.md#formats)")
         unknown = sorted(set(obj) - {"edits"})
         if unknown:
             raise RequestError(f"unknown request key(s) {', '.join(map(repr, unknown))}; expected only 'edits'")

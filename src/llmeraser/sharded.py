@@ -32,6 +32,7 @@ from llmeraser.errors import AdapterError, RequestError
 from llmeraser.evidence import check_holdout, report_entry
 from llmeraser.io import atomic_dir, atomic_write_json, sha256_file
 from llmeraser.params import SHARDED_MANIFEST, adapter_hash
+from llmeraser.record import earlier_request_hint
 from llmeraser.request import Request, apply_request, merge_requests, resolve
 from llmeraser.router import ROUTER, Router, embed_prompts
 from llmeraser.schema import read_json
@@ -136,8 +137,7 @@ class ShardedAdapter:
 
     def route(self, model: torch.nn.Module, task, examples: Sequence[Example]) -> list[str]:
         """The shard name that answers each example: its router's top-1 on the base model's prompt embedding."""
-        shards = self.router().route(embed_prompts(model, task, examples)).tolist()
-        return [self.names[k] for k in shards]
+        return [self.names[k] for k in self.router().route(embed_prompts(model, task, examples)).tolist()]
 
     def load_train(self, path: str | os.PathLike, fields=None) -> list[Example]:
         """The training set at `path`, read with `fields` (default: the record fields it was fine-tuned with)."""
@@ -146,12 +146,15 @@ class ShardedAdapter:
         return load_examples(path, fields or DataFields.from_dict(self.manifest.get("data_fields")))
 
     def check_train(self, train: Sequence[Example]) -> None:
-        """Refuse a training set other than the one this sharded adapter stands for."""
-        self.partition.check(train)
-        if examples_hash(train) != self.train_sha256:
-            raise RequestError(f"the training set (sha256 {examples_hash(train)[:12]}…) is not the one {self.folder} "
-                               f"stands for (sha256 {self.train_sha256[:12]}…): pass that set, with earlier "
-                               f"requests applied")
+        """Refuse a training set other than the one this folder stands for (naming the request it came from)."""
+        given = examples_hash(train)
+        hint = "" if given == self.train_sha256 else earlier_request_hint(self.folder, given)
+        if not hint:
+            self.partition.check(train)
+        if given != self.train_sha256:
+            hint = hint or ": pass that set, with earlier requests applied"
+            raise RequestError(f"the training set (sha256 {given[:12]}…) is not the one {self.folder} stands for "
+                               f"(sha256 {self.train_sha256[:12]}…){hint}")
 
 
 class ShardPlan:
