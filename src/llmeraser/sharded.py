@@ -327,6 +327,7 @@ def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request
 def _unlearn_shards(folder, train: Sequence[Example], requests: list[Request], out, job: dict,
                     before_rename=None) -> dict:
     """`unlearn_sharded`'s work, after the ledger's say: check, rewind the touched shards, write `out`."""
+    from llmeraser import serving  # it imports this module
     from llmeraser.job import AdapterJob
     from llmeraser.updates import UnlearnOptions
 
@@ -372,7 +373,7 @@ def _unlearn_shards(folder, train: Sequence[Example], requests: list[Request], o
             "lineage": {"from": sharded.manifest["adapter_sha256"], "request_sha256": request.hash,
                         "requests_sha256": [r.hash for r in requests]}})
         # before and after on one base-model load, once the rewinds are done (`folder` is protected: still the input)
-        tests = (None, None) if holdout is None else membership([folder, tmp], members, holdout, job)
+        tests = (None, None) if holdout is None else serving.membership([folder, tmp], members, holdout, job)
         report["evidence"] = report_entry(*tests, holdout)
         atomic_write_json(tmp / "report.json", report)
         atomic_write_json(tmp / "requests.json", [r.to_dict() for r in requests])
@@ -386,40 +387,6 @@ def _merged(requests: list[Request], train: Sequence[Example], holdout) -> tuple
     if holdout is not None:
         check_holdout(holdout, train=train, members=members)
     return request, members
-
-
-def membership(folders: Sequence[str | os.PathLike], members: Sequence[Example], holdout: Sequence[Example],
-               job: dict) -> list:
-    """`evidence.membership_test` of `members` against `holdout` as each sharded adapter in `folders` serves them (a
-    request's before and after): each example scored by the shard its folder's router picks (after a removal, the
-    router holds no row of the removed examples: they go where the nearest remaining prompt is).
-
-    One base-model load for all: every folder's shards side by side on it (peft names prefixed by the folder's
-    place), each group embedded once (routing reads the base alone), only the picked shard active when an example is
-    scored, so each test is exactly the one its folder gives alone. The folders share one recipe (an output holds
-    rewinds and copies of its input's shards): the first folder's recording says how prompts are rendered."""
-    from llmeraser.evidence import Scores, membership_scores, membership_test, references
-    from llmeraser.record import TrainingRecord
-
-    folders = [ShardedAdapter.read(f) for f in folders]
-    record = TrainingRecord.read(folders[0].shard_dir(folders[0].live[0]))
-    model, task = _base_and_task(job.get("base_model", "default"), job.get("dtype", "float32"),
-                                 job.get("device", "auto"), record.length, record.rendering)
-    for v, sharded in enumerate(folders):
-        model = sharded.load(model, prefix=f"v{v}-")
-    groups = [(group, embed_prompts(model, task, group)) for group in (members, holdout)]
-    tests, reference = [], references(model, task, members, holdout)  # the base model's: every shard disabled
-    for v, sharded in enumerate(folders):
-        router, scores = sharded.router(), []
-        for group, vectors in groups:
-            names, by_id = [f"v{v}-{sharded.names[k]}" for k in router.route(vectors).tolist()], {}
-            for name in dict.fromkeys(names):
-                model.set_adapter(name)
-                s = membership_scores(model, task, [e for e, n in zip(group, names, strict=True) if n == name])
-                by_id |= {i: (loss, mink) for i, loss, mink in zip(s.ids, s.loss, s.min_k_pp, strict=True)}
-            scores.append(Scores(tuple(e.id for e in group), *(tuple(by_id[e.id][j] for e in group) for j in (0, 1))))
-        tests.append(membership_test(*scores, reference=reference))
-    return tests
 
 
 def _router_after(sharded: ShardedAdapter, request: Request, new_train: Sequence[Example], job: dict) -> Router:

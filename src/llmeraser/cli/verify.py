@@ -50,7 +50,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "table; --json writes it with every example's scores.",
                        epilog=EPILOG)
     add_common(p)
-    p.add_argument("--adapter", default=None, help="PEFT adapter folder (default: the base model alone)")
+    p.add_argument("--adapter", default=None,
+                   help="PEFT adapter folder (default: the base model alone), or a sharded adapter: each example "
+                        "scored by the shard its router picks, as the folder serves it (docs/sharded.md#unlearn)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--data", help="the examples to test (the formats of --train)")
     which.add_argument("--request", help="test the examples a request edits, as they are in --train (the old "
@@ -123,9 +125,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         _check_json(args)
     record = TrainingRecord(max_length=DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length)
+    if args.adapter and is_sharded(args.adapter):
+        return _run_sharded(args)
     if args.adapter:
-        if is_sharded(args.adapter):
-            raise ConfigError(f"{args.adapter} is a sharded adapter: verify tests one adapter; give a shard's folder")
         check_adapter_dir(args.adapter)
         record = TrainingRecord.read(args.adapter, max_length=args.max_length)
     members, holdout = _examples(args, fields(args) or DataFields.from_dict(record.data_fields))
@@ -143,4 +145,28 @@ def run(args: argparse.Namespace) -> int:
                                       "per_example": {"examples": scores[0].to_dict(), "holdout": scores[1].to_dict()},
                                       "base_model_scores": reference and {"examples": reference[0].to_dict(),
                                                                           "holdout": reference[1].to_dict()}})
+    return 0
+
+
+def _run_sharded(args: argparse.Namespace) -> int:
+    """A sharded adapter's test as the folder serves the examples: each scored by the shard its router picks
+    (`serving.membership`, as `unlearn --holdout` reports it; the shards' own recipe sets the length)."""
+    from llmeraser.data import DataFields
+    from llmeraser.errors import ConfigError
+    from llmeraser.io import atomic_write_json
+    from llmeraser.serving import membership
+    from llmeraser.sharded import ShardedAdapter
+
+    if args.max_length is not None:
+        raise ConfigError("--max-length: a sharded adapter is scored at its shards' recorded length")
+    sharded = ShardedAdapter.read(args.adapter)
+    members, holdout = _examples(args, fields(args) or DataFields.from_dict(sharded.manifest.get("data_fields")))
+    job = {"base_model": args.base_model, "dtype": args.dtype, "device": args.device, "k": args.k,
+           "batch_size": args.batch_size, "alpha": args.alpha, "calibrated": not args.uncalibrated}
+    test = membership([args.adapter], members, holdout, job)[0]
+    print(test.table())
+    if args.json:
+        atomic_write_json(args.json, {**test.to_dict(), "adapter": args.adapter, "holdout": args.holdout,
+                                      "examples": args.data or args.request, "base_model": args.base_model,
+                                      "served_by": "each example's shard, as its router picks (serving.membership)"})
     return 0
