@@ -287,10 +287,9 @@ def test_a_request_that_empties_a_shard_drops_it(sharded, tmp_path):
 
 def test_a_holdout_gives_the_request_its_membership_test_as_the_folder_serves_it(sharded, tmp_path, monkeypatch):
     """With a holdout, the report's evidence is the membership test of the removed examples against it before and
-    after, each example scored by the shard the router sends it to (`serving.membership`): the numbers are those of
+    after, each example scored by the shard the router sends it to (`sharded.membership`): the numbers are those of
     scoring each example with that shard alone. Before and after share one base-model load, and give exactly the
     tests each folder gives on its own load. A holdout that overlaps the training set is refused before any work."""
-    from llmeraser import serving
     from llmeraser import sharded as module
     from llmeraser.evidence import CALIBRATED, Comparison, HoldoutError, membership_scores, report_entry
 
@@ -309,15 +308,14 @@ def test_a_holdout_gives_the_request_its_membership_test_as_the_folder_serves_it
                         holdout=[*holdout, train[0]])
     assert not (tmp_path / "x").exists()
     loads = []  # the base-model loads of the sharded code (the rewinds' own are AdapterJob's)
-    for where in (module, serving):  # the router's rebuild (sharded) and the evidence (serving)
-        monkeypatch.setattr(where, "_base_and_task", lambda *a: loads.append(a) or _base_and_task(*a))
+    monkeypatch.setattr(module, "_base_and_task", lambda *a: loads.append(a) or _base_and_task(*a))
     report = unlearn_sharded(root / "in", train, request, tmp_path / "out", base_model=recipe["base_model"],
                              holdout=holdout)
     assert len(loads) == 1  # a removal leaves the router's rows as they were: the evidence's one load is all
     # each folder's test alone, on its own load, is the report's: the same inputs, batches and arithmetic (the other
     # folder's adapters sit inactive beside them and the routing embeds with every adapter off), so equal exactly
     job = {"base_model": recipe["base_model"]}
-    alone = [serving.membership([f], gone, holdout, job)[0] for f in (root / "in", tmp_path / "out")]
+    alone = [module.membership([f], gone, holdout, job)[0] for f in (root / "in", tmp_path / "out")]
     assert report["evidence"] == report_entry(*alone, holdout)
     proof = Comparison.from_dict(report["evidence"])
     assert report["evidence"]["status"] == "measured" and proof.before.n_members == len(gone) == 4
@@ -338,13 +336,13 @@ def test_a_holdout_gives_the_request_its_membership_test_as_the_folder_serves_it
 
 
 def test_verify_tests_a_sharded_adapter_as_it_serves_the_examples(sharded, tmp_path, capsys):
-    """`llmeraser verify --adapter FOLDER` on a sharded folder is `serving.membership` of it (each example scored by
+    """`llmeraser verify --adapter FOLDER` on a sharded folder is `sharded.membership` of it (each example scored by
     the shard its router picks; the same inputs and arithmetic, so the JSON equals the library's test exactly), with
     verify's options passed through (--k, --alpha, --uncalibrated); --max-length is refused (the shards' recorded
     length decides)."""
-    from llmeraser import serving
     from llmeraser.cli import main
     from llmeraser.data import save_examples
+    from llmeraser.sharded import membership
 
     root, train, recipe = sharded
     seen = {(e.prompt, e.response) for e in train}
@@ -359,7 +357,7 @@ def test_verify_tests_a_sharded_adapter_as_it_serves_the_examples(sharded, tmp_p
         out = tmp_path / f"v{len(extra)}.json"
         assert main([*common, *extra, "--json", str(out)]) == 0
         assert "membership test: 4 examples against a holdout of 12" in capsys.readouterr().out
-        mine = serving.membership([root / "in"], train[:4], holdout, {"base_model": recipe["base_model"], **job})[0]
+        mine = membership([root / "in"], train[:4], holdout, {"base_model": recipe["base_model"], **job})[0]
         got = json.loads(out.read_text())
         assert {k: got[k] for k in mine.to_dict()} == json.loads(json.dumps(mine.to_dict()))
     assert json.loads((tmp_path / "v4.json").read_text())["calibration"] != got["calibration"] == "uncalibrated"

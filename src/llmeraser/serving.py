@@ -35,7 +35,6 @@ import torch
 
 from llmeraser.data import Example
 from llmeraser.errors import ConfigError
-from llmeraser.router import embed_prompts
 from llmeraser.sharded import ShardedAdapter, _base_and_task
 
 AGGREGATES = ("top1", "weighted", "ensemble")
@@ -152,6 +151,7 @@ def evaluate_sharded(folder: str | os.PathLike, data: Sequence[Example], *, base
     ensemble aggregation each example's weights (and with ensemble each shard's own result on all of `data`)."""
     from llmeraser.metrics import evaluate
     from llmeraser.record import TrainingRecord
+    from llmeraser.router import embed_prompts
 
     if aggregate not in AGGREGATES:
         raise ConfigError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
@@ -204,41 +204,3 @@ def ensemble(model: torch.nn.Module, task, data: Sequence[Example], names: Seque
         p = (w * torch.tensor([[run["p_yes"][e.id] for e in data] for run in runs], dtype=torch.float64)).sum(0)
     return summarize(data, loss, p), {n: {"loss": run["loss"], "auc": run.get("auc")}
                                       for n, run in zip(names, runs, strict=True)}
-
-
-def membership(folders: Sequence[str | os.PathLike], members: Sequence[Example], holdout: Sequence[Example],
-               job: dict) -> list:
-    """`evidence.membership_test` of `members` against `holdout` as each sharded adapter in `folders` serves them (a
-    request's before and after): each example scored by the shard its folder's router picks (after a removal, the
-    router holds no row of the removed examples: they go where the nearest remaining prompt is).
-
-    One base-model load for all: every folder's shards side by side on it (peft names prefixed by the folder's
-    place), each group embedded once (routing reads the base alone), only the picked shard active when an example is
-    scored, so each test is exactly the one its folder gives alone. The folders share one recipe (an output holds
-    rewinds and copies of its input's shards): the first folder's recording says how prompts are rendered."""
-    from llmeraser.evidence import ALPHA, MIN_K, Scores, membership_scores, membership_test, references
-    from llmeraser.record import TrainingRecord
-
-    folders = [ShardedAdapter.read(f) for f in folders]
-    record = TrainingRecord.read(folders[0].shard_dir(folders[0].live[0]))
-    model, task = _base_and_task(job.get("base_model", "default"), job.get("dtype", "float32"),
-                                 job.get("device", "auto"), record.length, record.rendering)
-    for v, sharded in enumerate(folders):
-        model = sharded.load(model, prefix=f"v{v}-")
-    groups = [(group, embed_prompts(model, task, group)) for group in (members, holdout)]
-    k, size = job.get("k", MIN_K), job.get("batch_size", 8)  # verify's options (a request's evidence: the defaults)
-    tests, reference = [], references(model, task, members, holdout, k=k, batch_size=size) if job.get(
-        "calibrated", True) else None  # the base model's: every shard disabled
-    for v, sharded in enumerate(folders):
-        router, scores = sharded.router(), []
-        for group, vectors in groups:
-            names, by_id = [f"v{v}-{sharded.names[k]}" for k in router.route(vectors).tolist()], {}
-            for name in dict.fromkeys(names):
-                model.set_adapter(name)
-                s = membership_scores(model, task, [e for e, n in zip(group, names, strict=True) if n == name],
-                                      k=k, batch_size=size)
-                by_id |= {i: (loss, mink) for i, loss, mink in zip(s.ids, s.loss, s.min_k_pp, strict=True)}
-            scores.append(Scores(tuple(e.id for e in group), *(tuple(by_id[e.id][j] for e in group) for j in (0, 1)),
-                                 k=k))
-        tests.append(membership_test(*scores, reference=reference, alpha=job.get("alpha", ALPHA)))
-    return tests

@@ -33,6 +33,7 @@ from llmeraser.evidence import check_holdout, report_entry
 from llmeraser.io import atomic_dir, atomic_write_json, sha256_file
 from llmeraser.params import SHARDED_MANIFEST, adapter_hash
 from llmeraser.record import earlier_request_hint
+from llmeraser.recording import recorded_steps
 from llmeraser.request import Request, apply_request, merge_requests, resolve
 from llmeraser.router import ROUTER, Router, embed_prompts
 from llmeraser.schema import read_json
@@ -148,8 +149,7 @@ class ShardedAdapter:
     def check_train(self, train: Sequence[Example]) -> None:
         """Refuse a training set other than the one this folder stands for (naming the request it came from)."""
         given = examples_hash(train)
-        hint = "" if given == self.train_sha256 else earlier_request_hint(self.folder, given)
-        if not hint:
+        if not (hint := earlier_request_hint(self.folder, given)):  # "" for the set it stands for: not its input
             self.partition.check(train)
         if given != self.train_sha256:
             hint = hint or ": pass that set, with earlier requests applied"
@@ -327,7 +327,6 @@ def unlearn_sharded(folder: str | os.PathLike, train: Sequence[Example], request
 def _unlearn_shards(folder, train: Sequence[Example], requests: list[Request], out, job: dict,
                     before_rename=None) -> dict:
     """`unlearn_sharded`'s work, after the ledger's say: check, rewind the touched shards, write `out`."""
-    from llmeraser import serving  # it imports this module
     from llmeraser.job import AdapterJob
     from llmeraser.updates import UnlearnOptions
 
@@ -373,7 +372,7 @@ def _unlearn_shards(folder, train: Sequence[Example], requests: list[Request], o
             "lineage": {"from": sharded.manifest["adapter_sha256"], "request_sha256": request.hash,
                         "requests_sha256": [r.hash for r in requests]}})
         # before and after on one base-model load, once the rewinds are done (`folder` is protected: still the input)
-        tests = (None, None) if holdout is None else serving.membership([folder, tmp], members, holdout, job)
+        tests = (None, None) if holdout is None else membership([folder, tmp], members, holdout, job)
         report["evidence"] = report_entry(*tests, holdout)
         atomic_write_json(tmp / "report.json", report)
         atomic_write_json(tmp / "requests.json", [r.to_dict() for r in requests])
@@ -387,6 +386,43 @@ def _merged(requests: list[Request], train: Sequence[Example], holdout) -> tuple
     if holdout is not None:
         check_holdout(holdout, train=train, members=members)
     return request, members
+
+
+def membership(folders: Sequence[str | os.PathLike], members: Sequence[Example], holdout: Sequence[Example],
+               job: dict) -> list:
+    """`evidence.membership_test` of `members` against `holdout` as each sharded folder in `folders` serves them (a
+    request's before and after, or `verify`'s one): each example scored by the shard its router picks (after a removal
+    the router holds no row of the removed examples: they go where the nearest remaining prompt is). One base-model
+    load for all: every folder's shards side by side (peft names prefixed by the folder's place), each group embedded
+    once (routing reads the base alone), only the picked shard active when an example is scored, so each test is
+    exactly its folder's alone. The folders share one recipe: the first one's recording says how prompts are rendered.
+    `job`: base_model, dtype, device; verify's k, batch_size, alpha, calibrated (default: the evidence's own)."""
+    from llmeraser.evidence import ALPHA, MIN_K, Scores, membership_scores, membership_test, references
+    from llmeraser.record import TrainingRecord
+
+    folders = [ShardedAdapter.read(f) for f in folders]
+    record = TrainingRecord.read(folders[0].shard_dir(folders[0].live[0]))
+    model, task = _base_and_task(job.get("base_model", "default"), job.get("dtype", "float32"),
+                                 job.get("device", "auto"), record.length, record.rendering)
+    for v, sharded in enumerate(folders):
+        model = sharded.load(model, prefix=f"v{v}-")
+    groups = [(group, embed_prompts(model, task, group)) for group in (members, holdout)]
+    k, size = job.get("k", MIN_K), job.get("batch_size", 8)  # verify's options (a request's evidence: the defaults)
+    tests, reference = [], references(model, task, members, holdout, k=k, batch_size=size) if job.get(
+        "calibrated", True) else None  # the base model's: every shard disabled
+    for v, sharded in enumerate(folders):
+        router, scores = sharded.router(), []
+        for group, vectors in groups:
+            names, by_id = [f"v{v}-{sharded.names[r]}" for r in router.route(vectors).tolist()], {}
+            for name in dict.fromkeys(names):
+                model.set_adapter(name)
+                s = membership_scores(model, task, [e for e, n in zip(group, names, strict=True) if n == name],
+                                      k=k, batch_size=size)
+                by_id |= {i: (loss, mink) for i, loss, mink in zip(s.ids, s.loss, s.min_k_pp, strict=True)}
+            scores.append(Scores(tuple(e.id for e in group), *(tuple(by_id[e.id][j] for e in group) for j in (0, 1)),
+                                 k=k))
+        tests.append(membership_test(*scores, reference=reference, alpha=job.get("alpha", ALPHA)))
+    return tests
 
 
 def _router_after(sharded: ShardedAdapter, request: Request, new_train: Sequence[Example], job: dict) -> Router:
@@ -408,10 +444,7 @@ def _router_after(sharded: ShardedAdapter, request: Request, new_train: Sequence
 
 def _steps(shard: Path) -> int:
     """The recorded steps of a shard's fine-tune (its recording's header), for the replayed share."""
-    from llmeraser.recording import recorded_steps
-
     steps = recorded_steps(shard)
     if steps is None:
-        raise AdapterError(f"{shard} has no readable recording (trajectory.safetensors): a shard must be recorded "
-                           f"to be rewound")
+        raise AdapterError(f"{shard} has no readable recording (trajectory.safetensors): a shard must be recorded")
     return steps

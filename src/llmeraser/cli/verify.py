@@ -150,12 +150,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_sharded(args: argparse.Namespace) -> int:
     """A sharded adapter's test as the folder serves the examples: each scored by the shard its router picks
-    (`serving.membership`, as `unlearn --holdout` reports it; the shards' own recipe sets the length)."""
+    (`sharded.membership`, as `unlearn --holdout` reports it; the shards' own recipe sets the length)."""
     from llmeraser.data import DataFields
     from llmeraser.errors import ConfigError
     from llmeraser.io import atomic_write_json
-    from llmeraser.serving import membership
-    from llmeraser.sharded import ShardedAdapter
+    from llmeraser.sharded import ShardedAdapter, membership
 
     if args.max_length is not None:
         raise ConfigError("--max-length: a sharded adapter is scored at its shards' recorded length")
@@ -168,5 +167,5 @@ def _run_sharded(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(args.json, {**test.to_dict(), "adapter": args.adapter, "holdout": args.holdout,
                                       "examples": args.data or args.request, "base_model": args.base_model,
-                                      "served_by": "each example's shard, as its router picks (serving.membership)"})
+                                      "served_by": "each example's shard, as its router picks (sharded.membership)"})
     return 0
