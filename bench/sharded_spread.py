@@ -35,7 +35,7 @@ from llmeraser_experiments.movielens import build_splits
 from llmeraser_experiments.sharded_movielens import (
     Runner,
     ShardedMovieLensArguments,
-    _tiny_base,
+    base_model_path,
     seeded,
     with_user,
 )
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     try:
         check_new_output(out)
-        lr = {} if a.lr is None else {"lr": a.lr}
-        args = ShardedMovieLensArguments.tiny(**lr) if a.tiny else ShardedMovieLensArguments(**lr)
+        make = ShardedMovieLensArguments.tiny if a.tiny else ShardedMovieLensArguments
+        args, recipe_lr = make(**({} if a.lr is None else {"lr": a.lr})), make().lr
         if a.shards < 2:
             raise ConfigError("--shards must be ≥ 2 (S = 1 is the single adapter: its spread is the retrains')")
         splits = build_splits(n_train=args.n_train, n_valid=args.n_valid, n_test=args.n_test, seed=0)
@@ -88,11 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         setting = make_setting(a.setting, args.seed, train)
         original, clean = with_user(setting.train), with_user(setting.clean)
         with tempfile.TemporaryDirectory(prefix="llmeraser-spread-") as tmp:
-            work = Path(a.work or tmp) / (f"lr{a.lr:g}" if a.lr is not None and a.lr != ShardedMovieLensArguments.lr
-                                          else "")
+            work = Path(a.work or tmp) / (f"lr{args.lr:g}" if args.lr != recipe_lr else "")  # folders don't name lr
             work.mkdir(parents=True, exist_ok=True)
-            base = str(work / "base") if a.tiny and (work / "base").is_dir() else (
-                _tiny_base(train, work / "base") if a.tiny else args.base_model)
+            base = base_model_path(args.base_model, train, work)
             run = Runner(args, base, test, work)
             started, rows = time.perf_counter(), []
             for seed in a.seeds:

@@ -265,6 +265,13 @@ def _tiny_base(train: Sequence[Example], folder: Path) -> str:
     return str(folder)
 
 
+def base_model_path(base_model: str, train: Sequence[Example], work: Path) -> str:
+    """`base_model` as given, or for "tiny" the tiny random Llama kept in `work`/base (made there once)."""
+    if base_model != "tiny":
+        return base_model
+    return str(work / "base") if (work / "base").is_dir() else _tiny_base(train, work / "base")
+
+
 def run_sharded_movielens(args: ShardedMovieLensArguments, out: str | Path, *, work: str | Path | None = None,
                           splits: dict | None = None) -> dict:
     """Every setting's rows (`setting_rows`); writes results.json and table.md under `out` after each setting."""
@@ -278,10 +285,7 @@ def run_sharded_movielens(args: ShardedMovieLensArguments, out: str | Path, *, w
     with tempfile.TemporaryDirectory(prefix="llmeraser-sharded-ml-") as tmp:
         work = Path(work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        base = args.base_model
-        if base == "tiny":
-            base = str(work / "base") if (work / "base").is_dir() else _tiny_base(train, work / "base")
-        run = Runner(args, base, test, work)
+        run = Runner(args, base_model_path(args.base_model, train, work), test, work)
         rows: list[dict] = []
         for i, name in enumerate(args.settings):
             rows += setting_rows(run, name, train, args.spread_seeds if i == 0 else args.time_seeds)
